@@ -1,0 +1,39 @@
+# Quick start: `make run` (local cluster) and `make test` (whole suite). Both create .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch lies on the developer/CI disk; naming the exact version keeps pip from pulling a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test lint typecheck bench-worker clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+run: venv
+	$(BIN)/onepool up
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check . || true
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+bench-worker: venv
+	$(BIN)/onepool bench worker --json out/bench-worker.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,164 @@
+"""The `onepool` console script. Heavy imports (torch) happen inside the subcommand that needs them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shared.errors import SettingsError
+from shared.settings import add_settings_arguments, load_settings, overrides_from_args
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from services.worker.main import run_worker
+    from services.worker.settings import ENV_PREFIX, WorkerSettings
+    from shared.lifecycle import run, run_until_signalled
+
+    settings = load_settings(
+        WorkerSettings, prefix=ENV_PREFIX, overrides=overrides_from_args(args, WorkerSettings)
+    )
+
+    async def main() -> None:
+        await run_until_signalled(lambda stop: run_worker(settings, stop))
+
+    return run(main)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.launcher import LaunchOptions, run_local_cluster
+    from shared.lifecycle import run
+
+    opts = LaunchOptions(
+        workers=args.workers,
+        nats_port=args.nats_port,
+        worker_env=dict(pair.split("=", 1) for pair in args.worker_env),
+    )
+    return run(lambda: run_local_cluster(opts))
+
+
+def _bench_worker(args: argparse.Namespace) -> int:
+    from bench.worker import BenchOptions, run_bench
+
+    return run_bench(BenchOptions(json_path=args.json, quick=args.quick, repeats=args.repeats))
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from services.infer_client import InferArgs, run_infer
+
+    return run_infer(
+        InferArgs(
+            nats_url=args.nats_url,
+            worker=args.worker,
+            user_id=args.user,
+            history=args.history,
+            timestamps=args.timestamps,
+            candidates=args.candidates,
+            k=args.k,
+            timeout_s=args.timeout,
+        )
+    )
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _env_pair(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from services.worker.settings import ENV_PREFIX, WorkerSettings
+
+    parser = argparse.ArgumentParser(
+        prog="onepool",
+        description="Serve HSTU recommenders on workers that share one memory pool between an embedding "
+        "hot cache and a per-user KV cache.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    worker = sub.add_parser(
+        "worker",
+        help="run one worker (HSTU + partitioned pool) on NATS",
+        description="Run one worker. Every setting is a flag or an ONEPOOL_WORKER_* environment variable; "
+        "flags win.",
+    )
+    add_settings_arguments(worker, WorkerSettings, prefix=ENV_PREFIX)
+    worker.set_defaults(func=_worker)
+
+    up = sub.add_parser(
+        "up",
+        help="start a local cluster (embedded nats-server + CPU workers)",
+        description="Start an embedded nats-server and N CPU workers as child processes, wait until every "
+        "worker has announced itself, and stop all of them on Ctrl-C or SIGTERM.",
+    )
+    up.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    up.add_argument(
+        "--nats-port", type=int, default=4222, help="port of the embedded nats-server (default 4222)"
+    )
+    up.add_argument(
+        "--worker-env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for every worker, e.g. ONEPOOL_WORKER_BUDGET_MIB=64 (repeatable)",
+    )
+    up.set_defaults(func=_up)
+
+    infer = sub.add_parser(
+        "infer",
+        help="send one inference request straight to a worker over NATS and print the reply",
+        description="Send one inference request to a worker's subject and print the JSON reply: a way to "
+        "poke a worker by hand (the gateway's HTTP API is the way for clients).",
+    )
+    infer.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="NATS URL (default %(default)s)")
+    infer.add_argument("--worker", default="w0", help="worker id (default %(default)s)")
+    infer.add_argument("--user", default="user-1", help="user id (default %(default)s)")
+    infer.add_argument("--history", type=_int_list, default=[], metavar="I,J,...", help="history item ids")
+    infer.add_argument(
+        "--timestamps", type=_int_list, default=None, metavar="T,U,...", help="per-item timestamps"
+    )
+    infer.add_argument("--candidates", type=_int_list, required=True, metavar="I,J,...", help="items to rank")
+    infer.add_argument("--k", type=int, default=None, help="how many to return (default: all)")
+    infer.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default %(default)s)")
+    infer.set_defaults(func=_infer)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    bw = bench_sub.add_parser(
+        "worker",
+        help="KV reuse speedup, EMB miss cost, P99 during reallocation (incremental vs naive)",
+        description="Worker benchmark on this machine (CPU, emulated host link). Writes the keys listed in "
+        "docs/benchmarks.md to --json.",
+    )
+    bw.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
+    bw.add_argument(
+        "--quick", action="store_true", help="small sizes and short phases (a smoke run, not figures)"
+    )
+    bw.add_argument("--repeats", type=int, default=3, help="repeats per figure; the median is reported")
+    bw.set_defaults(func=_bench_worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except SettingsError as exc:
+        print(f"onepool: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""`onepool infer`: one request to one worker over NATS, the reply printed as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from dataclasses import dataclass
+
+import msgspec
+
+from shared import schemas as s
+from shared.bus import Bus
+from shared.errors import OnepoolError
+
+
+@dataclass(frozen=True)
+class InferArgs:
+    nats_url: str
+    worker: str
+    user_id: str
+    history: list[int]
+    timestamps: list[int] | None
+    candidates: list[int]
+    k: int | None
+    timeout_s: float
+
+
+async def infer_once(args: InferArgs) -> s.InferenceReply:
+    request = s.InferenceRequest(
+        request_id=uuid.uuid4().hex,
+        user_id=args.user_id,
+        history=args.history,
+        timestamps=args.timestamps,
+        candidates=args.candidates,
+        k=args.k,
+        deadline_ms=args.timeout_s * 1e3,
+    )
+    bus = await Bus.connect(args.nats_url, name="onepool-infer")
+    try:
+        raw = await bus.request(s.infer_subject(args.worker), s.encode(request), timeout_s=args.timeout_s)
+    finally:
+        await bus.close()
+    return s.decode(s.decoder(s.InferenceReply), raw)
+
+
+def run_infer(args: InferArgs) -> int:
+    try:
+        reply = asyncio.run(infer_once(args))
+    except OnepoolError as exc:
+        print(f"onepool infer: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(msgspec.to_builtins(reply), indent=2))
+    return 0 if reply.error is None else 1

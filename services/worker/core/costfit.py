@@ -1,0 +1,94 @@
+"""Online fit of the worker's own service-time model, published in every digest for the router.
+
+    compute_ms ~= fixed + a*new_tokens + b*cached_tokens + c*candidates + d*emb_misses
+
+Ridge regression over a sliding window, shrunk toward a prior so that the estimate is usable from the
+first request and stays stable when the features are collinear (a new user has both many new tokens and
+many misses). Coefficients are clipped at zero: a negative cost would make the router prefer more work.
+Pure numpy: no torch, no clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+FEATURES = ("fixed", "new_tokens", "cached_tokens", "candidates", "emb_misses")
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    fixed_ms: float
+    ms_per_new_token: float
+    ms_per_cached_token: float
+    ms_per_candidate: float
+    ms_per_emb_miss: float
+    samples: int
+
+    def predict(self, new_tokens: int, cached_tokens: int, candidates: int, emb_misses: int) -> float:
+        return (
+            self.fixed_ms
+            + self.ms_per_new_token * new_tokens
+            + self.ms_per_cached_token * cached_tokens
+            + self.ms_per_candidate * candidates
+            + self.ms_per_emb_miss * emb_misses
+        )
+
+
+class CostFitter:
+    def __init__(
+        self,
+        prior: CostEstimate,
+        *,
+        window: int = 512,
+        prior_weight: float = 4.0,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self._prior = np.array(
+            [
+                prior.fixed_ms,
+                prior.ms_per_new_token,
+                prior.ms_per_cached_token,
+                prior.ms_per_candidate,
+                prior.ms_per_emb_miss,
+            ],
+            dtype=np.float64,
+        )
+        self._rows: deque[tuple[float, float, float, float, float, float]] = deque(maxlen=window)
+        self._prior_weight = prior_weight
+        self._total = 0
+
+    def observe(
+        self, *, new_tokens: int, cached_tokens: int, candidates: int, emb_misses: int, ms: float
+    ) -> None:
+        self._rows.append(
+            (1.0, float(new_tokens), float(cached_tokens), float(candidates), float(emb_misses), ms)
+        )
+        self._total += 1
+
+    def estimate(self) -> CostEstimate:
+        coef = self._prior.copy()
+        if self._rows:
+            data = np.asarray(self._rows, dtype=np.float64)
+            x, y = data[:, :5], data[:, 5]
+            # Scale each feature so one ridge weight means the same for tokens (hundreds) and the constant.
+            scale = np.maximum(np.abs(x).max(axis=0), 1.0)
+            xs = x / scale
+            prior_s = self._prior * scale
+            lam = self._prior_weight
+            # Minimise |xs w - y|^2 + lam |w - prior_s|^2 in closed form.
+            a = xs.T @ xs + lam * np.eye(5)
+            b = xs.T @ y + lam * prior_s
+            coef = np.linalg.solve(a, b) / scale
+        coef = np.clip(coef, 0.0, None)
+        return CostEstimate(
+            fixed_ms=float(coef[0]),
+            ms_per_new_token=float(coef[1]),
+            ms_per_cached_token=float(coef[2]),
+            ms_per_candidate=float(coef[3]),
+            ms_per_emb_miss=float(coef[4]),
+            samples=self._total,
+        )

@@ -1,0 +1,379 @@
+"""The worker's engine: HSTU + the partitioned pool, driven by one model thread.
+
+Everything that touches the pool (bookkeeping and bytes) runs on that thread, so the pure core needs no
+locks: requests, reallocation ticks, prefetch installs and digest snapshots are serialised there, and ticks
+run *between* requests. The asyncio shell talks to it through `submit()` (requests) and `call()` (control),
+both thread-safe and non-blocking, so the event loop never waits on the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import structlog
+import torch
+
+from services.worker.core.costfit import CostEstimate, CostFitter
+from services.worker.core.geometry import PoolGeometry
+from services.worker.core.pool import Pool, RefillMode, ResidencyDelta, ResidencySnapshot
+from services.worker.errors import DeadlineExceeded, InternalError, WorkerError
+from services.worker.hstu import HSTU, HSTUConfig
+from services.worker.storage import HostEmbeddingTable, HostLink, LinkSpec, PoolStorage, PrefetchChannel
+from services.worker.validation import PreparedRequest, RequestLimits
+
+log = structlog.get_logger("onepool.worker.engine")
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Plain numbers; the service builds this from its settings."""
+
+    model: HSTUConfig
+    num_items: int
+    budget_bytes: int
+    chunk_bytes: int
+    page_tokens: int
+    alpha: float
+    max_chunks_per_tick: int = 2
+    tick_s: float = 0.010
+    refill_mode: RefillMode = RefillMode.INCREMENTAL
+    prefetch_bytes_per_tick: int = 64 * 1024
+    link: LinkSpec = field(default_factory=LinkSpec)
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint: str | None = None
+    max_candidates: int = 512
+    # Prior of the cost fit, used until requests teach it better (rough CPU figures for the tiny model).
+    cost_prior: CostEstimate = field(
+        default_factory=lambda: CostEstimate(
+            fixed_ms=1.0,
+            ms_per_new_token=0.01,
+            ms_per_cached_token=0.001,
+            ms_per_candidate=0.01,
+            ms_per_emb_miss=0.001,
+            samples=0,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class ServeResult:
+    items: list[int]
+    scores: list[float]
+    cached_tokens: int
+    computed_tokens: int
+    emb_hits: int
+    emb_misses: int
+    queue_ms: float
+    compute_ms: float
+
+
+@dataclass
+class Job:
+    """One request travelling to the model thread; `done` is called there with the result or an error."""
+
+    request: PreparedRequest
+    deadline: float  # time.perf_counter() value after which the model must not start
+    done: Callable[[ServeResult | WorkerError], None]
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
+_STOP = object()
+
+
+class PrefixHasher:
+    """Hash of the first n history tokens (items and timestamps): what a KV entry's prefix is checked by."""
+
+    def __init__(self, history: np.ndarray, timestamps: np.ndarray) -> None:
+        self._history = history
+        self._timestamps = timestamps
+
+    def __call__(self, n: int) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self._history[:n].tobytes())
+        h.update(self._timestamps[:n].tobytes())
+        return h.digest()
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model, self.model_source = HSTU.create(
+            cfg.model, checkpoint=cfg.checkpoint, seed=cfg.seed, device=self.device
+        )
+        emb_entry_bytes = PoolStorage.emb_entry_bytes_for(cfg.model.item_dim)
+        kv_page_bytes = PoolStorage.kv_page_bytes_for(cfg.model.n_layers, cfg.page_tokens, cfg.model.kv_width)
+        usable = (cfg.budget_bytes // cfg.chunk_bytes) * cfg.chunk_bytes
+        self.geometry = PoolGeometry(
+            budget_bytes=usable,
+            chunk_bytes=cfg.chunk_bytes,
+            emb_entry_bytes=emb_entry_bytes,
+            kv_page_bytes=kv_page_bytes,
+            kv_page_tokens=cfg.page_tokens,
+        )
+        self.pool = Pool(
+            self.geometry,
+            alpha=cfg.alpha,
+            max_chunks_per_tick=cfg.max_chunks_per_tick,
+            refill_mode=cfg.refill_mode,
+        )
+        self.storage = PoolStorage(
+            budget_bytes=usable,
+            emb_dim=cfg.model.item_dim,
+            n_layers=cfg.model.n_layers,
+            page_tokens=cfg.page_tokens,
+            kv_width=cfg.model.kv_width,
+            device=self.device,
+        )
+        self.table = HostEmbeddingTable(
+            cfg.num_items, cfg.model.item_dim, seed=cfg.seed, pin=self.device.type == "cuda"
+        )
+        self.link = HostLink(self.table, self.device, cfg.link)
+        self._prefetch = (
+            PrefetchChannel(self.link)
+            if cfg.refill_mode == RefillMode.INCREMENTAL and cfg.prefetch_bytes_per_tick > 0
+            else None
+        )
+        self.limits = RequestLimits(
+            num_items=cfg.num_items, max_history=cfg.model.max_history, max_candidates=cfg.max_candidates
+        )
+        self._costs = CostFitter(cfg.cost_prior)
+        self._queue: queue.Queue[Job | _Call | object] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._next_tick = 0.0
+        self.ticks = 0
+
+    # ---------------------------------------------------------------------------------------------------
+    # Thread-safe API for the shell.
+    # ---------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name="onepool-model", daemon=False)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish what is queued, stop the thread and release the prefetch side channel. Idempotent."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(_STOP)
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.error("model thread did not stop in time", timeout_s=timeout_s)
+        if self._prefetch is not None:
+            self._prefetch.close()
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    def call(self, fn: Callable[[], R]) -> Future[R]:
+        """Run `fn` on the model thread between requests; the returned future carries its result."""
+        fut: Future[R] = Future()
+        self._queue.put(_Call(fn, fut))
+        return fut
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # ---------------------------------------------------------------------------------------------------
+    # Model-thread side. Everything below runs on the model thread (or in tests/benchmarks that own it).
+    # ---------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        self._next_tick = time.perf_counter()
+        while True:
+            timeout = max(0.0, self._next_tick - time.perf_counter())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if time.perf_counter() >= self._next_tick:
+                self._safe_tick()
+                self._next_tick = time.perf_counter() + self.cfg.tick_s
+            if item is None:
+                continue
+            if item is _STOP:
+                self._drain_after_stop()
+                return
+            if isinstance(item, _Call):
+                self._run_call(item)
+            elif isinstance(item, Job):
+                self._run_job(item)
+
+    def _drain_after_stop(self) -> None:
+        # Anything still queued behind the stop marker is answered, not dropped.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Call):
+                self._run_call(item)
+            elif isinstance(item, Job):
+                self._run_job(item)
+
+    @staticmethod
+    def _run_call(call: _Call) -> None:
+        if not call.future.set_running_or_notify_cancel():
+            return
+        try:
+            call.future.set_result(call.fn())
+        except BaseException as exc:  # handed to the caller, who decides
+            call.future.set_exception(exc)
+
+    def _run_job(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        start = time.perf_counter()
+        if start > job.deadline:
+            job.done(DeadlineExceeded((start - job.enqueued) * 1e3, (job.deadline - job.enqueued) * 1e3))
+            return
+        try:
+            result = self.serve(job.request, queue_ms=(start - job.enqueued) * 1e3)
+        except WorkerError as exc:
+            job.done(exc)
+        except Exception as exc:
+            log.exception("inference failed", request_id=job.request.request_id)
+            job.done(InternalError(f"{type(exc).__name__}: {exc}"))
+        else:
+            job.done(result)
+
+    def _safe_tick(self) -> None:
+        try:
+            self.tick()
+        except Exception:
+            log.exception("reallocation tick failed")
+
+    def tick(self) -> None:
+        """One reallocation step plus prefetch housekeeping. Runs between requests."""
+        self.ticks += 1
+        plan = self.pool.tick()
+        if plan.emb_relocations:
+            self.storage.copy_emb([(r.src, r.dst) for r in plan.emb_relocations])
+        if plan.kv_relocations:
+            self.storage.copy_kv([(r.src, r.dst) for r in plan.kv_relocations])
+        if plan.refill:
+            # Naive mode: a synchronous bulk refill of the grown region, in front of the next request.
+            items = [item for item, _ in plan.refill]
+            rows = self.link.fetch(items)
+            self.storage.write_emb([slot for _, slot in plan.refill], rows)
+        if self._prefetch is not None:
+            self._install_prefetched()
+            if not self._prefetch.busy:
+                wanted = self.pool.prefetch_plan(self.cfg.prefetch_bytes_per_tick)
+                if wanted:
+                    self._prefetch.submit(wanted)
+
+    def _install_prefetched(self) -> None:
+        assert self._prefetch is not None
+        for items, rows in self._prefetch.poll():
+            placed = self.pool.install_prefetched(items)
+            if not placed:
+                continue
+            index = {item: i for i, item in enumerate(items)}
+            picks = torch.tensor([index[item] for item, _ in placed], dtype=torch.long, device=rows.device)
+            self.storage.write_emb([slot for _, slot in placed], rows.index_select(0, picks))
+
+    def serve(self, req: PreparedRequest, *, queue_ms: float = 0.0) -> ServeResult:
+        """Rank one request's candidates. Model thread only."""
+        t0 = time.perf_counter()
+        n = int(req.history.shape[0])
+        hasher = PrefixHasher(req.history, req.timestamps)
+        hit = self.pool.kv_lookup(req.user_id, n, hasher)
+        cached = hit.cached_len
+        new_items = req.history[cached:]
+        n_new = int(new_items.shape[0])
+
+        # Embeddings of the new history tokens and the candidates: hot cache first, host link for misses.
+        wanted = np.concatenate([new_items, req.candidates])
+        unique, inverse = np.unique(wanted, return_inverse=True)
+        emb, misses = self._gather_embeddings(unique.tolist())
+        tokens = emb.index_select(0, torch.from_numpy(inverse.astype(np.int64)).to(emb.device))
+        hist_emb, cand_emb = tokens[:n_new], tokens[n_new:]
+
+        past_k: list[torch.Tensor] | None = None
+        past_v: list[torch.Tensor] | None = None
+        if cached:
+            past_k, past_v = self.storage.read_kv(hit.pages, cached)
+        ts = torch.from_numpy(req.timestamps).to(self.device)
+        out = self.model(hist_emb, ts, cached, cand_emb, past_k, past_v)
+
+        if n_new:
+            commit = self.pool.kv_commit(req.user_id, n, hasher(n))
+            if commit is not None:
+                if commit.write_from != cached:
+                    raise InternalError(f"KV commit writes from {commit.write_from}, expected {cached}")
+                self.storage.write_kv(commit.pages, cached, out.new_k, out.new_v)
+
+        scores = out.scores
+        top = torch.topk(scores, req.k)
+        items = req.candidates[top.indices.cpu().numpy()].tolist()
+        top_scores = top.values.float().cpu().tolist()
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        self._costs.observe(
+            new_tokens=n_new,
+            cached_tokens=cached,
+            candidates=int(req.candidates.shape[0]),
+            emb_misses=misses,
+            ms=compute_ms,
+        )
+        return ServeResult(
+            items=items,
+            scores=top_scores,
+            cached_tokens=cached,
+            computed_tokens=n_new + int(req.candidates.shape[0]),
+            emb_hits=int(unique.shape[0]) - misses,
+            emb_misses=misses,
+            queue_ms=queue_ms,
+            compute_ms=compute_ms,
+        )
+
+    def _gather_embeddings(self, items: list[int]) -> tuple[torch.Tensor, int]:
+        """Rows for unique `items` and how many missed the hot cache."""
+        lookup = self.pool.emb_lookup(items)
+        rows = torch.empty((len(items), self.cfg.model.item_dim), dtype=torch.float32, device=self.device)
+        if lookup.hit_slots:
+            pos = torch.tensor([p for p, _ in lookup.hit_slots], dtype=torch.long, device=self.device)
+            rows[pos] = self.storage.read_emb([s for _, s in lookup.hit_slots])
+        if lookup.misses:
+            miss_items = [item for _, item in lookup.misses]
+            fetched = self.link.fetch(miss_items)
+            pos = torch.tensor([p for p, _ in lookup.misses], dtype=torch.long, device=self.device)
+            rows[pos] = fetched
+            # Admission runs after the hit rows were read: a victim may be one of this request's hits.
+            placed = self.pool.emb_admit(miss_items)
+            if placed:
+                index = {item: i for i, item in enumerate(miss_items)}
+                picks = torch.tensor(
+                    [index[item] for item, _ in placed], dtype=torch.long, device=self.device
+                )
+                self.storage.write_emb([slot for _, slot in placed], fetched.index_select(0, picks))
+        return rows, len(lookup.misses)
+
+    # Digest material (model thread).
+    def drain_deltas(self) -> ResidencyDelta:
+        return self.pool.drain_deltas()
+
+    def snapshot(self) -> ResidencySnapshot:
+        return self.pool.snapshot()
+
+    def cost_estimate(self) -> CostEstimate:
+        return self._costs.estimate()

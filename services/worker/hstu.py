@@ -1,0 +1,383 @@
+"""HSTU ranking model, written so that a user's history K/V can be cached and reused exactly.
+
+This is the Hierarchical Sequential Transduction Unit of Zhai et al., "Actions Speak Louder than
+Words" (arXiv 2402.17152), as implemented in Meta's ``generative_recommenders`` (``modules/stu.py``
+and ``ops/hstu_attention``), restricted to a variant in which the keys and values of a history token
+depend only on that token and the tokens *before* it.  That property is what the HELM pool
+(arXiv 2605.04450) needs: K/V computed for a user's history in one request can be stored in the pool
+and extended by the next request, and the candidate scores come out the same (up to float rounding
+of differently shaped matmuls) as scoring the whole history from scratch.
+
+One layer, for the token rows X (``d_model`` wide)::
+
+    U, V, Q, K = split(SiLU(f1(LayerNorm(X))))            # each n_heads * head_dim wide
+    A          = SiLU(Q K^T / sqrt(head_dim)) / max_history, masked      (per head)
+    Y          = X + f2(LayerNorm(A V) * U)
+
+The choices, and why each one keeps cross-request KV reuse exact:
+
+* **Fixed attention normalisation.**  Meta divides SiLU(QK^T) by ``max_seq_len``, the longest
+  sequence *in the batch* (a runtime argument).  Then a token's output, and so the K/V it feeds the
+  next layer, would change with whatever else shares the batch and with how long its own history
+  has grown since it was cached.  We divide by the constant ``cfg.max_history`` instead, so a
+  token's output depends on nothing but the tokens it attends to.
+* **Absolute positions counted forward.**  History token t has position t (counted from the start
+  of the history, never from the end), and every candidate has position ``len(history)``.  A learned
+  position embedding of ``max_history + 1`` rows covers 0..max_history.  Counting from the end (as
+  "most recent = 0" schemes do) would renumber every cached token whenever the history grows.
+* **Per-token time feature.**  Token t gets a learned embedding of the bucket
+  ``floor(log2(1 + max(0, ts[t] - ts[t-1])))`` (first token: gap 0), clamped to
+  ``time_buckets - 1``; every candidate uses one extra dedicated bucket (index ``time_buckets``).
+  This reads only the token's own timestamp and its predecessor's, both fixed once the token is in
+  the history, so appending later tokens never changes it.
+* **Target-aware mask.**  History tokens are causal (token t attends to history tokens 0..t,
+  itself included).  Each candidate attends to every history token and to itself, never to other
+  candidates, so a candidate's score does not depend on which other candidates are in the request,
+  and nothing a history token computes depends on the candidates.  Candidates are never cached.
+* **No relative attention bias.**  Meta's ``RelativeBucketedTimeAndPositionBasedBias`` (in the
+  original HSTU code) adds to logit (i, j) a weight indexed by ``bucket(ts[i+1] - ts[j])``, i.e. it
+  uses the *next* token's timestamp for the query row i; for the last token the successor does not
+  exist yet and its own timestamp is substituted.  When the history grows, the last cached token's
+  row therefore changes, hence its layer output and the K/V it feeds every later layer: cached K/V
+  would go stale.  (The relative *position* part, a function of i - j, would be cache-safe; we drop
+  it too, since the absolute position embedding already gives order information, and keep one
+  simple, cache-exact rule: no bias at all.)  Meta's newer ``STULayer`` also has no relative bias.
+* **Inference only.**  Eval mode, no dropout: the same inputs always give the same outputs.
+
+Input token representation: ``x = item_proj(item_embedding) + pos_emb[pos] + time_emb[bucket]``.
+Item embeddings are not part of the model: the caller passes them (they come from the embedding
+cache of the pool).  Output: final LayerNorm on each candidate's last hidden state, then
+``score = Linear(d_model -> 1)``.
+
+K and V per token per layer are each ``kv_width = n_heads * head_dim`` floats (attention dim ==
+value dim on purpose, so one page layout holds both), laid out head after head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "HSTU",
+    "PRESETS",
+    "CheckpointError",
+    "HSTUConfig",
+    "HSTUOutput",
+]
+
+_LN_EPS = 1e-6  # as in Meta's STULayer (norm_eps=1e-6)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be loaded or does not match the configured model."""
+
+
+@dataclass(frozen=True)
+class HSTUConfig:
+    """Sizes of the model.  ``kv_width = n_heads * head_dim`` floats of K (and of V) per token per layer."""
+
+    item_dim: int = 32
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    head_dim: int = 32
+    max_history: int = 1024
+    time_buckets: int = 32
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def validate(self) -> None:
+        """Raise ValueError naming every field that is not a positive integer."""
+        bad = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                bad.append(f"{f.name}={value!r}")
+        if bad:
+            raise ValueError(f"HSTUConfig sizes must be positive integers; got {', '.join(bad)}")
+
+
+# Presets.
+#  tiny:  tests and quick runs.
+#  bench: a CPU size where an uncached 1024-token history costs tens of milliseconds.
+#  paper: a GPU size close to a published HSTU ranking model: d_model 512 with 4 heads of 128
+#         (attention_dim = hidden_dim = 128), the DLRM-HSTU ranking configuration of Meta's
+#         generative-recommenders as mirrored by alibaba/TorchEasyRec's dlrm_hstu example
+#         (embedding_dim 512, num_heads 4, hidden_dim 128, attention_dim 128).  The HSTU paper
+#         (arXiv 2402.17152) evaluates sequences up to 8192 long and does not publish its production
+#         depth; n_layers 8, item_dim 256 and max_history 4096 are our choices for a one-GPU model.
+PRESETS: dict[str, HSTUConfig] = {
+    "tiny": HSTUConfig(),
+    "bench": HSTUConfig(item_dim=64, d_model=128, n_layers=4, n_heads=4, head_dim=32, max_history=1024),
+    "paper": HSTUConfig(item_dim=256, d_model=512, n_layers=8, n_heads=4, head_dim=128, max_history=4096),
+}
+
+
+@dataclass
+class HSTUOutput:
+    """Result of one forward pass.
+
+    scores: float32 [m], one per candidate.
+    new_k, new_v: per layer, [n_new, kv_width]: K/V of the new *history* tokens only, in token order,
+    to be appended to the user's cache (candidates are never cached).
+    """
+
+    scores: Tensor
+    new_k: list[Tensor]
+    new_v: list[Tensor]
+
+
+class _HSTULayer(nn.Module):
+    def __init__(self, cfg: HSTUConfig) -> None:
+        super().__init__()
+        w = cfg.kv_width
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.norm_in = nn.LayerNorm(cfg.d_model, eps=_LN_EPS)
+        self.uvqk = nn.Linear(cfg.d_model, 4 * w)  # f1
+        self.norm_attn = nn.LayerNorm(w, eps=_LN_EPS)
+        self.out = nn.Linear(w, cfg.d_model)  # f2
+
+    def forward(
+        self, x: Tensor, past_k: Tensor, past_v: Tensor, weight: Tensor, n_hist: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [n_q, d_model] (new history rows then candidate rows); past_k/v: [c, kv_width];
+        weight: float [n_q, c + n_q], the attention mask times 1 / max_history (0 where masked).
+        Returns (y, k of the new history rows, v of the new history rows)."""
+        h = F.silu(self.uvqk(self.norm_in(x)))
+        u, v, q, k = torch.chunk(h, 4, dim=-1)
+        keys = torch.cat((past_k, k), dim=0)
+        values = torch.cat((past_v, v), dim=0)
+        n_q, n_k = q.shape[0], keys.shape[0]
+        nh, hd = self.n_heads, self.head_dim
+        qh = q.reshape(n_q, nh, hd).transpose(0, 1)  # [H, n_q, D]
+        kh = keys.reshape(n_k, nh, hd).permute(1, 2, 0)  # [H, D, n_k]
+        vh = values.reshape(n_k, nh, hd).transpose(0, 1)  # [H, n_k, D]
+        logits = torch.bmm(qh * self.scale, kh)
+        # Masking by multiplication (one pass instead of scale + masked_fill): exact as long as the
+        # logits are finite, which they are for finite inputs (an fp32 overflow would need |q.k| ~ 1e38).
+        attn = F.silu(logits, inplace=True).mul_(weight)
+        o = torch.bmm(attn, vh).transpose(0, 1).reshape(n_q, nh * hd)
+        y = x + self.out(self.norm_attn(o) * u)
+        return y, k[:n_hist].contiguous(), v[:n_hist].contiguous()
+
+
+class HSTU(nn.Module):
+    """HSTU ranker with an externally managed, exactly reusable per-user K/V cache (see module doc)."""
+
+    def __init__(self, cfg: HSTUConfig, *, seed: int = 0) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        # Build on the meta device (no memory, no draw from the global RNG), then materialise on the
+        # CPU and initialise from a private generator: the weights depend only on `seed`.
+        with torch.device("meta"):
+            self.item_proj = nn.Linear(cfg.item_dim, cfg.d_model)
+            self.pos_emb = nn.Embedding(cfg.max_history + 1, cfg.d_model)
+            self.time_emb = nn.Embedding(cfg.time_buckets + 1, cfg.d_model)  # last row: candidates
+            self.layers = nn.ModuleList(_HSTULayer(cfg) for _ in range(cfg.n_layers))
+            self.final_norm = nn.LayerNorm(cfg.d_model, eps=_LN_EPS)
+            self.score_head = nn.Linear(cfg.d_model, 1)
+        self.to_empty(device="cpu")
+        self.reset_parameters(seed)
+        self.eval()
+
+    # ------------------------------------------------------------------ construction / persistence
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Deterministic init from `seed`: Xavier-uniform linear weights with zero biases (as Meta's
+        STULayer), N(0, 0.02) embeddings, LayerNorm weight 1 / bias 0.  Drawn on the CPU, so a model
+        gets the same weights whatever device it is moved to afterwards."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                w = module.weight
+                bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+                w.copy_(torch.rand(w.shape, generator=g) * (2 * bound) - bound)
+                module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) * 0.02)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+    @classmethod
+    def create(
+        cls,
+        cfg: HSTUConfig,
+        *,
+        checkpoint: str | Path | None,
+        seed: int,
+        device: torch.device | str,
+    ) -> tuple[HSTU, str]:
+        """Build the model in eval mode on `device`, from `checkpoint` (written by `save`) if given,
+        else from seeded random weights.  Returns (model, short description of where the weights came
+        from) for the caller to log."""
+        if checkpoint is None:
+            model = cls(cfg, seed=seed)
+            description = f"seeded random weights (seed={seed}): no checkpoint given"
+        else:
+            path = Path(checkpoint)
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise CheckpointError(f"cannot read HSTU checkpoint {path}: {exc}") from exc
+            if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+                raise CheckpointError(
+                    f"{path} is not an HSTU checkpoint (expected a dict with 'config' and 'state_dict')"
+                )
+            try:
+                stored = HSTUConfig(**blob["config"])
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(
+                    f"checkpoint {path} has an invalid config {blob['config']!r}: {exc}"
+                ) from exc
+            if stored != cfg:
+                raise CheckpointError(
+                    f"checkpoint {path} was saved for {stored}, but the model is configured as {cfg}"
+                )
+            model = cls(cfg, seed=seed)
+            try:
+                model.load_state_dict(blob["state_dict"], strict=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from exc
+            description = f"checkpoint {path}"
+        model = model.to(device)
+        model.eval()
+        return model, description
+
+    def save(self, path: str | Path) -> None:
+        """Write {"config": asdict(cfg), "state_dict": ...} (tensors moved to the CPU)."""
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save({"config": asdict(self.cfg), "state_dict": state}, Path(path))
+
+    @property
+    def device(self) -> torch.device:
+        return self.item_proj.weight.device
+
+    # ------------------------------------------------------------------ inference
+
+    def time_buckets_for(self, timestamps: Tensor, start: int) -> Tensor:
+        """Time buckets (int64) of history tokens start..len(timestamps)-1."""
+        ts = timestamps.to(torch.int64)
+        n = ts.shape[0]
+        prev = ts[start - 1 : n - 1] if start > 0 else torch.cat((ts[:1], ts[: n - 1]))
+        gap = (ts[start:] - prev).clamp_min(0)
+        bucket = torch.floor(torch.log2(gap.to(torch.float64) + 1.0)).to(torch.int64)
+        return bucket.clamp_(0, self.cfg.time_buckets - 1)
+
+    @staticmethod
+    def attention_mask(cached_len: int, n_new: int, m: int, device: torch.device) -> Tensor:
+        """Bool [n_new + m, cached_len + n_new + m]: query rows = new history tokens then candidates;
+        key columns = cached history, new history, candidates."""
+        hist_len = cached_len + n_new
+        keys = torch.arange(hist_len + m, device=device)
+        q_pos = torch.arange(cached_len, hist_len, device=device)
+        hist_rows = keys.unsqueeze(0) <= q_pos.unsqueeze(1)  # causal (self included)
+        cand_self = hist_len + torch.arange(m, device=device)
+        cand_rows = (keys.unsqueeze(0) < hist_len) | (keys.unsqueeze(0) == cand_self.unsqueeze(1))
+        return torch.cat((hist_rows, cand_rows), dim=0)
+
+    @torch.inference_mode()
+    def forward(  # noqa: PLR0917 -- the argument order is the documented calling convention
+        self,
+        hist_emb: Tensor,
+        timestamps: Tensor,
+        cached_len: int,
+        cand_emb: Tensor,
+        past_k: Sequence[Tensor] | None,
+        past_v: Sequence[Tensor] | None,
+    ) -> HSTUOutput:
+        """Score `cand_emb` against a history whose first `cached_len` tokens are covered by
+        past_k/past_v (per layer [cached_len, kv_width]) and whose remaining tokens are `hist_emb`
+        ([n_new, item_dim], positions cached_len..cached_len+n_new-1).  `timestamps` (int64) covers the
+        whole history.  Returns candidate scores and the K/V of the new history tokens."""
+        cfg = self.cfg
+        dev = self.device
+        w = cfg.kv_width
+        if hist_emb.dim() != 2 or hist_emb.shape[1] != cfg.item_dim:
+            raise ValueError(f"hist_emb must be [n_new, {cfg.item_dim}], got {list(hist_emb.shape)}")
+        if cand_emb.dim() != 2 or cand_emb.shape[1] != cfg.item_dim or cand_emb.shape[0] < 1:
+            raise ValueError(f"cand_emb must be [m >= 1, {cfg.item_dim}], got {list(cand_emb.shape)}")
+        if cached_len < 0:
+            raise ValueError(f"cached_len must be >= 0, got {cached_len}")
+        n_new, m = int(hist_emb.shape[0]), int(cand_emb.shape[0])
+        hist_len = cached_len + n_new
+        if hist_len > cfg.max_history:
+            raise ValueError(
+                f"history of {hist_len} tokens (cached {cached_len} + new {n_new}) exceeds "
+                f"max_history={cfg.max_history}"
+            )
+        if timestamps.dim() != 1 or timestamps.shape[0] != hist_len:
+            raise ValueError(
+                f"timestamps must be 1-D with one entry per history token ({hist_len}), "
+                f"got {list(timestamps.shape)}"
+            )
+        pk = self._check_past("past_k", past_k, cached_len, w, dev)
+        pv = self._check_past("past_v", past_v, cached_len, w, dev)
+
+        hist_emb = hist_emb.to(dev, torch.float32)
+        cand_emb = cand_emb.to(dev, torch.float32)
+        positions = torch.cat(
+            (
+                torch.arange(cached_len, hist_len, device=dev),
+                torch.full((m,), hist_len, device=dev, dtype=torch.int64),
+            )
+        )
+        buckets = torch.cat(
+            (
+                self.time_buckets_for(timestamps.to(dev), cached_len),
+                torch.full((m,), cfg.time_buckets, device=dev, dtype=torch.int64),
+            )
+        )
+        x = self.item_proj(torch.cat((hist_emb, cand_emb), dim=0))
+        x = x + self.pos_emb(positions) + self.time_emb(buckets)
+        # mask and fixed normalisation folded into one multiplier shared by every layer and head
+        weight = self.attention_mask(cached_len, n_new, m, dev).to(torch.float32) / cfg.max_history
+
+        new_k: list[Tensor] = []
+        new_v: list[Tensor] = []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, pk[i], pv[i], weight, n_new)
+            new_k.append(k)
+            new_v.append(v)
+        scores = self.score_head(self.final_norm(x[n_new:])).squeeze(-1)
+        return HSTUOutput(scores=scores.float(), new_k=new_k, new_v=new_v)
+
+    def _check_past(
+        self,
+        name: str,
+        past: Sequence[Tensor] | None,
+        cached_len: int,
+        width: int,
+        dev: torch.device,
+    ) -> list[Tensor]:
+        n_layers = self.cfg.n_layers
+        if cached_len == 0 and (past is None or len(past) == 0):
+            empty = torch.zeros((0, width), device=dev, dtype=torch.float32)
+            return [empty] * n_layers
+        if past is None or len(past) != n_layers:
+            got = "None" if past is None else f"{len(past)} tensors"
+            raise ValueError(
+                f"{name} must hold one tensor per layer ({n_layers}) when cached_len > 0; got {got}"
+            )
+        out = []
+        for i, t in enumerate(past):
+            if t.dim() != 2 or t.shape[0] != cached_len or t.shape[1] != width:
+                raise ValueError(f"{name}[{i}] must be [{cached_len}, {width}], got {list(t.shape)}")
+            out.append(t.to(dev, torch.float32))
+        return out

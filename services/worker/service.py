@@ -1,0 +1,362 @@
+"""The worker's async shell: NATS in, engine calls, NATS out. Decisions live in the engine and the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import structlog
+import torch
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
+from services.worker.core.pool import RefillMode
+from services.worker.engine import Engine, EngineConfig, Job, ServeResult
+from services.worker.errors import Draining, InvalidRequest, Overloaded, WorkerError
+from services.worker.hstu import PRESETS
+from services.worker.settings import WorkerSettings
+from services.worker.storage import LinkSpec
+from services.worker.validation import prepare
+from shared import schemas as s
+from shared.bus import Bus, Message, Subscription
+from shared.lifecycle import TaskOwner
+
+log = structlog.get_logger("onepool.worker")
+R = TypeVar("R")
+
+EWMA_WEIGHT = 0.2
+OVERLOAD_HEADROOM = 32  # weight of the newest latency sample in the load figure the router sees
+
+
+def engine_config_from(settings: WorkerSettings) -> EngineConfig:
+    """Turn operator settings (validated by WorkerSettings itself) into the engine's plain numbers."""
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EngineConfig(
+        model=PRESETS[settings.model],
+        num_items=settings.num_items,
+        budget_bytes=int(settings.budget_mib * 1024 * 1024),
+        chunk_bytes=settings.chunk_kib * 1024,
+        page_tokens=settings.page_tokens,
+        alpha=settings.alpha,
+        max_chunks_per_tick=settings.max_chunks_per_tick,
+        tick_s=settings.tick_ms / 1e3,
+        refill_mode=RefillMode(settings.refill_mode),
+        prefetch_bytes_per_tick=settings.prefetch_kib_per_tick * 1024,
+        link=LinkSpec(bandwidth_gbps=settings.link_gbps, latency_us=settings.link_latency_us),
+        device=device,
+        seed=settings.seed,
+        checkpoint=settings.checkpoint or None,
+        max_candidates=settings.max_candidates,
+    )
+
+
+@dataclass
+class WorkerCounters:
+    requests_total: int = 0
+    errors_total: int = 0
+    bad_messages: int = 0  # undecodable/invalid bus messages, counted and dropped (or answered)
+    alpha_rejected: int = 0
+    ewma_latency_ms: float = 0.0
+
+
+class WorkerService:
+    def __init__(self, settings: WorkerSettings, engine: Engine, bus: Bus, *, tracer: Tracer | None = None):
+        self.settings = settings
+        self.worker_id = s.check_worker_id(settings.id)
+        self.incarnation = uuid.uuid4().hex[:16]
+        self.engine = engine
+        self.bus = bus
+        self.counters = WorkerCounters()
+        self._tracer = tracer or trace.get_tracer("onepool.worker")
+        self._seq = 0
+        self._digest_lock = asyncio.Lock()
+        self._in_flight = 0
+        self._idle = asyncio.Event()  # set whenever nothing is in flight: what a drain waits for
+        self._idle.set()
+        self._applied_decision: str | None = None
+        self._draining = False
+        self._subs: list[Subscription] = []
+        self._tasks = TaskOwner()
+        self._dec_request = s.decoder(s.InferenceRequest)
+        self._dec_alpha = s.decoder(s.AlphaDecision)
+        self._dec_snapshot = s.decoder(s.SnapshotRequest)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def _on_engine(self, fn: Callable[[], R]) -> R:
+        return await asyncio.wrap_future(self.engine.call(fn))
+
+    # ---------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        wid = self.worker_id
+        # More handlers than queue places, so that requests beyond the limit are refused at once
+        # ("overloaded", retry elsewhere) instead of waiting unseen in the client library's buffer.
+        handlers = self.settings.max_queue + OVERLOAD_HEADROOM
+        self._subs.append(
+            await self.bus.subscribe(s.infer_subject(wid), self._handle_infer, concurrency=handlers)
+        )
+        self._subs.append(await self.bus.subscribe(s.alpha_subject(wid), self._handle_alpha))
+        self._subs.append(await self.bus.subscribe(s.snapshot_request_subject(wid), self._handle_snapshot))
+        # A joining worker announces its whole residency (empty at start) under its new incarnation.
+        await self.publish_digest("snapshot")
+        self._tasks.spawn(self._digest_loop(), name="digest-loop")
+        log.info(
+            "worker ready",
+            worker_id=wid,
+            incarnation=self.incarnation,
+            subject=s.infer_subject(wid),
+            device=str(self.engine.device),
+            link=self.engine.link.describe(),
+            model=self.engine.model_source,
+            total_chunks=self.engine.geometry.total_chunks,
+            alpha=self.engine.pool.alpha,
+        )
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, let in-flight requests finish, say goodbye in a last digest."""
+        if self._draining:
+            return
+        self._draining = True
+        infer_sub, *others = self._subs
+        await infer_sub.stop(drain=True)
+        if self._in_flight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.settings.drain_s)
+            except TimeoutError:
+                log.warning("drain timed out", in_flight=self._in_flight, drain_s=self.settings.drain_s)
+        await self._tasks.close(timeout_s=2.0)
+        try:
+            await self.publish_digest("delta")
+        except Exception:
+            log.warning("could not publish the final digest", exc_info=True)
+        for sub in others:
+            await sub.stop(drain=False)
+        self._subs.clear()
+        await asyncio.to_thread(self.engine.stop)
+
+    # ---------------------------------------------------------------------------------------------------
+    def _reply(
+        self, request_id: str, *, ok: s.InferenceResult | None = None, error: WorkerError | None = None
+    ) -> bytes:
+        if error is not None:
+            self.counters.errors_total += 1
+        return s.encode(
+            s.InferenceReply(
+                request_id=request_id,
+                worker_id=self.worker_id,
+                ok=ok,
+                error=error.to_body() if error is not None else None,
+            )
+        )
+
+    async def _handle_infer(self, msg: Message) -> bytes:
+        received = time.perf_counter()
+        self.counters.requests_total += 1
+        try:
+            req = s.decode(self._dec_request, msg.data)
+        except s.DecodeError as exc:
+            self.counters.bad_messages += 1
+            log.warning("bad inference request", subject=msg.subject, error=exc.message, field=exc.field)
+            return self._reply("", error=InvalidRequest(exc.message, exc.field))
+        try:
+            prepared = prepare(req, self.engine.limits)
+            if self._draining:
+                raise Draining()
+            if self._in_flight >= self.settings.max_queue:
+                raise Overloaded(self._in_flight, self.settings.max_queue)
+        except WorkerError as exc:
+            if isinstance(exc, InvalidRequest):
+                log.info(
+                    "invalid inference request", request_id=req.request_id, error=exc.message, field=exc.field
+                )
+            return self._reply(req.request_id, error=exc)
+
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[ServeResult | WorkerError] = loop.create_future()
+
+        def done(result: ServeResult | WorkerError) -> None:
+            loop.call_soon_threadsafe(_resolve, fut, result)
+
+        job = Job(request=prepared, deadline=received + req.deadline_ms / 1e3, done=done, enqueued=received)
+        self._in_flight += 1
+        self._idle.clear()
+        with self._tracer.start_as_current_span("worker.infer") as span:
+            span.set_attribute("onepool.worker.id", self.worker_id)
+            span.set_attribute("onepool.history_len", len(req.history))
+            span.set_attribute("onepool.candidates", len(req.candidates))
+            try:
+                self.engine.submit(job)
+                result = await fut
+            except asyncio.CancelledError:
+                job.cancelled = True  # the model thread skips it if it has not started
+                raise
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+            if isinstance(result, WorkerError):
+                span.set_attribute("onepool.error.code", result.code)
+                return self._reply(req.request_id, error=result)
+            total_ms = (time.perf_counter() - received) * 1e3
+            for key in ("cached_tokens", "computed_tokens", "emb_hits", "emb_misses"):
+                span.set_attribute(f"onepool.{key}", getattr(result, key))
+            span.set_attribute("onepool.queue_ms", result.queue_ms)
+            span.set_attribute("onepool.compute_ms", result.compute_ms)
+        c = self.counters
+        c.ewma_latency_ms = (
+            total_ms
+            if c.ewma_latency_ms == 0
+            else (EWMA_WEIGHT * total_ms + (1 - EWMA_WEIGHT) * c.ewma_latency_ms)
+        )
+        ok = s.InferenceResult(
+            items=result.items,
+            scores=result.scores,
+            cached_tokens=result.cached_tokens,
+            computed_tokens=result.computed_tokens,
+            emb_hits=result.emb_hits,
+            emb_misses=result.emb_misses,
+            queue_ms=result.queue_ms,
+            compute_ms=result.compute_ms,
+            total_ms=total_ms,
+        )
+        return self._reply(req.request_id, ok=ok)
+
+    async def _handle_alpha(self, msg: Message) -> None:
+        try:
+            decision = s.decode(self._dec_alpha, msg.data)
+        except s.DecodeError as exc:
+            self.counters.bad_messages += 1
+            log.warning("bad alpha decision dropped", error=exc.message, field=exc.field)
+            return
+        lo, hi = self.settings.alpha_min, self.settings.alpha_max
+        target = decision.target_alpha
+        if decision.worker_id != self.worker_id or not math.isfinite(target) or not lo <= target <= hi:
+            self.counters.alpha_rejected += 1
+            log.warning(
+                "alpha decision rejected",
+                decision_id=decision.decision_id,
+                addressed_to=decision.worker_id,
+                target_alpha=target,
+                allowed=[lo, hi],
+            )
+            return
+        await self._on_engine(lambda: self.engine.pool.set_target(target))
+        self._applied_decision = decision.decision_id
+        log.info("alpha target set", decision_id=decision.decision_id, target_alpha=target)
+
+    async def _handle_snapshot(self, msg: Message) -> bytes:
+        try:
+            request = s.decode(self._dec_snapshot, msg.data)
+            reason = request.reason
+        except s.DecodeError as exc:
+            # A snapshot is harmless to send, so a garbled request still gets one, but it is counted.
+            self.counters.bad_messages += 1
+            log.warning("bad snapshot request", error=exc.message)
+            reason = "undecodable request"
+        seq = await self.publish_digest("snapshot")
+        log.info("snapshot sent on request", reason=reason, seq=seq)
+        return s.encode(s.SnapshotAck(worker_id=self.worker_id, incarnation=self.incarnation, seq=seq))
+
+    async def _digest_loop(self) -> None:
+        period = self.settings.digest_ms / 1e3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.publish_digest("delta")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("digest publish failed", exc_info=True)
+
+    def _collect(self, kind: Literal["delta", "snapshot"]) -> dict[str, Any]:
+        """Model thread: one consistent cut of residency, counters, split and cost fit."""
+        pool = self.engine.pool
+        if kind == "snapshot":
+            snap = pool.snapshot()
+            residency: dict[str, Any] = {
+                "kv_upserts": [s.KvEntry(u, n) for u, n in sorted(snap.kv.items())],
+                "emb_added": list(snap.emb),
+            }
+        else:
+            delta = pool.drain_deltas()
+            residency = {
+                "kv_upserts": [s.KvEntry(u, n) for u, n in sorted(delta.kv_upserts.items())],
+                "kv_removed": list(delta.kv_removed),
+                "emb_added": list(delta.emb_added),
+                "emb_removed": list(delta.emb_removed),
+            }
+        c = pool.counters
+        stats = s.PoolStats(
+            emb_hits=c.emb_hits,
+            emb_misses=c.emb_misses,
+            kv_hits=c.kv_hits,
+            kv_misses=c.kv_misses,
+            emb_evictions=c.emb_evictions,
+            kv_evictions=c.kv_evictions,
+            chunks_moved=c.chunks_moved,
+            emb_miss_bytes=c.emb_miss_bytes,
+            prefetch_bytes=c.prefetch_bytes,
+            critical_refill_bytes=c.critical_refill_bytes,
+            emb_capacity=pool.emb.capacity,
+            emb_size=pool.emb.size,
+            kv_users=len(pool.kv.entries_snapshot()),
+        )
+        cost = self.engine.cost_estimate()
+        return {
+            **residency,
+            "alpha": pool.alpha,
+            "alpha_target": pool.target_alpha,
+            "stats": stats,
+            "cost": s.CostCoefficients(
+                fixed_ms=cost.fixed_ms,
+                ms_per_new_token=cost.ms_per_new_token,
+                ms_per_cached_token=cost.ms_per_cached_token,
+                ms_per_candidate=cost.ms_per_candidate,
+                ms_per_emb_miss=cost.ms_per_emb_miss,
+                samples=cost.samples,
+            ),
+        }
+
+    async def publish_digest(self, kind: Literal["delta", "snapshot"]) -> int:
+        """Build and publish one digest; returns its sequence number (consecutive per incarnation)."""
+        async with self._digest_lock:
+            fields = await self._on_engine(lambda: self._collect(kind))
+            seq = self._seq
+            c = self.counters
+            digest = s.WorkerDigest(
+                worker_id=self.worker_id,
+                incarnation=self.incarnation,
+                seq=seq,
+                kind=kind,
+                sent_at_ms=time.time() * 1e3,
+                period_ms=self.settings.digest_ms,
+                load=s.LoadInfo(
+                    in_flight=self._in_flight,
+                    queue_depth=self.engine.queue_depth,
+                    ewma_latency_ms=c.ewma_latency_ms,
+                    requests_total=c.requests_total,
+                    errors_total=c.errors_total,
+                ),
+                applied_decision_id=self._applied_decision,
+                draining=self._draining,
+                **fields,
+            )
+            # The number is spent even if the publish fails: the receiver then sees a gap and asks for a
+            # snapshot, which is the repair for the residency changes this digest carried.
+            self._seq += 1
+            await self.bus.publish(s.digest_subject(self.worker_id), s.encode(digest))
+            return seq
+
+
+def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)

@@ -1,0 +1,101 @@
+"""Worker settings: env vars `ONEPOOL_WORKER_*` and flags of `onepool worker`. Only the shell reads them."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Literal
+
+from services.worker.core.pool import RefillMode
+from shared.schemas import check_worker_id
+
+ENV_PREFIX = "ONEPOOL_WORKER_"
+
+
+def _default_worker_id() -> str:
+    # Compose gives each container a hostname; locally the launcher passes explicit ids.
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
+    return f"{host or 'worker'}-{os.getpid()}"
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_h("NATS server URL"))
+    id: str = field(
+        default_factory=_default_worker_id,
+        metadata=_h("this worker's id, a NATS subject token (default: hostname-pid)"),
+    )
+    device: str = field(
+        default="auto", metadata=_h("torch device for the pool and model: auto|cpu|cuda|cuda:N")
+    )
+    model: Literal["tiny", "bench", "paper"] = field(
+        default="tiny", metadata=_h("HSTU size preset: tiny (CPU tests), bench (CPU), paper (GPU)")
+    )
+    checkpoint: str = field(default="", metadata=_h("HSTU checkpoint file; empty: seeded random weights"))
+    seed: int = field(
+        default=0, metadata=_h("seed for random weights and the synthetic host embedding table")
+    )
+    num_items: int = field(default=100_000, metadata=_h("item catalogue size (rows of the host table)"))
+    budget_mib: float = field(default=16.0, metadata=_h("pool size in MiB (one device allocation)"))
+    chunk_kib: int = field(default=256, metadata=_h("chunk size in KiB: the unit the split moves by"))
+    page_tokens: int = field(default=16, metadata=_h("history tokens per KV page"))
+    alpha: float = field(default=0.5, metadata=_h("initial EMB share of the pool"))
+    alpha_min: float = field(default=0.05, metadata=_h("lowest alpha a decision may set"))
+    alpha_max: float = field(default=0.95, metadata=_h("highest alpha a decision may set"))
+    max_chunks_per_tick: int = field(default=2, metadata=_h("chunks moved per reallocation tick at most"))
+    tick_ms: float = field(default=10.0, metadata=_h("reallocation tick period (runs between requests)"))
+    refill_mode: RefillMode = field(
+        default=RefillMode.INCREMENTAL,
+        metadata=_h(
+            "incremental (misses + throttled background prefetch) or naive (synchronous bulk refill)"
+        ),
+    )
+    prefetch_kib_per_tick: int = field(
+        default=64, metadata=_h("background prefetch budget per tick in KiB (0: off; incremental mode only)")
+    )
+    # Emulated host link for CPU mode: the same defaults as storage.LinkSpec, whose comments give the
+    # sources (PCIe Gen4 x16 pinned H2D ~25 GB/s measured with nvbandwidth; ~10 us per transfer assumed).
+    link_gbps: float = field(default=25.0, metadata=_h("CPU mode: emulated host->device bandwidth, GB/s"))
+    link_latency_us: float = field(default=10.0, metadata=_h("CPU mode: emulated per-transfer latency, us"))
+    max_candidates: int = field(default=512, metadata=_h("largest candidate list accepted"))
+    max_queue: int = field(default=256, metadata=_h("requests accepted and not yet answered, at most"))
+    digest_ms: float = field(default=500.0, metadata=_h("digest period"))
+    torch_threads: int = field(default=1, metadata=_h("torch intra-op threads (0: torch's default)"))
+    drain_s: float = field(default=5.0, metadata=_h("on shutdown, time allowed for in-flight requests"))
+
+    def __post_init__(self) -> None:
+        # Checked here so that a bad variable fails at start-up with its name, not deep in the engine.
+        check_worker_id(self.id)
+        positive = {
+            "budget_mib": self.budget_mib,
+            "chunk_kib": self.chunk_kib,
+            "page_tokens": self.page_tokens,
+            "num_items": self.num_items,
+            "max_chunks_per_tick": self.max_chunks_per_tick,
+            "tick_ms": self.tick_ms,
+            "link_gbps": self.link_gbps,
+            "max_candidates": self.max_candidates,
+            "max_queue": self.max_queue,
+            "digest_ms": self.digest_ms,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {value}")
+        for name, value in {
+            "link_latency_us": self.link_latency_us,
+            "prefetch_kib_per_tick": self.prefetch_kib_per_tick,
+            "torch_threads": self.torch_threads,
+            "drain_s": self.drain_s,
+        }.items():
+            if value < 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {value}")
+        if not 0.0 <= self.alpha_min <= self.alpha <= self.alpha_max <= 1.0:
+            raise ValueError(
+                f"need 0 <= {ENV_PREFIX}ALPHA_MIN <= {ENV_PREFIX}ALPHA <= {ENV_PREFIX}ALPHA_MAX <= 1, "
+                f"got {self.alpha_min}, {self.alpha}, {self.alpha_max}"
+            )

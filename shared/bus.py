@@ -1,0 +1,399 @@
+"""A thin async wrapper over nats-py: publish, request/reply and subscriptions, traced.
+
+There is no official OpenTelemetry instrumentation for nats-py, so this module follows the
+(development-status) OTel messaging semantic conventions itself: W3C trace context
+(``traceparent``/``tracestate``) travels in NATS message headers; ``publish``/``request`` make
+PRODUCER spans whose context is injected as the message's creation context, and each delivered
+message is handled inside a CONSUMER "process" span that is a child of (and links to) that
+context. Handlers see our own :class:`Message`, never nats-py types, and run as tasks owned by
+their :class:`Subscription`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+from nats.aio.subscription import Subscription as NatsSubscription
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
+
+from shared.errors import BusClosed, BusError, BusTimeout, NoResponders, OnepoolError
+from shared.telemetry import get_logger
+
+_log = get_logger("shared.bus")
+
+# Not a registered semconv value (the registry has none for NATS); lowercase like the registered ones.
+MESSAGING_SYSTEM = "nats"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A delivered message, independent of nats-py."""
+
+    subject: str
+    data: bytes
+    reply: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Message], Awaitable[bytes | None]]
+
+
+class Subscription:
+    """One subject (optionally in a queue group) whose messages run ``handler`` as owned tasks.
+
+    ``handled`` counts deliveries whose handler finished (successfully or not), ``errors`` those
+    that raised. At most ``concurrency`` handlers run at once; delivery waits for a free slot.
+    """
+
+    def __init__(
+        self, bus: Bus, subject: str, handler: Handler, *, queue: str | None, concurrency: int
+    ) -> None:
+        self.subject = subject
+        self.queue = queue
+        self.concurrency = concurrency
+        self.handled = 0
+        self.errors = 0
+        self._bus = bus
+        self._handler = handler
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()  # strong refs: the loop only keeps weak ones
+        self._nsub: NatsSubscription | None = None
+        self._accepting = True
+        self._stopped = False
+        # Wildcard subscriptions name their spans by the pattern (low cardinality), per semconv.
+        self._template = subject if any(tok in ("*", ">") for tok in subject.split(".")) else None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def is_active(self) -> bool:
+        return not self._stopped
+
+    async def _on_msg(self, nmsg: NatsMsg) -> None:
+        # Called by nats-py's per-subscription delivery task, one message at a time: waiting for a
+        # slot here is the backpressure (undelivered messages queue up inside nats-py).
+        if not self._is_accepting():
+            return
+        await self._slots.acquire()
+        if not self._is_accepting():  # stop() began while we waited for a slot
+            self._slots.release()
+            return
+        msg = Message(
+            subject=nmsg.subject, data=nmsg.data, reply=nmsg.reply or None, headers=dict(nmsg.headers or {})
+        )
+        task = asyncio.get_running_loop().create_task(self._process(msg), name=f"bus-handler:{self.subject}")
+        self._tasks.add(task)
+        task.add_done_callback(self._on_task_done)
+
+    def _is_accepting(self) -> bool:
+        return self._accepting
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _process(self, msg: Message) -> None:
+        # From an empty Context: without headers the span is a new root, never a child of whatever was
+        # current when subscribe() ran (the delivery task inherited that context).
+        parent = propagate.extract({k.lower(): v for k, v in msg.headers.items()}, context=Context())
+        creation = trace.get_current_span(parent).get_span_context()
+        attrs = self._bus._attributes("process", "process", msg.subject, len(msg.data))
+        if self.queue:
+            attrs["messaging.consumer.group.name"] = self.queue
+        if self._template:
+            attrs["messaging.destination.template"] = self._template
+        name = f"process {self._template or msg.subject}"
+        try:
+            # Single-message push delivery: semconv allows the creation context as parent; we also link it.
+            links = [Link(creation)] if creation.is_valid else None
+            with self._bus._span(name, SpanKind.CONSUMER, attrs, context=parent, links=links):
+                try:
+                    reply = await self._handler(msg)
+                    if msg.reply is not None and reply is not None:
+                        headers: dict[str, str] = {}
+                        propagate.inject(headers)  # the process span, for the requester's side
+                        await self._bus._nc.publish(msg.reply, bytes(reply), headers=headers)
+                except Exception:
+                    self.handled += 1
+                    self.errors += 1
+                    # Logged inside the span so the line carries its trace id; _span records it too.
+                    _log.exception("bus handler failed", subject=msg.subject, subscription=self.subject)
+                    raise
+                self.handled += 1
+        except Exception:
+            pass  # already counted, logged and recorded: a failing handler must not end the subscription
+
+    async def stop(self, drain: bool = True, timeout_s: float = 5.0) -> None:
+        """Unsubscribe. ``drain``: first let delivered messages and running handlers finish, for at
+        most ``timeout_s``; then cancel and await whatever is left. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._bus._subs.discard(self)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        nc = self._bus._nc
+        nsub = self._nsub
+        if drain and nsub is not None and nc.is_connected and not nc.is_draining:
+            try:
+                # UNSUB, a server round trip, then every already-delivered message through _on_msg.
+                await asyncio.wait_for(nsub.drain(), timeout_s)  # type: ignore[no-untyped-call]
+                nsub = None
+            except (TimeoutError, nats.errors.Error) as e:
+                _log.warning("subscription drain incomplete", subject=self.subject, error=repr(e))
+        if drain and self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
+        self._accepting = False
+        if nsub is not None and not nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await nsub.unsubscribe()
+        leftovers = set(self._tasks)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            _log.warning("cancelled in-flight bus handlers", subject=self.subject, count=len(leftovers))
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+class Bus:
+    """A named NATS connection. Create with ``await Bus.connect(...)``; end with ``await close()``."""
+
+    def __init__(self, nc: NatsClient, *, url: str, name: str, tracer: Tracer | None) -> None:
+        self._nc = nc
+        self._url = url
+        self._name = name
+        self._tracer = tracer if tracer is not None else trace.get_tracer("shared.bus")
+        self._subs: set[Subscription] = set()
+        self._peer: dict[str, AttributeValue] = {}
+        self._close_task: asyncio.Task[None] | None = None
+        self._connected_once = False  # no disconnect/close chatter for a connection that never came up
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        tracer: Tracer | None = None,
+        connect_timeout_s: float = 2.0,
+        max_reconnect_attempts: int = -1,
+        reconnect_time_wait_s: float = 0.5,
+    ) -> Bus:
+        """Connect to ``url``. ``connect_timeout_s`` bounds the whole initial connection (nats-py would
+        otherwise retry it forever when ``max_reconnect_attempts`` is -1); after that the client
+        reconnects on its own, ``max_reconnect_attempts`` times (-1: forever)."""
+        nc = NatsClient()
+        bus = cls(nc, url=url, name=name, tracer=tracer)
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=[url],
+                    name=name,
+                    # nats-py annotates these as int but uses them as float seconds.
+                    connect_timeout=connect_timeout_s,  # type: ignore[arg-type]
+                    reconnect_time_wait=reconnect_time_wait_s,  # type: ignore[arg-type]
+                    max_reconnect_attempts=max_reconnect_attempts,
+                    error_cb=bus._on_error,
+                    disconnected_cb=bus._on_disconnected,
+                    reconnected_cb=bus._on_reconnected,
+                    closed_cb=bus._on_closed,
+                ),
+                timeout=connect_timeout_s,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as e:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise BusError(f"could not connect to NATS at {url} as {name!r}: {type(e).__name__} {e}") from e
+        bus._peer = bus._peer_attributes()
+        bus._connected_once = True
+        _log.info("bus connected", url=url, client=name)
+        return bus
+
+    @property
+    def client_name(self) -> str:
+        return self._name
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def is_connected(self) -> bool:
+        return self._close_task is None and self._nc.is_connected
+
+    @property
+    def subscriptions(self) -> frozenset[Subscription]:
+        return frozenset(self._subs)
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        """Fire and forget; raises BusClosed/BusError if the message cannot even be queued."""
+        self._check_open()
+        attrs = self._attributes("publish", "send", subject, len(payload))
+        with self._span(f"publish {subject}", SpanKind.PRODUCER, attrs):
+            headers: dict[str, str] = {}
+            propagate.inject(headers)  # the publish span is the message's creation context
+            try:
+                await self._nc.publish(subject, payload, headers=headers)
+            except nats.errors.Error as e:
+                raise _map_error(e, subject) from e
+
+    async def request(self, subject: str, payload: bytes, *, timeout_s: float) -> bytes:
+        """Send and wait for one reply. Raises BusTimeout, NoResponders, BusClosed or BusError."""
+        self._check_open()
+        attrs = self._attributes("send", "send", subject, len(payload))
+        with self._span(f"send {subject}", SpanKind.PRODUCER, attrs) as span:
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+            try:
+                reply = await self._nc.request(subject, payload, timeout=timeout_s, headers=headers)
+            except nats.errors.NoRespondersError as e:
+                raise NoResponders(subject) from e
+            except nats.errors.TimeoutError as e:
+                raise BusTimeout(subject, timeout_s) from e
+            except nats.errors.Error as e:
+                raise _map_error(e, subject) from e
+            span.set_attribute("onepool.reply.body.size", len(reply.data))
+            return reply.data
+
+    async def subscribe(
+        self, subject: str, handler: Handler, *, queue: str | None = None, concurrency: int = 1
+    ) -> Subscription:
+        """Run ``handler`` for each message on ``subject``; a returned ``bytes`` is sent as the reply
+        when the message has a reply subject. Returns once the server has registered the interest."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self._check_open()
+        sub = Subscription(self, subject, handler, queue=queue, concurrency=concurrency)
+        try:
+            sub._nsub = await self._nc.subscribe(subject, queue=queue or "", cb=sub._on_msg)
+        except nats.errors.Error as e:
+            raise _map_error(e, subject) from e
+        self._subs.add(sub)
+        if self._nc.is_connected:
+            try:
+                # A PING/PONG round trip so the server has the SUB before we return. nats-py 2.16 writes
+                # PING straight to the socket, ahead of commands still queued for its flusher task, so
+                # one flush is no barrier: the first lets the flusher write the SUB, the second follows it.
+                for _ in range(2):
+                    await self._nc.flush(timeout=2)
+            except nats.errors.Error as e:
+                _log.warning("subscription not confirmed by the server yet", subject=subject, error=repr(e))
+        return sub
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop every subscription (draining them if ``drain``), then drain or close the connection.
+        Idempotent; concurrent callers all wait for the same close."""
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close(drain), name="bus-close")
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, drain: bool) -> None:
+        await asyncio.gather(*(sub.stop(drain=drain) for sub in list(self._subs)))
+        try:
+            if drain and self._nc.is_connected and not self._nc.is_draining:
+                await self._nc.drain()  # flushes what we published, then closes
+            else:
+                await self._nc.close()
+        except nats.errors.Error as e:
+            _log.warning("bus drain failed; closing", error=repr(e))
+            await self._nc.close()
+        await asyncio.sleep(0)  # let the client's cancelled internal tasks finish unwinding
+
+    # ---- internals ----
+
+    def _check_open(self) -> None:
+        if self._close_task is not None or self._nc.is_closed:
+            raise BusClosed(f"bus {self._name!r} is closed")
+
+    def _attributes(self, op_name: str, op_type: str, subject: str, size: int) -> dict[str, AttributeValue]:
+        return {
+            "messaging.system": MESSAGING_SYSTEM,
+            "messaging.operation.name": op_name,
+            "messaging.operation.type": op_type,
+            "messaging.destination.name": subject,
+            "messaging.message.body.size": size,
+            "messaging.client.id": self._name,
+            **self._peer,
+        }
+
+    def _peer_attributes(self) -> dict[str, AttributeValue]:
+        url = self._nc.connected_url
+        if url is None or not url.hostname:
+            return {}
+        port = url.port or 4222
+        out: dict[str, AttributeValue] = {"server.address": url.hostname, "server.port": port}
+        with contextlib.suppress(ValueError):  # network.peer.* only when the URL names an IP, not a host
+            ipaddress.ip_address(url.hostname)
+            out["network.peer.address"] = url.hostname
+            out["network.peer.port"] = port
+        return out
+
+    @contextlib.contextmanager
+    def _span(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, AttributeValue],
+        *,
+        context: Context | None = None,
+        links: list[Link] | None = None,
+    ) -> Iterator[Span]:
+        """A current span that records failures with ``error.type`` (semconv), cancellation included."""
+        with self._tracer.start_as_current_span(
+            name,
+            context=context,
+            kind=kind,
+            attributes=attributes,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield span
+            except asyncio.CancelledError as e:
+                span.record_exception(e)
+                span.set_attribute("error.type", "cancelled")
+                span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                raise
+            except Exception as e:
+                span.record_exception(e)
+                error_type = e.code if isinstance(e, OnepoolError) else type(e).__qualname__
+                span.set_attribute("error.type", error_type)
+                span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+                raise
+
+    async def _on_error(self, e: Exception) -> None:
+        _log.warning("bus error", client=self._name, url=self._url, error=repr(e))
+
+    async def _on_disconnected(self) -> None:
+        if self._connected_once and self._close_task is None:
+            _log.warning("bus disconnected", client=self._name, url=self._url)
+
+    async def _on_reconnected(self) -> None:
+        self._peer = self._peer_attributes()
+        _log.info("bus reconnected", client=self._name, url=self._url)
+
+    async def _on_closed(self) -> None:
+        if self._connected_once:
+            _log.info("bus connection closed", client=self._name, url=self._url)
+
+
+def _map_error(e: Exception, subject: str) -> OnepoolError:
+    if isinstance(e, nats.errors.ConnectionClosedError | nats.errors.ConnectionDrainingError):
+        return BusClosed(f"connection closed while using {subject!r}")
+    return BusError(f"{type(e).__name__} on {subject!r}: {e}", subject=subject)
+
+
+__all__ = ["Bus", "Handler", "Message", "Subscription"]

@@ -1,0 +1,267 @@
+"""Wire schemas and NATS subjects: the one place every service agrees on.
+
+Every message is a msgspec Struct encoded as plain msgpack (never pickle). Decoding validates types and
+constraints and rejects unknown fields, so a malformed message fails at the edge with a path that names the
+offending field. Each message carries `v`, the schema version; a receiver rejects versions it does not know.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Final, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION: Final = 1
+
+# ---------------------------------------------------------------------------------------------------------
+# Subjects. Worker ids are single NATS tokens so that wildcards (`onepool.digest.*`) work.
+# ---------------------------------------------------------------------------------------------------------
+SUBJECT_PREFIX: Final = "onepool"
+WORKER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_worker_id(worker_id: str) -> str:
+    """Return `worker_id` if it is a valid single NATS token, else raise ValueError."""
+    if not WORKER_ID_RE.match(worker_id):
+        raise ValueError(
+            f"worker id {worker_id!r} must be 1-64 characters of letters, digits, '-' or '_' "
+            "(it becomes a NATS subject token)"
+        )
+    return worker_id
+
+
+def infer_subject(worker_id: str) -> str:
+    """Request/reply: InferenceRequest -> InferenceReply, answered by that worker only."""
+    return f"{SUBJECT_PREFIX}.worker.{worker_id}.infer"
+
+
+def alpha_subject(worker_id: str) -> str:
+    """Publish: AlphaDecision for that worker (from the controller)."""
+    return f"{SUBJECT_PREFIX}.worker.{worker_id}.alpha"
+
+
+def snapshot_request_subject(worker_id: str) -> str:
+    """Request/reply: SnapshotRequest -> SnapshotAck; the worker then publishes a snapshot digest."""
+    return f"{SUBJECT_PREFIX}.worker.{worker_id}.snapshot"
+
+
+def digest_subject(worker_id: str) -> str:
+    """Publish: WorkerDigest (residency deltas/snapshots, load, alpha, cost coefficients)."""
+    return f"{SUBJECT_PREFIX}.digest.{worker_id}"
+
+
+DIGEST_WILDCARD: Final = f"{SUBJECT_PREFIX}.digest.*"
+
+# ---------------------------------------------------------------------------------------------------------
+# Constrained scalar types.
+# ---------------------------------------------------------------------------------------------------------
+# int64 range: ids and timestamps become numpy int64 arrays.
+NonNegInt = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+PosInt = Annotated[int, Meta(ge=1)]
+NonNegFloat = Annotated[float, Meta(ge=0.0)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+UserId = Annotated[str, Meta(min_length=1, max_length=256)]
+RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class _Msg(Struct, forbid_unknown_fields=True):
+    """Common base: unknown fields are an error (a typo must not be silently ignored)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference (gateway -> worker).
+# ---------------------------------------------------------------------------------------------------------
+class InferenceRequest(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    request_id: RequestId
+    user_id: UserId
+    history: list[NonNegInt]
+    timestamps: list[NonNegInt] | None = None
+    candidates: list[NonNegInt]
+    k: PosInt | None = None
+    # Time budget left when the request was sent, in ms (a relative deadline, immune to clock skew).
+    deadline_ms: Annotated[float, Meta(gt=0.0)] = 1000.0
+
+
+# What the caller does with an error, as a string so other languages can read it.
+ErrorClass = Literal["retry", "client", "bug"]
+
+
+class ErrorBody(_Msg, kw_only=True):
+    code: str
+    message: str
+    field: str | None = None
+    # What the caller does: "retry" elsewhere/later, "client" (caller's fault), "bug".
+    kind: ErrorClass = "bug"
+
+
+class InferenceResult(_Msg, kw_only=True):
+    items: list[int]
+    scores: list[float]
+    cached_tokens: NonNegInt
+    computed_tokens: NonNegInt
+    emb_hits: NonNegInt
+    emb_misses: NonNegInt
+    queue_ms: NonNegFloat
+    compute_ms: NonNegFloat
+    total_ms: NonNegFloat
+
+
+class InferenceReply(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    request_id: str
+    worker_id: str
+    ok: InferenceResult | None = None
+    error: ErrorBody | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Alpha decisions (controller -> worker) and snapshot requests (cachestate -> worker).
+# ---------------------------------------------------------------------------------------------------------
+class AlphaDecision(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    decision_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    worker_id: str
+    target_alpha: float  # range-checked by the worker, which logs and drops out-of-range values
+    issued_at_ms: NonNegFloat = 0.0
+
+
+class SnapshotRequest(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    reason: str = ""
+
+
+class SnapshotAck(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    worker_id: str
+    incarnation: str
+    seq: NonNegInt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Digests (worker -> cachestate).
+# ---------------------------------------------------------------------------------------------------------
+class LoadInfo(_Msg, kw_only=True):
+    in_flight: NonNegInt = 0  # accepted and not yet answered (queued + running)
+    queue_depth: NonNegInt = 0  # waiting for the model thread
+    ewma_latency_ms: NonNegFloat = 0.0
+    requests_total: NonNegInt = 0
+    errors_total: NonNegInt = 0
+
+
+class CostCoefficients(_Msg, kw_only=True):
+    """The worker's own fitted service-time model: ms = fixed + sum(coefficient * count)."""
+
+    fixed_ms: NonNegFloat = 0.0
+    ms_per_new_token: NonNegFloat = 0.0
+    ms_per_cached_token: NonNegFloat = 0.0
+    ms_per_candidate: NonNegFloat = 0.0
+    ms_per_emb_miss: NonNegFloat = 0.0
+    samples: NonNegInt = 0  # requests the fit has seen (0: the documented prior)
+
+
+class KvEntry(_Msg, array_like=True):
+    """One KV residency record: user and how many history tokens its cached prefix covers."""
+
+    user_id: str
+    length: NonNegInt
+
+
+class PoolStats(_Msg, kw_only=True):
+    """Cumulative pool counters (monotonic within an incarnation)."""
+
+    emb_hits: NonNegInt = 0
+    emb_misses: NonNegInt = 0
+    kv_hits: NonNegInt = 0
+    kv_misses: NonNegInt = 0
+    emb_evictions: NonNegInt = 0
+    kv_evictions: NonNegInt = 0
+    chunks_moved: NonNegInt = 0
+    emb_miss_bytes: NonNegInt = 0
+    prefetch_bytes: NonNegInt = 0
+    critical_refill_bytes: NonNegInt = 0
+    emb_capacity: NonNegInt = 0
+    emb_size: NonNegInt = 0
+    kv_users: NonNegInt = 0
+
+
+class WorkerDigest(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    worker_id: str
+    incarnation: str  # changes on every process start
+    seq: NonNegInt  # consecutive per incarnation, snapshots included; a gap means a lost digest
+    kind: Literal["delta", "snapshot"]
+    sent_at_ms: NonNegFloat
+    period_ms: NonNegFloat  # how often this worker sends; liveness is judged in periods
+    # Residency. In a delta: upserts (created/extended entries) and removals since the previous digest.
+    # In a snapshot: kv_upserts/emb_added are the whole resident sets and the removal lists are empty.
+    kv_upserts: list[KvEntry] = []
+    kv_removed: list[str] = []
+    emb_added: list[int] = []
+    emb_removed: list[int] = []
+    load: LoadInfo = msgspec.field(default_factory=LoadInfo)
+    alpha: Fraction = 0.0
+    alpha_target: Fraction = 0.0
+    applied_decision_id: str | None = None
+    cost: CostCoefficients = msgspec.field(default_factory=CostCoefficients)
+    stats: PoolStats = msgspec.field(default_factory=PoolStats)
+    draining: bool = False  # the worker is shutting down: route nothing new to it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Codec helpers.
+# ---------------------------------------------------------------------------------------------------------
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+class DecodeError(ValueError):
+    """A message that does not decode or validate; `field` is the dotted path of the culprit, if known."""
+
+    def __init__(self, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+_PATH_RE = re.compile(r"at `\$(?P<path>[^`]*)`")
+_UNKNOWN_RE = re.compile(r"unknown field `(?P<name>[^`]+)`")
+_MISSING_RE = re.compile(r"missing required field `(?P<name>[^`]+)`")
+
+
+def _field_from_error(message: str) -> str | None:
+    """Turn msgspec's '... - at `$.history[3]`' into 'history[3]' so errors name the field."""
+    path_match = _PATH_RE.search(message)
+    path = path_match.group("path").lstrip(".") if path_match else ""
+    for pattern in (_UNKNOWN_RE, _MISSING_RE):
+        name_match = pattern.search(message)
+        if name_match:
+            name = name_match.group("name")
+            return f"{path}.{name}" if path else name
+    return path or None
+
+
+T = TypeVar("T", bound=Struct)
+
+
+def decoder(cls: type[T]) -> msgspec.msgpack.Decoder[T]:
+    return msgspec.msgpack.Decoder(cls)
+
+
+def decode(dec: msgspec.msgpack.Decoder[T], data: bytes) -> T:
+    """Decode and validate, raising DecodeError naming the field; also checks the schema version."""
+    try:
+        msg = dec.decode(data)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(str(exc), _field_from_error(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"undecodable message: {exc}", None) from None
+    version = getattr(msg, "v", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise DecodeError(f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION})", "v")
+    return msg

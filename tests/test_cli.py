@@ -1,0 +1,128 @@
+"""The `onepool` console script as a user runs it: real child processes, real nats-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from services.worker.settings import WorkerSettings
+from tests.helpers import free_port
+
+ONEPOOL = [sys.executable, "-m", "services.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cmdlines() -> list[str]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return out
+
+
+def test_worker_help_names_every_setting() -> None:
+    out = subprocess.run([*ONEPOOL, "worker", "--help"], capture_output=True, text=True, check=True, cwd=ROOT)
+    for name in WorkerSettings.__dataclass_fields__:
+        assert f"ONEPOOL_WORKER_{name.upper()}" in out.stdout.replace("\n", " ").replace("  ", ""), name
+
+
+def test_bad_setting_is_a_clear_error() -> None:
+    env = {**os.environ, "ONEPOOL_WORKER_BUDGET_MIB": "lots"}
+    out = subprocess.run([*ONEPOOL, "worker"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert "ONEPOOL_WORKER_BUDGET_MIB" in out.stderr
+
+
+def test_configuration_doc_lists_every_setting() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for name in WorkerSettings.__dataclass_fields__:
+        assert f"`ONEPOOL_WORKER_{name.upper()}`" in doc, name
+
+
+@pytest.mark.slow
+def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        [*ONEPOOL, "up", "--workers", "2", "--nats-port", str(port), "--worker-env", "ONEPOOL_WORKER_BUDGET_MIB=4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    lines: list[str] = []
+    try:
+        assert launcher.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = launcher.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "local cluster is up" in line:
+                break
+        assert any("local cluster is up" in line for line in lines), "".join(lines[-40:])
+        assert any(line.startswith("[w0] ") for line in lines) and any(line.startswith("[w1] ") for line in lines)
+        for worker in ("w0", "w1"):
+            reply = subprocess.run(
+                [*ONEPOOL, "infer", "--nats-url", f"nats://127.0.0.1:{port}", "--worker", worker]
+                + ["--history", "1,2,3", "--candidates", "7,8,9", "--k", "2"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=60,
+            )
+            assert reply.returncode == 0, reply.stderr
+            body = json.loads(reply.stdout)
+            assert body["worker_id"] == worker and len(body["ok"]["items"]) == 2
+        launcher.send_signal(signal.SIGTERM)
+        rest, _ = launcher.communicate(timeout=60)
+        lines.append(rest)
+        assert launcher.returncode == 0, "".join(lines[-40:])
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    leftovers = [c for c in _cmdlines() if f"-p {port}" in c or ("services.cli worker" in c and str(port) in c)]
+    assert leftovers == []
+    # The workers drained: each said goodbye before NATS went away.
+    assert "worker stopping" in "".join(lines)
+
+
+@pytest.mark.slow
+def test_bench_worker_quick_writes_every_key(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [*ONEPOOL, "bench", "worker", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    for key in (
+        "kv_speedup",
+        "emb_miss_cost_us",
+        "realloc_p99_ratio",
+        "realloc_critical_path_refill_bytes",
+        "naive_realloc_p99_ratio",
+        "naive_realloc_critical_path_refill_bytes",
+    ):
+        assert isinstance(report[key], int | float), key
+    assert report["kv_speedup"] > 1.0  # even the smoke sizes reuse KV
+    assert report["realloc_critical_path_refill_bytes"] == 0
+    assert report["naive_realloc_critical_path_refill_bytes"] > 0
+    assert "emulated" in report["host_link"]
+    assert "kv_speedup" in run.stdout

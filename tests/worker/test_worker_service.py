@@ -1,0 +1,274 @@
+"""The worker service against a real nats-server: requests, digests, alpha decisions, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+
+from services.worker.engine import Engine
+from services.worker.service import WorkerService, engine_config_from
+from services.worker.settings import WorkerSettings
+from shared import schemas as s
+from shared.bus import Bus
+from tests.helpers import eventually
+
+SETTINGS = WorkerSettings(
+    id="wtest",
+    model="tiny",
+    num_items=5000,
+    budget_mib=4.0,
+    chunk_kib=64,
+    page_tokens=16,
+    alpha=0.5,
+    alpha_min=0.1,
+    alpha_max=0.9,
+    max_chunks_per_tick=1,
+    tick_ms=20.0,
+    digest_ms=100.0,
+    link_latency_us=1.0,
+    max_queue=8,
+)
+
+
+@dataclass
+class Running:
+    service: WorkerService
+    engine: Engine
+    bus: Bus
+    client: Bus
+    digests: list[s.WorkerDigest]
+
+    async def infer(self, **fields: Any) -> s.InferenceReply:
+        body = {"request_id": "r1", "user_id": "u1", "history": [1, 2, 3], "candidates": [4, 5, 6], **fields}
+        raw = await self.client.request(
+            s.infer_subject(self.service.worker_id), msgspec.msgpack.encode(body), timeout_s=10
+        )
+        return s.decode(s.decoder(s.InferenceReply), raw)
+
+    async def wait_digest(self, pred: Any, timeout_s: float = 5.0) -> s.WorkerDigest:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for d in self.digests:
+                if pred(d):
+                    return d
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no matching digest among {len(self.digests)}")
+
+
+@contextlib.asynccontextmanager
+async def running_worker(url: str, settings: WorkerSettings = SETTINGS) -> AsyncIterator[Running]:
+    digests: list[s.WorkerDigest] = []
+    listener = await nats.connect(url)
+    dec = s.decoder(s.WorkerDigest)
+
+    async def on_digest(msg: Any) -> None:
+        digests.append(s.decode(dec, msg.data))
+
+    await listener.subscribe(s.digest_subject(settings.id), cb=on_digest)
+    engine = Engine(engine_config_from(replace(settings, device="cpu")))
+    engine.start()
+    bus = await Bus.connect(url, name="worker-under-test")
+    client = await Bus.connect(url, name="test-client")
+    service = WorkerService(settings, engine, bus)
+    await service.start()
+    try:
+        yield Running(service, engine, bus, client, digests)
+    finally:
+        await service.stop()
+        await bus.close()
+        await client.close()
+        await listener.close()
+        engine.stop()
+
+
+@pytest.fixture
+async def worker(nats_server: Any) -> AsyncIterator[Running]:
+    async with running_worker(nats_server.url) as w:
+        yield w
+
+
+async def test_round_trip(worker: Running) -> None:
+    reply = await worker.infer(candidates=[10, 11, 12, 13], k=2, timestamps=[5, 6, 7])
+    assert reply.error is None and reply.ok is not None
+    assert reply.request_id == "r1" and reply.worker_id == "wtest"
+    ok = reply.ok
+    assert len(ok.items) == 2 and set(ok.items) <= {10, 11, 12, 13}
+    assert ok.scores == sorted(ok.scores, reverse=True)
+    assert (ok.cached_tokens, ok.computed_tokens) == (0, 3 + 4)
+    assert ok.emb_hits + ok.emb_misses == 7
+    assert ok.total_ms >= ok.compute_ms > 0
+
+
+async def test_same_user_second_request_computes_fewer_tokens(worker: Running) -> None:
+    history = list(range(100, 140))
+    first = await worker.infer(user_id="alice", history=history[:30], candidates=[1, 2, 3])
+    second = await worker.infer(user_id="alice", history=history, candidates=[1, 2, 3])
+    assert first.ok is not None and second.ok is not None
+    assert first.ok.computed_tokens == 33
+    assert (second.ok.cached_tokens, second.ok.computed_tokens) == (30, 13)
+    delta = await worker.wait_digest(
+        lambda d: any(e.user_id == "alice" and e.length == 40 for e in d.kv_upserts)
+    )
+    assert delta.kind == "delta"
+
+
+async def test_digests_are_consecutive_and_start_with_a_snapshot(worker: Running) -> None:
+    await worker.infer()
+    await worker.wait_digest(lambda d: d.seq >= 4)
+    seqs = [d.seq for d in worker.digests]
+    assert seqs == list(range(len(seqs)))
+    first = worker.digests[0]
+    assert first.kind == "snapshot" and first.incarnation == worker.service.incarnation
+    assert {d.incarnation for d in worker.digests} == {worker.service.incarnation}
+    last = worker.digests[-1]
+    assert last.period_ms == SETTINGS.digest_ms and last.load.requests_total >= 1
+    assert last.cost.fixed_ms >= 0 and last.cost.samples >= 1
+
+
+async def test_restart_gets_a_new_incarnation_and_starts_over(nats_server: Any) -> None:
+    async with running_worker(nats_server.url) as first:
+        await first.wait_digest(lambda d: d.seq >= 1)
+        old = first.service.incarnation
+    async with running_worker(nats_server.url) as second:
+        d = await second.wait_digest(lambda d: d.seq == 0)
+        assert d.incarnation != old and d.kind == "snapshot"
+    # The drained worker said goodbye in its last digest.
+    assert first.digests[-1].draining
+
+
+async def test_alpha_moves_over_several_ticks_within_budget(worker: Running) -> None:
+    engine = worker.engine
+    total = engine.geometry.total_chunks
+    trace: list[tuple[int, int, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            pool = engine.pool
+            trace.append((pool.emb_chunks, pool.kv_chunks, engine.ticks))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    decision = s.AlphaDecision(decision_id="d-1", worker_id="wtest", target_alpha=0.8)
+    await worker.client.publish(s.alpha_subject("wtest"), s.encode(decision))
+    acked = await worker.wait_digest(lambda d: d.applied_decision_id == "d-1")
+    assert acked.alpha_target == pytest.approx(0.8)
+    await worker.wait_digest(lambda d: d.alpha == pytest.approx(round(0.8 * total) / total), timeout_s=10)
+    stop.set()
+    sampler.join()
+    emb_counts = [e for e, _, _ in trace]
+    assert all(e + k <= total for e, k, _ in trace)
+    # One chunk per tick at most: consecutive observations never jump by more than the ticks between them.
+    for (e0, _, t0), (e1, _, t1) in itertools.pairwise(trace):
+        assert 0 <= e1 - e0 <= max(1, t1 - t0)
+    assert len(set(emb_counts)) > 3  # it really moved through intermediate splits
+    await asyncio.wrap_future(engine.call(engine.pool.check_invariants))
+    ok = await worker.infer()
+    assert ok.ok is not None
+
+
+async def test_out_of_range_alpha_is_rejected_and_logged(worker: Running) -> None:
+    before = worker.engine.pool.target_alpha
+    for i, target in enumerate((0.95, -0.1, float("nan"))):
+        decision = s.AlphaDecision(decision_id=f"bad-{i}", worker_id="wtest", target_alpha=target)
+        await worker.client.publish(s.alpha_subject("wtest"), s.encode(decision))
+    await worker.client.publish(s.alpha_subject("wtest"), b"\x00garbage")
+    wrong = s.AlphaDecision(decision_id="other", worker_id="someone-else", target_alpha=0.5)
+    await worker.client.publish(s.alpha_subject("wtest"), s.encode(wrong))
+    await eventually(lambda: worker.service.counters.alpha_rejected >= 4)
+    assert worker.service.counters.alpha_rejected == 4
+    assert worker.service.counters.bad_messages == 1
+    assert worker.engine.pool.target_alpha == before
+    d = await worker.wait_digest(lambda d: d.seq >= 2)
+    assert d.applied_decision_id is None
+
+
+async def test_garbage_on_the_request_subject_gets_an_error_reply(worker: Running) -> None:
+    raw = await worker.client.request(s.infer_subject("wtest"), b"\xc1\xff not msgpack", timeout_s=5)
+    reply = s.decode(s.decoder(s.InferenceReply), raw)
+    assert reply.ok is None and reply.error is not None
+    assert reply.error.code == "invalid_request" and reply.error.kind == "client"
+    assert worker.service.counters.bad_messages == 1
+    assert (await worker.infer()).ok is not None  # still serving
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"history": [1, -2]}, "history[1]"),
+        ({"candidates": [4, 5000]}, "candidates[1]"),
+        ({"history": [1, 2], "timestamps": [1]}, "timestamps"),
+        ({"candidates": []}, "candidates"),
+        ({"history": list(range(2000))}, "history"),
+        ({"surprise": 1}, "surprise"),
+        ({"user_id": 7}, "user_id"),
+        ({"k": 0}, "k"),
+        ({"deadline_ms": -1}, "deadline_ms"),
+    ],
+)
+async def test_invalid_requests_name_the_field(worker: Running, fields: dict[str, Any], field: str) -> None:
+    reply = await worker.infer(**fields)
+    assert reply.error is not None, reply
+    assert (reply.error.code, reply.error.field, reply.error.kind) == ("invalid_request", field, "client")
+    assert (await worker.infer()).ok is not None
+
+
+async def test_missing_field_is_named(worker: Running) -> None:
+    body = {"request_id": "x", "history": [], "candidates": [1]}
+    raw = await worker.client.request(s.infer_subject("wtest"), msgspec.msgpack.encode(body), timeout_s=5)
+    reply = s.decode(s.decoder(s.InferenceReply), raw)
+    assert reply.error is not None and reply.error.field == "user_id"
+
+
+async def test_deadline_exceeded_while_queued(worker: Running) -> None:
+    blocker = worker.engine.call(lambda: time.sleep(0.3))
+    reply = await worker.infer(deadline_ms=50.0)
+    blocker.result()
+    assert reply.error is not None and (reply.error.code, reply.error.kind) == ("deadline_exceeded", "retry")
+
+
+async def test_overload_is_refused_with_a_retryable_error(nats_server: Any) -> None:
+    async with running_worker(nats_server.url, replace(SETTINGS, max_queue=1)) as w:
+        blocker = w.engine.call(lambda: time.sleep(0.5))
+        first = asyncio.create_task(w.infer(request_id="a"))
+        await asyncio.sleep(0.1)
+        second = await w.infer(request_id="b")
+        blocker.result()
+        assert second.error is not None and (second.error.code, second.error.kind) == ("overloaded", "retry")
+        assert (await first).ok is not None
+
+
+async def test_snapshot_on_request(worker: Running) -> None:
+    await worker.infer(user_id="bob", history=[1, 2, 3, 4])
+    raw = await worker.client.request(
+        s.snapshot_request_subject("wtest"), s.encode(s.SnapshotRequest(reason="test")), timeout_s=5
+    )
+    ack = s.decode(s.decoder(s.SnapshotAck), raw)
+    assert ack.incarnation == worker.service.incarnation
+    snap = await worker.wait_digest(lambda d: d.seq == ack.seq)
+    assert snap.kind == "snapshot"
+    assert s.KvEntry("bob", 4) in snap.kv_upserts
+    assert {1, 2, 3, 4} <= set(snap.emb_added)
+    assert snap.kv_removed == [] and snap.emb_removed == []
+
+
+async def test_stop_lets_in_flight_requests_finish(nats_server: Any) -> None:
+    async with running_worker(nats_server.url) as w:
+        blocker = w.engine.call(lambda: time.sleep(0.3))
+        pending = asyncio.create_task(w.infer(request_id="late"))
+        await asyncio.sleep(0.05)
+        await w.service.stop()
+        reply = await pending
+        blocker.result()
+        assert reply.ok is not None and reply.request_id == "late"
