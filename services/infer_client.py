@@ -13,6 +13,7 @@ import msgspec
 from shared import schemas as s
 from shared.bus import Bus
 from shared.errors import OnepoolError
+from shared.telemetry import setup_telemetry
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,17 @@ async def infer_once(args: InferArgs) -> s.InferenceReply:
 
 
 def run_infer(args: InferArgs) -> int:
+    # Logs go to stderr, so that stdout carries only the reply.
+    telemetry = setup_telemetry("onepool-infer")
     try:
         reply = asyncio.run(infer_once(args))
     except OnepoolError as exc:
         print(f"onepool infer: {exc.message}", file=sys.stderr)
         return 1
+    except s.DecodeError as exc:
+        print(f"onepool infer: the reply did not decode: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        telemetry.shutdown()
     print(json.dumps(msgspec.to_builtins(reply), indent=2))
     return 0 if reply.error is None else 1

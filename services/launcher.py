@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
@@ -62,6 +64,16 @@ async def _pump(name: str, stream: asyncio.StreamReader | None) -> None:
         out.flush()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): get SIGKILL when the launcher dies, however it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 async def _spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -69,8 +81,17 @@ async def _spawn(name: str, argv: list[str], env: dict[str, str]) -> Child:
         stderr=asyncio.subprocess.STDOUT,
         env=env,
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     return Child(name, proc, asyncio.create_task(_pump(name, proc.stdout), name=f"pump-{name}"))
+
+
+def _kill_all(children: list[Child]) -> None:
+    """No more waiting (a second Ctrl-C): SIGKILL every child's process group now."""
+    for child in children:
+        if child.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
 
 
 async def _stop(children: list[Child], timeout_s: float) -> None:
@@ -145,7 +166,10 @@ async def _wait_workers(url: str, worker_ids: set[str], children: list[Child], t
 async def run_local_cluster(opts: LaunchOptions) -> None:
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {opts.workers}")
-    await run_until_signalled(lambda stop: _cluster(opts, stop))
+    # SIGHUP too: closing the terminal must not orphan the cluster.
+    await run_until_signalled(
+        lambda stop: _cluster(opts, stop), signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    )
 
 
 async def _cluster(opts: LaunchOptions, stop: asyncio.Event) -> None:
@@ -188,6 +212,10 @@ async def _cluster(opts: LaunchOptions, stop: asyncio.Event) -> None:
             crashed = [c.name for c in [nats_child, *workers] if c.proc.returncode is not None]
             raise RuntimeError(f"{', '.join(crashed)} exited unexpectedly; stopping the cluster")
     finally:
-        await _stop(workers, opts.stop_timeout_s)
-        await _stop([nats_child], opts.stop_timeout_s)
+        try:
+            await _stop(workers, opts.stop_timeout_s)
+            await _stop([nats_child], opts.stop_timeout_s)
+        except BaseException:  # cancelled by a second signal, or a failure while stopping
+            _kill_all([*workers, nats_child])
+            raise
         log.info("local cluster stopped")

@@ -193,6 +193,10 @@ class WorkerDigest(_Msg, kw_only=True):
     incarnation: str  # changes on every process start
     seq: NonNegInt  # consecutive per incarnation, snapshots included; a gap means a lost digest
     kind: Literal["delta", "snapshot"]
+    # A large digest travels as `parts` messages with consecutive `seq`, parts 0..parts-1. The residency
+    # of a snapshot is complete once every part has arrived; each part of a delta is a delta by itself.
+    part: NonNegInt = 0
+    parts: PosInt = 1
     sent_at_ms: NonNegFloat
     period_ms: NonNegFloat  # how often this worker sends; liveness is judged in periods
     # Residency. In a delta: upserts (created/extended entries) and removals since the previous digest.

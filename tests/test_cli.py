@@ -19,14 +19,17 @@ ONEPOOL = [sys.executable, "-m", "services.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cmdlines() -> list[str]:
+def _processes() -> list[str]:
+    """Command line plus environment of every process we may read: enough to find a cluster's children
+    (workers carry their NATS URL in the environment, nats-server its port on the command line)."""
     out = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
             try:
-                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                blob = (entry / "cmdline").read_bytes() + b" " + (entry / "environ").read_bytes()
             except OSError:
                 continue
+            out.append(blob.replace(b"\0", b" ").decode(errors="replace"))
     return out
 
 
@@ -43,18 +46,20 @@ def test_bad_setting_is_a_clear_error() -> None:
     assert "ONEPOOL_WORKER_BUDGET_MIB" in out.stderr
 
 
-def test_configuration_doc_lists_every_setting() -> None:
-    doc = (ROOT / "docs" / "configuration.md").read_text()
+def test_configuration_doc_is_current() -> None:
+    from services.config_doc import DOC, render
+
+    assert DOC.read_text() == render(), "docs/configuration.md is stale: run `python -m services.config_doc`"
     for name in WorkerSettings.__dataclass_fields__:
-        assert f"`ONEPOOL_WORKER_{name.upper()}`" in doc, name
+        assert f"`ONEPOOL_WORKER_{name.upper()}`" in DOC.read_text(), name
 
 
-@pytest.mark.slow
-def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
-    port = free_port()
+def _start_cluster(port: int, workers: int) -> tuple[subprocess.Popen[str], list[str]]:
+    """`onepool up` as a child; returns once it printed its banner (the lines read so far)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     launcher = subprocess.Popen(
-        [*ONEPOOL, "up", "--workers", "2", "--nats-port", str(port), "--worker-env", "ONEPOOL_WORKER_BUDGET_MIB=4"],
+        [*ONEPOOL, "up", "--workers", str(workers), "--nats-port", str(port)]
+        + ["--worker-env", "ONEPOOL_WORKER_BUDGET_MIB=4"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -62,18 +67,37 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     lines: list[str] = []
+    assert launcher.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = launcher.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "local cluster is up" in line:
+            return launcher, lines
+    launcher.kill()
+    launcher.wait()
+    launcher.stdout.close()
+    raise AssertionError("no banner from `onepool up`:\n" + "".join(lines[-40:]))
+
+
+def _leftovers(port: int) -> list[str]:
+    return [
+        p[:200]
+        for p in _processes()
+        if f"-p {port} " in p or f"ONEPOOL_WORKER_NATS_URL=nats://127.0.0.1:{port} " in p
+    ]
+
+
+@pytest.mark.slow
+def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    launcher, lines = _start_cluster(port, workers=2)
     try:
-        assert launcher.stdout is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = launcher.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "local cluster is up" in line:
-                break
-        assert any("local cluster is up" in line for line in lines), "".join(lines[-40:])
-        assert any(line.startswith("[w0] ") for line in lines) and any(line.startswith("[w1] ") for line in lines)
+        assert any(line.startswith("[w0] ") for line in lines) and any(
+            line.startswith("[w1] ") for line in lines
+        )
         for worker in ("w0", "w1"):
             reply = subprocess.run(
                 [*ONEPOOL, "infer", "--nats-url", f"nats://127.0.0.1:{port}", "--worker", worker]
@@ -94,10 +118,46 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-    leftovers = [c for c in _cmdlines() if f"-p {port}" in c or ("services.cli worker" in c and str(port) in c)]
-    assert leftovers == []
+        if launcher.stdout is not None:
+            launcher.stdout.close()
+    assert _leftovers(port) == []
     # The workers drained: each said goodbye before NATS went away.
     assert "worker stopping" in "".join(lines)
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_everything_at_once() -> None:
+    port = free_port()
+    launcher, _ = _start_cluster(port, workers=1)
+    try:
+        launcher.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        if launcher.stdout is not None:
+            launcher.stdout.close()
+    deadline = time.monotonic() + 10
+    while _leftovers(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _leftovers(port) == []
+
+
+@pytest.mark.slow
+def test_killed_launcher_takes_its_children_along() -> None:
+    port = free_port()
+    launcher, _ = _start_cluster(port, workers=1)
+    launcher.kill()  # SIGKILL: no handler runs; the children's parent-death signal must do the job
+    launcher.wait()
+    if launcher.stdout is not None:
+        launcher.stdout.close()
+    deadline = time.monotonic() + 10
+    while _leftovers(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _leftovers(port) == []
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ both thread-safe and non-blocking, so the event loop never waits on the model.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ import torch
 from services.worker.core.costfit import CostEstimate, CostFitter
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode, ResidencyDelta, ResidencySnapshot
-from services.worker.errors import DeadlineExceeded, InternalError, WorkerError
+from services.worker.errors import DeadlineExceeded, Draining, InternalError, WorkerError
 from services.worker.hstu import HSTU, HSTUConfig
 from services.worker.storage import HostEmbeddingTable, HostLink, LinkSpec, PoolStorage, PrefetchChannel
 from services.worker.validation import PreparedRequest, RequestLimits
@@ -46,6 +47,7 @@ class EngineConfig:
     alpha: float
     max_chunks_per_tick: int = 2
     tick_s: float = 0.010
+    tick_defer_s: float = 0.100  # longest a due tick waits for an idle moment
     refill_mode: RefillMode = RefillMode.INCREMENTAL
     prefetch_bytes_per_tick: int = 64 * 1024
     link: LinkSpec = field(default_factory=LinkSpec)
@@ -95,7 +97,15 @@ class _Call:
     future: Future[Any]
 
 
-_STOP = object()
+_PRIO_CALL, _PRIO_JOB, _PRIO_STOP = 0, 1, 2
+
+
+def _finish(job: Job, result: ServeResult | WorkerError) -> None:
+    """Hand the result over; a failing callback (e.g. its event loop is gone) must not kill the thread."""
+    try:
+        job.done(result)
+    except Exception:
+        log.exception("could not deliver a result", request_id=job.request.request_id)
 
 
 class PrefixHasher:
@@ -156,10 +166,17 @@ class Engine:
             num_items=cfg.num_items, max_history=cfg.model.max_history, max_candidates=cfg.max_candidates
         )
         self._costs = CostFitter(cfg.cost_prior)
-        self._queue: queue.Queue[Job | _Call | object] = queue.Queue()
+        # Control calls (digests, alpha targets) go before queued requests: a loaded worker must still
+        # report on time. Entries: (priority, sequence, payload); the sequence keeps FIFO within a class.
+        self._queue: queue.PriorityQueue[tuple[int, int, Job | _Call | None]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._accepting = True
+        self._accept_lock = threading.Lock()
+        self._jobs_queued = 0
         self._thread: threading.Thread | None = None
         self._next_tick = 0.0
         self.ticks = 0
+        self.tick_seconds = 0.0  # model-thread time spent in ticks (reallocation, refill, prefetch installs)
 
     # ---------------------------------------------------------------------------------------------------
     # Thread-safe API for the shell.
@@ -171,28 +188,53 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Finish what is queued, stop the thread and release the prefetch side channel. Idempotent."""
+        """Answer what is queued, stop the thread and release the prefetch side channel. Idempotent.
+
+        Work submitted after this fails at once (`Draining` for jobs, RuntimeError for calls) instead of
+        waiting for a thread that is gone.
+        """
         thread = self._thread
         if thread is not None and thread.is_alive():
-            self._queue.put(_STOP)
+            self._put(_PRIO_STOP, None)
             thread.join(timeout_s)
             if thread.is_alive():
                 log.error("model thread did not stop in time", timeout_s=timeout_s)
+        else:
+            with self._accept_lock:
+                self._accepting = False
+            self._fail_queued()
         if self._prefetch is not None:
             self._prefetch.close()
 
     def submit(self, job: Job) -> None:
-        self._queue.put(job)
+        with self._accept_lock:
+            if self._accepting:
+                self._jobs_queued += 1
+                self._put(_PRIO_JOB, job)
+                return
+        _finish(job, Draining())
 
     def call(self, fn: Callable[[], R]) -> Future[R]:
-        """Run `fn` on the model thread between requests; the returned future carries its result."""
+        """Run `fn` on the model thread between requests, before queued requests; returns its future."""
         fut: Future[R] = Future()
-        self._queue.put(_Call(fn, fut))
+        with self._accept_lock:
+            if self._accepting:
+                self._put(_PRIO_CALL, _Call(fn, fut))
+                return fut
+        fut.set_exception(RuntimeError("the engine has stopped"))
         return fut
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        """Requests waiting for the model thread."""
+        return self._jobs_queued
+
+    def _job_dequeued(self) -> None:
+        with self._accept_lock:
+            self._jobs_queued -= 1
+
+    def _put(self, priority: int, item: Job | _Call | None) -> None:
+        self._queue.put((priority, next(self._seq), item))
 
     # ---------------------------------------------------------------------------------------------------
     # Model-thread side. Everything below runs on the model thread (or in tests/benchmarks that own it).
@@ -200,35 +242,45 @@ class Engine:
     def _run(self) -> None:
         self._next_tick = time.perf_counter()
         while True:
-            timeout = max(0.0, self._next_tick - time.perf_counter())
+            due_in = self._next_tick - time.perf_counter()
             try:
-                item = self._queue.get(timeout=timeout)
+                entry = self._queue.get(timeout=due_in) if due_in > 0 else self._queue.get_nowait()
             except queue.Empty:
-                item = None
-            if time.perf_counter() >= self._next_tick:
+                entry = None
+            # Ticks go into idle gaps: a due tick waits while requests are queued, unless it has waited
+            # `tick_defer_s` already (so that a saturated worker still reaches its target).
+            overdue = time.perf_counter() - self._next_tick
+            if overdue >= 0 and (entry is None or overdue >= self.cfg.tick_defer_s):
                 self._safe_tick()
                 self._next_tick = time.perf_counter() + self.cfg.tick_s
-            if item is None:
+            if entry is None:
                 continue
-            if item is _STOP:
-                self._drain_after_stop()
+            priority, _, item = entry
+            if priority == _PRIO_STOP:
+                # The stop marker sorts after every job queued before it; refuse new work, then answer
+                # whatever slipped in meanwhile.
+                with self._accept_lock:
+                    self._accepting = False
+                self._fail_queued()
                 return
             if isinstance(item, _Call):
                 self._run_call(item)
             elif isinstance(item, Job):
+                self._job_dequeued()
                 self._run_job(item)
 
-    def _drain_after_stop(self) -> None:
-        # Anything still queued behind the stop marker is answered, not dropped.
+    def _fail_queued(self) -> None:
         while True:
             try:
-                item = self._queue.get_nowait()
+                _, _, item = self._queue.get_nowait()
             except queue.Empty:
                 return
             if isinstance(item, _Call):
-                self._run_call(item)
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(RuntimeError("the engine has stopped"))
             elif isinstance(item, Job):
-                self._run_job(item)
+                self._job_dequeued()
+                _finish(item, Draining())
 
     @staticmethod
     def _run_call(call: _Call) -> None:
@@ -244,17 +296,16 @@ class Engine:
             return
         start = time.perf_counter()
         if start > job.deadline:
-            job.done(DeadlineExceeded((start - job.enqueued) * 1e3, (job.deadline - job.enqueued) * 1e3))
+            _finish(job, DeadlineExceeded((start - job.enqueued) * 1e3, (job.deadline - job.enqueued) * 1e3))
             return
         try:
-            result = self.serve(job.request, queue_ms=(start - job.enqueued) * 1e3)
+            result: ServeResult | WorkerError = self.serve(job.request, queue_ms=(start - job.enqueued) * 1e3)
         except WorkerError as exc:
-            job.done(exc)
+            result = exc
         except Exception as exc:
             log.exception("inference failed", request_id=job.request.request_id)
-            job.done(InternalError(f"{type(exc).__name__}: {exc}"))
-        else:
-            job.done(result)
+            result = InternalError(f"{type(exc).__name__}: {exc}")
+        _finish(job, result)
 
     def _safe_tick(self) -> None:
         try:
@@ -264,7 +315,14 @@ class Engine:
 
     def tick(self) -> None:
         """One reallocation step plus prefetch housekeeping. Runs between requests."""
-        self.ticks += 1
+        started = time.perf_counter()
+        try:
+            self._tick()
+        finally:
+            self.ticks += 1
+            self.tick_seconds += time.perf_counter() - started
+
+    def _tick(self) -> None:
         plan = self.pool.tick()
         if plan.emb_relocations:
             self.storage.copy_emb([(r.src, r.dst) for r in plan.emb_relocations])
@@ -305,7 +363,7 @@ class Engine:
         # Embeddings of the new history tokens and the candidates: hot cache first, host link for misses.
         wanted = np.concatenate([new_items, req.candidates])
         unique, inverse = np.unique(wanted, return_inverse=True)
-        emb, misses = self._gather_embeddings(unique.tolist())
+        emb, misses = self.embeddings(unique.tolist())
         tokens = emb.index_select(0, torch.from_numpy(inverse.astype(np.int64)).to(emb.device))
         hist_emb, cand_emb = tokens[:n_new], tokens[n_new:]
 
@@ -346,8 +404,9 @@ class Engine:
             compute_ms=compute_ms,
         )
 
-    def _gather_embeddings(self, items: list[int]) -> tuple[torch.Tensor, int]:
-        """Rows for unique `items` and how many missed the hot cache."""
+    def embeddings(self, items: list[int]) -> tuple[torch.Tensor, int]:
+        """Rows for unique `items` and how many missed the hot cache (misses are fetched and offered to
+        the cache). Model thread only."""
         lookup = self.pool.emb_lookup(items)
         rows = torch.empty((len(items), self.cfg.model.item_dim), dtype=torch.float32, device=self.device)
         if lookup.hit_slots:

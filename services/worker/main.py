@@ -39,13 +39,15 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
             name=f"onepool-worker-{settings.id}",
             tracer=telemetry.tracer("onepool.worker"),
         )
-        service = WorkerService(settings, engine, bus, tracer=telemetry.tracer("onepool.worker"))
         try:
-            await service.start()
-            await stop.wait()
-            log.info("worker stopping", worker_id=service.worker_id, in_flight=service.in_flight)
+            service = WorkerService(settings, engine, bus, tracer=telemetry.tracer("onepool.worker"))
+            try:
+                await service.start()
+                await stop.wait()
+                log.info("worker stopping", worker_id=service.worker_id, in_flight=service.in_flight)
+            finally:
+                await service.stop()
         finally:
-            await service.stop()
             await bus.close()
     finally:
         if engine is not None:

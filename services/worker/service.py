@@ -47,6 +47,7 @@ def engine_config_from(settings: WorkerSettings) -> EngineConfig:
         alpha=settings.alpha,
         max_chunks_per_tick=settings.max_chunks_per_tick,
         tick_s=settings.tick_ms / 1e3,
+        tick_defer_s=settings.tick_defer_ms / 1e3,
         refill_mode=RefillMode(settings.refill_mode),
         prefetch_bytes_per_tick=settings.prefetch_kib_per_tick * 1024,
         link=LinkSpec(bandwidth_gbps=settings.link_gbps, latency_us=settings.link_latency_us),
@@ -98,8 +99,8 @@ class WorkerService:
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         wid = self.worker_id
-        # More handlers than queue places, so that requests beyond the limit are refused at once
-        # ("overloaded", retry elsewhere) instead of waiting unseen in the client library's buffer.
+        # A few more handlers than queue places: up to OVERLOAD_HEADROOM requests beyond the limit are
+        # refused at once ("overloaded", retry elsewhere) rather than waiting unseen in the client buffer.
         handlers = self.settings.max_queue + OVERLOAD_HEADROOM
         self._subs.append(
             await self.bus.subscribe(s.infer_subject(wid), self._handle_infer, concurrency=handlers)
@@ -108,6 +109,7 @@ class WorkerService:
         self._subs.append(await self.bus.subscribe(s.snapshot_request_subject(wid), self._handle_snapshot))
         # A joining worker announces its whole residency (empty at start) under its new incarnation.
         await self.publish_digest("snapshot")
+        alpha = await self._on_engine(lambda: self.engine.pool.alpha)
         self._tasks.spawn(self._digest_loop(), name="digest-loop")
         log.info(
             "worker ready",
@@ -118,7 +120,7 @@ class WorkerService:
             link=self.engine.link.describe(),
             model=self.engine.model_source,
             total_chunks=self.engine.geometry.total_chunks,
-            alpha=self.engine.pool.alpha,
+            alpha=alpha,
         )
 
     async def stop(self) -> None:
@@ -126,8 +128,11 @@ class WorkerService:
         if self._draining:
             return
         self._draining = True
+        if not self._subs:  # start() never subscribed: nothing to drain
+            await self._tasks.close(timeout_s=2.0)
+            return
         infer_sub, *others = self._subs
-        await infer_sub.stop(drain=True)
+        await infer_sub.stop(drain=True, timeout_s=self.settings.drain_s)
         if self._in_flight:
             try:
                 await asyncio.wait_for(self._idle.wait(), self.settings.drain_s)
@@ -308,7 +313,7 @@ class WorkerService:
             critical_refill_bytes=c.critical_refill_bytes,
             emb_capacity=pool.emb.capacity,
             emb_size=pool.emb.size,
-            kv_users=len(pool.kv.entries_snapshot()),
+            kv_users=pool.kv.size,
         )
         cost = self.engine.cost_estimate()
         return {
@@ -327,34 +332,69 @@ class WorkerService:
         }
 
     async def publish_digest(self, kind: Literal["delta", "snapshot"]) -> int:
-        """Build and publish one digest; returns its sequence number (consecutive per incarnation)."""
+        """Build and publish one digest (in several parts if it is large); returns the first sequence
+        number. Sequence numbers are consecutive per incarnation."""
         async with self._digest_lock:
-            fields = await self._on_engine(lambda: self._collect(kind))
+            # Numbers are spent before anything can fail or be cancelled: once the engine has drained the
+            # deltas, a digest that never leaves must show up as a gap (the receiver then asks for a
+            # snapshot) rather than vanish.
             seq = self._seq
-            c = self.counters
-            digest = s.WorkerDigest(
-                worker_id=self.worker_id,
-                incarnation=self.incarnation,
-                seq=seq,
-                kind=kind,
-                sent_at_ms=time.time() * 1e3,
-                period_ms=self.settings.digest_ms,
-                load=s.LoadInfo(
-                    in_flight=self._in_flight,
-                    queue_depth=self.engine.queue_depth,
-                    ewma_latency_ms=c.ewma_latency_ms,
-                    requests_total=c.requests_total,
-                    errors_total=c.errors_total,
-                ),
-                applied_decision_id=self._applied_decision,
-                draining=self._draining,
-                **fields,
-            )
-            # The number is spent even if the publish fails: the receiver then sees a gap and asks for a
-            # snapshot, which is the repair for the residency changes this digest carried.
             self._seq += 1
-            await self.bus.publish(s.digest_subject(self.worker_id), s.encode(digest))
+            fields = await self._on_engine(lambda: self._collect(kind))
+            parts = split_residency(fields)
+            self._seq += len(parts) - 1
+            c = self.counters
+            load = s.LoadInfo(
+                in_flight=self._in_flight,
+                queue_depth=self.engine.queue_depth,
+                ewma_latency_ms=c.ewma_latency_ms,
+                requests_total=c.requests_total,
+                errors_total=c.errors_total,
+            )
+            for i, part in enumerate(parts):
+                digest = s.WorkerDigest(
+                    worker_id=self.worker_id,
+                    incarnation=self.incarnation,
+                    seq=seq + i,
+                    kind=kind,
+                    part=i,
+                    parts=len(parts),
+                    sent_at_ms=time.time() * 1e3,
+                    period_ms=self.settings.digest_ms,
+                    load=load,
+                    applied_decision_id=self._applied_decision,
+                    draining=self._draining,
+                    **part,
+                )
+                await self.bus.publish(s.digest_subject(self.worker_id), s.encode(digest))
             return seq
+
+
+# Per message, so that a digest stays well under NATS's default 1 MiB payload: an item id takes at most
+# 9 bytes of msgpack, a KV entry at most ~270 (user ids are capped at 256 characters).
+MAX_EMB_IDS_PER_DIGEST = 65_536
+MAX_KV_ENTRIES_PER_DIGEST = 1_024
+_RESIDENCY_LIMITS = {
+    "kv_upserts": MAX_KV_ENTRIES_PER_DIGEST,
+    "kv_removed": MAX_KV_ENTRIES_PER_DIGEST,
+    "emb_added": MAX_EMB_IDS_PER_DIGEST,
+    "emb_removed": MAX_EMB_IDS_PER_DIGEST,
+}
+
+
+def split_residency(fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """Cut the residency lists of one digest into parts that each fit one message; every part repeats
+    the scalar fields (alpha, stats, cost). One part when everything fits."""
+    scalars = {k: v for k, v in fields.items() if k not in _RESIDENCY_LIMITS}
+    lists = {k: v for k, v in fields.items() if k in _RESIDENCY_LIMITS}
+    n = max([1, *(-(-len(v) // _RESIDENCY_LIMITS[k]) for k, v in lists.items())])
+    return [
+        {
+            **scalars,
+            **{k: v[i * _RESIDENCY_LIMITS[k] : (i + 1) * _RESIDENCY_LIMITS[k]] for k, v in lists.items()},
+        }
+        for i in range(n)
+    ]
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:

@@ -49,6 +49,10 @@ class WorkerSettings:
     alpha_max: float = field(default=0.95, metadata=_h("highest alpha a decision may set"))
     max_chunks_per_tick: int = field(default=2, metadata=_h("chunks moved per reallocation tick at most"))
     tick_ms: float = field(default=10.0, metadata=_h("reallocation tick period (runs between requests)"))
+    tick_defer_ms: float = field(
+        default=100.0,
+        metadata=_h("a due tick waits at most this long for an idle moment (no request queued)"),
+    )
     refill_mode: RefillMode = field(
         default=RefillMode.INCREMENTAL,
         metadata=_h(
@@ -78,6 +82,7 @@ class WorkerSettings:
             "num_items": self.num_items,
             "max_chunks_per_tick": self.max_chunks_per_tick,
             "tick_ms": self.tick_ms,
+            "tick_defer_ms": self.tick_defer_ms,
             "link_gbps": self.link_gbps,
             "max_candidates": self.max_candidates,
             "max_queue": self.max_queue,

@@ -463,12 +463,15 @@ class PrefetchChannel:
         the error of a failed CPU transfer."""
         done: list[tuple[list[int], Tensor]] = []
         pending: list[tuple[list[int], Any]] = []
+        failure: BaseException | None = None
         for batch, handle in self._inflight:
             if isinstance(handle, Future):
-                if handle.done():
-                    done.append((batch, handle.result()))
-                else:
+                if not handle.done():
                     pending.append((batch, handle))
+                elif handle.exception() is not None:
+                    failure = failure or handle.exception()  # dropped, not retried forever
+                else:
+                    done.append((batch, handle.result()))
             else:
                 rows, event = handle
                 if event.query():
@@ -479,6 +482,8 @@ class PrefetchChannel:
                 else:
                     pending.append((batch, handle))
         self._inflight = pending
+        if failure is not None:
+            raise failure
         return done
 
     def close(self) -> None:

@@ -329,3 +329,32 @@ def test_drain_touched_reports_residency_changes_once() -> None:
     cache.admit([3])
     assert cache.drain_touched() == {1, 2, 3}
     assert cache.drain_touched() == set()
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+def test_admit_never_gives_one_slot_to_two_items_of_a_batch() -> None:
+    cache = make_cache(chunks=1, slots_per_chunk=2)
+    fill(cache, [1, 2])
+    batch = [10, 11, 12, 13]
+    for item in batch:
+        touch(cache, item, times=3)  # all hotter than the residents
+    accepted = cache.admit(batch)
+    slots = [slot for _, slot in accepted]
+    assert len(slots) == len(set(slots))
+    assert accepted == [(10, 0), (11, 1)]  # the two residents made room; then the batch stops
+    assert cache.counters.emb_rejects == 2 and cache.counters.emb_evictions == 2
+    cache.check_invariants()
+
+
+def test_prefetched_items_enter_at_the_cold_end() -> None:
+    cache = make_cache(chunks=2, slots_per_chunk=2, owned=2)
+    fill(cache, [1, 2])
+    assert cache.install_prefetched([7]) == [(7, cache.slot_of(7))]
+    assert next(iter(cache.items())) == 7  # first to be evicted
+    touch(cache, 3)
+    cache.admit([3])  # a free slot remains: no eviction yet
+    touch(cache, 4, times=5)
+    cache.admit([4])  # full now: the prefetched guess goes first, not a requested item
+    assert cache.slot_of(7) is None and {1, 2, 3, 4} <= set(cache.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from services.worker.core.pool import RefillMode
-from services.worker.engine import Engine, EngineConfig
+from services.worker.engine import Engine, EngineConfig, Job
+from services.worker.errors import Draining
 from services.worker.hstu import PRESETS
 from services.worker.storage import LinkSpec
 from services.worker.validation import PreparedRequest
@@ -173,3 +175,47 @@ def test_naive_mode_refills_synchronously_and_counts_it() -> None:
         assert slot is not None
         assert np.allclose(engine.storage.read_emb([slot]).numpy()[0], engine.table.gather([item]).numpy()[0])
     engine.pool.check_invariants()
+
+
+def test_work_after_stop_fails_at_once_instead_of_hanging() -> None:
+    engine = make_engine()
+    engine.start()
+    assert engine.call(lambda: 41 + 1).result(timeout=10) == 42
+    engine.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.call(lambda: 1).result(timeout=1)
+    results: list[object] = []
+    engine.submit(
+        Job(
+            request=req("u", np.arange(3, dtype=np.int64), np.arange(2, dtype=np.int64)),
+            deadline=time.perf_counter() + 10,
+            done=results.append,
+        )
+    )
+    assert len(results) == 1 and isinstance(results[0], Draining)
+
+
+def test_control_calls_overtake_queued_requests() -> None:
+    engine = make_engine()
+    order: list[str] = []
+    gate = threading.Event()
+    engine.start()
+    try:
+        engine.call(gate.wait)  # hold the model thread while work queues up
+        history = np.arange(50, dtype=np.int64)
+        for i in range(3):
+            engine.submit(
+                Job(
+                    request=req(f"u{i}", history, np.arange(4, dtype=np.int64)),
+                    deadline=time.perf_counter() + 30,
+                    done=lambda r, i=i: order.append(f"job{i}"),
+                )
+            )
+        digest = engine.call(lambda: order.append("control"))
+        assert engine.queue_depth == 3
+        gate.set()
+        digest.result(timeout=10)
+    finally:
+        engine.stop()
+    assert order[0] == "control" and sorted(order[1:]) == ["job0", "job1", "job2"]
+    assert engine.queue_depth == 0

@@ -356,3 +356,16 @@ def test_check_invariants_detects_corruption() -> None:
     pool.emb._resident[2] = 0
     with pytest.raises(AssertionError, match="EMB"):
         pool.check_invariants()
+
+
+def test_no_prefetch_while_the_emb_region_shrinks() -> None:
+    pool = Pool(GEOMETRY, alpha=0.5, max_chunks_per_tick=1)
+    request(pool, [1, 2, 3])
+    pool.set_target(0.0)  # shrink to nothing: the three items go to the ghost list
+    while pool.emb_chunks:
+        pool.tick()
+    pool.set_target(0.25)
+    pool.tick()  # growing again: one chunk with 4 free slots, and ghosts to prefetch
+    assert sorted(pool.prefetch_plan(1024)) == [1, 2, 3]
+    pool.set_target(0.0)  # shrinking: nothing may be prefetched into a region being given away
+    assert pool.prefetch_plan(1024) == []

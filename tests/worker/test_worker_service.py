@@ -16,7 +16,12 @@ import nats
 import pytest
 
 from services.worker.engine import Engine
-from services.worker.service import WorkerService, engine_config_from
+from services.worker.service import (
+    MAX_EMB_IDS_PER_DIGEST,
+    WorkerService,
+    engine_config_from,
+    split_residency,
+)
 from services.worker.settings import WorkerSettings
 from shared import schemas as s
 from shared.bus import Bus
@@ -272,3 +277,68 @@ async def test_stop_lets_in_flight_requests_finish(nats_server: Any) -> None:
         reply = await pending
         blocker.result()
         assert reply.ok is not None and reply.request_id == "late"
+
+
+async def test_request_trace_crosses_nats_into_the_worker(nats_server: Any) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    engine = Engine(engine_config_from(SETTINGS))
+    engine.start()
+    bus = await Bus.connect(nats_server.url, name="traced-worker", tracer=tracer)
+    client = await Bus.connect(nats_server.url, name="traced-client", tracer=tracer)
+    service = WorkerService(SETTINGS, engine, bus, tracer=tracer)
+    await service.start()
+    try:
+        body = {"request_id": "t", "user_id": "u", "history": [1, 2], "candidates": [3, 4]}
+        with tracer.start_as_current_span("client-root") as root:
+            await client.request(s.infer_subject("wtest"), msgspec.msgpack.encode(body), timeout_s=10)
+        trace_id = root.get_span_context().trace_id
+    finally:
+        await service.stop()
+        await bus.close()
+        await client.close()
+        engine.stop()
+    spans = {span.name: span for span in exporter.get_finished_spans() if span.context.trace_id == trace_id}
+    send = spans["send onepool.worker.wtest.infer"]
+    process = spans["process onepool.worker.wtest.infer"]
+    infer = spans["worker.infer"]
+    assert send.parent is not None and send.parent.span_id == root.get_span_context().span_id
+    assert process.parent is not None and process.parent.span_id == send.context.span_id
+    assert infer.parent is not None and infer.parent.span_id == process.context.span_id
+    assert infer.attributes is not None and infer.attributes["onepool.computed_tokens"] == 4
+    assert process.attributes is not None and process.attributes["messaging.system"] == "nats"
+
+
+def test_split_residency_keeps_every_entry_once() -> None:
+    emb = list(range(MAX_EMB_IDS_PER_DIGEST * 2 + 5))
+    kv = [s.KvEntry(f"u{i}", i) for i in range(10)]
+    parts = split_residency({"emb_added": emb, "kv_upserts": kv, "alpha": 0.5})
+    assert len(parts) == 3
+    assert [x for p in parts for x in p["emb_added"]] == emb
+    assert [x for p in parts for x in p["kv_upserts"]] == kv
+    assert all(p["alpha"] == 0.5 for p in parts)
+    assert split_residency({"alpha": 0.1}) == [{"alpha": 0.1}]
+
+
+async def test_a_large_snapshot_travels_in_parts_that_fit_a_message(nats_server: Any) -> None:
+    settings = replace(SETTINGS, num_items=200_000, budget_mib=24.0)
+    async with running_worker(nats_server.url, settings) as w:
+        items = list(range(MAX_EMB_IDS_PER_DIGEST + 1000))
+        await asyncio.wrap_future(w.engine.call(lambda: w.engine.embeddings(items)))
+        raw = await w.client.request(
+            s.snapshot_request_subject("wtest"), s.encode(s.SnapshotRequest()), timeout_s=10
+        )
+        ack = s.decode(s.decoder(s.SnapshotAck), raw)
+        first = await w.wait_digest(lambda d: d.seq == ack.seq)
+        assert first.kind == "snapshot" and first.part == 0 and first.parts == 2
+        second = await w.wait_digest(lambda d: d.seq == ack.seq + 1)
+        assert second.kind == "snapshot" and second.part == 1
+        assert sorted(first.emb_added + second.emb_added) == items
+        later = await w.wait_digest(lambda d: d.seq == ack.seq + 2)  # numbering goes on without a gap
+        assert later.kind == "delta" and later.parts == 1

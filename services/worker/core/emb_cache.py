@@ -131,10 +131,11 @@ class EmbCache:
         caller must read hit rows before writing admitted rows.
         """
         accepted: list[tuple[int, int]] = []
+        placed: set[int] = set()
         resident = self._resident
         estimate = self._sketch.estimate
         rejects = 0
-        for item in items:
+        for n, item in enumerate(items):
             if item in resident:
                 continue
             slot = self._alloc.allocate()
@@ -143,18 +144,28 @@ class EmbCache:
                     rejects += 1
                     continue
                 victim = next(iter(resident))
+                if victim in placed:
+                    # Everything older is gone: the rest of the batch would only evict its own members
+                    # (and hand one slot to two items in one write).
+                    rejects += sum(1 for rest in items[n:] if rest not in resident)
+                    break
                 if estimate(item) <= estimate(victim):
                     rejects += 1
                     continue
                 slot = self._evict(victim)
             self._place(item, slot)
+            placed.add(item)
             accepted.append((item, slot))
         self._counters.emb_admits += len(accepted)
         self._counters.emb_rejects += rejects
         return accepted
 
     def install_prefetched(self, items: Sequence[int]) -> list[tuple[int, int]]:
-        """Place items into FREE slots only (never evicts); skips resident ones; stops when full."""
+        """Place items into FREE slots only (never evicts); skips resident ones; stops when full.
+
+        Prefetched items enter at the cold (LRU) end: they are guesses, and must be the first to go
+        when the region shrinks, before items that requests really touched.
+        """
         installed: list[tuple[int, int]] = []
         for item in items:
             if item in self._resident:
@@ -163,6 +174,7 @@ class EmbCache:
             if slot is None:
                 break
             self._place(item, slot)
+            self._resident.move_to_end(item, last=False)
             installed.append((item, slot))
         return installed
 

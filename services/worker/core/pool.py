@@ -22,6 +22,11 @@ from services.worker.core.sketch import FrequencySketch
 __all__ = ["Pool", "RefillMode", "Relocation", "ResidencyDelta", "ResidencySnapshot", "TickPlan"]
 
 
+# The ghost list (what prefetch and the naive refill draw from) is re-ranked in one pass whenever the
+# sketch ages; bounding it keeps that pass to a few milliseconds whatever the pool size.
+DEFAULT_GHOST_CAPACITY = 65_536
+
+
 class RefillMode(enum.StrEnum):
     """How EMB capacity gained by reallocation is refilled.
 
@@ -70,7 +75,9 @@ class Pool:
         sketch = FrequencySketch(max_slots, sample_size=sketch_sample_factor * max_slots)
         self.emb = EmbCache(
             geometry,
-            ghost_capacity=max_slots if ghost_capacity is None else ghost_capacity,
+            ghost_capacity=min(max_slots, DEFAULT_GHOST_CAPACITY)
+            if ghost_capacity is None
+            else ghost_capacity,
             sketch=sketch,
             counters=self.counters,
         )
@@ -166,8 +173,8 @@ class Pool:
 
     def prefetch_plan(self, max_bytes: int) -> list[int]:
         """Items worth fetching in the background into free EMB slots (INCREMENTAL mode only)."""
-        if self.refill_mode is not RefillMode.INCREMENTAL:
-            return []
+        if self.refill_mode is not RefillMode.INCREMENTAL or self.target_emb_chunks < self.emb_chunks:
+            return []  # never refill a region that is being given away
         limit = min(self.emb.free_slots, max_bytes // self.geometry.emb_entry_bytes)
         return self.emb.prefetch_candidates(limit)
 
