@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from services.worker.core.pool import RefillMode
 from services.worker.engine import Engine, EngineConfig, Job
@@ -219,3 +220,23 @@ def test_control_calls_overtake_queued_requests() -> None:
         engine.stop()
     assert order[0] == "control" and sorted(order[1:]) == ["job0", "job1", "job2"]
     assert engine.queue_depth == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pool_model_and_h2d_misses_reproduce_the_uncached_result() -> None:
+    engine = make_engine(device="cuda")
+    assert engine.storage.arena.is_cuda and engine.table.table.is_pinned() and not engine.link.emulated
+    rng = np.random.default_rng(2)
+    history = rng.integers(0, 5000, 120).astype(np.int64)
+    cands = rng.permutation(5000)[:16].astype(np.int64)
+    for i, n in enumerate([30, 31, 90, 120]):
+        cached, _ = all_scores(engine, "returning", history[:n], cands)
+        fresh, fresh_cached = all_scores(engine, f"fresh-{i}", history[:n], cands)
+        assert fresh_cached == 0
+        assert np.max(np.abs(cached - fresh) / np.maximum(np.abs(fresh), 1e-6)) <= 1e-4
+    engine.pool.set_target(0.8)
+    for _ in range(64):
+        engine.tick()
+    engine.pool.check_invariants()
+    assert engine.link.bytes_moved > 0
