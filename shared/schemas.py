@@ -54,6 +54,14 @@ def digest_subject(worker_id: str) -> str:
 
 DIGEST_WILDCARD: Final = f"{SUBJECT_PREFIX}.digest.*"
 
+# cachestate -> gateways: the routing view (ViewUpdate deltas and snapshot parts).
+VIEW_SUBJECT: Final = f"{SUBJECT_PREFIX}.view"
+# gateway -> cachestate, request/reply: ViewSnapshotRequest -> ViewSnapshotAck; the snapshot itself is
+# published on VIEW_SUBJECT (so every gateway may use it).
+VIEW_SNAPSHOT_SUBJECT: Final = f"{SUBJECT_PREFIX}.view.snapshot"
+# cachestate -> controller: per-worker windowed workload features (FeatureReport).
+FEATURES_SUBJECT: Final = f"{SUBJECT_PREFIX}.features"
+
 # ---------------------------------------------------------------------------------------------------------
 # Constrained scalar types.
 # ---------------------------------------------------------------------------------------------------------
@@ -187,6 +195,24 @@ class PoolStats(_Msg, kw_only=True):
     kv_users: NonNegInt = 0
 
 
+class WindowStats(_Msg, kw_only=True):
+    """What the worker served since its previous digest (one digest period): the controller's raw input."""
+
+    window_ms: NonNegFloat = 0.0
+    requests: NonNegInt = 0
+    kv_hit_requests: NonNegInt = 0  # requests that found their user's KV (cached_tokens > 0)
+    history_tokens: NonNegInt = 0  # sum over requests of the history length
+    max_history_tokens: NonNegInt = 0
+    new_tokens: NonNegInt = 0  # history tokens computed (not served from the KV cache)
+    cached_tokens: NonNegInt = 0
+    emb_hits: NonNegInt = 0
+    emb_misses: NonNegInt = 0
+    latency_p50_ms: NonNegFloat = 0.0  # receipt to reply, in the worker
+    latency_p99_ms: NonNegFloat = 0.0
+    slo_violations: NonNegInt = 0  # requests slower than the worker's SLO setting
+    slo_ms: NonNegFloat = 0.0
+
+
 class WorkerDigest(_Msg, kw_only=True):
     v: int = SCHEMA_VERSION
     worker_id: str
@@ -211,7 +237,99 @@ class WorkerDigest(_Msg, kw_only=True):
     applied_decision_id: str | None = None
     cost: CostCoefficients = msgspec.field(default_factory=CostCoefficients)
     stats: PoolStats = msgspec.field(default_factory=PoolStats)
+    window: WindowStats = msgspec.field(default_factory=WindowStats)
     draining: bool = False  # the worker is shutting down: route nothing new to it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing view (cachestate -> gateways).
+# ---------------------------------------------------------------------------------------------------------
+class WorkerState(_Msg, kw_only=True):
+    """What a gateway needs to know about one live worker besides residency."""
+
+    worker_id: str
+    incarnation: str
+    draining: bool = False
+    load: LoadInfo = msgspec.field(default_factory=LoadInfo)
+    alpha: Fraction = 0.0
+    alpha_target: Fraction = 0.0
+    cost: CostCoefficients = msgspec.field(default_factory=CostCoefficients)
+    last_seen_ms: NonNegFloat = 0.0  # cachestate's wall clock when its last digest arrived
+
+
+class KvPlacement(_Msg, array_like=True):
+    user_id: str
+    worker_id: str
+    length: NonNegInt
+
+
+class KvRemoval(_Msg, array_like=True):
+    user_id: str
+    worker_id: str
+
+
+class EmbChange(_Msg, array_like=True):
+    worker_id: str
+    items: list[NonNegInt]
+
+
+class ViewUpdate(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    source: str  # the cachestate incarnation; a new one means: resync from a snapshot
+    seq: NonNegInt  # consecutive per source, snapshot parts included
+    kind: Literal["delta", "snapshot"]
+    part: NonNegInt = 0
+    parts: PosInt = 1
+    sent_at_ms: NonNegFloat = 0.0
+    # Snapshot: every live worker and all residency (across its parts). Delta: changed worker records,
+    # workers fenced or gone (drop all their residency), and residency changes.
+    workers: list[WorkerState] = []
+    workers_removed: list[str] = []
+    kv_upserts: list[KvPlacement] = []
+    kv_removed: list[KvRemoval] = []
+    emb_added: list[EmbChange] = []
+    emb_removed: list[EmbChange] = []
+
+
+class ViewSnapshotRequest(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    requester: str = ""
+
+
+class ViewSnapshotAck(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    source: str
+    seq: NonNegInt  # the first part of the snapshot published on VIEW_SUBJECT
+    parts: PosInt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Controller input (cachestate -> controller).
+# ---------------------------------------------------------------------------------------------------------
+class WorkerFeatures(_Msg, kw_only=True):
+    worker_id: str
+    window_ms: NonNegFloat
+    request_rate: NonNegFloat  # requests per second in the window
+    request_rate_delta: float  # change of the rate since the previous window, per second
+    hot_user_share: Fraction  # share of requests whose user's KV was resident
+    mean_history: NonNegFloat
+    max_history: NonNegInt
+    new_token_fraction: Fraction  # computed history tokens / all history tokens
+    emb_hit_rate: Fraction
+    kv_hit_rate: Fraction
+    miss_bytes: NonNegInt  # EMB miss bytes in the window
+    p99_latency_ms: NonNegFloat
+    slo_violation_rate: Fraction
+    alpha: Fraction
+    alpha_target: Fraction
+
+
+class FeatureReport(_Msg, kw_only=True):
+    v: int = SCHEMA_VERSION
+    source: str
+    seq: NonNegInt
+    sent_at_ms: NonNegFloat
+    workers: list[WorkerFeatures] = []
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -58,6 +58,54 @@ def engine_config_from(settings: WorkerSettings) -> EngineConfig:
     )
 
 
+class Window:
+    """What was served since the last digest: the raw material of the controller's features."""
+
+    def __init__(self, slo_ms: float) -> None:
+        self.slo_ms = slo_ms
+        self.started = time.monotonic()
+        self.latencies: list[float] = []
+        self.kv_hit_requests = 0
+        self.history_tokens = 0
+        self.max_history_tokens = 0
+        self.new_tokens = 0
+        self.cached_tokens = 0
+        self.emb_hits = 0
+        self.emb_misses = 0
+
+    def record(self, history_len: int, result: ServeResult, total_ms: float) -> None:
+        self.latencies.append(total_ms)
+        self.kv_hit_requests += result.cached_tokens > 0
+        self.history_tokens += history_len
+        self.max_history_tokens = max(self.max_history_tokens, history_len)
+        self.new_tokens += history_len - result.cached_tokens
+        self.cached_tokens += result.cached_tokens
+        self.emb_hits += result.emb_hits
+        self.emb_misses += result.emb_misses
+
+    def close(self) -> s.WindowStats:
+        lat = sorted(self.latencies)
+
+        def pct(q: float) -> float:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
+
+        return s.WindowStats(
+            window_ms=(time.monotonic() - self.started) * 1e3,
+            requests=len(lat),
+            kv_hit_requests=self.kv_hit_requests,
+            history_tokens=self.history_tokens,
+            max_history_tokens=self.max_history_tokens,
+            new_tokens=self.new_tokens,
+            cached_tokens=self.cached_tokens,
+            emb_hits=self.emb_hits,
+            emb_misses=self.emb_misses,
+            latency_p50_ms=pct(0.50),
+            latency_p99_ms=pct(0.99),
+            slo_violations=sum(1 for x in lat if x > self.slo_ms),
+            slo_ms=self.slo_ms,
+        )
+
+
 @dataclass
 class WorkerCounters:
     requests_total: int = 0
@@ -82,6 +130,7 @@ class WorkerService:
         self._idle = asyncio.Event()  # set whenever nothing is in flight: what a drain waits for
         self._idle.set()
         self._applied_decision: str | None = None
+        self._window = Window(settings.slo_ms)
         self._draining = False
         self._subs: list[Subscription] = []
         self._tasks = TaskOwner()
@@ -216,6 +265,7 @@ class WorkerService:
                 span.set_attribute(f"onepool.{key}", getattr(result, key))
             span.set_attribute("onepool.queue_ms", result.queue_ms)
             span.set_attribute("onepool.compute_ms", result.compute_ms)
+        self._window.record(len(req.history), result, total_ms)
         c = self.counters
         c.ewma_latency_ms = (
             total_ms
@@ -343,6 +393,7 @@ class WorkerService:
             fields = await self._on_engine(lambda: self._collect(kind))
             parts = split_residency(fields)
             self._seq += len(parts) - 1
+            window, self._window = self._window.close(), Window(self.settings.slo_ms)
             c = self.counters
             load = s.LoadInfo(
                 in_flight=self._in_flight,
@@ -364,6 +415,8 @@ class WorkerService:
                     load=load,
                     applied_decision_id=self._applied_decision,
                     draining=self._draining,
+                    # The window's figures travel once, with the first part.
+                    window=window if i == 0 else s.WindowStats(),
                     **part,
                 )
                 await self.bus.publish(s.digest_subject(self.worker_id), s.encode(digest))

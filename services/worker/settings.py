@@ -69,6 +69,9 @@ class WorkerSettings:
     max_candidates: int = field(default=512, metadata=_h("largest candidate list accepted"))
     max_queue: int = field(default=256, metadata=_h("requests accepted and not yet answered, at most"))
     digest_ms: float = field(default=500.0, metadata=_h("digest period"))
+    slo_ms: float = field(
+        default=50.0, metadata=_h("latency SLO in ms (receipt to reply): digests count the requests slower")
+    )
     torch_threads: int = field(default=1, metadata=_h("torch intra-op threads (0: torch's default)"))
     drain_s: float = field(default=5.0, metadata=_h("on shutdown, time allowed for in-flight requests"))
 
@@ -87,6 +90,7 @@ class WorkerSettings:
             "max_candidates": self.max_candidates,
             "max_queue": self.max_queue,
             "digest_ms": self.digest_ms,
+            "slo_ms": self.slo_ms,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -342,3 +342,18 @@ async def test_a_large_snapshot_travels_in_parts_that_fit_a_message(nats_server:
         assert sorted(first.emb_added + second.emb_added) == items
         later = await w.wait_digest(lambda d: d.seq == ack.seq + 2)  # numbering goes on without a gap
         assert later.kind == "delta" and later.parts == 1
+
+
+async def test_digest_window_reports_what_was_served(worker: Running) -> None:
+    await worker.wait_digest(lambda d: d.seq >= 1)  # start from a fresh window
+    mark = len(worker.digests)
+    await worker.infer(user_id="w", history=[1, 2, 3, 4], candidates=[5, 6])
+    await worker.infer(user_id="w", history=[1, 2, 3, 4, 7, 8], candidates=[5, 6])
+    await eventually(lambda: sum(d.window.requests for d in worker.digests[mark:]) >= 2)
+    windows = [d.window for d in worker.digests[mark:] if d.window.requests]
+    assert sum(w.requests for w in windows) == 2
+    assert sum(w.kv_hit_requests for w in windows) == 1
+    assert sum(w.history_tokens for w in windows) == 10
+    assert sum(w.new_tokens for w in windows) == 4 + 2 and sum(w.cached_tokens for w in windows) == 4
+    assert max(w.max_history_tokens for w in windows) == 6
+    assert all(w.latency_p99_ms >= w.latency_p50_ms > 0 and w.slo_ms == SETTINGS.slo_ms for w in windows)
