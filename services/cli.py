@@ -32,6 +32,9 @@ def _up(args: argparse.Namespace) -> int:
     opts = LaunchOptions(
         workers=args.workers,
         nats_port=args.nats_port,
+        port=args.port,
+        routing=args.routing,
+        alpha_policy=args.alpha_policy,
         worker_env=dict(pair.split("=", 1) for pair in args.worker_env),
     )
     return run(lambda: run_local_cluster(opts))
@@ -74,6 +77,9 @@ def _env_pair(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from services.cachestate.cli import add_cachestate_command
+    from services.controller.cli import add_controller_command
+    from services.gateway.cli import add_gateway_command
     from services.worker.settings import ENV_PREFIX, WorkerSettings
 
     parser = argparse.ArgumentParser(
@@ -92,13 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(worker, WorkerSettings, prefix=ENV_PREFIX)
     worker.set_defaults(func=_worker)
 
+    add_gateway_command(sub)
+    add_cachestate_command(sub)
+    add_controller_command(sub)
+
     up = sub.add_parser(
         "up",
-        help="start a local cluster (embedded nats-server + CPU workers)",
-        description="Start an embedded nats-server and N CPU workers as child processes, wait until every "
-        "worker has announced itself, and stop all of them on Ctrl-C or SIGTERM.",
+        help="start the local cluster (embedded nats-server, cachestate, controller, CPU workers, gateway)",
+        description="Start an embedded nats-server, cachestate, the controller, N CPU workers and the "
+        "gateway as child processes, wait until the gateway is ready, print where it listens, and stop all "
+        "of them on Ctrl-C or SIGTERM.",
     )
     up.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    up.add_argument("--port", type=int, default=8080, help="gateway HTTP port (default 8080)")
+    up.add_argument(
+        "--routing",
+        default="joint",
+        choices=["joint", "kv", "emb", "least-loaded", "round-robin"],
+        help="gateway routing policy (default joint)",
+    )
+    up.add_argument(
+        "--alpha-policy", default=None, help="controller policy, e.g. static:0.5 (default: the controller's)"
+    )
     up.add_argument(
         "--nats-port", type=int, default=4222, help="port of the embedded nats-server (default 4222)"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ variable (exit code 2). `onepool <service> --help` prints the same list. This pa
 """
 
 WORKER_NOTES = """Notes:
-- `ONEPOOL_WORKER_ID` defaults to `<hostname>-<pid>`; the local launcher passes `w0`, `w1`, ...
+- The local launcher passes worker ids `w0`, `w1`, ...
 - `BUDGET_MIB` is cut into `CHUNK_KIB` chunks; a remainder smaller than a chunk is not used. The chunk size
   must be a multiple of one embedding entry (`item_dim * 4` bytes) and of one KV page
   (`n_layers * 2 * PAGE_TOKENS * n_heads * head_dim * 4` bytes) of the chosen model preset.
@@ -46,17 +47,43 @@ Logs are JSON lines on stderr when it is not a terminal (console format otherwis
 """
 
 
+def _table(cls: type, prefix: str) -> str:
+    """The settings table; defaults computed per process (ids from hostname and pid) are shown as such."""
+    per_process = {
+        f"`{prefix}{f.name.upper()}`"
+        for f in dataclasses.fields(cls)
+        if f.default_factory is not dataclasses.MISSING
+    }
+    lines = []
+    for line in describe_settings(cls, prefix).splitlines():
+        cells = line.split("|")
+        if len(cells) > 3 and cells[1].strip() in per_process:
+            cells[2] = " `<hostname>-<pid>` "
+        lines.append("|".join(cells))
+    return "\n".join(lines)
+
+
 def render() -> str:
-    worker = describe_settings(WorkerSettings, WORKER_PREFIX)
-    # The default id depends on the machine; the notes say what it is.
-    fixed = "| `ONEPOOL_WORKER_ID` | `<hostname>-<pid>` |"
-    lines = [
-        fixed + line.split("|", 3)[3] if "`ONEPOOL_WORKER_ID`" in line else line
-        for line in worker.splitlines()
+    from services.cachestate.settings import ENV_PREFIX as CACHESTATE_PREFIX
+    from services.cachestate.settings import CacheStateSettings
+    from services.controller.settings import ENV_PREFIX as CONTROLLER_PREFIX
+    from services.controller.settings import ControllerSettings
+    from services.gateway.settings import ENV_PREFIX as GATEWAY_PREFIX
+    from services.gateway.settings import GatewaySettings
+
+    sections = [
+        HEADER,
+        f"## Gateway (`onepool gateway`, prefix `{GATEWAY_PREFIX}`)\n\n"
+        f"{_table(GatewaySettings, GATEWAY_PREFIX)}\n",
+        f"## Worker (`onepool worker`, prefix `{WORKER_PREFIX}`)\n\n"
+        f"{_table(WorkerSettings, WORKER_PREFIX)}\n\n{WORKER_NOTES}",
+        f"## Cachestate (`onepool cachestate`, prefix `{CACHESTATE_PREFIX}`)\n\n"
+        f"{_table(CacheStateSettings, CACHESTATE_PREFIX)}\n",
+        f"## Controller (`onepool controller`, prefix `{CONTROLLER_PREFIX}`)\n\n"
+        f"{_table(ControllerSettings, CONTROLLER_PREFIX)}\n",
+        TELEMETRY,
     ]
-    body = "\n".join(lines)
-    worker_title = f"## Worker (`onepool worker`, prefix `{WORKER_PREFIX}`)"
-    return f"{HEADER}\n{worker_title}\n\n{body}\n\n{WORKER_NOTES}\n{TELEMETRY}"
+    return "\n".join(sections)
 
 
 if __name__ == "__main__":

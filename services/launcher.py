@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import nats
 import structlog
 
@@ -30,6 +31,9 @@ log = structlog.get_logger("onepool.up")
 class LaunchOptions:
     workers: int = 2
     nats_port: int = 4222
+    port: int = 8080  # gateway HTTP
+    routing: str = "joint"
+    alpha_policy: str | None = None  # None: the controller's default
     host: str = "127.0.0.1"
     worker_env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 120.0
@@ -163,6 +167,24 @@ async def _wait_workers(url: str, worker_ids: set[str], children: list[Child], t
         await nc.close()
 
 
+async def _wait_ready(url: str, children: list[Child], timeout_s: float) -> None:
+    """The gateway says ready: it has a routing view with at least one live worker."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            dead = [c.name for c in children if c.proc.returncode is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited during start-up (see its log lines above)")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+                    if resp.status == 200:
+                        return
+            if loop.time() > deadline:
+                raise TimeoutError(f"the gateway was not ready within {timeout_s} s ({url})")
+            await asyncio.sleep(0.1)
+
+
 async def run_local_cluster(opts: LaunchOptions) -> None:
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {opts.workers}")
@@ -176,19 +198,39 @@ async def _cluster(opts: LaunchOptions, stop: asyncio.Event) -> None:
     url = f"nats://{opts.host}:{opts.nats_port}"
     nats_argv = [find_nats_server(), "-a", opts.host, "-p", str(opts.nats_port)]
     nats_child = await _spawn("nats", nats_argv, dict(os.environ))
+    services: list[Child] = []  # stopped first, in reverse start order
     workers: list[Child] = []
+    onepool = [sys.executable, "-m", "services.cli"]
     try:
         await _wait_port(opts.host, opts.nats_port, 10.0)
+        services.append(
+            await _spawn(
+                "cachestate", [*onepool, "cachestate"], {**os.environ, "ONEPOOL_CACHESTATE_NATS_URL": url}
+            )
+        )
+        controller_env = {**os.environ, "ONEPOOL_CONTROLLER_NATS_URL": url}
+        if opts.alpha_policy:
+            controller_env["ONEPOOL_CONTROLLER_POLICY"] = opts.alpha_policy
+        services.append(await _spawn("controller", [*onepool, "controller"], controller_env))
         ids = [f"w{i}" for i in range(opts.workers)]
         for wid in ids:
-            env = {
-                **os.environ,
-                "ONEPOOL_WORKER_ID": wid,
-                "ONEPOOL_WORKER_NATS_URL": url,
-                **opts.worker_env,
-            }
-            workers.append(await _spawn(wid, [sys.executable, "-m", "services.cli", "worker"], env))
-        ready = asyncio.ensure_future(_wait_workers(url, set(ids), workers, opts.ready_timeout_s))
+            env = {**os.environ, "ONEPOOL_WORKER_ID": wid, "ONEPOOL_WORKER_NATS_URL": url, **opts.worker_env}
+            workers.append(await _spawn(wid, [*onepool, "worker"], env))
+        gateway_env = {
+            **os.environ,
+            "ONEPOOL_GATEWAY_NATS_URL": url,
+            "ONEPOOL_GATEWAY_HOST": opts.host,
+            "ONEPOOL_GATEWAY_PORT": str(opts.port),
+            "ONEPOOL_GATEWAY_ROUTING": opts.routing,
+        }
+        services.append(await _spawn("gateway", [*onepool, "gateway"], gateway_env))
+        everyone = [nats_child, *services, *workers]
+
+        async def start_up() -> None:
+            await _wait_workers(url, set(ids), everyone, opts.ready_timeout_s)
+            await _wait_ready(f"http://{opts.host}:{opts.port}/readyz", everyone, opts.ready_timeout_s)
+
+        ready = asyncio.ensure_future(start_up())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
@@ -199,23 +241,28 @@ async def _cluster(opts: LaunchOptions, stop: asyncio.Event) -> None:
         stopped.cancel()
         ready.result()
         print(
-            f"onepool local cluster is up: NATS at {url}; workers {', '.join(ids)} answer on "
-            f"{s.infer_subject('<id>')}; digests on {s.DIGEST_WILDCARD}. Ctrl-C stops everything.",
+            f"onepool local cluster is up: gateway at http://{opts.host}:{opts.port} "
+            f"(POST /v1/recommend, routing {opts.routing}); NATS at {url}; workers {', '.join(ids)}. "
+            "Ctrl-C stops everything.",
             flush=True,
         )
-        exits = [asyncio.ensure_future(c.proc.wait()) for c in [nats_child, *workers]]
+        exits = [asyncio.ensure_future(c.proc.wait()) for c in everyone]
         stop_wait = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({stop_wait, *exits}, return_when=asyncio.FIRST_COMPLETED)
         for fut in [stop_wait, *exits]:
             fut.cancel()
         if stop_wait not in done:
-            crashed = [c.name for c in [nats_child, *workers] if c.proc.returncode is not None]
+            crashed = [c.name for c in everyone if c.proc.returncode is not None]
             raise RuntimeError(f"{', '.join(crashed)} exited unexpectedly; stopping the cluster")
     finally:
         try:
+            # Front to back: the gateway stops taking requests, workers drain, then the rest, NATS last.
+            gateway = [c for c in services if c.name == "gateway"]
+            await _stop(gateway, opts.stop_timeout_s)
             await _stop(workers, opts.stop_timeout_s)
+            await _stop([c for c in services if c.name != "gateway"], opts.stop_timeout_s)
             await _stop([nats_child], opts.stop_timeout_s)
         except BaseException:  # cancelled by a second signal, or a failure while stopping
-            _kill_all([*workers, nats_child])
+            _kill_all([*services, *workers, nats_child])
             raise
         log.info("local cluster stopped")

@@ -356,7 +356,7 @@ _UNKNOWN_RE = re.compile(r"unknown field `(?P<name>[^`]+)`")
 _MISSING_RE = re.compile(r"missing required field `(?P<name>[^`]+)`")
 
 
-def _field_from_error(message: str) -> str | None:
+def field_from_error(message: str) -> str | None:
     """Turn msgspec's '... - at `$.history[3]`' into 'history[3]' so errors name the field."""
     path_match = _PATH_RE.search(message)
     path = path_match.group("path").lstrip(".") if path_match else ""
@@ -380,7 +380,7 @@ def decode(dec: msgspec.msgpack.Decoder[T], data: bytes) -> T:
     try:
         msg = dec.decode(data)
     except msgspec.ValidationError as exc:
-        raise DecodeError(str(exc), _field_from_error(str(exc))) from None
+        raise DecodeError(str(exc), field_from_error(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"undecodable message: {exc}", None) from None
     version = getattr(msg, "v", SCHEMA_VERSION)

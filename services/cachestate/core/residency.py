@@ -1,0 +1,304 @@
+"""The exact residency index: who holds which user's KV (and how much of it), and which EMB items.
+
+Used twice: by cachestate (the cluster's memory) and by every gateway (its replica of the routing view).
+
+Structure
+---------
+* KV: ``user -> {worker_id: covered_length}``, plus ``worker -> users`` so a worker can be dropped in
+  O(its entries), plus an LRU order over (user, worker) placements for eviction.
+* EMB: ``worker -> set of items`` and the inverted ``item -> int bitmask`` of the workers holding it.
+  Each worker owns one bit index while it is known; a freed bit is reused (lowest first), but only after
+  every item mask has been cleared of it, so a reused bit never inherits another worker's items.
+
+Memory policy (one cap, ``max_entries``, over KV placements + EMB entries together)
+------------------------------------------------------------------------------------
+Before an insert that would exceed the cap, one entry is evicted:
+1. the least-recently-updated KV placement, while any exists (an upsert or a snapshot refreshes it);
+2. otherwise an arbitrary EMB item of the worker that holds the most EMB entries.
+Eviction only ever loses information: the router sees a false negative (no affinity / no locality for
+that entry), never a false positive. Evictions are counted (``kv_evictions``, ``emb_evictions``) and,
+with ``track_evictions=True``, remembered until ``take_evictions()`` so they can be forwarded as removals.
+Removing or dropping entries really frees them (no tombstones).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import NamedTuple
+
+__all__ = ["Evictions", "IndexSizes", "ResidencyDiff", "ResidencyIndex"]
+
+
+class IndexSizes(NamedTuple):
+    kv_placements: int
+    emb_entries: int
+    users: int
+    workers: int
+
+
+@dataclass(slots=True)
+class ResidencyDiff:
+    """What a replace_worker() really changed (effective changes only)."""
+
+    kv_upserts: dict[str, int] = field(default_factory=dict)  # new or changed length
+    kv_removed: list[str] = field(default_factory=list)
+    emb_added: list[int] = field(default_factory=list)
+    emb_removed: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Evictions:
+    kv: list[tuple[str, str]] = field(default_factory=list)  # (user_id, worker_id)
+    emb: dict[str, list[int]] = field(default_factory=dict)  # worker_id -> items
+
+    @property
+    def empty(self) -> bool:
+        return not (self.kv or self.emb)
+
+
+class ResidencyIndex:
+    def __init__(self, max_entries: int = 2_000_000, *, track_evictions: bool = False) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self.kv_evictions = 0
+        self.emb_evictions = 0
+        self._track = track_evictions
+        self._evicted = Evictions()
+        self._kv: dict[str, dict[str, int]] = {}
+        self._worker_users: dict[str, set[str]] = {}
+        self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()  # head = least recently updated
+        self._emb: dict[str, set[int]] = {}
+        self._emb_total = 0
+        self._item_masks: dict[int, int] = {}
+        self._bits: dict[str, int] = {}
+        self._bit_owner: dict[int, str] = {}
+        self._free_bits: list[int] = []  # heap
+        self._next_bit = 0
+
+    # ---- queries (the router's hot path) ------------------------------------------------------------
+    def emb_masks(self, items: Sequence[int]) -> list[int]:
+        """For each item, the bitmask of workers holding it (0: nobody). One C-level loop."""
+        return list(map(self._item_masks.get, items, repeat(0)))
+
+    def worker_bit(self, worker_id: str) -> int | None:
+        return self._bits.get(worker_id)
+
+    def bit_owner(self, bit: int) -> str | None:
+        return self._bit_owner.get(bit)
+
+    def kv_workers(self, user_id: str) -> dict[str, int]:
+        """worker_id -> covered length for every worker holding this user's KV (a copy)."""
+        held = self._kv.get(user_id)
+        return dict(held) if held else {}
+
+    def kv_length(self, user_id: str, worker_id: str) -> int:
+        held = self._kv.get(user_id)
+        return held.get(worker_id, 0) if held else 0
+
+    def emb_count(self, worker_id: str) -> int:
+        items = self._emb.get(worker_id)
+        return len(items) if items else 0
+
+    def has_emb(self, worker_id: str, item: int) -> bool:
+        items = self._emb.get(worker_id)
+        return items is not None and item in items
+
+    def workers(self) -> list[str]:
+        """Every worker the index knows (has a bit), in bit order."""
+        return [self._bit_owner[b] for b in sorted(self._bit_owner)]
+
+    def sizes(self) -> IndexSizes:
+        return IndexSizes(len(self._lru), self._emb_total, len(self._kv), len(self._bits))
+
+    @property
+    def entries(self) -> int:
+        """What counts against max_entries: KV placements + EMB entries."""
+        return len(self._lru) + self._emb_total
+
+    def kv_placements(self) -> Iterator[tuple[str, str, int]]:
+        """(user_id, worker_id, length) for every placement (for snapshots)."""
+        for user, held in self._kv.items():
+            for worker, length in held.items():
+                yield user, worker, length
+
+    def worker_kv(self, worker_id: str) -> dict[str, int]:
+        return {u: self._kv[u][worker_id] for u in self._worker_users.get(worker_id, ())}
+
+    def worker_emb(self, worker_id: str) -> list[int]:
+        return sorted(self._emb.get(worker_id, ()))
+
+    # ---- workers --------------------------------------------------------------------------------------
+    def add_worker(self, worker_id: str) -> int:
+        """Register a worker (idempotent); returns its bit index."""
+        bit = self._bits.get(worker_id)
+        if bit is not None:
+            return bit
+        if self._free_bits:
+            bit = heapq.heappop(self._free_bits)
+        else:
+            bit = self._next_bit
+            self._next_bit += 1
+        self._bits[worker_id] = bit
+        self._bit_owner[bit] = worker_id
+        self._worker_users[worker_id] = set()
+        self._emb[worker_id] = set()
+        return bit
+
+    def clear_worker(self, worker_id: str) -> None:
+        """Forget all of a worker's residency, keeping it registered (and its bit)."""
+        if worker_id not in self._bits:
+            return
+        kv = self._kv
+        lru = self._lru
+        for user in self._worker_users[worker_id]:
+            held = kv[user]
+            del held[worker_id]
+            if not held:
+                del kv[user]
+            del lru[(user, worker_id)]
+        self._worker_users[worker_id] = set()
+        items = self._emb[worker_id]
+        self._clear_bit(items, 1 << self._bits[worker_id])
+        self._emb_total -= len(items)
+        self._emb[worker_id] = set()
+
+    def drop_worker(self, worker_id: str) -> bool:
+        """Forget a worker entirely (residency and bit, which becomes free for reuse)."""
+        if worker_id not in self._bits:
+            return False
+        self.clear_worker(worker_id)
+        bit = self._bits.pop(worker_id)
+        del self._bit_owner[bit]
+        del self._worker_users[worker_id]
+        del self._emb[worker_id]
+        heapq.heappush(self._free_bits, bit)
+        if self._track:  # its pending evictions are moot: the whole worker goes
+            self._evicted.kv = [e for e in self._evicted.kv if e[1] != worker_id]
+            self._evicted.emb.pop(worker_id, None)
+        return True
+
+    def clear(self) -> None:
+        """Forget everything (counters are kept)."""
+        for worker_id in list(self._bits):
+            self.drop_worker(worker_id)
+        self._free_bits = []
+        self._next_bit = 0
+
+    # ---- KV -------------------------------------------------------------------------------------------
+    def upsert_kv(self, user_id: str, worker_id: str, length: int) -> bool:
+        """Create or refresh a placement; True if it is new or its length changed."""
+        key = (user_id, worker_id)
+        held = self._kv.get(user_id)
+        if held is not None and worker_id in held:
+            self._lru.move_to_end(key)
+            if held[worker_id] == length:
+                return False
+            held[worker_id] = length
+            return True
+        self.add_worker(worker_id)
+        self._make_room()
+        held = self._kv.get(user_id)  # _make_room may have evicted this user's last placement
+        if held is None:
+            held = self._kv[user_id] = {}
+        held[worker_id] = length
+        self._worker_users[worker_id].add(user_id)
+        self._lru[key] = None
+        return True
+
+    def remove_kv(self, user_id: str, worker_id: str) -> bool:
+        held = self._kv.get(user_id)
+        if held is None or worker_id not in held:
+            return False
+        del held[worker_id]
+        if not held:
+            del self._kv[user_id]
+        del self._lru[(user_id, worker_id)]
+        self._worker_users[worker_id].discard(user_id)
+        return True
+
+    # ---- EMB ------------------------------------------------------------------------------------------
+    def add_emb(self, worker_id: str, items: Iterable[int]) -> list[int]:
+        """Mark items resident on a worker; returns those that were not already."""
+        self.add_worker(worker_id)
+        held = self._emb[worker_id]
+        bit = 1 << self._bits[worker_id]
+        masks = self._item_masks
+        added: list[int] = []
+        for item in items:
+            if item in held:
+                continue
+            self._make_room()
+            held.add(item)
+            self._emb_total += 1
+            masks[item] = masks.get(item, 0) | bit
+            added.append(item)
+        return added
+
+    def remove_emb(self, worker_id: str, items: Iterable[int]) -> list[int]:
+        """Mark items not resident on a worker; returns those that were."""
+        held = self._emb.get(worker_id)
+        if held is None:
+            return []
+        removed = [item for item in items if item in held]
+        held.difference_update(removed)
+        self._emb_total -= len(removed)
+        self._clear_bit(removed, 1 << self._bits[worker_id])
+        return removed
+
+    # ---- snapshots ------------------------------------------------------------------------------------
+    def replace_worker(self, worker_id: str, kv: Mapping[str, int], emb: Iterable[int]) -> ResidencyDiff:
+        """Make a worker's residency exactly (kv, emb); returns the effective changes. Every placement in
+        ``kv`` counts as updated now (a snapshot confirms it)."""
+        self.add_worker(worker_id)
+        diff = ResidencyDiff()
+        for user in [u for u in self._worker_users[worker_id] if u not in kv]:
+            self.remove_kv(user, worker_id)
+            diff.kv_removed.append(user)
+        for user, length in kv.items():
+            if self.upsert_kv(user, worker_id, length):
+                diff.kv_upserts[user] = length
+        new = emb if isinstance(emb, set | frozenset) else set(emb)
+        diff.emb_removed = self.remove_emb(worker_id, [i for i in self._emb[worker_id] if i not in new])
+        diff.emb_added = self.add_emb(worker_id, new)
+        return diff
+
+    # ---- evictions ------------------------------------------------------------------------------------
+    def take_evictions(self) -> Evictions:
+        """Evictions since the last call (only recorded with track_evictions=True)."""
+        out, self._evicted = self._evicted, Evictions()
+        return out
+
+    def _make_room(self) -> None:
+        """Evict one entry if one more would exceed the cap (see the module docstring)."""
+        if len(self._lru) + self._emb_total < self.max_entries:
+            return
+        if self._lru:
+            user, worker = next(iter(self._lru))
+            self.remove_kv(user, worker)
+            self.kv_evictions += 1
+            if self._track:
+                self._evicted.kv.append((user, worker))
+            return
+        victim = max(self._emb, key=lambda w: len(self._emb[w]))
+        held = self._emb[victim]
+        item = held.pop()
+        self._emb_total -= 1
+        self._clear_bit((item,), 1 << self._bits[victim])
+        self.emb_evictions += 1
+        if self._track:
+            self._evicted.emb.setdefault(victim, []).append(item)
+
+    def _clear_bit(self, items: Iterable[int], bit: int) -> None:
+        masks = self._item_masks
+        keep = ~bit
+        for item in items:
+            mask = masks[item] & keep
+            if mask:
+                masks[item] = mask
+            else:
+                del masks[item]

@@ -1,0 +1,317 @@
+"""Digest tracking: per-worker sequence, incarnation, snapshot assembly and liveness over a ResidencyIndex.
+
+Rules (per worker):
+* A digest of an unknown worker or of a new incarnation registers the worker (it is alive and routable by
+  load) with no residency; the old incarnation's residency is dropped. If the digest starts a snapshot
+  (part 0) its collection begins; a delta's residency cannot be applied to an unknown base: it is dropped
+  and the outcome says ``need_snapshot``.
+* Within an incarnation ``seq`` must be consecutive. An older ``seq`` is a duplicate and ignored. A gap
+  means a lost digest: the worker's residency is dropped at once (stale affinity is worse than none: the
+  router falls back to load for that worker) and ``need_snapshot`` is set until a snapshot completes.
+* A snapshot of N parts (consecutive seq, parts 0..N-1) replaces the worker's residency when complete;
+  a missing or out-of-order part abandons it and needs another snapshot.
+* Deltas apply while the worker is in sync; while it is not, their residency is dropped (the snapshot to
+  come supersedes them) but their load/alpha/cost/window still count.
+* ``expire(now)``: a worker silent for more than ``dead_after_periods`` of its own digest period is dead:
+  removed from the view and purged from the index.
+
+``need_snapshot`` is level-triggered: it is True for every digest after which the worker is out of sync
+and no snapshot is being collected. The shell keeps at most one snapshot request in flight per worker and
+asks ``needs_snapshot(worker_id)`` whether it is still needed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.cachestate.core.changes import ViewChanges
+from services.cachestate.core.residency import ResidencyIndex
+from shared import schemas as s
+
+__all__ = ["DigestOutcome", "DigestTracker", "LiveWorker", "TrackerCounters"]
+
+MIN_PERIOD_S = 0.01  # a digest period of 0 (misconfigured worker) is judged as 10 ms
+RETIRED_INCARNATIONS = 4  # per worker, remembered so a late digest of a dead process cannot reset it
+
+
+@dataclass(slots=True)
+class DigestOutcome:
+    accepted: bool  # its residency was applied (or collected into a snapshot)
+    need_snapshot: bool  # ask this worker for a snapshot (unless a request is already in flight)
+    reason: str
+    changes: ViewChanges  # the delta to forward to gateways
+    live: bool = True  # it counted for liveness/load/window (False: duplicate or from a retired process)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveWorker:
+    worker_id: str
+    incarnation: str
+    draining: bool
+    in_sync: bool  # residency is known (a snapshot completed and no gap since)
+    load: s.LoadInfo
+    alpha: float
+    alpha_target: float
+    cost: s.CostCoefficients
+    stats: s.PoolStats
+    window: s.WindowStats  # of its last digest
+    period_s: float
+    last_seen: float  # `now` of its last digest
+    applied_decision_id: str | None
+
+
+@dataclass
+class TrackerCounters:
+    digests_applied: int = 0  # residency applied or collected
+    digests_ignored: int = 0  # duplicates/old seq or retired incarnations
+    digests_dropped: int = 0  # live, but residency dropped (out of sync)
+    gaps: int = 0
+    new_workers: int = 0
+    new_incarnations: int = 0
+    snapshots_applied: int = 0
+    snapshots_abandoned: int = 0  # a part went missing
+    repairs: int = 0  # an out-of-sync worker back in sync through a snapshot
+    workers_dead: int = 0
+
+
+@dataclass(slots=True)
+class _Assembly:
+    first_seq: int
+    parts: int
+    next_part: int = 1
+    kv: dict[str, int] = field(default_factory=dict)
+    emb: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Worker:
+    worker_id: str
+    incarnation: str
+    next_seq: int
+    last_seen: float
+    period_s: float
+    in_sync: bool = False
+    ever_synced: bool = False
+    assembly: _Assembly | None = None
+    retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_INCARNATIONS))
+    last: s.WorkerDigest | None = None
+
+
+class DigestTracker:
+    def __init__(self, index: ResidencyIndex, *, dead_after_periods: float = 3.0) -> None:
+        if dead_after_periods <= 0:
+            raise ValueError(f"dead_after_periods must be > 0, got {dead_after_periods}")
+        self.index = index
+        self.dead_after_periods = dead_after_periods
+        self.counters = TrackerCounters()
+        self._workers: dict[str, _Worker] = {}
+
+    # ---- queries --------------------------------------------------------------------------------------
+    def needs_snapshot(self, worker_id: str) -> bool:
+        rec = self._workers.get(worker_id)
+        return rec is not None and not rec.in_sync
+
+    def is_live(self, worker_id: str) -> bool:
+        return worker_id in self._workers
+
+    def live_workers(self) -> list[LiveWorker]:
+        return [self._live(rec) for rec in self._workers.values() if rec.last is not None]
+
+    def worker_states(self) -> list[s.WorkerState]:
+        return [self._state(rec) for rec in self._workers.values() if rec.last is not None]
+
+    def staleness(self, now: float) -> dict[str, float]:
+        """Seconds since each live worker's last digest."""
+        return {w: max(0.0, now - rec.last_seen) for w, rec in self._workers.items()}
+
+    # ---- digests --------------------------------------------------------------------------------------
+    def apply(self, digest: s.WorkerDigest, now: float) -> DigestOutcome:
+        changes = ViewChanges()
+        wid = digest.worker_id
+        rec = self._workers.get(wid)
+        if rec is not None and digest.incarnation != rec.incarnation and digest.incarnation in rec.retired:
+            self.counters.digests_ignored += 1
+            return DigestOutcome(False, False, "digest of a retired incarnation", changes, live=False)
+        notes: list[str] = []
+        if rec is None or digest.incarnation != rec.incarnation:
+            notes.append("new worker" if rec is None else "new incarnation")
+            rec = self._register(digest, rec, now, changes)
+        elif digest.seq < rec.next_seq:
+            self.counters.digests_ignored += 1
+            return DigestOutcome(False, False, f"old seq {digest.seq} < {rec.next_seq}", changes, live=False)
+        elif digest.seq > rec.next_seq:
+            self.counters.gaps += 1
+            notes.append(f"seq gap: expected {rec.next_seq}, got {digest.seq}")
+            self._desync(rec, changes)
+        rec.next_seq = digest.seq + 1
+        rec.last_seen = now
+        rec.period_s = max(digest.period_ms / 1e3, MIN_PERIOD_S)
+        rec.last = digest
+
+        snapshots_before = self.counters.snapshots_applied
+        accepted = self._residency(rec, digest, changes)
+        if accepted:
+            self.counters.digests_applied += 1
+            if self.counters.snapshots_applied > snapshots_before:
+                notes.append("snapshot applied")
+            else:
+                notes.append("snapshot part collected" if digest.kind == "snapshot" else "delta applied")
+        else:
+            self.counters.digests_dropped += 1
+            notes.append(f"{digest.kind} residency dropped: out of sync")
+        changes.upsert_worker(self._state(rec))
+        self._forward_evictions(changes)
+        need = not rec.in_sync and rec.assembly is None
+        if need:
+            notes.append("needs a snapshot")
+        return DigestOutcome(accepted, need, "; ".join(notes), changes)
+
+    def _register(
+        self, digest: s.WorkerDigest, old: _Worker | None, now: float, changes: ViewChanges
+    ) -> _Worker:
+        rec = _Worker(
+            worker_id=digest.worker_id,
+            incarnation=digest.incarnation,
+            next_seq=digest.seq,
+            last_seen=now,
+            period_s=max(digest.period_ms / 1e3, MIN_PERIOD_S),
+        )
+        if old is None:
+            self.counters.new_workers += 1
+        else:
+            self.counters.new_incarnations += 1
+            rec.retired.extend(old.retired)
+            rec.retired.append(old.incarnation)
+            self.index.clear_worker(digest.worker_id)
+            changes.remove_worker(digest.worker_id)
+        self.index.add_worker(digest.worker_id)
+        self._workers[digest.worker_id] = rec
+        return rec
+
+    def _desync(self, rec: _Worker, changes: ViewChanges) -> None:
+        """Residency unknown from now on: drop it here and at the gateways."""
+        rec.assembly = None
+        if rec.in_sync:  # otherwise it holds nothing already
+            self.index.clear_worker(rec.worker_id)
+            changes.remove_worker(rec.worker_id)
+        rec.in_sync = False
+
+    def _residency(self, rec: _Worker, d: s.WorkerDigest, changes: ViewChanges) -> bool:
+        if d.kind == "snapshot":
+            return self._snapshot_part(rec, d, changes)
+        if rec.assembly is not None:  # a delta inside a snapshot's seq range: a part is missing
+            self.counters.snapshots_abandoned += 1
+            self._desync(rec, changes)
+            return False
+        if not rec.in_sync:
+            return False
+        wid = rec.worker_id
+        index = self.index
+        for user in d.kv_removed:
+            if index.remove_kv(user, wid):
+                changes.kv_remove(user, wid)
+        for entry in d.kv_upserts:
+            if index.upsert_kv(entry.user_id, wid, entry.length):
+                changes.kv_upsert(entry.user_id, wid, entry.length)
+        if d.emb_removed:
+            changes.emb_remove(wid, index.remove_emb(wid, d.emb_removed))
+        if d.emb_added:
+            changes.emb_add(wid, index.add_emb(wid, d.emb_added))
+        return True
+
+    def _snapshot_part(self, rec: _Worker, d: s.WorkerDigest, changes: ViewChanges) -> bool:
+        asm = rec.assembly
+        if d.part == 0:
+            if asm is not None:
+                self.counters.snapshots_abandoned += 1  # superseded before completion
+            asm = rec.assembly = _Assembly(first_seq=d.seq, parts=d.parts)
+        elif (
+            asm is None or d.parts != asm.parts or d.part != asm.next_part or d.seq != asm.first_seq + d.part
+        ):
+            if asm is not None:
+                self.counters.snapshots_abandoned += 1
+            self._desync(rec, changes)
+            return False
+        else:
+            asm.next_part += 1
+        asm.kv.update((e.user_id, e.length) for e in d.kv_upserts)
+        asm.emb.update(d.emb_added)
+        if d.part == d.parts - 1:
+            rec.assembly = None
+            diff = self.index.replace_worker(rec.worker_id, asm.kv, asm.emb)
+            wid = rec.worker_id
+            for user in diff.kv_removed:
+                changes.kv_remove(user, wid)
+            for user, length in diff.kv_upserts.items():
+                changes.kv_upsert(user, wid, length)
+            changes.emb_remove(wid, diff.emb_removed)
+            changes.emb_add(wid, diff.emb_added)
+            self.counters.snapshots_applied += 1
+            if rec.ever_synced and not rec.in_sync:
+                self.counters.repairs += 1
+            rec.in_sync = rec.ever_synced = True
+        return True
+
+    # ---- liveness -------------------------------------------------------------------------------------
+    def expire(self, now: float) -> list[str]:
+        """Fence and purge every worker silent for more than dead_after_periods of its period."""
+        dead = [
+            wid
+            for wid, rec in self._workers.items()
+            if now - rec.last_seen > self.dead_after_periods * rec.period_s
+        ]
+        for wid in dead:
+            self.remove(wid)
+            self.counters.workers_dead += 1
+        return dead
+
+    def remove(self, worker_id: str) -> bool:
+        """Forget a worker and purge its residency (expiry, or an operator's decision)."""
+        if self._workers.pop(worker_id, None) is None:
+            return False
+        self.index.drop_worker(worker_id)
+        return True
+
+    # ---- helpers --------------------------------------------------------------------------------------
+    def _forward_evictions(self, changes: ViewChanges) -> None:
+        ev = self.index.take_evictions()
+        for user, wid in ev.kv:
+            changes.kv_remove(user, wid)
+        for wid, items in ev.emb.items():
+            changes.emb_remove(wid, items)
+
+    @staticmethod
+    def _state(rec: _Worker) -> s.WorkerState:
+        d = rec.last
+        assert d is not None
+        return s.WorkerState(
+            worker_id=rec.worker_id,
+            incarnation=rec.incarnation,
+            draining=d.draining,
+            load=d.load,
+            alpha=d.alpha,
+            alpha_target=d.alpha_target,
+            cost=d.cost,
+            last_seen_ms=max(0.0, rec.last_seen * 1e3),
+        )
+
+    @staticmethod
+    def _live(rec: _Worker) -> LiveWorker:
+        d = rec.last
+        assert d is not None
+        return LiveWorker(
+            worker_id=rec.worker_id,
+            incarnation=rec.incarnation,
+            draining=d.draining,
+            in_sync=rec.in_sync,
+            load=d.load,
+            alpha=d.alpha,
+            alpha_target=d.alpha_target,
+            cost=d.cost,
+            stats=d.stats,
+            window=d.window,
+            period_s=rec.period_s,
+            last_seen=rec.last_seen,
+            applied_decision_id=d.applied_decision_id,
+        )

@@ -1,0 +1,280 @@
+"""cachestate's async shell: digests in, tracker/index/features in the core, view and features out.
+
+Background tasks (all owned by one TaskOwner): the view delta batcher, the expiry loop, the feature window
+and at most one snapshot-request task per out-of-sync worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
+from services.cachestate.core.changes import DEFAULT_PART_BYTES, ViewChanges, pack_updates
+from services.cachestate.core.features import FeatureWindow
+from services.cachestate.core.residency import ResidencyIndex
+from services.cachestate.core.tracker import DigestTracker
+from services.cachestate.metrics import ServiceCounters, build_registry, metrics_app
+from services.cachestate.settings import CacheStateSettings
+from shared import schemas as s
+from shared.bus import Bus, Message, Subscription
+from shared.errors import OnepoolError
+from shared.lifecycle import TaskOwner
+
+log = structlog.get_logger("onepool.cachestate")
+
+
+class CacheStateService:
+    def __init__(
+        self,
+        settings: CacheStateSettings,
+        bus: Bus,
+        *,
+        tracer: Tracer | None = None,
+        clock: Callable[[], float] = time.time,
+        part_bytes: int = DEFAULT_PART_BYTES,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        # The view's source changes on every start: gateways that see a new one resync from a snapshot.
+        self.source = f"{settings.id}-{uuid.uuid4().hex[:8]}"
+        # Wall clock: WorkerState.last_seen_ms is documented as cachestate's wall clock.
+        self._clock = clock
+        self.index = ResidencyIndex(settings.max_entries, track_evictions=True)
+        self.tracker = DigestTracker(self.index, dead_after_periods=settings.dead_after_periods)
+        self.features = FeatureWindow(settings.features_window_ms / 1e3, start=clock())
+        self.counters = ServiceCounters()
+        self.registry = build_registry(self, clock)
+        self._tracer = tracer or trace.get_tracer("onepool.cachestate")
+        self._part_bytes = part_bytes
+        self._pending = ViewChanges()
+        self._view_seq = 0
+        self._view_lock = asyncio.Lock()  # view seq order == publish order
+        self._feature_seq = 0
+        self._resyncs: dict[str, asyncio.Task[None]] = {}
+        self._synced: dict[str, asyncio.Event] = {}
+        self._subs: list[Subscription] = []
+        self._tasks = TaskOwner("cachestate")
+        self._http: web.AppRunner | None = None
+        self._dec_digest = s.decoder(s.WorkerDigest)
+        self._dec_view_req = s.decoder(s.ViewSnapshotRequest)
+        self._dec_ack = s.decoder(s.SnapshotAck)
+
+    # ---------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._subs.append(await self.bus.subscribe(s.DIGEST_WILDCARD, self._on_digest))
+        self._subs.append(await self.bus.subscribe(s.VIEW_SNAPSHOT_SUBJECT, self._on_view_snapshot))
+        self._tasks.spawn(self._view_loop(), name="view-deltas")
+        self._tasks.spawn(self._expire_loop(), name="expiry")
+        self._tasks.spawn(self._features_loop(), name="features")
+        if self.settings.metrics_port:
+            self._http = web.AppRunner(
+                metrics_app(self, self.registry), access_log=None, handle_signals=False
+            )
+            await self._http.setup()
+            await web.TCPSite(self._http, self.settings.metrics_host, self.settings.metrics_port).start()
+        log.info(
+            "cachestate ready",
+            source=self.source,
+            max_entries=self.settings.max_entries,
+            dead_after_periods=self.settings.dead_after_periods,
+            metrics_port=self.settings.metrics_port or None,
+        )
+
+    async def stop(self) -> None:
+        """Stop taking digests, stop the loops and snapshot requests, close the metrics server."""
+        for sub in self._subs:
+            await sub.stop(drain=True, timeout_s=2.0)
+        self._subs.clear()
+        await self._tasks.close(timeout_s=2.0)
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+
+    # ---- digests --------------------------------------------------------------------------------------
+    async def _on_digest(self, msg: Message) -> None:
+        try:
+            digest = s.decode(self._dec_digest, msg.data)
+            if msg.subject != s.digest_subject(digest.worker_id):
+                raise s.DecodeError(f"worker_id {digest.worker_id!r} does not match the subject", "worker_id")
+        except s.DecodeError as exc:
+            self.counters.bad_messages += 1
+            log.warning("bad digest dropped", subject=msg.subject, error=exc.message, field=exc.field)
+            return
+        wid = digest.worker_id
+        outcome = self.tracker.apply(digest, self._clock())
+        self._pending.merge(outcome.changes)
+        if outcome.live:
+            self.features.observe(digest)
+        if outcome.need_snapshot:
+            self._ensure_resync(wid, outcome.reason)
+        else:
+            event = self._synced.get(wid)
+            if event is not None and not self.tracker.needs_snapshot(wid):
+                event.set()
+        if outcome.reason.startswith(("new", "seq gap")):
+            log.info(
+                "worker digest",
+                worker_id=wid,
+                incarnation=digest.incarnation,
+                seq=digest.seq,
+                reason=outcome.reason,
+            )
+
+    # ---- snapshot requests to workers ------------------------------------------------------------------
+    def _ensure_resync(self, worker_id: str, reason: str) -> None:
+        if worker_id in self._resyncs:
+            return  # one request in flight per worker
+        task = self._tasks.spawn(self._resync(worker_id, reason), name=f"resync:{worker_id}")
+        self._resyncs[worker_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._resyncs.get(worker_id) is t:
+                del self._resyncs[worker_id]
+
+        task.add_done_callback(done)
+
+    async def _resync(self, worker_id: str, reason: str) -> None:
+        timeout_s = self.settings.snapshot_timeout_ms / 1e3
+        pause = self.settings.snapshot_backoff_ms / 1e3
+        event = self._synced.setdefault(worker_id, asyncio.Event())
+        try:
+            while self.tracker.needs_snapshot(worker_id):
+                event.clear()
+                self.counters.snapshot_requests += 1
+                log.info("asking worker for a snapshot", worker_id=worker_id, reason=reason)
+                try:
+                    with self._tracer.start_as_current_span("cachestate.snapshot_request") as span:
+                        span.set_attribute("onepool.worker.id", worker_id)
+                        span.set_attribute("onepool.reason", reason)
+                        raw = await self.bus.request(
+                            s.snapshot_request_subject(worker_id),
+                            s.encode(s.SnapshotRequest(reason=reason)),
+                            timeout_s=timeout_s,
+                        )
+                        s.decode(self._dec_ack, raw)
+                except (OnepoolError, s.DecodeError) as exc:
+                    self.counters.snapshot_request_failures += 1
+                    log.info("snapshot request failed", worker_id=worker_id, error=str(exc))
+                else:
+                    if self.tracker.needs_snapshot(worker_id):
+                        # The snapshot digest follows the ack (or came just before it).
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(event.wait(), timeout_s)
+                if not self.tracker.needs_snapshot(worker_id):
+                    break
+                reason = "previous snapshot request unanswered or incomplete"
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.settings.snapshot_backoff_max_ms / 1e3)
+        finally:
+            if self._synced.get(worker_id) is event:
+                del self._synced[worker_id]
+
+    # ---- expiry ---------------------------------------------------------------------------------------
+    async def _expire_loop(self) -> None:
+        period = self.settings.expire_check_ms / 1e3
+        while True:
+            await asyncio.sleep(period)
+            dead = self.tracker.expire(self._clock())
+            if not dead:
+                continue
+            for wid in dead:
+                self._pending.remove_worker(wid)
+                self.features.forget(wid)
+                task = self._resyncs.pop(wid, None)
+                if task is not None:
+                    task.cancel()
+                log.warning(
+                    "worker declared dead: fenced and purged",
+                    worker_id=wid,
+                    dead_after_periods=self.settings.dead_after_periods,
+                )
+            await self._publish_pending()  # fencing must not wait for the next batch
+
+    # ---- view to gateways -----------------------------------------------------------------------------
+    async def _view_loop(self) -> None:
+        period = self.settings.view_delta_ms / 1e3
+        while True:
+            await asyncio.sleep(period)
+            await self._publish_pending()
+
+    async def _publish_pending(self) -> None:
+        async with self._view_lock:
+            await self._publish_pending_locked()
+
+    async def _publish_pending_locked(self) -> None:
+        if self._pending.empty:
+            return
+        changes, self._pending = self._pending, ViewChanges()
+        updates = changes.to_updates(
+            source=self.source,
+            first_seq=self._view_seq,
+            sent_at_ms=self._clock() * 1e3,
+            part_bytes=self._part_bytes,
+        )
+        await self._publish_view(updates)
+
+    async def _publish_view(self, updates: list[s.ViewUpdate]) -> None:
+        # Numbers are spent before publishing: an update that fails to leave shows up as a gap at the
+        # gateways (which then resync) rather than vanishing.
+        self._view_seq += len(updates)
+        for update in updates:
+            try:
+                await self.bus.publish(s.VIEW_SUBJECT, s.encode(update))
+                self.counters.view_updates += 1
+            except OnepoolError as exc:
+                log.warning("view update not published", seq=update.seq, error=str(exc))
+
+    def _snapshot_updates(self, first_seq: int) -> list[s.ViewUpdate]:
+        index = self.index
+        return pack_updates(
+            kind="snapshot",
+            source=self.source,
+            first_seq=first_seq,
+            sent_at_ms=self._clock() * 1e3,
+            workers=self.tracker.worker_states(),
+            kv_upserts=[s.KvPlacement(u, w, n) for u, w, n in index.kv_placements()],
+            emb_added={w: index.worker_emb(w) for w in index.workers() if index.emb_count(w)},
+            part_bytes=self._part_bytes,
+        )
+
+    async def _on_view_snapshot(self, msg: Message) -> bytes:
+        requester = "?"
+        try:
+            requester = s.decode(self._dec_view_req, msg.data).requester or "?"
+        except s.DecodeError as exc:
+            # A snapshot is harmless to send, so a garbled request still gets one, but it is counted.
+            self.counters.bad_messages += 1
+            log.warning("bad view snapshot request", error=exc.message, field=exc.field)
+        async with self._view_lock:
+            await self._publish_pending_locked()  # so the snapshot follows every delta before it
+            updates = self._snapshot_updates(self._view_seq)  # built before any await: one consistent cut
+            await self._publish_view(updates)
+        self.counters.view_snapshots += 1
+        log.info("view snapshot published", requester=requester, seq=updates[0].seq, parts=len(updates))
+        return s.encode(s.ViewSnapshotAck(source=self.source, seq=updates[0].seq, parts=len(updates)))
+
+    # ---- features to the controller --------------------------------------------------------------------
+    async def _features_loop(self) -> None:
+        while True:
+            wait = self.features.window_start + self.features.window_s - self._clock()
+            await asyncio.sleep(max(0.0, wait))
+            report = s.FeatureReport(
+                source=self.source,
+                seq=self._feature_seq,
+                sent_at_ms=self._clock() * 1e3,
+                workers=self.features.close(self._clock()),
+            )
+            self._feature_seq += 1
+            try:
+                await self.bus.publish(s.FEATURES_SUBJECT, s.encode(report))
+                self.counters.feature_reports += 1
+            except OnepoolError as exc:
+                log.warning("feature report not published", seq=report.seq, error=str(exc))

@@ -1,0 +1,75 @@
+"""cachestate settings: env vars `ONEPOOL_CACHESTATE_*` and flags of `onepool cachestate`."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "ONEPOOL_CACHESTATE_"
+
+
+def _default_instance_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
+    return f"{host or 'cachestate'}-{os.getpid()}"
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class CacheStateSettings:
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_h("NATS server URL"))
+    id: str = field(
+        default_factory=_default_instance_id,
+        metadata=_h("this instance's id, for logs and the view source (default: hostname-pid)"),
+    )
+    dead_after_periods: float = field(
+        default=3.0,
+        metadata=_h("a worker silent for this many of its digest periods is fenced and purged"),
+    )
+    expire_check_ms: float = field(default=100.0, metadata=_h("how often liveness is checked"))
+    view_delta_ms: float = field(
+        default=50.0, metadata=_h("view changes are batched into one delta to gateways this often")
+    )
+    features_window_ms: float = field(
+        default=1000.0, metadata=_h("controller feature window: one FeatureReport per window")
+    )
+    max_entries: int = field(
+        default=2_000_000,
+        metadata=_h("memory cap of the residency index: KV placements + EMB entries together"),
+    )
+    snapshot_timeout_ms: float = field(
+        default=1000.0,
+        metadata=_h("a worker's snapshot request: wait this long for the ack, then for the snapshot"),
+    )
+    snapshot_backoff_ms: float = field(
+        default=100.0, metadata=_h("first pause before asking a worker for a snapshot again (doubles)")
+    )
+    snapshot_backoff_max_ms: float = field(
+        default=5000.0, metadata=_h("longest pause between snapshot requests to one worker")
+    )
+    metrics_port: int = field(
+        default=0, metadata=_h("port of the HTTP server with /metrics and /healthz (0: off)")
+    )
+    metrics_host: str = field(default="0.0.0.0", metadata=_h("address the metrics server binds"))
+
+    def __post_init__(self) -> None:
+        if not self.id or len(self.id) > 128:
+            raise ValueError(f"{ENV_PREFIX}ID must be 1-128 characters, got {self.id!r}")
+        positive = {
+            "dead_after_periods": self.dead_after_periods,
+            "expire_check_ms": self.expire_check_ms,
+            "view_delta_ms": self.view_delta_ms,
+            "features_window_ms": self.features_window_ms,
+            "max_entries": self.max_entries,
+            "snapshot_timeout_ms": self.snapshot_timeout_ms,
+            "snapshot_backoff_ms": self.snapshot_backoff_ms,
+            "snapshot_backoff_max_ms": self.snapshot_backoff_max_ms,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {value}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"{ENV_PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")

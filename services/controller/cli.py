@@ -1,0 +1,37 @@
+"""The `controller` subcommand of the `onepool` console script (registered by services/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from services.controller.settings import ENV_PREFIX, ControllerSettings
+from shared.settings import add_settings_arguments, load_settings, overrides_from_args
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from services.controller.main import run_controller
+    from shared.lifecycle import run, run_until_signalled
+
+    settings = load_settings(
+        ControllerSettings, prefix=ENV_PREFIX, overrides=overrides_from_args(args, ControllerSettings)
+    )
+
+    async def main() -> None:
+        await run_until_signalled(lambda stop: run_controller(settings, stop))
+
+    return run(main)
+
+
+def add_controller_command(sub: Any) -> argparse.ArgumentParser:
+    """Register `onepool controller` on ``sub`` (what ``parser.add_subparsers()`` returned)."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "controller",
+        help="run the alpha controller: feature reports in, per-worker EMB/KV split decisions out",
+        description="Run the controller. It turns the FeatureReports of cachestate into AlphaDecisions for "
+        "each worker (policy, then clamp to a range and a maximum step). Every setting is a flag or an "
+        f"{ENV_PREFIX}* environment variable; flags win.",
+    )
+    add_settings_arguments(parser, ControllerSettings, prefix=ENV_PREFIX)
+    parser.set_defaults(func=_controller)
+    return parser

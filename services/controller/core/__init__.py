@@ -1,0 +1,1 @@
+"""The controller's pure core: alpha policies and the clamp (no asyncio, NATS or torch)."""

@@ -1,0 +1,67 @@
+"""Gateway settings: env vars `ONEPOOL_GATEWAY_*` and flags of `onepool gateway` (read by the shell only)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Literal
+
+ENV_PREFIX = "ONEPOOL_GATEWAY_"
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _default_instance() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_h("NATS server URL"))
+    host: str = field(default="127.0.0.1", metadata=_h("HTTP listen address (0.0.0.0 in containers)"))
+    port: int = field(default=8080, metadata=_h("HTTP listen port"))
+    instance: str = field(
+        default_factory=_default_instance, metadata=_h("this replica's name (logs, traces)")
+    )
+    routing: Literal["joint", "kv", "emb", "least-loaded", "round-robin"] = field(
+        default="joint", metadata=_h("routing policy")
+    )
+    request_timeout_ms: float = field(
+        default=2000.0, metadata=_h("deadline of one HTTP request, retries included")
+    )
+    attempt_timeout_ms: float = field(
+        default=1000.0, metadata=_h("longest wait for one worker before retrying on the next")
+    )
+    max_attempts: int = field(default=3, metadata=_h("workers tried per request at most"))
+    max_body_kib: int = field(default=1024, metadata=_h("largest request body accepted, KiB (413 beyond)"))
+    max_history: int = field(default=8192, metadata=_h("longest history accepted (workers may accept less)"))
+    max_candidates: int = field(default=2048, metadata=_h("most candidates accepted"))
+    predict_ttl_s: float = field(
+        default=5.0, metadata=_h("how long the gateway remembers where it sent a user (predict-on-route)")
+    )
+    retry_after_s: int = field(default=1, metadata=_h("Retry-After of a 503 when no worker is live"))
+    snapshot_retry_ms: float = field(
+        default=500.0, metadata=_h("wait between view snapshot requests while out of sync")
+    )
+
+    def __post_init__(self) -> None:
+        positive = {
+            "port": self.port,
+            "request_timeout_ms": self.request_timeout_ms,
+            "attempt_timeout_ms": self.attempt_timeout_ms,
+            "max_attempts": self.max_attempts,
+            "max_body_kib": self.max_body_kib,
+            "max_history": self.max_history,
+            "max_candidates": self.max_candidates,
+            "snapshot_retry_ms": self.snapshot_retry_ms,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {value}")
+        if self.port > 65535:
+            raise ValueError(f"{ENV_PREFIX}PORT must be <= 65535, got {self.port}")
+        if self.predict_ttl_s < 0 or self.retry_after_s < 0:
+            raise ValueError(f"{ENV_PREFIX}PREDICT_TTL_S and {ENV_PREFIX}RETRY_AFTER_S must be >= 0")

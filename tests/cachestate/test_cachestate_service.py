@@ -1,0 +1,371 @@
+"""The cachestate service against a real nats-server. Synthetic digests published over NATS by the test
+are the protocol itself; two tests run a real worker (engine + WorkerService) on the same server."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+
+from services.cachestate.core.residency import ResidencyIndex
+from services.cachestate.service import CacheStateService
+from services.cachestate.settings import CacheStateSettings
+from services.gateway.core.view_replica import ViewReplica
+from shared import schemas as s
+from shared.bus import Bus, Message
+from tests.helpers import eventually, free_port
+from tests.worker.test_worker_service import running_worker
+
+SETTINGS = CacheStateSettings(
+    id="cs-test",
+    dead_after_periods=3.0,
+    expire_check_ms=20.0,
+    view_delta_ms=20.0,
+    features_window_ms=200.0,
+    snapshot_timeout_ms=500.0,
+    snapshot_backoff_ms=50.0,
+    snapshot_backoff_max_ms=200.0,
+)
+
+
+@contextlib.asynccontextmanager
+async def running_cachestate(
+    url: str, settings: CacheStateSettings = SETTINGS
+) -> AsyncIterator[CacheStateService]:
+    bus = await Bus.connect(url, name="cachestate-under-test")
+    service = CacheStateService(settings, bus)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+        await bus.close()
+
+
+@dataclass
+class Gateway:
+    """What a gateway does with the view: a replica fed from VIEW_SUBJECT, resynced on request."""
+
+    client: Bus
+    replica: ViewReplica = field(default_factory=lambda: ViewReplica(ResidencyIndex()))
+    updates: list[tuple[float, s.ViewUpdate]] = field(default_factory=list)
+    wants_snapshot: bool = False
+
+    async def on_view(self, msg: Message) -> None:
+        update = s.decode(s.decoder(s.ViewUpdate), msg.data)
+        self.updates.append((time.monotonic(), update))
+        if self.replica.apply(update).need_snapshot:
+            self.wants_snapshot = True
+
+    async def sync(self) -> s.ViewSnapshotAck:
+        raw = await self.client.request(
+            s.VIEW_SNAPSHOT_SUBJECT, s.encode(s.ViewSnapshotRequest(requester="t")), timeout_s=5
+        )
+        ack = s.decode(s.decoder(s.ViewSnapshotAck), raw)
+        await eventually(lambda: self.replica.in_sync and self.replica.seq >= ack.seq + ack.parts - 1)
+        return ack
+
+
+@contextlib.asynccontextmanager
+async def gateway(url: str) -> AsyncIterator[Gateway]:
+    client = await Bus.connect(url, name="test-gateway")
+    gw = Gateway(client)
+    await client.subscribe(s.VIEW_SUBJECT, gw.on_view)
+    try:
+        yield gw
+    finally:
+        await client.close()
+
+
+@dataclass
+class FakeWorker:
+    """Publishes digests the way a worker does; answers snapshot requests when told to."""
+
+    bus: Bus
+    worker_id: str = "w1"
+    incarnation: str = "inc-1"
+    period_ms: float = 100.0
+    seq: int = 0
+    kv: dict[str, int] = field(default_factory=dict)
+    emb: set[int] = field(default_factory=set)
+    snapshot_requests: int = 0
+
+    async def send(self, kind: str = "delta", *, skip: int = 0, **fields: Any) -> s.WorkerDigest:
+        self.seq += skip
+        d = s.WorkerDigest(
+            worker_id=self.worker_id,
+            incarnation=self.incarnation,
+            seq=self.seq,
+            kind=kind,  # type: ignore[arg-type]
+            sent_at_ms=time.time() * 1e3,
+            period_ms=self.period_ms,
+            **fields,
+        )
+        self.seq += 1
+        await self.bus.publish(s.digest_subject(self.worker_id), s.encode(d))
+        return d
+
+    async def send_snapshot(self) -> s.WorkerDigest:
+        entries = [s.KvEntry(u, n) for u, n in sorted(self.kv.items())]
+        return await self.send("snapshot", kv_upserts=entries, emb_added=sorted(self.emb))
+
+    async def answer_snapshots(self) -> None:
+        async def handle(msg: Message) -> bytes:
+            self.snapshot_requests += 1
+            first = (await self.send_snapshot()).seq
+            return s.encode(s.SnapshotAck(worker_id=self.worker_id, incarnation=self.incarnation, seq=first))
+
+        await self.bus.subscribe(s.snapshot_request_subject(self.worker_id), handle)
+
+
+@contextlib.asynccontextmanager
+async def fake_worker(url: str, **fields: Any) -> AsyncIterator[FakeWorker]:
+    bus = await Bus.connect(url, name=f"fake-{fields.get('worker_id', 'w1')}")
+    try:
+        yield FakeWorker(bus, **fields)
+    finally:
+        await bus.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+async def test_gap_triggers_a_snapshot_request_that_the_worker_answers(nats_server: Any) -> None:
+    async with (
+        running_cachestate(nats_server.url) as cs,
+        gateway(nats_server.url) as gw,
+        fake_worker(nats_server.url) as w,
+    ):
+        await w.answer_snapshots()
+        w.kv = {"a": 3}
+        await w.send_snapshot()
+        await w.send(kv_upserts=[s.KvEntry("b", 2)])
+        await gw.sync()
+        await eventually(lambda: gw.replica.index.kv_workers("b") == {"w1": 2})
+        assert w.snapshot_requests == 0
+        # Digest seq 2 is lost; seq 3 arrives.
+        w.kv = {"a": 3, "b": 2, "c": 1, "d": 9}
+        await w.send(skip=1, kv_upserts=[s.KvEntry("c", 1)])
+        await eventually(lambda: gw.replica.index.kv_workers("d") == {"w1": 9})
+        assert w.snapshot_requests == 1
+        assert gw.replica.index.worker_kv("w1") == {"a": 3, "b": 2, "c": 1, "d": 9}
+        t = cs.tracker.counters
+        assert (t.gaps, t.repairs, cs.counters.snapshot_requests) == (1, 1, 1)
+        assert cs.counters.snapshot_request_failures == 0
+        assert not gw.wants_snapshot or gw.replica.in_sync
+
+
+async def test_snapshot_requests_are_retried_until_the_worker_answers(nats_server: Any) -> None:
+    async with (
+        running_cachestate(nats_server.url) as cs,
+        gateway(nats_server.url) as gw,
+        fake_worker(nats_server.url) as w,
+    ):
+        w.kv = {"u": 4}
+        await w.send(skip=10)  # an unknown worker's delta: its residency needs a snapshot
+        await eventually(lambda: cs.counters.snapshot_request_failures >= 2)  # nobody answers yet
+        assert cs.tracker.needs_snapshot("w1") and cs.tracker.is_live("w1")
+        await w.answer_snapshots()
+        await eventually(lambda: not cs.tracker.needs_snapshot("w1"))
+        assert w.snapshot_requests == 1
+        assert cs.index.kv_workers("u") == {"w1": 4}
+        await gw.sync()
+        assert gw.replica.index.kv_workers("u") == {"w1": 4}
+
+
+async def test_a_silent_worker_is_fenced_and_the_removal_is_published_at_once(nats_server: Any) -> None:
+    # Deltas are batched every 5 s here: the removal can only arrive in time if fencing flushes at once.
+    settings = replace(SETTINGS, view_delta_ms=5000.0)
+    async with (
+        running_cachestate(nats_server.url, settings) as cs,
+        gateway(nats_server.url) as gw,
+        fake_worker(nats_server.url, period_ms=50.0) as w,
+    ):
+        w.kv, w.emb = {"a": 1}, {7}
+        await w.send_snapshot()
+        await eventually(lambda: cs.tracker.is_live("w1"))
+        await gw.sync()
+        assert gw.replica.index.kv_workers("a") == {"w1": 1} and "w1" in gw.replica.workers
+        last = time.monotonic()
+        await w.send()
+        await eventually(lambda: any("w1" in u.workers_removed for _, u in gw.updates), timeout_s=3.0)
+        at = next(t for t, u in gw.updates if "w1" in u.workers_removed)
+        # Dead after 3 periods (150 ms) + at most one expiry check (20 ms) + delivery; well before the
+        # 5 s batch (slack for a loaded test machine).
+        assert 0.15 <= at - last < 1.0, at - last
+        assert "w1" not in gw.replica.workers and gw.replica.index.kv_workers("a") == {}
+        assert gw.replica.index.emb_masks([7]) == [0]
+        assert cs.tracker.counters.workers_dead == 1
+        assert cs.index.sizes() == (0, 0, 0, 0)
+
+
+async def test_a_late_joining_replica_catches_up_from_a_view_snapshot(nats_server: Any) -> None:
+    async with (
+        running_cachestate(nats_server.url) as cs,
+        fake_worker(nats_server.url) as w1,
+        fake_worker(nats_server.url, worker_id="w2") as w2,
+    ):
+        w1.kv, w1.emb = {"a": 3, "b": 5}, {1, 2, 3}
+        w2.kv, w2.emb = {"b": 6}, {3, 4}
+        await w1.send_snapshot()
+        await w2.send_snapshot()
+        await eventually(lambda: cs.index.sizes() == (3, 5, 2, 2))
+        async with gateway(nats_server.url) as late:
+            await w1.send(kv_upserts=[s.KvEntry("c", 1)])
+            await eventually(lambda: late.wants_snapshot)  # a delta of a source it has no snapshot of
+            assert not late.replica.ready
+            ack = await late.sync()
+            assert ack.source == cs.source and ack.parts == 1
+            r = late.replica
+            assert r.ready and set(r.workers) == {"w1", "w2"}
+            assert r.index.kv_workers("b") == {"w1": 5, "w2": 6}
+            assert r.index.kv_workers("c") == {"w1": 1}
+            b1, b2 = r.index.worker_bit("w1"), r.index.worker_bit("w2")
+            assert b1 is not None and b2 is not None
+            assert r.index.emb_masks([1, 3, 4, 9]) == [1 << b1, (1 << b1) | (1 << b2), 1 << b2, 0]
+            # And it stays in sync with what follows.
+            await w2.send(kv_removed=["b"], emb_added=[9])
+            await eventually(lambda: r.index.kv_workers("b") == {"w1": 5})
+            assert r.index.emb_masks([9]) == [1 << b2] and r.in_sync
+        assert cs.counters.view_snapshots == 1
+
+
+async def test_a_large_view_snapshot_travels_in_parts(nats_server: Any) -> None:
+    bus = await Bus.connect(nats_server.url, name="cachestate-small-parts")
+    cs = CacheStateService(SETTINGS, bus, part_bytes=2048)
+    await cs.start()
+    try:
+        async with fake_worker(nats_server.url) as w, gateway(nats_server.url) as gw:
+            w.kv, w.emb = {f"user-{i}": i for i in range(200)}, set(range(3000))
+            await w.send_snapshot()
+            await eventually(lambda: cs.index.sizes() == (200, 3000, 200, 1))
+            ack = await gw.sync()
+            assert ack.parts > 10
+            assert gw.replica.index.sizes() == (200, 3000, 200, 1)
+            assert gw.replica.index.kv_workers("user-199") == {"w1": 199}
+    finally:
+        await cs.stop()
+        await bus.close()
+
+
+async def test_garbage_on_the_digest_subject_is_counted_and_dropped(nats_server: Any) -> None:
+    async with running_cachestate(nats_server.url) as cs, fake_worker(nats_server.url) as w:
+        await w.bus.publish(s.digest_subject("w1"), b"\x00 not msgpack")
+        await w.bus.publish(s.digest_subject("w1"), s.encode(s.KvEntry("x", 1)))  # another message type
+        good = s.WorkerDigest(
+            worker_id="w2", incarnation="i", seq=0, kind="snapshot", sent_at_ms=0, period_ms=100
+        )
+        await w.bus.publish(s.digest_subject("w1"), s.encode(good))  # body names another worker
+        await w.send_snapshot()
+        await eventually(lambda: cs.tracker.is_live("w1"))
+        await eventually(lambda: cs.counters.bad_messages == 3)
+        assert not cs.tracker.is_live("w2")
+        assert cs.tracker.counters.digests_applied == 1
+
+
+async def test_features_arrive_for_a_live_worker(nats_server: Any) -> None:
+    reports: list[s.FeatureReport] = []
+    async with running_cachestate(nats_server.url) as cs, fake_worker(nats_server.url) as w:
+
+        async def on_features(msg: Message) -> None:
+            reports.append(s.decode(s.decoder(s.FeatureReport), msg.data))
+
+        await w.bus.subscribe(s.FEATURES_SUBJECT, on_features)
+        window = s.WindowStats(
+            window_ms=100.0,
+            requests=5,
+            kv_hit_requests=2,
+            history_tokens=50,
+            max_history_tokens=20,
+            new_tokens=10,
+            emb_hits=3,
+            emb_misses=1,
+            latency_p99_ms=7.5,
+            slo_violations=1,
+        )
+        await w.send("snapshot", window=window, alpha=0.4, alpha_target=0.5)
+        await eventually(lambda: any(r.workers for r in reports), timeout_s=3.0)
+        report = next(r for r in reports if r.workers)
+        assert report.source == cs.source
+        (f,) = report.workers
+        assert (f.worker_id, f.window_ms, f.request_rate) == ("w1", 100.0, 50.0)
+        assert (f.hot_user_share, f.mean_history, f.max_history, f.new_token_fraction) == (0.4, 10.0, 20, 0.2)
+        assert (f.emb_hit_rate, f.p99_latency_ms, f.slo_violation_rate) == (0.75, 7.5, 0.2)
+        assert (f.alpha, f.alpha_target) == (0.4, 0.5)
+        assert [r.seq for r in reports] == list(range(len(reports)))
+
+
+async def test_metrics_and_healthz(nats_server: Any) -> None:
+    port = free_port()
+    settings = replace(SETTINGS, metrics_port=port, metrics_host="127.0.0.1")
+    async with running_cachestate(nats_server.url, settings) as cs, fake_worker(nats_server.url) as w:
+        w.kv = {"a": 1}
+        await w.send_snapshot()
+        await w.bus.publish(s.digest_subject("w1"), b"junk")
+        await eventually(lambda: cs.counters.bad_messages == 1)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200
+                health = await resp.json()
+    assert health == {"status": "ok", "source": cs.source, "workers_live": 1}
+    for line in (
+        "onepool_cachestate_index_kv_placements 1.0",
+        "onepool_cachestate_digests_applied_total 1.0",
+        "onepool_cachestate_bad_messages_total 1.0",
+        "onepool_cachestate_workers_live 1.0",
+        'onepool_cachestate_evictions_total{kind="kv"} 0.0',
+        "onepool_cachestate_seq_gaps_total 0.0",
+        "onepool_cachestate_snapshots_requested_total 0.0",
+        "onepool_cachestate_repairs_total 0.0",
+        "onepool_cachestate_workers_dead_total 0.0",
+    ):
+        assert line in text, line
+    assert 'onepool_cachestate_worker_staleness_seconds{worker="w1"}' in text
+
+
+async def test_stop_ends_every_task(nats_server: Any) -> None:
+    bus = await Bus.connect(nats_server.url, name="cachestate-stop")
+    cs = CacheStateService(SETTINGS, bus)
+    await cs.start()
+    async with fake_worker(nats_server.url) as w:
+        await w.send(skip=3)  # starts a snapshot-request task that nobody answers
+        await eventually(lambda: cs.counters.snapshot_requests >= 1)
+        await cs.stop()
+    assert len(cs._tasks) == 0 and cs._tasks.failures == []
+    await bus.close()
+
+
+# ---- with a real worker ----------------------------------------------------------------------------------
+async def test_a_real_workers_kv_reaches_a_gateway_replica(nats_server: Any) -> None:
+    async with running_cachestate(nats_server.url) as cs, gateway(nats_server.url) as gw:
+        await gw.sync()
+        async with running_worker(nats_server.url) as worker:
+            await eventually(lambda: "wtest" in gw.replica.workers)
+            reply = await worker.infer(user_id="alice", history=[11, 12, 13, 14, 15], candidates=[1, 2])
+            assert reply.ok is not None
+            await eventually(lambda: gw.replica.index.kv_length("alice", "wtest") == 5)
+            bit = gw.replica.index.worker_bit("wtest")
+            assert bit is not None
+            assert all(m & (1 << bit) for m in gw.replica.index.emb_masks([11, 12, 13, 14, 15]))
+            assert gw.replica.in_sync and gw.replica.ready
+            # The worker stops: its goodbye digest says draining, then silence fences it.
+        await eventually(lambda: "wtest" not in gw.replica.workers, timeout_s=3.0)
+        assert gw.replica.index.kv_workers("alice") == {}
+        assert cs.tracker.counters.gaps == 0
+
+
+async def test_a_late_cachestate_asks_a_real_worker_for_its_snapshot(nats_server: Any) -> None:
+    async with running_worker(nats_server.url) as worker:
+        reply = await worker.infer(user_id="bob", history=[1, 2, 3], candidates=[4])
+        assert reply.ok is not None
+        async with running_cachestate(nats_server.url) as cs, gateway(nats_server.url) as gw:
+            await eventually(lambda: cs.index.kv_length("bob", "wtest") == 3)
+            assert cs.counters.snapshot_requests == 1
+            assert cs.tracker.counters.new_workers == 1
+            await gw.sync()
+            assert gw.replica.index.kv_workers("bob") == {"wtest": 3}

@@ -1,0 +1,428 @@
+"""The controller service against a real nats-server; the test plays cachestate (and, once, a real worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from services.controller.main import run_controller
+from services.controller.service import ControllerService
+from services.controller.settings import ControllerSettings
+from services.worker.engine import Engine
+from services.worker.service import WorkerService, engine_config_from
+from services.worker.settings import WorkerSettings
+from shared import schemas as s
+from shared.bus import Bus, Message
+from tests.controller.test_policies import pressure
+from tests.helpers import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SETTINGS = ControllerSettings(
+    id="ctl-test", policy="static:0.7", max_step=0.5, min_change=0.01, resend_s=5.0, stats_s=0.0
+)
+_seq = itertools.count(1)
+
+
+def features(
+    worker_id: str = "w1", alpha: float = 0.5, alpha_target: float | None = None
+) -> s.WorkerFeatures:
+    target = alpha if alpha_target is None else alpha_target
+    return replace_features(pressure(0.5, 0.5), worker_id=worker_id, alpha=alpha, alpha_target=target)
+
+
+def replace_features(f: s.WorkerFeatures, **changes: Any) -> s.WorkerFeatures:
+    return msgspec.structs.replace(f, **changes)
+
+
+def report(*workers: s.WorkerFeatures, source: str = "cachestate-a", seq: int | None = None) -> bytes:
+    return s.encode(
+        s.FeatureReport(
+            source=source, seq=next(_seq) if seq is None else seq, sent_at_ms=0.0, workers=list(workers)
+        )
+    )
+
+
+@dataclass
+class Running:
+    service: ControllerService
+    bus: Bus
+    client: Bus
+    decisions: list[s.AlphaDecision]
+
+    async def send(self, *workers: s.WorkerFeatures, **kw: Any) -> None:
+        await self.client.publish(s.FEATURES_SUBJECT, report(*workers, **kw))
+
+    async def settle(self) -> None:
+        """Wait until every report published so far has been handled (one more, empty, as a marker)."""
+        before = self.service.counters.reports
+        await self.send()
+        await eventually(lambda: self.service.counters.reports > before)
+        await asyncio.sleep(0.05)  # decisions published by then have reached our subscription
+
+
+@contextlib.asynccontextmanager
+async def running_controller(
+    url: str, settings: ControllerSettings = SETTINGS, **kw: Any
+) -> AsyncIterator[Running]:
+    decisions: list[s.AlphaDecision] = []
+    dec = s.decoder(s.AlphaDecision)
+    bus = await Bus.connect(url, name="controller-under-test", tracer=kw.get("tracer"))
+    client = await Bus.connect(url, name="test-cachestate")
+
+    async def on_decision(msg: Message) -> None:
+        decisions.append(s.decode(dec, msg.data))
+
+    await client.subscribe("onepool.worker.*.alpha", on_decision)
+    service = ControllerService(settings, bus, **kw)
+    await service.start()
+    try:
+        yield Running(service, bus, client, decisions)
+    finally:
+        await service.stop()
+        await bus.close()
+        await client.close()
+
+
+@pytest.fixture
+async def controller(nats_server: Any) -> AsyncIterator[Running]:
+    async with running_controller(nats_server.url) as c:
+        yield c
+
+
+async def test_report_yields_decisions_on_each_workers_subject(controller: Running) -> None:
+    await controller.send(
+        features("w1", 0.5),  # -> 0.7
+        features("w2", 0.7),  # already there: nothing
+        features("w3", 0.1),  # -> 0.6 (max_step 0.5)
+        features("w4", 0.5, alpha_target=0.695),  # within min_change: nothing
+    )
+    await eventually(lambda: len(controller.decisions) == 2)
+    await controller.settle()
+    got = {d.worker_id: d for d in controller.decisions}
+    assert set(got) == {"w1", "w3"}
+    assert got["w1"].target_alpha == pytest.approx(0.7)
+    assert got["w3"].target_alpha == pytest.approx(0.6)
+    assert got["w1"].decision_id != got["w3"].decision_id
+    assert all(d.decision_id.startswith("ctl-test-") and d.issued_at_ms > 0 for d in got.values())
+    c = controller.service.counters
+    assert (c.reports, c.decisions, c.decisions_sent) == (2, 4, 2)
+    assert controller.service.sent["w1"].decision == got["w1"]
+
+
+async def test_decisions_arrive_on_the_workers_own_subject(controller: Running) -> None:
+    received: list[str] = []
+
+    async def on_w7(msg: Message) -> None:
+        received.append(msg.subject)
+
+    await controller.client.subscribe(s.alpha_subject("w7"), on_w7)
+    await controller.send(features("w7", 0.2))
+    await eventually(lambda: received == [s.alpha_subject("w7")])
+
+
+async def test_static_sends_nothing_once_the_worker_is_there(controller: Running) -> None:
+    await controller.send(features("w1", 0.5))
+    await eventually(lambda: len(controller.decisions) == 1)
+    # The worker applied it: its reports now say alpha_target 0.7, twice.
+    await controller.send(features("w1", 0.6, alpha_target=0.7))
+    await controller.send(features("w1", 0.7, alpha_target=0.7))
+    await controller.settle()
+    assert len(controller.decisions) == 1
+    assert controller.service.counters.resends_suppressed == 0
+
+
+async def test_an_unapplied_decision_is_not_repeated_every_window(nats_server: Any) -> None:
+    async with running_controller(nats_server.url, replace(SETTINGS, resend_s=0.3)) as c:
+        await c.send(features("w1", 0.5))
+        await c.send(features("w1", 0.5))  # the worker has not applied it yet
+        await c.settle()
+        assert len(c.decisions) == 1 and c.service.counters.resends_suppressed == 1
+        await asyncio.sleep(0.35)  # lost, or the worker restarted: after resend_s it is sent again
+        await c.send(features("w1", 0.5))
+        await eventually(lambda: len(c.decisions) == 2)
+        assert c.decisions[1].target_alpha == pytest.approx(0.7)
+        assert c.decisions[1].decision_id != c.decisions[0].decision_id
+
+
+async def test_garbage_is_counted_and_dropped(controller: Running) -> None:
+    await controller.client.publish(s.FEATURES_SUBJECT, b"\xc1 not msgpack")
+    await controller.client.publish(s.FEATURES_SUBJECT, msgspec.msgpack.encode({"source": "x", "seq": -1}))
+    bad_worker = msgspec.msgpack.encode(
+        {"source": "x", "seq": 1, "sent_at_ms": 0.0, "workers": [{"worker_id": "w1", "alpha": 2.0}]}
+    )
+    await controller.client.publish(s.FEATURES_SUBJECT, bad_worker)
+    await controller.client.publish(s.FEATURES_SUBJECT, s.encode(s.ViewSnapshotRequest()))
+    await eventually(lambda: controller.service.counters.bad_messages == 4)
+    # A worker id that cannot be a subject token is skipped; the rest of the report is decided.
+    await controller.send(features("bad.id", 0.5), features("w1", 0.5))
+    await eventually(lambda: len(controller.decisions) == 1)
+    assert controller.decisions[0].worker_id == "w1"
+    c = controller.service.counters
+    assert (c.bad_messages, c.bad_workers, c.reports) == (4, 1, 1)
+    assert controller.service._sub is not None and controller.service._sub.errors == 0
+
+
+async def test_stale_reports_are_dropped(controller: Running) -> None:
+    await controller.send(features("w1", 0.5, alpha_target=0.7), source="cs", seq=10)
+    await controller.send(features("w2", 0.5), source="cs", seq=10)  # replayed number: dropped
+    await controller.send(features("w3", 0.5), source="cs", seq=9)  # older: dropped
+    await controller.send(features("w4", 0.5), source="cs-restarted", seq=0)  # a new cachestate: taken
+    await eventually(lambda: len(controller.decisions) == 1)
+    await controller.settle()
+    assert [d.worker_id for d in controller.decisions] == ["w4"]
+    assert controller.service.counters.stale_reports == 2
+
+
+async def test_hit_balance_moves_toward_the_costlier_misses(nats_server: Any) -> None:
+    settings = replace(SETTINGS, policy="hit-balance", max_step=0.1)
+    async with running_controller(nats_server.url, settings) as c:
+        await c.send(
+            replace_features(pressure(1.0, 0.0), worker_id="emb", alpha=0.5, alpha_target=0.5),
+            replace_features(pressure(0.0, 1.0), worker_id="kv", alpha=0.5, alpha_target=0.5),
+            replace_features(pressure(0.5, 0.5), worker_id="even", alpha=0.5, alpha_target=0.5),
+        )
+        await eventually(lambda: len(c.decisions) == 2)
+        await c.settle()
+        got = {d.worker_id: d.target_alpha for d in c.decisions}
+        assert got == {"emb": pytest.approx(0.55), "kv": pytest.approx(0.45)}
+
+
+async def test_decision_latency_is_recorded(controller: Running) -> None:
+    assert controller.service.latency.percentile_us(50) is None
+    for i in range(20):
+        await controller.send(features(f"w{i}", 0.7))
+    await eventually(lambda: controller.service.counters.decisions == 20)
+    p50, p99 = controller.service.latency_p50_us, controller.service.latency_p99_us
+    assert p50 is not None and p99 is not None and 0 < p50 <= p99 < 10_000
+    assert len(controller.service.latency) == 20
+
+
+async def test_each_decision_is_a_span_with_its_features(nats_server: Any) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    async with running_controller(nats_server.url, tracer=tracer) as c:
+        f = replace_features(features("w1", 0.45, alpha_target=0.5), emb_hit_rate=0.61, max_history=321)
+        await c.send(f, features("w2", 0.7))
+        await eventually(lambda: len(c.decisions) == 1)
+        await c.settle()
+    spans = [sp for sp in exporter.get_finished_spans() if sp.name == "controller.decide"]
+    by_worker = {sp.attributes["onepool.features.worker_id"]: sp for sp in spans if sp.attributes}
+    assert set(by_worker) == {"w1", "w2"}
+    a = by_worker["w1"].attributes
+    assert a is not None
+    for name in s.WorkerFeatures.__struct_fields__:
+        assert a[f"onepool.features.{name}"] == getattr(f, name), name
+    assert a["onepool.alpha.current"] == 0.5
+    assert a["onepool.alpha.target"] == pytest.approx(0.7)
+    assert a["onepool.policy"] == "static:0.7"
+    assert a["onepool.decision.sent"] is True and a["onepool.decision.id"] == c.decisions[0].decision_id
+    b = by_worker["w2"].attributes
+    assert b is not None and b["onepool.decision.sent"] is False and b["onepool.alpha.target"] == 0.7
+    # The decision's publish is a child of its span, and the span a child of the report's "process" span.
+    decide = by_worker["w1"]
+    publish = next(sp for sp in exporter.get_finished_spans() if sp.name == "publish onepool.worker.w1.alpha")
+    assert publish.parent is not None and publish.parent.span_id == decide.context.span_id
+    process = next(sp for sp in exporter.get_finished_spans() if sp.name == "process onepool.features")
+    assert decide.parent is not None and decide.parent.span_id == process.context.span_id
+
+
+async def test_a_failing_policy_leaves_the_worker_alone(nats_server: Any) -> None:
+    class Broken:
+        name = "broken"
+
+        def decide(self, features: s.WorkerFeatures, current: float) -> float:
+            raise ZeroDivisionError("oops")
+
+    async with running_controller(nats_server.url, policy=Broken()) as c:
+        await c.send(features("w1", 0.5))
+        await eventually(lambda: c.service.counters.policy_errors == 1)
+        await c.settle()
+        assert c.decisions == []
+
+
+async def test_stop_is_clean_and_idempotent(nats_server: Any) -> None:
+    async with running_controller(nats_server.url, replace(SETTINGS, stats_s=0.01)) as c:
+        await c.send(features("w1", 0.5))
+        await eventually(lambda: len(c.decisions) == 1)
+        assert len(c.service._tasks) == 1  # the stats loop
+        await c.service.stop()
+        assert len(c.service._tasks) == 0 and c.service._sub is not None and not c.service._sub.is_active
+        await c.service.stop()
+        await c.send(features("w2", 0.5))  # nobody listens any more
+        await asyncio.sleep(0.1)
+        assert len(c.decisions) == 1
+
+
+async def test_run_controller_serves_until_stopped(nats_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A private provider and no logging setup: the real setup_telemetry would install a process-global
+    # tracer provider (once per process), which other tests rely on being absent.
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from shared.telemetry import Telemetry
+
+    def private_telemetry(name: str, **_: Any) -> Telemetry:
+        return Telemetry(name, TracerProvider(), owns_provider=True, traces_endpoint=None)
+
+    monkeypatch.setattr("services.controller.main.setup_telemetry", private_telemetry)
+    client = await Bus.connect(nats_server.url, name="test-cachestate")
+    got: list[s.AlphaDecision] = []
+
+    async def on_decision(msg: Message) -> None:
+        got.append(s.decode(s.decoder(s.AlphaDecision), msg.data))
+
+    await client.subscribe(s.alpha_subject("w1"), on_decision)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_controller(replace(SETTINGS, nats_url=nats_server.url), stop))
+    try:
+        for _ in range(100):  # until the controller has subscribed
+            await client.publish(s.FEATURES_SUBJECT, report(features("w1", 0.5)))
+            await asyncio.sleep(0.05)
+            if got:
+                break
+        assert got and got[0].target_alpha == pytest.approx(0.7)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        stop.set()
+        await client.close()
+
+
+_CLI = """
+import argparse, sys
+from services.controller.cli import add_controller_command
+parser = argparse.ArgumentParser(prog="onepool")
+add_controller_command(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+async def test_controller_command_runs_until_sigterm(nats_server: Any) -> None:
+    env = {**os.environ, "ONEPOOL_CONTROLLER_POLICY": "static:0.3", "ONEPOOL_CONTROLLER_ID": "ctl-cli"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CLI,
+        "controller",
+        "--nats-url",
+        nats_server.url,
+        "--max-step",
+        "0.5",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    client = await Bus.connect(nats_server.url, name="test-cachestate")
+    got: list[s.AlphaDecision] = []
+
+    async def on_decision(msg: Message) -> None:
+        got.append(s.decode(s.decoder(s.AlphaDecision), msg.data))
+
+    await client.subscribe(s.alpha_subject("w1"), on_decision)
+    try:
+        for _ in range(300):  # the child imports and connects first
+            await client.publish(s.FEATURES_SUBJECT, report(features("w1", 0.5)))
+            await asyncio.sleep(0.05)
+            if got or proc.returncode is not None:
+                break
+        assert got, "no decision from the controller process"
+        assert got[0].target_alpha == pytest.approx(0.3) and got[0].decision_id.startswith("ctl-cli-")
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+        assert b"controller stopped" in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await client.close()
+
+
+# ---- with a real worker ----------------------------------------------------------------------------------
+WORKER = WorkerSettings(
+    id="wctl",
+    model="tiny",
+    num_items=5000,
+    budget_mib=4.0,
+    chunk_kib=64,
+    page_tokens=16,
+    alpha=0.5,
+    alpha_min=0.1,
+    alpha_max=0.9,
+    max_chunks_per_tick=2,
+    tick_ms=10.0,
+    digest_ms=100.0,
+    link_latency_us=1.0,
+    max_queue=8,
+)
+
+
+async def test_controller_moves_a_real_workers_alpha(nats_server: Any) -> None:
+    """Worker digests -> (this test as cachestate) FeatureReports -> controller -> AlphaDecisions -> worker.
+    static:0.8 with max_step 0.1 from 0.5: three decisions, each applied by the worker before the next."""
+    settings = replace(SETTINGS, policy="static:0.8", max_step=0.1)
+    engine = Engine(engine_config_from(replace(WORKER, device="cpu")))
+    engine.start()
+    worker_bus = await Bus.connect(nats_server.url, name="worker-under-test")
+    worker = WorkerService(WORKER, engine, worker_bus)
+    digests: list[s.WorkerDigest] = []
+    dec = s.decoder(s.WorkerDigest)
+    seq = itertools.count()
+    async with running_controller(nats_server.url, settings) as c:
+
+        async def as_cachestate(msg: Message) -> None:
+            d = s.decode(dec, msg.data)
+            digests.append(d)
+            f = replace_features(
+                features(d.worker_id), window_ms=d.period_ms, alpha=d.alpha, alpha_target=d.alpha_target
+            )
+            await c.client.publish(s.FEATURES_SUBJECT, report(f, source="test-cs", seq=next(seq)))
+
+        await c.client.subscribe(s.digest_subject(WORKER.id), as_cachestate)
+        await worker.start()
+        try:
+            total = engine.geometry.total_chunks
+            goal = round(0.8 * total) / total
+
+            def arrived() -> bool:
+                last = c.service.sent.get("wctl")
+                return any(
+                    last is not None
+                    and d.applied_decision_id == last.decision.decision_id
+                    and d.alpha_target == pytest.approx(0.8)
+                    and d.alpha == pytest.approx(goal)
+                    for d in digests
+                )
+
+            await eventually(arrived, timeout_s=15)
+        finally:
+            await worker.stop()
+            await worker_bus.close()
+            engine.stop()
+    targets = [d.target_alpha for d in c.decisions if d.worker_id == "wctl"]
+    assert targets == pytest.approx([0.6, 0.7, 0.8])
+    applied = {d.applied_decision_id for d in digests} - {None}
+    assert applied == {d.decision_id for d in c.decisions}
+    # The worker's alpha moved through the steps in between, never beyond the target.
+    alphas = [d.alpha for d in digests]
+    assert alphas[0] == pytest.approx(0.5) and max(alphas) == pytest.approx(goal)
+    assert alphas == sorted(alphas)

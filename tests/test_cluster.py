@@ -1,0 +1,269 @@
+"""End to end: a real cluster (cachestate, controller, 2 workers, gateways) on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+
+from shared import schemas as s
+from tests.cluster import Cluster
+from tests.otlp_receiver import OtlpReceiver
+
+pytestmark = pytest.mark.slow
+
+FIELDS = {
+    "items",
+    "scores",
+    "worker",
+    "cached_tokens",
+    "computed_tokens",
+    "emb_hits",
+    "emb_misses",
+    "latency_ms",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    # Module scope: one cluster for the read-only scenarios; two gateway replicas side by side, one joint and
+    # one round-robin (users are disjoint between the tests, so their affinity does not mix).
+    from tests.conftest import HOST, NatsServer, find_nats_server, free_port
+
+    workdir = tmp_path_factory.mktemp("cluster")
+    binary = find_nats_server()
+    assert binary is not None
+    nats = NatsServer(binary, free_port(HOST), workdir)
+    nats.start()
+    receiver = OtlpReceiver()
+    receiver.start()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    c = Cluster(nats.url, workdir, workers=2, gateways={"g0": "joint", "g1": "round-robin"}, extra_env=otel)
+    c.otlp = receiver  # type: ignore[attr-defined]
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        nats.stop()
+        receiver.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, dict[str, Any], Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"content-type": "application/json", "content-length": str(len(data))}
+    async with http.post(url + "/v1/recommend", data=io.BytesIO(data), headers=headers) as r:
+        return r.status, dict(r.headers), await r.json(content_type=None)
+
+
+async def test_valid_request_gets_the_documented_answer(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    status, headers, body = await post(
+        http,
+        cluster.url(),
+        {"user_id": 7, "history": [1, 2, 3], "timestamps": [10, 20, 30], "candidates": [5, 6, 7], "k": 2},
+    )
+    assert status == 200, body
+    assert set(body) == FIELDS
+    assert len(body["items"]) == 2 and set(body["items"]) <= {5, 6, 7}
+    assert body["worker"] in {"w0", "w1"} and body["computed_tokens"] == 6
+    assert len(headers["x-trace-id"]) == 32
+
+
+# Tokens a user's history grows by per visit: enough that reusing the prefix is worth more than the noise
+# between two workers' fitted cost coefficients (the tiny model computes a token in ~10 us).
+GROWTH = 64
+
+
+async def sequence(
+    http: aiohttp.ClientSession, url: str, prefix: str, users: int, steps: int
+) -> tuple[int, list[str]]:
+    """Each user returns `steps` times with a growing history; returns cached tokens and placements."""
+    cached = 0
+    placements: list[str] = []
+    for step in range(steps):
+        for u in range(users):
+            history = list(range(1000 * u, 1000 * u + GROWTH * (step + 1)))
+            status, _, body = await post(
+                http, url, {"user_id": f"{prefix}{u}", "history": history, "candidates": [1, 2, 3]}
+            )
+            assert status == 200, body
+            cached += body["cached_tokens"]
+            placements.append(body["worker"])
+        await asyncio.sleep(0.25)  # let digests reach the view (predict-on-route covers the gap anyway)
+    return cached, placements
+
+
+async def test_joint_routing_follows_kv_and_round_robin_loses_it(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    users, steps = 5, 5  # an odd count: round-robin cannot line a user up with one worker by accident
+    joint_cached, joint_where = await sequence(http, cluster.url("g0"), "joint-", users, steps)
+    rr_cached, _ = await sequence(http, cluster.url("g1"), "rr-", users, steps)
+    # Joint: every return visit reuses the previous prefix (GROWTH tokens per earlier step).
+    best = sum(GROWTH * step for step in range(steps)) * users
+    assert joint_cached >= 0.9 * best, (joint_cached, best)
+    assert rr_cached < joint_cached, (rr_cached, joint_cached)
+    # Affinity: a user stays on one worker across its visits.
+    for u in range(users):
+        assert len({joint_where[step * users + u] for step in range(steps)}) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b"{not json", 400, None),
+        (b"", 400, None),
+        ({"user_id": "u", "history": "abc", "candidates": [1]}, 400, "history"),
+        ({"user_id": "u", "history": [1, "x"], "candidates": [1]}, 400, "history[1]"),
+        ({"user_id": 1.5, "history": [], "candidates": [1]}, 400, "user_id"),
+        ({"history": [1], "candidates": [1]}, 400, "user_id"),
+        ({"user_id": "u", "history": [1]}, 400, "candidates"),
+        ({"user_id": "u", "history": [1], "candidates": []}, 400, "candidates"),
+        ({"user_id": "u", "history": [1, 2], "timestamps": [1], "candidates": [3]}, 400, "timestamps"),
+        ({"user_id": "u", "history": [-1], "candidates": [3]}, 400, "history[0]"),
+        ({"user_id": "u", "history": [1], "candidates": [3], "k": 0}, 400, "k"),
+        ({"user_id": "u", "history": [1], "candidates": [3], "surprise": True}, 400, "surprise"),
+        (
+            {"user_id": "u", "history": [1], "candidates": [10**9]},
+            400,
+            "candidates[0]",
+        ),  # beyond the catalogue
+        (b"{" + b" " * (2 * 1024 * 1024) + b"}", 413, None),
+    ],
+)
+async def test_bad_input_is_a_4xx_naming_the_field(
+    cluster: Cluster, http: aiohttp.ClientSession, body: Any, status: int, field: str | None
+) -> None:
+    got, _, payload = await post(http, cluster.url(), body)
+    assert got == status, payload
+    assert set(payload["error"]) == {"code", "message", "field"}
+    assert payload["error"]["field"] == field
+    ok, _, _ = await post(http, cluster.url(), {"user_id": "after", "history": [1], "candidates": [2]})
+    assert ok == 200  # still serving
+
+
+async def test_service_endpoints(cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    async with http.get(cluster.url() + "/healthz") as r:
+        assert r.status == 200
+    async with http.get(cluster.url() + "/readyz") as r:
+        assert r.status == 200 and (await r.json())["routable_workers"] == 2
+    async with http.get(cluster.url() + "/metrics") as r:
+        text = await r.text()
+        assert r.status == 200 and "onepool_gateway_requests_total" in text
+    async with http.get(cluster.url() + "/openapi.json") as r:
+        doc = await r.json()
+        assert "/v1/recommend" in doc["paths"]
+    async with http.get(cluster.url() + "/nope") as r:
+        assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_worker_death_is_invisible_to_clients_and_it_rejoins(tmp_path: Path, nats_server: Any) -> None:
+    incarnations: dict[str, list[str]] = {}
+    listener = await nats.connect(nats_server.url)
+    dec = s.decoder(s.WorkerDigest)
+
+    async def on_digest(msg: Any) -> None:
+        d = s.decode(dec, msg.data)
+        seen = incarnations.setdefault(d.worker_id, [])
+        if d.incarnation not in seen:
+            seen.append(d.incarnation)
+
+    await listener.subscribe(s.DIGEST_WILDCARD, cb=on_digest)
+    cluster = Cluster(nats_server.url, tmp_path, workers=2, controller_policy=None)
+    cluster.start()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            statuses: list[int] = []
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                i = 0
+                while not stop.is_set():
+                    status, _, _ = await post(
+                        http,
+                        cluster.url(),
+                        {"user_id": f"f{i % 8}", "history": [1, 2, i % 50], "candidates": [4, 5]},
+                    )
+                    statuses.append(status)
+                    i += 1
+                    await asyncio.sleep(0.01)
+
+            task = asyncio.create_task(load())
+            await asyncio.sleep(1.0)
+            killed_at = time.monotonic()
+            cluster.kill("w1")
+            while cluster.routable() != 1:  # fenced: 3 digest periods of 100 ms, plus propagation
+                assert time.monotonic() - killed_at < 5, cluster.logs()
+                await asyncio.sleep(0.05)
+            fenced_after = time.monotonic() - killed_at
+            await asyncio.sleep(1.0)
+            cluster.start_worker("w1")
+            while cluster.routable() != 2:
+                assert time.monotonic() - killed_at < 90, cluster.logs()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            stop.set()
+            await task
+            assert statuses and all(code == 200 for code in statuses), [c for c in statuses if c != 200]
+            assert fenced_after < 2.0
+            # The restarted worker serves again: a burst spreads over both (anti-herding by in-flight count).
+            burst = [
+                post(
+                    http, cluster.url(), {"user_id": f"new{i}", "history": list(range(64)), "candidates": [1]}
+                )
+                for i in range(40)
+            ]
+            landed = {body["worker"] for _, _, body in await asyncio.gather(*burst)}
+            assert landed == {"w0", "w1"}
+            # ... under a new incarnation.
+            assert len(incarnations["w1"]) == 2, incarnations
+    finally:
+        cluster.stop()
+        await listener.close()
+
+
+async def test_one_trace_per_request_across_gateway_and_worker(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    receiver: OtlpReceiver = cluster.otlp  # type: ignore[attr-defined]
+    trace_ids = []
+    for i in range(3):
+        status, headers, _ = await post(
+            http, cluster.url(), {"user_id": f"t{i}", "history": [1, 2], "candidates": [3]}
+        )
+        assert status == 200
+        trace_ids.append(headers["x-trace-id"])
+    for trace_id in trace_ids:
+        deadline = time.monotonic() + 15
+        while not {"onepool-gateway", "onepool-worker"} <= {s.service for s in receiver.trace(trace_id)}:
+            assert time.monotonic() < deadline, [s.name for s in receiver.trace(trace_id)]
+            await asyncio.sleep(0.1)
+        spans = {s.span_id: s for s in receiver.trace(trace_id)}
+        names = {s.name: s for s in spans.values()}
+        server = names["POST /v1/recommend"]
+        assert server.service == "onepool-gateway" and server.parent_span_id == ""  # the root: one trace
+        route = names["gateway.route"]
+        assert route.attributes["onepool.route.chosen.worker"] in {"w0", "w1"}
+        assert "onepool.route.runner_up.total_ms" in route.attributes
+        process = next(s for s in spans.values() if s.name.startswith("process onepool.worker."))
+        send = spans[process.parent_span_id]
+        assert send.service == "onepool-gateway" and send.name.startswith("send onepool.worker.")
+        assert process.service == "onepool-worker"
+        infer = names["worker.infer"]
+        assert infer.parent_span_id == process.span_id
