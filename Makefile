@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint typecheck bench-worker clean
+.PHONY: venv run test lint typecheck bench-worker bench-routing clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,9 @@ test: venv
 
 bench-worker: venv
 	$(BIN)/onepool bench worker --json out/bench-worker.json
+
+bench-routing: venv
+	$(BIN)/onepool bench routing --json out/bench-routing.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

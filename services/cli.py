@@ -70,6 +70,14 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _bench_routing(args: argparse.Namespace) -> int:
+    from bench.routing_report import RoutingBenchOptions, run_routing_bench
+
+    return run_routing_bench(
+        RoutingBenchOptions(json_path=args.json, quick=args.quick, repeats=args.repeats, rate=args.rate)
+    )
+
+
 def _env_pair(text: str) -> str:
     if "=" not in text or not text.split("=", 1)[0]:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -165,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bw.add_argument("--repeats", type=int, default=3, help="repeats per figure; the median is reported")
     bw.set_defaults(func=_bench_worker)
+    br = bench_sub.add_parser(
+        "routing",
+        help="routing decision latency; P99 added by the gateway over direct NATS requests",
+        description="Routing benchmark: route_p50_us/route_p99_us (joint policy, 32 workers, 512-item "
+        "history, 128 candidates) and gateway_overhead_p99_ms (a local cluster with one CPU worker, "
+        "open-loop Poisson load). Writes the keys listed in docs/benchmarks.md to --json.",
+    )
+    br.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
+    br.add_argument("--quick", action="store_true", help="short runs (a smoke run, not figures)")
+    br.add_argument("--repeats", type=int, default=3, help="repeats per figure; the median is reported")
+    br.add_argument("--rate", type=float, default=200.0, help="requests per second for the overhead (200)")
+    br.set_defaults(func=_bench_routing)
     return parser
 
 

@@ -22,14 +22,27 @@ def test_compose_file_matches_the_compose_spec() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_compose_worker_settings_are_real_settings() -> None:
-    from services.worker.settings import ENV_PREFIX, WorkerSettings
+def test_compose_settings_are_real_settings() -> None:
+    from services.cachestate.settings import CacheStateSettings
+    from services.controller.settings import ControllerSettings
+    from services.gateway.settings import GatewaySettings
+    from services.worker.settings import WorkerSettings
 
     spec = yaml.safe_load(COMPOSE.read_text())
-    env = spec["services"]["worker"]["environment"]
-    known = {f"{ENV_PREFIX}{name.upper()}" for name in WorkerSettings.__dataclass_fields__}
-    onepool_vars = {k for k in env if k.startswith("ONEPOOL_")}
-    assert onepool_vars and onepool_vars <= known, onepool_vars - known
+    known = {
+        f"{prefix}{name.upper()}"
+        for prefix, cls in (
+            ("ONEPOOL_WORKER_", WorkerSettings),
+            ("ONEPOOL_GATEWAY_", GatewaySettings),
+            ("ONEPOOL_CACHESTATE_", CacheStateSettings),
+            ("ONEPOOL_CONTROLLER_", ControllerSettings),
+        )
+        for name in cls.__dataclass_fields__
+    }
+    for service in ("worker", "gateway", "cachestate", "controller"):
+        env = spec["services"][service]["environment"]
+        onepool_vars = {k for k in env if k.startswith("ONEPOOL_")}
+        assert onepool_vars and onepool_vars <= known, (service, onepool_vars - known)
+        assert spec["services"][service]["command"] == [service]
     dockerfile = (ROOT / "deploy" / "compose" / "Dockerfile").read_text()
-    assert spec["services"]["worker"]["build"]["dockerfile"] == "deploy/compose/Dockerfile"
     assert 'ENTRYPOINT ["onepool"]' in dockerfile

@@ -19,6 +19,24 @@ Eviction only ever loses information: the router sees a false negative (no affin
 that entry), never a false positive. Evictions are counted (``kv_evictions``, ``emb_evictions``) and,
 with ``track_evictions=True``, remembered until ``take_evictions()`` so they can be forwarded as removals.
 Removing or dropping entries really frees them (no tombstones).
+
+Dense EMB masks (the router's fast path)
+----------------------------------------
+Beside the dict ``item -> mask``, the low 64 bits of every mask are mirrored in a dense numpy ``uint64``
+array indexed by item id, so ``emb_masks_array`` answers a whole request with one numpy gather instead of
+one dict lookup per item. The mirror is kept exactly in sync on every path that changes a mask (add_emb,
+remove_emb, clear_worker, drop_worker, clear, replace_worker, eviction): for every id ``0 <= i < len``,
+``dense[i] == masks.get(i, 0) & (2**64 - 1)``.
+
+* Bits: the array holds bits 0..63 only. While every worker's bit is < 64 (at most 64 workers known at
+  once: freed bits are reused lowest first) it is the whole mask; beyond that it is the mask's low 64 bits,
+  which is what the router needs: it calls ``emb_masks_array`` only when every *routable* worker's bit is
+  below 64, and reads no other column.
+* Memory: 8 bytes x (the largest item id seen + 1, rounded up to a power of two, at least 1024), whatever
+  ``max_entries`` says: it grows by doubling as larger ids arrive and never beyond ``dense_max_items``
+  (default 2**26 items = 512 MiB worst case; a 1M-item catalogue costs 8 MiB). It is freed by ``clear()``.
+  Items at or beyond the cap (or negative) live only in the dict; ``emb_masks_array`` looks those up there,
+  so the answer is exact either way, just slower for them. ``dense_max_items=0`` disables the array.
 """
 
 from __future__ import annotations
@@ -28,9 +46,19 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-__all__ = ["Evictions", "IndexSizes", "ResidencyDiff", "ResidencyIndex"]
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["DENSE_MAX_ITEMS", "Evictions", "IndexSizes", "ResidencyDiff", "ResidencyIndex"]
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+DENSE_MAX_ITEMS: Final = 1 << 26  # default cap of the dense mask array: 2**26 items x 8 bytes = 512 MiB
+_DENSE_MIN: Final = 1024  # first allocation (items)
+_MASK64: Final = (1 << 64) - 1
 
 
 class IndexSizes(NamedTuple):
@@ -61,9 +89,17 @@ class Evictions:
 
 
 class ResidencyIndex:
-    def __init__(self, max_entries: int = 2_000_000, *, track_evictions: bool = False) -> None:
+    def __init__(
+        self,
+        max_entries: int = 2_000_000,
+        *,
+        track_evictions: bool = False,
+        dense_max_items: int = DENSE_MAX_ITEMS,
+    ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        if dense_max_items < 0:
+            raise ValueError(f"dense_max_items must be >= 0, got {dense_max_items}")
         self.max_entries = max_entries
         self.kv_evictions = 0
         self.emb_evictions = 0
@@ -79,11 +115,38 @@ class ResidencyIndex:
         self._bit_owner: dict[int, str] = {}
         self._free_bits: list[int] = []  # heap
         self._next_bit = 0
+        # low 64 bits of _item_masks for ids 0 <= i < len(_dense) (see "Dense EMB masks" above)
+        self.dense_max_items = dense_max_items
+        self._dense: U64 = np.zeros(0, dtype=np.uint64)
+        # some item outside [0, len(_dense)) was added since the last clear(): lookups outside the array
+        # must consult the dict (sticky: cleared by clear() only)
+        self._dense_outside = False
 
     # ---- queries (the router's hot path) ------------------------------------------------------------
     def emb_masks(self, items: Sequence[int]) -> list[int]:
         """For each item, the bitmask of workers holding it (0: nobody). One C-level loop."""
         return list(map(self._item_masks.get, items, repeat(0)))
+
+    def emb_masks_array(self, items: I64) -> U64:
+        """``emb_masks`` as a uint64 array, from the dense mirror: the low 64 bits of each item's mask
+        (the whole mask while every worker bit is < 64; see the module docstring). Items outside the
+        array (negative, or beyond ``dense_max_items``) are looked up in the dict; unknown items give 0."""
+        dense = self._dense
+        n = len(items)
+        if n == 0:
+            return np.zeros(0, dtype=np.uint64)
+        size = len(dense)
+        if size and int(items.min()) >= 0 and int(items.max()) < size:
+            out: U64 = dense[items]
+            return out
+        out = np.zeros(n, dtype=np.uint64)
+        inside = (items >= 0) & (items < size)
+        out[inside] = dense[items[inside]]
+        if self._dense_outside:
+            get = self._item_masks.get
+            where = np.flatnonzero(~inside)
+            out[where] = [get(i, 0) & _MASK64 for i in items[where].tolist()]
+        return out
 
     def worker_bit(self, worker_id: str) -> int | None:
         return self._bits.get(worker_id)
@@ -188,6 +251,8 @@ class ResidencyIndex:
             self.drop_worker(worker_id)
         self._free_bits = []
         self._next_bit = 0
+        self._dense = np.zeros(0, dtype=np.uint64)  # every mask is gone: free the mirror too
+        self._dense_outside = False
 
     # ---- KV -------------------------------------------------------------------------------------------
     def upsert_kv(self, user_id: str, worker_id: str, length: int) -> bool:
@@ -229,6 +294,7 @@ class ResidencyIndex:
         bit = 1 << self._bits[worker_id]
         masks = self._item_masks
         added: list[int] = []
+        evictions = self.emb_evictions
         for item in items:
             if item in held:
                 continue
@@ -237,6 +303,10 @@ class ResidencyIndex:
             self._emb_total += 1
             masks[item] = masks.get(item, 0) | bit
             added.append(item)
+        if added:
+            # An EMB eviction inside the loop may have cleared an item added above: then copy the dict's
+            # final masks, else OR the bit in (the same, faster).
+            self._dense_set(added, bit if self.emb_evictions == evictions else None)
         return added
 
     def remove_emb(self, worker_id: str, items: Iterable[int]) -> list[int]:
@@ -296,9 +366,55 @@ class ResidencyIndex:
     def _clear_bit(self, items: Iterable[int], bit: int) -> None:
         masks = self._item_masks
         keep = ~bit
+        seen: list[int] = []
         for item in items:
             mask = masks[item] & keep
             if mask:
                 masks[item] = mask
             else:
                 del masks[item]
+            seen.append(item)
+        if bit <= _MASK64 and seen and len(self._dense):
+            idx = self._dense_index(seen)
+            if len(idx):
+                self._dense[idx] &= np.uint64(keep & _MASK64)
+
+    # ---- dense mirror of the masks --------------------------------------------------------------------
+    def _dense_index(self, items: list[int]) -> I64:
+        """The items that fall inside the dense array, as an index array."""
+        size = len(self._dense)
+        if not items or not size:
+            return np.zeros(0, dtype=np.int64)
+        lo, hi = min(items), max(items)
+        if lo >= 0 and hi < size:
+            return np.array(items, dtype=np.int64)
+        return np.array([i for i in items if 0 <= i < size], dtype=np.int64)
+
+    def _dense_set(self, items: list[int], bit: int | None) -> None:
+        """Mirror newly added items: OR ``bit`` in, or (``bit=None``) copy their masks from the dict."""
+        hi = max(items)
+        if hi >= len(self._dense) and len(self._dense) < self.dense_max_items:
+            self._dense_grow(hi)
+        size = len(self._dense)
+        if min(items) < 0 or hi >= size:
+            self._dense_outside = True
+        idx = self._dense_index(items)
+        if not len(idx):
+            return
+        if bit is None:
+            get = self._item_masks.get
+            self._dense[idx] = np.array([get(i, 0) & _MASK64 for i in idx.tolist()], dtype=np.uint64)
+        elif bit <= _MASK64:
+            self._dense[idx] |= np.uint64(bit)
+
+    def _dense_grow(self, item: int) -> None:
+        """Grow the array (doubling, capped at dense_max_items) to cover ``item`` if the cap allows."""
+        size = max(len(self._dense), _DENSE_MIN)
+        while size <= item:
+            size *= 2
+        size = min(size, self.dense_max_items)
+        if size <= len(self._dense):
+            return
+        grown: U64 = np.zeros(size, dtype=np.uint64)
+        grown[: len(self._dense)] = self._dense
+        self._dense = grown
