@@ -7,20 +7,32 @@ its own popularity-weighted tail; 2000 users, 60% with KV on one worker and 15% 
 tokens), the rest on none; loads 0-8 in flight with digest latencies of 5-30 ms. Requests: a 512-item
 history (Zipf, repeats included) and 128 candidates, users drawn at random.
 
+The headline figures go through the gateway's REAL view: the same cluster is turned into the snapshot
+``ViewUpdate`` messages cachestate would publish (``pack_updates``, default part size), each encoded and
+decoded with the wire codec and applied to a ``ViewReplica`` over a ``ResidencyIndex`` (the gateway's
+``REPLICA_MAX_ENTRIES`` cap), read through ``ReplicaView`` with its ``version`` bumped per applied update,
+exactly as ``Gateway._on_view`` does. The build checks that the replica's masks and KV equal the
+synthetic cluster's (``route_setup.real_view``).
+
 Figures (each the median over ``repeats`` runs of ``calls`` timed calls after a warm-up):
-- route_p50_us / route_p99_us: JOINT policy, ``route()`` plus reading the best and runner-up breakdowns
-  (what the gateway puts on the routing span), history and candidates as int64 arrays, the view answering
-  EMB masks from a numpy array over the catalogue through the optional ``emb_masks_array``
-  (``SyntheticView``). Each decision is then dispatched and completed (untimed), 1 ms of simulated time
-  apart, so the router's own in-flight counts and predictions evolve as in service.
-- route_only_p50_us / route_only_p99_us: ``route()`` alone.
+- route_p50_us / route_p99_us: JOINT policy through the real view, ``route()`` plus reading the best and
+  runner-up breakdowns (what the gateway puts on the routing span), history and candidates as int64
+  arrays (EMB masks from ``ResidencyIndex.emb_masks_array``, its dense numpy mirror). Each decision is then
+  dispatched and completed (untimed), 1 ms of simulated time apart, so the router's own in-flight counts
+  and predictions evolve as in service.
+- route_only_p50_us / route_only_p99_us: ``route()`` alone, real view.
+- route_real_dict_path_*: the real view with ``emb_masks_array`` hidden, so the router asks
+  ``emb_masks`` (one dict lookup per unique item): the gateway before the dense mirror.
+- policies: p50/p99 of every policy through the real view (route() plus best and runner-up).
+Secondary, over the bench-only ``SyntheticView`` (EMB masks in a numpy array over the catalogue):
+- route_synthetic_p50_us / route_synthetic_p99_us: JOINT, as route_p50/p99_us.
 - route_list_input_*: the same with history and candidates as Python lists (JSON as parsed).
 - route_list_view_*: the same view without the optional ``emb_masks_array`` (the router hands
   ``emb_masks`` a list of ints; the view converts it back to an array).
 - route_unversioned_view_*: the same view without ``version`` (per-worker arrays rebuilt every call).
 - route_dict_view_*: a view that keeps EMB residency in a dict item -> mask and answers a list (one dict
   lookup per unique item: what a naive replica costs).
-- policies: p50/p99 of every policy (route() plus best and runner-up).
+- policies_synthetic: p50/p99 of every policy over the synthetic view.
 Timed with perf_counter_ns; the garbage collector stays on (as in the gateway). The machine is shared and
 noisy: compare ratios, not absolute times.
 """
@@ -38,7 +50,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from services.cachestate.core.changes import pack_updates
+from services.cachestate.core.residency import ResidencyIndex
 from services.gateway.core.router import Policy, Router, RouteRequest, RoutingView
+from services.gateway.core.view_replica import ViewReplica
+from services.gateway.service import REPLICA_MAX_ENTRIES, ReplicaView
+from shared import schemas as s
 from shared.schemas import CostCoefficients, LoadInfo, WorkerState
 
 WORKERS = 32
@@ -120,6 +137,72 @@ class DictView(ListView):
     def emb_masks(self, items: Sequence[int]) -> list[int]:  # type: ignore[override]
         get = self._dict.get
         return [get(i, 0) for i in items]
+
+
+class DictPathReplicaView(ReplicaView):
+    """The real view with ``emb_masks_array`` hidden: the router falls back to ``emb_masks`` (a list
+    answered one dict lookup per item), as the gateway did before the dense mirror."""
+
+    emb_masks_array = None  # type: ignore[assignment]
+
+
+def build_real_view(
+    workers: list[WorkerState],
+    masks: npt.NDArray[np.uint64],
+    kv: dict[str, dict[str, int]],
+    view_cls: type[ReplicaView] = ReplicaView,
+) -> tuple[ReplicaView, dict[str, Any]]:
+    """The gateway's view of this cluster, built the way a gateway builds it: snapshot ViewUpdates
+    (packed like cachestate's, through the wire codec) applied to a ViewReplica over a ResidencyIndex."""
+    t0 = time.perf_counter()
+    emb_added: dict[str, list[int]] = {}
+    for b, w in enumerate(workers):
+        emb_added[w.worker_id] = np.flatnonzero(masks & np.uint64(1 << b)).tolist()
+    updates = pack_updates(
+        kind="snapshot",
+        source="bench-cachestate",
+        first_seq=0,
+        sent_at_ms=0.0,
+        workers=workers,
+        kv_upserts=[s.KvPlacement(u, w, n) for u, held in kv.items() for w, n in held.items()],
+        emb_added=emb_added,
+    )
+    index = ResidencyIndex(max_entries=REPLICA_MAX_ENTRIES)
+    replica = ViewReplica(index)
+    view = view_cls(replica, index)
+    dec = s.decoder(s.ViewUpdate)
+    wire_bytes = 0
+    for update in updates:
+        data = s.encode(update)
+        wire_bytes += len(data)
+        outcome = replica.apply(s.decode(dec, data))
+        view.version += 1  # as Gateway._on_view: every applied update
+        if outcome.need_snapshot:
+            raise RuntimeError(f"bench view snapshot not applied: {outcome.reason}")
+    build_s = time.perf_counter() - t0
+    # the replica must hold exactly the synthetic cluster
+    routable = [w.worker_id for w in view.routable_workers()]
+    if not replica.in_sync or routable != [w.worker_id for w in workers]:
+        raise RuntimeError("bench view: replica out of sync or workers differ")
+    if [index.worker_bit(w.worker_id) for w in workers] != list(range(len(workers))):
+        raise RuntimeError("bench view: worker bits differ from the synthetic view")
+    all_items = np.arange(len(masks), dtype=np.int64)
+    if not np.array_equal(index.emb_masks_array(all_items), masks):
+        raise RuntimeError("bench view: EMB masks differ from the synthetic view")
+    if any(dict(view.kv_workers(u)) != held for u, held in kv.items()):
+        raise RuntimeError("bench view: KV placements differ from the synthetic view")
+    if index.kv_evictions or index.emb_evictions:
+        raise RuntimeError("bench view: the replica's cap evicted entries")
+    info: dict[str, Any] = {
+        "snapshot_parts": len(updates),
+        "snapshot_wire_bytes": wire_bytes,
+        "replica_entries": index.entries,
+        "replica_max_entries": REPLICA_MAX_ENTRIES,
+        "dense_mask_items": len(index._dense),
+        "build_s": round(build_s, 3),
+        "verified_equal_to_synthetic": True,
+    }
+    return view, info
 
 
 def _zipf_sampler(rng: np.random.Generator, n: int, a: float) -> npt.NDArray[np.float64]:
@@ -257,13 +340,27 @@ def measure_route_latency(repeats: int, quick: bool) -> dict[str, Any]:
     repeats = max(1, repeats)
     calls = 3_000 if quick else 20_000
     workers, masks, kv, requests, setup = build_setup()
+    real, real_info = build_real_view(workers, masks, kv)
+    real_dict, _ = build_real_view(workers, masks, kv, DictPathReplicaView)
     view = SyntheticView(workers, masks, kv)
     gc.collect()
     out: dict[str, Any] = {}
-    p50, p99 = _median_runs(Policy.JOINT, view, requests, calls, repeats)
+    # headline: the gateway's real view
+    p50, p99 = _median_runs(Policy.JOINT, real, requests, calls, repeats)
     out["route_p50_us"], out["route_p99_us"] = p50, p99
-    p50, p99 = _median_runs(Policy.JOINT, view, requests, calls, repeats, read_top2=False)
+    p50, p99 = _median_runs(Policy.JOINT, real, requests, calls, repeats, read_top2=False)
     out["route_only_p50_us"], out["route_only_p99_us"] = p50, p99
+    p50, p99 = _median_runs(Policy.JOINT, real_dict, requests, calls, repeats)
+    out["route_real_dict_path_p50_us"], out["route_real_dict_path_p99_us"] = p50, p99
+    policies: dict[str, dict[str, float]] = {}
+    for policy in Policy:
+        p50, p99 = _median_runs(policy, real, requests, calls, repeats)
+        policies[policy.value] = {"p50_us": p50, "p99_us": p99}
+    out["policies"] = policies
+    del real_dict
+    # secondary: the bench-only synthetic view
+    p50, p99 = _median_runs(Policy.JOINT, view, requests, calls, repeats)
+    out["route_synthetic_p50_us"], out["route_synthetic_p99_us"] = p50, p99
     as_lists = [
         RouteRequest(r.user_id, np.asarray(r.history).tolist(), np.asarray(r.candidates).tolist())
         for r in requests
@@ -279,13 +376,15 @@ def measure_route_latency(repeats: int, quick: bool) -> dict[str, Any]:
     dview = DictView(workers, masks, kv)
     p50, p99 = _median_runs(Policy.JOINT, dview, requests, calls, repeats)
     out["route_dict_view_p50_us"], out["route_dict_view_p99_us"] = p50, p99
-    policies: dict[str, dict[str, float]] = {}
+    synthetic: dict[str, dict[str, float]] = {}
     for policy in Policy:
         p50, p99 = _median_runs(policy, view, requests, calls, repeats)
-        policies[policy.value] = {"p50_us": p50, "p99_us": p99}
-    out["policies"] = policies
+        synthetic[policy.value] = {"p50_us": p50, "p99_us": p99}
+    out["policies_synthetic"] = synthetic
     out["route_setup"] = {
         **setup,
+        "view": "real: ResidencyIndex + ViewReplica + ReplicaView from snapshot ViewUpdates",
+        "real_view": real_info,
         "timed_calls": calls,
         "repeats": repeats,
         "quick": quick,
@@ -299,9 +398,17 @@ def measure_route_latency(repeats: int, quick: bool) -> dict[str, Any]:
 
 def _summary(r: Mapping[str, Any]) -> str:
     lines = [
-        f"route (joint, 32 workers, {HISTORY}-item history, {CANDIDATES} candidates): "
-        f"p50 {r['route_p50_us']:.1f} us, p99 {r['route_p99_us']:.1f} us "
-        f"(route() alone: p50 {r['route_only_p50_us']:.1f}, p99 {r['route_only_p99_us']:.1f})",
+        f"route through the real gateway view (joint, 32 workers, {HISTORY}-item history, {CANDIDATES} "
+        f"candidates): p50 {r['route_p50_us']:.1f} us, p99 {r['route_p99_us']:.1f} us "
+        f"(route() alone: p50 {r['route_only_p50_us']:.1f}, p99 {r['route_only_p99_us']:.1f}; "
+        f"dict path, emb_masks_array hidden: p50 {r['route_real_dict_path_p50_us']:.1f}, "
+        f"p99 {r['route_real_dict_path_p99_us']:.1f})",
+    ]
+    for name, f in r["policies"].items():
+        lines.append(f"  {name:>13}: p50 {f['p50_us']:.1f} us, p99 {f['p99_us']:.1f} us")
+    lines += [
+        f"synthetic view (joint): p50 {r['route_synthetic_p50_us']:.1f} us, "
+        f"p99 {r['route_synthetic_p99_us']:.1f} us",
         f"  list input: p50 {r['route_list_input_p50_us']:.1f}, p99 {r['route_list_input_p99_us']:.1f}; "
         f"view without emb_masks_array: p50 {r['route_list_view_p50_us']:.1f}, "
         f"p99 {r['route_list_view_p99_us']:.1f}; "
@@ -309,7 +416,7 @@ def _summary(r: Mapping[str, Any]) -> str:
         f"view without version: p50 {r['route_unversioned_view_p50_us']:.1f}, "
         f"p99 {r['route_unversioned_view_p99_us']:.1f}",
     ]
-    for name, f in r["policies"].items():
+    for name, f in r["policies_synthetic"].items():
         lines.append(f"  {name:>13}: p50 {f['p50_us']:.1f} us, p99 {f['p99_us']:.1f} us")
     return "\n".join(lines)
 

@@ -1,7 +1,10 @@
 """`onepool up`: the local cluster as child processes, with an embedded nats-server.
 
-Children run in their own sessions so that Ctrl-C reaches only this launcher, which then stops them in
-order (workers drain first, NATS last) and kills whatever does not stop in time: nothing is left behind.
+Starts nats-server, cachestate, the controller, N CPU workers and the gateway; it is ready when every worker
+has published a digest and the gateway's /readyz says it can route. Children run in their own sessions so
+that Ctrl-C reaches only this launcher, which then stops them front to back (the gateway, the workers,
+which drain, then cachestate and the controller, NATS last) and kills whatever does not stop in time; a
+second signal, or the launcher's own death (PR_SET_PDEATHSIG), kills them at once: nothing is left behind.
 """
 
 from __future__ import annotations
@@ -198,7 +201,7 @@ async def _cluster(opts: LaunchOptions, stop: asyncio.Event) -> None:
     url = f"nats://{opts.host}:{opts.nats_port}"
     nats_argv = [find_nats_server(), "-a", opts.host, "-p", str(opts.nats_port)]
     nats_child = await _spawn("nats", nats_argv, dict(os.environ))
-    services: list[Child] = []  # stopped first, in reverse start order
+    services: list[Child] = []  # cachestate, controller, gateway
     workers: list[Child] = []
     onepool = [sys.executable, "-m", "services.cli"]
     try:

@@ -14,6 +14,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 import structlog
 from aiohttp import web
 from opentelemetry import propagate, trace
@@ -83,7 +85,9 @@ class GatewayMetrics:
             registry=r,
         )
         self.view_updates = Counter("onepool_gateway_view_updates", "view updates applied", registry=r)
-        self.view_resyncs = Counter("onepool_gateway_view_resyncs", "view snapshot requests sent", registry=r)
+        self.view_resyncs = Counter(
+            "onepool_gateway_view_resyncs", "view snapshot requests answered by cachestate", registry=r
+        )
         self.bad_messages = Counter("onepool_gateway_bad_messages", "undecodable bus messages", registry=r)
         self.routable = Gauge("onepool_gateway_routable_workers", "workers the router may choose", registry=r)
 
@@ -108,6 +112,10 @@ class ReplicaView:
 
     def emb_masks(self, items: Sequence[int]) -> list[int]:
         return self._index.emb_masks(items)
+
+    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+        """The router's fast path (it calls this only while every routable worker's bit is < 64)."""
+        return self._index.emb_masks_array(items)
 
 
 class Gateway:

@@ -42,7 +42,7 @@ class GatewaySettings:
     predict_ttl_s: float = field(
         default=5.0, metadata=_h("how long the gateway remembers where it sent a user (predict-on-route)")
     )
-    retry_after_s: int = field(default=1, metadata=_h("Retry-After of a 503 when no worker is live"))
+    retry_after_s: int = field(default=1, metadata=_h("Retry-After (seconds) of every 503 answer"))
     snapshot_retry_ms: float = field(
         default=500.0, metadata=_h("wait between view snapshot requests while out of sync")
     )

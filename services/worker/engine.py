@@ -178,6 +178,19 @@ class Engine:
         self.ticks = 0
         self.tick_seconds = 0.0  # model-thread time spent in ticks (reallocation, refill, prefetch installs)
 
+    def warm_up(self) -> None:
+        """Run the model once uncached and once cached on made-up inputs, outside the pool, before serving:
+        the first real request must not pay for lazy initialisation (and must not teach the cost fit, which
+        the router trusts, that this worker is slow)."""
+        cfg = self.cfg.model
+        gen = torch.Generator().manual_seed(0)
+        n, m = min(32, cfg.max_history - 1), 8
+        hist = torch.randn(n, cfg.item_dim, generator=gen).to(self.device)
+        cands = torch.randn(m, cfg.item_dim, generator=gen).to(self.device)
+        ts = torch.arange(n + 1, dtype=torch.int64, device=self.device)
+        first = self.model(hist, ts[:n], 0, cands, None, None)
+        self.model(hist[:1], ts, n, cands, first.new_k, first.new_v)
+
     # ---------------------------------------------------------------------------------------------------
     # Thread-safe API for the shell.
     # ---------------------------------------------------------------------------------------------------

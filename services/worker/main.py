@@ -33,6 +33,7 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
             log.info("HSTU weights loaded", source=engine.model_source)
         if engine.link.emulated:
             log.info("CPU mode: misses pay an emulated host link", link=engine.link.describe())
+        await asyncio.to_thread(engine.warm_up)
         engine.start()
         bus = await Bus.connect(
             settings.nats_url,

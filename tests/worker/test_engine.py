@@ -240,3 +240,11 @@ def test_cuda_pool_model_and_h2d_misses_reproduce_the_uncached_result() -> None:
         engine.tick()
     engine.pool.check_invariants()
     assert engine.link.bytes_moved > 0
+
+
+def test_warm_up_leaves_the_pool_untouched() -> None:
+    engine = make_engine()
+    engine.warm_up()
+    assert engine.pool.emb.size == 0 and engine.pool.kv.size == 0
+    assert engine.pool.counters.emb_misses == 0 and engine.pool.counters.kv_misses == 0
+    assert engine.cost_estimate().samples == 0

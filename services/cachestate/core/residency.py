@@ -136,7 +136,8 @@ class ResidencyIndex:
         if n == 0:
             return np.zeros(0, dtype=np.uint64)
         size = len(dense)
-        if size and int(items.min()) >= 0 and int(items.max()) < size:
+        # one reduction checks both bounds: read as uint64, a negative id is huge
+        if size and int(items.view(np.uint64).max()) < size:
             out: U64 = dense[items]
             return out
         out = np.zeros(n, dtype=np.uint64)
@@ -374,10 +375,17 @@ class ResidencyIndex:
             else:
                 del masks[item]
             seen.append(item)
-        if bit <= _MASK64 and seen and len(self._dense):
-            idx = self._dense_index(seen)
-            if len(idx):
-                self._dense[idx] &= np.uint64(keep & _MASK64)
+        dense = self._dense
+        if bit > _MASK64 or not seen or not len(dense):
+            return
+        if len(seen) == 1:  # an eviction: a scalar write beats building an index array
+            item = seen[0]
+            if 0 <= item < len(dense):
+                dense[item] = masks.get(item, 0) & _MASK64
+            return
+        idx = self._dense_index(seen)
+        if len(idx):
+            dense[idx] &= np.uint64(keep & _MASK64)
 
     # ---- dense mirror of the masks --------------------------------------------------------------------
     def _dense_index(self, items: list[int]) -> I64:

@@ -146,7 +146,7 @@ class ScoreBreakdown:
     cached_tokens: int
     new_tokens: int
     emb_misses: int
-    in_flight: int  # work ahead: max(view in_flight, this gateway's own in-flight count)
+    in_flight: int  # work ahead: max(view queue_depth, this gateway's own in-flight count)
     predicted: bool  # cached_tokens came from predict-on-route, not (yet) from the view
 
 
