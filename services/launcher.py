@@ -104,8 +104,9 @@ def _kill_all(children: list[Child]) -> None:
 async def _stop(children: list[Child], timeout_s: float) -> None:
     for child in children:
         if child.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.proc.send_signal(signal.SIGTERM)
+            # The whole process group (each child leads its own session): helpers it started go too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGTERM)
     for child in children:
         try:
             await asyncio.wait_for(child.proc.wait(), timeout_s)
@@ -114,7 +115,12 @@ async def _stop(children: list[Child], timeout_s: float) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.proc.pid, signal.SIGKILL)
             await child.proc.wait()
-        await child.pump
+        try:
+            # A grandchild holding the pipe open must not hang the stop.
+            await asyncio.wait_for(child.pump, 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
 
 
 async def _wait_port(host: str, port: int, timeout_s: float) -> None:
@@ -217,6 +223,8 @@ async def _cluster(opts: LaunchOptions, stop: asyncio.Event) -> None:
         services.append(await _spawn("controller", [*onepool, "controller"], controller_env))
         ids = [f"w{i}" for i in range(opts.workers)]
         for wid in ids:
+            if stop.is_set():
+                return  # Ctrl-C during start-up: stop what runs, start nothing more
             env = {**os.environ, "ONEPOOL_WORKER_ID": wid, "ONEPOOL_WORKER_NATS_URL": url, **opts.worker_env}
             workers.append(await _spawn(wid, [*onepool, "worker"], env))
         gateway_env = {

@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import math
 import os
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -257,3 +258,15 @@ def _check(value: object, tp: Any, var: str, where: str) -> Any:
     if isinstance(inner, type) and isinstance(value, inner):
         return value
     raise _bad(var, where, value, tp)
+
+
+def doc(text: str) -> dict[str, str]:
+    """Field metadata carrying the help text of a setting: `field(default=..., metadata=doc("..."))`."""
+    return {"help": text}
+
+
+def host_instance_id(fallback: str) -> str:
+    """A default instance id, `<hostname>-<pid>`, usable as a NATS subject token (compose gives each
+    container its own hostname; locally the pid tells processes apart)."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
+    return f"{host or fallback}-{os.getpid()}"

@@ -58,7 +58,7 @@ def _start_cluster(port: int, workers: int) -> tuple[subprocess.Popen[str], list
     """`onepool up` as a child; returns once it printed its banner (the lines read so far)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     launcher = subprocess.Popen(
-        [*ONEPOOL, "up", "--workers", str(workers), "--nats-port", str(port)]
+        [*ONEPOOL, "up", "--workers", str(workers), "--nats-port", str(port), "--port", str(free_port())]
         + ["--worker-env", "ONEPOOL_WORKER_BUDGET_MIB=4"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -171,6 +171,7 @@ async def test_service_endpoints(cluster: Cluster, http: aiohttp.ClientSession) 
         assert "/v1/recommend" in doc["paths"]
     async with http.get(cluster.url() + "/nope") as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        assert len(r.headers["x-trace-id"]) == 32  # every answer can be found in the traces
 
 
 async def test_worker_death_is_invisible_to_clients_and_it_rejoins(tmp_path: Path, nats_server: Any) -> None:

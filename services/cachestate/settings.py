@@ -2,58 +2,49 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
+
+from shared.settings import doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_CACHESTATE_"
 
 
-def _default_instance_id() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
-    return f"{host or 'cachestate'}-{os.getpid()}"
-
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class CacheStateSettings:
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_h("NATS server URL"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=doc("NATS server URL"))
     id: str = field(
-        default_factory=_default_instance_id,
-        metadata=_h("this instance's id, for logs and the view source (default: hostname-pid)"),
+        default_factory=lambda: host_instance_id("cachestate"),
+        metadata=doc("this instance's id, for logs and the view source (default: hostname-pid)"),
     )
     dead_after_periods: float = field(
         default=3.0,
-        metadata=_h("a worker silent for this many of its digest periods is fenced and purged"),
+        metadata=doc("a worker silent for this many of its digest periods is fenced and purged"),
     )
-    expire_check_ms: float = field(default=100.0, metadata=_h("how often liveness is checked"))
+    expire_check_ms: float = field(default=100.0, metadata=doc("how often liveness is checked"))
     view_delta_ms: float = field(
-        default=50.0, metadata=_h("view changes are batched into one delta to gateways this often")
+        default=50.0, metadata=doc("view changes are batched into one delta to gateways this often")
     )
     features_window_ms: float = field(
-        default=1000.0, metadata=_h("controller feature window: one FeatureReport per window")
+        default=1000.0, metadata=doc("controller feature window: one FeatureReport per window")
     )
     max_entries: int = field(
         default=2_000_000,
-        metadata=_h("memory cap of the residency index: KV placements + EMB entries together"),
+        metadata=doc("memory cap of the residency index: KV placements + EMB entries together"),
     )
     snapshot_timeout_ms: float = field(
         default=1000.0,
-        metadata=_h("a worker's snapshot request: wait this long for the ack, then for the snapshot"),
+        metadata=doc("a worker's snapshot request: wait this long for the ack, then for the snapshot"),
     )
     snapshot_backoff_ms: float = field(
-        default=100.0, metadata=_h("first pause before asking a worker for a snapshot again (doubles)")
+        default=100.0, metadata=doc("first pause before asking a worker for a snapshot again (doubles)")
     )
     snapshot_backoff_max_ms: float = field(
-        default=5000.0, metadata=_h("longest pause between snapshot requests to one worker")
+        default=5000.0, metadata=doc("longest pause between snapshot requests to one worker")
     )
     metrics_port: int = field(
-        default=0, metadata=_h("port of the HTTP server with /metrics and /healthz (0: off)")
+        default=0, metadata=doc("port of the HTTP server with /metrics and /healthz (0: off)")
     )
-    metrics_host: str = field(default="0.0.0.0", metadata=_h("address the metrics server binds"))
+    metrics_host: str = field(default="0.0.0.0", metadata=doc("address the metrics server binds"))
 
     def __post_init__(self) -> None:
         if not self.id or len(self.id) > 128:

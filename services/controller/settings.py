@@ -2,52 +2,42 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 
 from services.controller.core.policies import parse_policy
 from shared.schemas import WORKER_ID_RE
+from shared.settings import doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_CONTROLLER_"
 
 
-def _default_id() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40]
-    return f"controller-{host or 'host'}-{os.getpid()}"
-
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class ControllerSettings:
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_h("NATS server URL"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=doc("NATS server URL"))
     id: str = field(
-        default_factory=_default_id,
-        metadata=_h("this controller's instance id, a prefix of its decision ids (default: hostname-pid)"),
+        default_factory=lambda: f"controller-{host_instance_id('host')}",
+        metadata=doc("this controller's instance id, a prefix of its decision ids (default: hostname-pid)"),
     )
     # The adaptive heuristic by default: a controller running a fixed split does nothing a worker's own
     # ONEPOOL_WORKER_ALPHA could not; static:A is the baseline one asks for. HELM replaces it when it lands.
     policy: str = field(
         default="hit-balance",
-        metadata=_h("alpha policy: static:A (0<=A<=1), hit-balance[:key=value,...], helm (later issue)"),
+        metadata=doc("alpha policy: static:A (0<=A<=1), hit-balance[:key=value,...], helm (later issue)"),
     )
-    alpha_min: float = field(default=0.05, metadata=_h("lowest alpha a decision may set"))
-    alpha_max: float = field(default=0.95, metadata=_h("highest alpha a decision may set"))
-    max_step: float = field(default=0.1, metadata=_h("largest alpha change per decision"))
+    alpha_min: float = field(default=0.05, metadata=doc("lowest alpha a decision may set"))
+    alpha_max: float = field(default=0.95, metadata=doc("highest alpha a decision may set"))
+    max_step: float = field(default=0.1, metadata=doc("largest alpha change per decision"))
     min_change: float = field(
-        default=0.01, metadata=_h("send no decision that moves a worker's alpha target less than this")
+        default=0.01, metadata=doc("send no decision that moves a worker's alpha target less than this")
     )
     resend_s: float = field(
         default=2.0,
-        metadata=_h("repeat an unchanged decision a worker has not applied only after this many seconds"),
+        metadata=doc("repeat an unchanged decision a worker has not applied only after this many seconds"),
     )
     latency_samples: int = field(
-        default=4096, metadata=_h("decision latencies kept for the p50/p99 figures (most recent)")
+        default=4096, metadata=doc("decision latencies kept for the p50/p99 figures (most recent)")
     )
-    stats_s: float = field(default=60.0, metadata=_h("how often decision statistics are logged (0: never)"))
+    stats_s: float = field(default=60.0, metadata=doc("how often decision statistics are logged (0: never)"))
 
     def __post_init__(self) -> None:
         if not WORKER_ID_RE.match(self.id):

@@ -160,8 +160,12 @@ class Gateway:
         outcome = self.replica.apply(update)
         self.view.version += 1
         self.metrics.view_updates.inc()
+        # A removal that the same update undoes (cachestate repairing a worker's residency) is no goodbye:
+        # the worker still serves our in-flight requests, and our recent choices for it still hold.
+        readded = {w.worker_id for w in update.workers}
         for worker_id in update.workers_removed:
-            self.router.forget_worker(worker_id)
+            if worker_id not in readded:
+                self.router.forget_worker(worker_id)
         if outcome.need_snapshot:
             log.info("routing view out of sync; asking for a snapshot", reason=outcome.reason)
             self._resync.set()
@@ -169,19 +173,27 @@ class Gateway:
 
     async def _resync_loop(self) -> None:
         pause = self.settings.snapshot_retry_ms / 1e3
+        first = True
         while True:
             await self._resync.wait()
             self._resync.clear()
+            if self.replica.in_sync and not first:
+                continue  # a snapshot asked for by another replica (or already applied) did the job
+            first = False
             request = s.ViewSnapshotRequest(requester=self.settings.instance)
             try:
                 await self.bus.request(s.VIEW_SNAPSHOT_SUBJECT, s.encode(request), timeout_s=2.0)
                 self.metrics.view_resyncs.inc()
             except OnepoolError as exc:
                 log.info("view snapshot not available yet", error=exc.message)
-                self._resync.set()
-            # Either way, give the snapshot (or cachestate) time before asking again.
+            except Exception:  # the loop must survive anything: a gateway that stops resyncing goes stale
+                log.exception("view snapshot request failed")
+            # Give the snapshot (or cachestate) time to arrive, then ask again only if still out of sync:
+            # deltas that arrived meanwhile flagged a resync that the snapshot has since made moot.
             await asyncio.sleep(pause)
-            if not self.replica.in_sync:
+            if self.replica.in_sync:
+                self._resync.clear()
+            else:
                 self._resync.set()
 
     # ---------------------------------------------------------------------------------------------------
@@ -352,7 +364,7 @@ def tracing_middleware(tracer: Tracer) -> Callable[[web.Request, Handler], Await
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = propagate.extract(dict(request.headers))
+        ctx = propagate.extract(request.headers)  # case-insensitive: "Traceparent" counts too
         route = (
             request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
         )
@@ -377,12 +389,14 @@ def tracing_middleware(tracer: Tracer) -> Callable[[web.Request, Handler], Await
 
 
 def json_errors_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """aiohttp's own errors (404, 405, ...) as JSON bodies like ours."""
+    """aiohttp's own errors (404, 405, ...) and unexpected failures as JSON bodies like ours."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
+        except asyncio.CancelledError:
+            raise
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -394,15 +408,21 @@ def json_errors_middleware() -> Callable[[web.Request, Handler], Awaitable[web.S
                 status=exc.status,
                 headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None,
             )
+        except Exception:
+            # A bug must still answer in the documented shape (and is logged with its traceback).
+            log.exception("unhandled error", path=request.path)
+            body = {"error": {"code": "internal", "message": "internal error", "field": None}}
+            return web.json_response(body, status=500)
 
     return middleware
 
 
 def build_app(gateway: Gateway, tracer: Tracer | None = None) -> web.Application:
     app = web.Application(
+        # Tracing outermost, so that every answer (JSON errors included) carries x-trace-id.
         middlewares=[
-            json_errors_middleware(),
             tracing_middleware(tracer or trace.get_tracer("onepool.gateway")),
+            json_errors_middleware(),
         ],
         # Our own limit is enforced while reading (413 JSON); this one only stops aiohttp reading past it.
         client_max_size=gateway.settings.max_body_kib * 1024 + 1,

@@ -2,49 +2,42 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 from typing import Literal
+
+from shared.settings import doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_GATEWAY_"
 
 
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-def _default_instance() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 @dataclass(frozen=True)
 class GatewaySettings:
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_h("NATS server URL"))
-    host: str = field(default="127.0.0.1", metadata=_h("HTTP listen address (0.0.0.0 in containers)"))
-    port: int = field(default=8080, metadata=_h("HTTP listen port"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=doc("NATS server URL"))
+    host: str = field(default="127.0.0.1", metadata=doc("HTTP listen address (0.0.0.0 in containers)"))
+    port: int = field(default=8080, metadata=doc("HTTP listen port"))
     instance: str = field(
-        default_factory=_default_instance, metadata=_h("this replica's name (logs, traces)")
+        default_factory=lambda: host_instance_id("gateway"),
+        metadata=doc("this replica's name (logs, traces)"),
     )
     routing: Literal["joint", "kv", "emb", "least-loaded", "round-robin"] = field(
-        default="joint", metadata=_h("routing policy")
+        default="joint", metadata=doc("routing policy")
     )
     request_timeout_ms: float = field(
-        default=2000.0, metadata=_h("deadline of one HTTP request, retries included")
+        default=2000.0, metadata=doc("deadline of one HTTP request, retries included")
     )
     attempt_timeout_ms: float = field(
-        default=1000.0, metadata=_h("longest wait for one worker before retrying on the next")
+        default=1000.0, metadata=doc("longest wait for one worker before retrying on the next")
     )
-    max_attempts: int = field(default=3, metadata=_h("workers tried per request at most"))
-    max_body_kib: int = field(default=1024, metadata=_h("largest request body accepted, KiB (413 beyond)"))
-    max_history: int = field(default=8192, metadata=_h("longest history accepted (workers may accept less)"))
-    max_candidates: int = field(default=2048, metadata=_h("most candidates accepted"))
+    max_attempts: int = field(default=3, metadata=doc("workers tried per request at most"))
+    max_body_kib: int = field(default=1024, metadata=doc("largest request body accepted, KiB (413 beyond)"))
+    max_history: int = field(default=8192, metadata=doc("longest history accepted (workers may accept less)"))
+    max_candidates: int = field(default=2048, metadata=doc("most candidates accepted"))
     predict_ttl_s: float = field(
-        default=5.0, metadata=_h("how long the gateway remembers where it sent a user (predict-on-route)")
+        default=5.0, metadata=doc("how long the gateway remembers where it sent a user (predict-on-route)")
     )
-    retry_after_s: int = field(default=1, metadata=_h("Retry-After (seconds) of every 503 answer"))
+    retry_after_s: int = field(default=1, metadata=doc("Retry-After (seconds) of every 503 answer"))
     snapshot_retry_ms: float = field(
-        default=500.0, metadata=_h("wait between view snapshot requests while out of sync")
+        default=500.0, metadata=doc("wait between view snapshot requests while out of sync")
     )
 
     def __post_init__(self) -> None:

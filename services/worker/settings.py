@@ -2,78 +2,67 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
 from services.worker.core.pool import RefillMode
 from shared.schemas import check_worker_id
+from shared.settings import doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_WORKER_"
 
 
-def _default_worker_id() -> str:
-    # Compose gives each container a hostname; locally the launcher passes explicit ids.
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:48]
-    return f"{host or 'worker'}-{os.getpid()}"
-
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class WorkerSettings:
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_h("NATS server URL"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=doc("NATS server URL"))
     id: str = field(
-        default_factory=_default_worker_id,
-        metadata=_h("this worker's id, a NATS subject token (default: hostname-pid)"),
+        default_factory=lambda: host_instance_id("worker"),
+        metadata=doc("this worker's id, a NATS subject token (default: hostname-pid)"),
     )
     device: str = field(
-        default="auto", metadata=_h("torch device for the pool and model: auto|cpu|cuda|cuda:N")
+        default="auto", metadata=doc("torch device for the pool and model: auto|cpu|cuda|cuda:N")
     )
     model: Literal["tiny", "bench", "paper"] = field(
-        default="tiny", metadata=_h("HSTU size preset: tiny (CPU tests), bench (CPU), paper (GPU)")
+        default="tiny", metadata=doc("HSTU size preset: tiny (CPU tests), bench (CPU), paper (GPU)")
     )
-    checkpoint: str = field(default="", metadata=_h("HSTU checkpoint file; empty: seeded random weights"))
+    checkpoint: str = field(default="", metadata=doc("HSTU checkpoint file; empty: seeded random weights"))
     seed: int = field(
-        default=0, metadata=_h("seed for random weights and the synthetic host embedding table")
+        default=0, metadata=doc("seed for random weights and the synthetic host embedding table")
     )
-    num_items: int = field(default=100_000, metadata=_h("item catalogue size (rows of the host table)"))
-    budget_mib: float = field(default=16.0, metadata=_h("pool size in MiB (one device allocation)"))
-    chunk_kib: int = field(default=256, metadata=_h("chunk size in KiB: the unit the split moves by"))
-    page_tokens: int = field(default=16, metadata=_h("history tokens per KV page"))
-    alpha: float = field(default=0.5, metadata=_h("initial EMB share of the pool"))
-    alpha_min: float = field(default=0.05, metadata=_h("lowest alpha a decision may set"))
-    alpha_max: float = field(default=0.95, metadata=_h("highest alpha a decision may set"))
-    max_chunks_per_tick: int = field(default=2, metadata=_h("chunks moved per reallocation tick at most"))
-    tick_ms: float = field(default=10.0, metadata=_h("reallocation tick period (runs between requests)"))
+    num_items: int = field(default=100_000, metadata=doc("item catalogue size (rows of the host table)"))
+    budget_mib: float = field(default=16.0, metadata=doc("pool size in MiB (one device allocation)"))
+    chunk_kib: int = field(default=256, metadata=doc("chunk size in KiB: the unit the split moves by"))
+    page_tokens: int = field(default=16, metadata=doc("history tokens per KV page"))
+    alpha: float = field(default=0.5, metadata=doc("initial EMB share of the pool"))
+    alpha_min: float = field(default=0.05, metadata=doc("lowest alpha a decision may set"))
+    alpha_max: float = field(default=0.95, metadata=doc("highest alpha a decision may set"))
+    max_chunks_per_tick: int = field(default=2, metadata=doc("chunks moved per reallocation tick at most"))
+    tick_ms: float = field(default=10.0, metadata=doc("reallocation tick period (runs between requests)"))
     tick_defer_ms: float = field(
         default=100.0,
-        metadata=_h("a due tick waits at most this long for an idle moment (no request queued)"),
+        metadata=doc("a due tick waits at most this long for an idle moment (no request queued)"),
     )
     refill_mode: RefillMode = field(
         default=RefillMode.INCREMENTAL,
-        metadata=_h(
+        metadata=doc(
             "incremental (misses + throttled background prefetch) or naive (synchronous bulk refill)"
         ),
     )
     prefetch_kib_per_tick: int = field(
-        default=64, metadata=_h("background prefetch budget per tick in KiB (0: off; incremental mode only)")
+        default=64, metadata=doc("background prefetch budget per tick in KiB (0: off; incremental mode only)")
     )
     # Emulated host link for CPU mode: the same defaults as storage.LinkSpec, whose comments give the
     # sources (PCIe Gen4 x16 pinned H2D ~25 GB/s measured with nvbandwidth; ~10 us per transfer assumed).
-    link_gbps: float = field(default=25.0, metadata=_h("CPU mode: emulated host->device bandwidth, GB/s"))
-    link_latency_us: float = field(default=10.0, metadata=_h("CPU mode: emulated per-transfer latency, us"))
-    max_candidates: int = field(default=512, metadata=_h("largest candidate list accepted"))
-    max_queue: int = field(default=256, metadata=_h("requests accepted and not yet answered, at most"))
-    digest_ms: float = field(default=500.0, metadata=_h("digest period"))
+    link_gbps: float = field(default=25.0, metadata=doc("CPU mode: emulated host->device bandwidth, GB/s"))
+    link_latency_us: float = field(default=10.0, metadata=doc("CPU mode: emulated per-transfer latency, us"))
+    max_candidates: int = field(default=512, metadata=doc("largest candidate list accepted"))
+    max_queue: int = field(default=256, metadata=doc("requests accepted and not yet answered, at most"))
+    digest_ms: float = field(default=500.0, metadata=doc("digest period"))
     slo_ms: float = field(
-        default=50.0, metadata=_h("latency SLO in ms (receipt to reply): digests count the requests slower")
+        default=50.0, metadata=doc("latency SLO in ms (receipt to reply): digests count the requests slower")
     )
-    torch_threads: int = field(default=1, metadata=_h("torch intra-op threads (0: torch's default)"))
-    drain_s: float = field(default=5.0, metadata=_h("on shutdown, time allowed for in-flight requests"))
+    torch_threads: int = field(default=1, metadata=doc("torch intra-op threads (0: torch's default)"))
+    drain_s: float = field(default=5.0, metadata=doc("on shutdown, time allowed for in-flight requests"))
 
     def __post_init__(self) -> None:
         # Checked here so that a bad variable fails at start-up with its name, not deep in the engine.

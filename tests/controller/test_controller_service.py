@@ -281,7 +281,7 @@ async def test_run_controller_serves_until_stopped(nats_server: Any, monkeypatch
     def private_telemetry(name: str, **_: Any) -> Telemetry:
         return Telemetry(name, TracerProvider(), owns_provider=True, traces_endpoint=None)
 
-    monkeypatch.setattr("services.controller.main.setup_telemetry", private_telemetry)
+    monkeypatch.setattr("shared.runner.setup_telemetry", private_telemetry)
     client = await Bus.connect(nats_server.url, name="test-cachestate")
     got: list[s.AlphaDecision] = []
 
