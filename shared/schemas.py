@@ -254,7 +254,9 @@ class WorkerState(_Msg, kw_only=True):
     alpha: Fraction = 0.0
     alpha_target: Fraction = 0.0
     cost: CostCoefficients = msgspec.field(default_factory=CostCoefficients)
-    last_seen_ms: NonNegFloat = 0.0  # cachestate's wall clock when its last digest arrived
+    # When its last digest arrived, on cachestate's monotonic clock (ms): compare only with other values
+    # from the same source (e.g. to see which worker was heard from last), never with wall time.
+    last_seen_ms: NonNegFloat = 0.0
 
 
 class KvPlacement(_Msg, array_like=True):

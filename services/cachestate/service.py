@@ -38,14 +38,15 @@ class CacheStateService:
         bus: Bus,
         *,
         tracer: Tracer | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         part_bytes: int = DEFAULT_PART_BYTES,
     ) -> None:
         self.settings = settings
         self.bus = bus
         # The view's source changes on every start: gateways that see a new one resync from a snapshot.
         self.source = f"{settings.id}-{uuid.uuid4().hex[:8]}"
-        # Wall clock: WorkerState.last_seen_ms is documented as cachestate's wall clock.
+        # Liveness, staleness and feature windows run on a monotonic clock: a wall-clock step (NTP) must
+        # neither fence every worker at once nor keep a dead one alive. Messages carry wall time.
         self._clock = clock
         self.index = ResidencyIndex(settings.max_entries, track_evictions=True)
         self.tracker = DigestTracker(self.index, dead_after_periods=settings.dead_after_periods)
@@ -216,7 +217,7 @@ class CacheStateService:
         updates = changes.to_updates(
             source=self.source,
             first_seq=self._view_seq,
-            sent_at_ms=self._clock() * 1e3,
+            sent_at_ms=time.time() * 1e3,
             part_bytes=self._part_bytes,
         )
         await self._publish_view(updates)
@@ -238,7 +239,7 @@ class CacheStateService:
             kind="snapshot",
             source=self.source,
             first_seq=first_seq,
-            sent_at_ms=self._clock() * 1e3,
+            sent_at_ms=time.time() * 1e3,
             workers=self.tracker.worker_states(),
             kv_upserts=[s.KvPlacement(u, w, n) for u, w, n in index.kv_placements()],
             emb_added={w: index.worker_emb(w) for w in index.workers() if index.emb_count(w)},
@@ -269,7 +270,7 @@ class CacheStateService:
             report = s.FeatureReport(
                 source=self.source,
                 seq=self._feature_seq,
-                sent_at_ms=self._clock() * 1e3,
+                sent_at_ms=time.time() * 1e3,
                 workers=self.features.close(self._clock()),
             )
             self._feature_seq += 1
