@@ -104,7 +104,7 @@ async def sequence(
             )
             assert status == 200, body
             cached += body["cached_tokens"]
-            placements.append(body["worker"])
+            placements.append(f"{body['worker']}:{body['cached_tokens']}")
         await asyncio.sleep(0.25)  # let digests reach the view (predict-on-route covers the gap anyway)
     return cached, placements
 
@@ -121,7 +121,8 @@ async def test_joint_routing_follows_kv_and_round_robin_loses_it(
     assert rr_cached < joint_cached, (rr_cached, joint_cached)
     # Affinity: a user stays on one worker across its visits.
     for u in range(users):
-        assert len({joint_where[step * users + u] for step in range(steps)}) == 1
+        visits = [joint_where[step * users + u].split(":")[0] for step in range(steps)]
+        assert len(set(visits)) == 1, (u, visits, joint_where)
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,14 @@ def _finish(job: Job, result: ServeResult | WorkerError) -> None:
         log.exception("could not deliver a result", request_id=job.request.request_id)
 
 
+def _request(
+    user: str, history: np.ndarray, timestamps: np.ndarray, candidates: np.ndarray
+) -> PreparedRequest:
+    return PreparedRequest(
+        request_id=user, user_id=user, history=history, timestamps=timestamps, candidates=candidates, k=1
+    )
+
+
 class PrefixHasher:
     """Hash of the first n history tokens (items and timestamps): what a KV entry's prefix is checked by."""
 
@@ -179,17 +187,33 @@ class Engine:
         self.tick_seconds = 0.0  # model-thread time spent in ticks (reallocation, refill, prefetch installs)
 
     def warm_up(self) -> None:
-        """Run the model once uncached and once cached on made-up inputs, outside the pool, before serving:
-        the first real request must not pay for lazy initialisation (and must not teach the cost fit, which
-        the router trusts, that this worker is slow)."""
-        cfg = self.cfg.model
-        gen = torch.Generator().manual_seed(0)
-        n, m = min(32, cfg.max_history - 1), 8
-        hist = torch.randn(n, cfg.item_dim, generator=gen).to(self.device)
-        cands = torch.randn(m, cfg.item_dim, generator=gen).to(self.device)
-        ts = torch.arange(n + 1, dtype=torch.int64, device=self.device)
-        first = self.model(hist, ts[:n], 0, cands, None, None)
-        self.model(hist[:1], ts, n, cands, first.new_k, first.new_v)
+        """Before serving: serve a few made-up requests end to end, then start from an empty pool.
+
+        The first real request then does not pay for lazy initialisation, and the cost fit (which the
+        router trusts) starts from measurements of this model on this device, taken the way requests are
+        timed, with shapes that tell new tokens, cached tokens and candidates apart. Fitted from a handful
+        of real requests only, workers' estimates differ by more noise than a short KV prefix is worth."""
+        rng = np.random.default_rng(0)
+        limit = self.cfg.model.max_history
+        shapes = [(16, 0, 8), (128, 0, 8), (128, 112, 8), (16, 0, 64), (128, 112, 64)]
+        for i, (want_len, want_cached, cands) in enumerate(shapes):
+            length = min(want_len, limit)
+            cached = min(want_cached, length - 1)
+            history = rng.integers(0, self.cfg.num_items, length).astype(np.int64)
+            timestamps = np.arange(length, dtype=np.int64)
+            candidates = rng.integers(0, self.cfg.num_items, cands).astype(np.int64)
+            for repeat in range(2):
+                user = f"warm-up-{i}-{repeat}"
+                if cached:
+                    self.serve(_request(user, history[:cached], timestamps[:cached], candidates))
+                self.serve(_request(user, history, timestamps, candidates))
+        # What warm-up put in the caches is made up: start serving from an empty pool (same split).
+        self.pool = Pool(
+            self.geometry,
+            alpha=self.pool.target_alpha,
+            max_chunks_per_tick=self.cfg.max_chunks_per_tick,
+            refill_mode=self.cfg.refill_mode,
+        )
 
     # ---------------------------------------------------------------------------------------------------
     # Thread-safe API for the shell.

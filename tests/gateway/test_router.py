@@ -441,6 +441,52 @@ def test_vectorised_misses_match_a_naive_count(fast: bool) -> None:
             assert sb.emb_misses == _naive_misses(view, history, cands, c, sb.worker_id), (trial, sb)
 
 
+def test_misses_with_shared_prefix_lengths_reused_view_and_arrays() -> None:
+    """One versioned view routed many times (arrays reused, requests of varying sizes as int64 arrays):
+    several workers sharing a cached length, predictions, 32 and 64 bit columns, a worker without a bit."""
+    rng = random.Random(5)
+    for n in (32, 40):
+        workers = [ws(f"w{i}") for i in range(n)]
+        bits: dict[str, int | None] = {f"w{i}": i for i in range(n)}
+        bits[f"w{n - 2}"] = None
+        items = list(range(90))
+        emb = {item: {f"w{i}" for i in range(n) if rng.random() < 0.5} for item in items}
+        view = ArrayView(workers, emb=emb, bits=bits)
+        router = Router(Policy.JOINT, rng_seed=n)
+        for trial in range(30):
+            length = rng.choice([0, 5, 40, 200, 300])
+            history = [rng.choice(items) for _ in range(length)]
+            cands = [rng.choice(items) for _ in range(rng.choice([0, 3, 50]))]
+            shared = rng.randrange(0, length + 1)
+            holders = rng.sample(range(n), 4)
+            view.kv = {"u": {f"w{i}": shared for i in holders[:3]} | {f"w{holders[3]}": length // 2}}
+            r = RouteRequest("u", np.array(history, dtype=np.int64), np.array(cands, dtype=np.int64))
+            d = router.route(view, r, now=float(trial))
+            fresh = by_id(Router(Policy.JOINT, rng_seed=0).route(view, r, now=float(trial)))
+            for sb in d.ranked:
+                c = sb.cached_tokens
+                if not sb.predicted:
+                    kv_len = view.kv["u"].get(sb.worker_id, 0)
+                    assert c == (kv_len if kv_len <= length else 0)
+                assert sb.emb_misses == _naive_misses(view, history, cands, c, sb.worker_id), (n, trial)
+                if not sb.predicted and not fresh[sb.worker_id].predicted:
+                    other = fresh[sb.worker_id]
+                    assert sb.compute_ms == other.compute_ms and sb.emb_ms == other.emb_ms
+            router.on_dispatch(d.best.worker_id, r, now=float(trial))
+            router.on_done(d.best.worker_id)
+
+
+def test_breakdowns_are_plain_score_breakdowns() -> None:
+    view = DictView([ws("A"), ws("B", in_flight=2, queue_depth=1)], kv={"u": {"B": 2}}, emb={1: {"A"}})
+    d = Router(Policy.JOINT, rng_seed=0).route(view, req("u", [1, 2, 3]), now=0.0)
+    for sb in d.ranked:
+        twin = ScoreBreakdown(**asdict(sb))
+        assert sb == twin and hash(sb) == hash(twin) and repr(sb) == repr(twin)
+        assert type(sb) is ScoreBreakdown
+        with pytest.raises(AttributeError):
+            sb.total_ms = 0.0  # type: ignore[misc]
+
+
 def test_history_as_numpy_array() -> None:
     view = DictView([ws("A"), ws("B")], kv={"u": {"B": 3}}, emb={5: {"A"}})
     r = RouteRequest("u", np.array([5, 6, 7, 8], dtype=np.int32), np.array([5], dtype=np.int64))

@@ -242,9 +242,12 @@ def test_cuda_pool_model_and_h2d_misses_reproduce_the_uncached_result() -> None:
     assert engine.link.bytes_moved > 0
 
 
-def test_warm_up_leaves_the_pool_untouched() -> None:
+def test_warm_up_leaves_the_pool_untouched_and_seeds_the_cost_fit() -> None:
     engine = make_engine()
     engine.warm_up()
     assert engine.pool.emb.size == 0 and engine.pool.kv.size == 0
     assert engine.pool.counters.emb_misses == 0 and engine.pool.counters.kv_misses == 0
-    assert engine.cost_estimate().samples == 0
+    assert engine.pool.alpha == 0.5 and engine.pool.counters.chunks_moved == 0
+    cost = engine.cost_estimate()
+    assert cost.samples >= 10  # shapes that tell new tokens, cached tokens and candidates apart
+    assert cost.ms_per_new_token > 0 and cost.ms_per_cached_token <= cost.ms_per_new_token

@@ -51,8 +51,10 @@ Performance: per-worker arrays (coefficients, loads, EMB bits) are rebuilt only 
 view MAY expose an int attribute ``version`` (not part of the Protocol) that changes whenever
 ``routable_workers()`` (the set or any field) or ``worker_bit()`` answers change; the router then reuses
 its arrays while the version holds. Without it they are rebuilt on every call. The EMB misses of all
-workers come from one sort of history + candidates, one ``emb_masks`` call on the unique items and one
-small matrix product (items x worker bits), for every distinct cached prefix length at once.
+workers come from one sort of history + candidates (each distinct item kept at its last position), one
+``emb_masks`` call on the distinct items, a 0/1 bit matrix (items x worker bits, one table gather per mask
+byte) and one matrix-vector product for the per-bit counts; a worker with a cached prefix c then counts
+its own bit over the items whose last position is >= c (one count per such worker).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ TIE_REL: Final = 0.01
 OVERLOAD_PENALTY_MS: Final = 1e15  # added to the sort key of an overloaded worker: ranked after the others
 DEFAULT_OVERLOAD_QUEUE: Final = 256  # the worker's default max_queue: beyond it the worker rejects anyway
 _MASK64: Final = (1 << 64) - 1
-_SEGMENT: Final = 255  # rows summed per uint64 lane before a byte could carry
+_U_BATCH: Final = 256  # tie-break draws per call of the generator
 
 
 class NoWorkers(OnepoolError):
@@ -150,6 +152,10 @@ class ScoreBreakdown:
     predicted: bool  # cached_tokens came from predict-on-route, not (yet) from the view
 
 
+_new_object: Final = object.__new__
+_set_attr: Final = object.__setattr__
+
+
 class _Scores:
     """Per-call arrays (indexed like the worker table) a ranked list is built from, lazily."""
 
@@ -193,18 +199,26 @@ class _Scores:
 
     def make(self, i: int) -> ScoreBreakdown:
         cached = self.cached.get(i, 0)
-        return ScoreBreakdown(
-            worker_id=self.ids[i],
-            total_ms=self.total.item(i),
-            queue_ms=self.queue.item(i),
-            compute_ms=self.compute.item(i),
-            emb_ms=self.emb.item(i),
-            cached_tokens=cached,
-            new_tokens=self.new - cached,
-            emb_misses=0 if self.misses is None else round(self.misses.item(i)),
-            in_flight=round(self.inflight.item(i)),
-            predicted=i == self.predicted,
+        # the frozen dataclass's generated __init__ sets each field through object.__setattr__ (~1 us);
+        # filling the instance dict directly builds the same object (equality, repr, asdict) in half that
+        sb: ScoreBreakdown = _new_object(ScoreBreakdown)
+        _set_attr(
+            sb,
+            "__dict__",
+            {
+                "worker_id": self.ids[i],
+                "total_ms": self.total.item(i),
+                "queue_ms": self.queue.item(i),
+                "compute_ms": self.compute.item(i),
+                "emb_ms": self.emb.item(i),
+                "cached_tokens": cached,
+                "new_tokens": self.new - cached,
+                "emb_misses": 0 if self.misses is None else round(self.misses.item(i)),
+                "in_flight": round(self.inflight.item(i)),
+                "predicted": i == self.predicted,
+            },
         )
+        return sb
 
 
 class RankedScores(Sequence[ScoreBreakdown]):
@@ -291,9 +305,12 @@ class _Table:
         "ahead",
         "any_without_bit",
         "bit_cols",
+        "bit_identity",
         "bitidx",
         "bitlist",
         "fixed",
+        "full",
+        "full_key",
         "ids",
         "index",
         "mcached_minus_new",
@@ -378,8 +395,13 @@ class _Table:
         self.bitlist = [b if b is not None and b >= 0 else self.bit_cols for b in bits]
         self.bitidx = np.array(self.bitlist, dtype=np.intp)
         self.any_without_bit = any(b == self.bit_cols for b in self.bitlist)
+        self.bit_identity = self.bitlist == list(range(self.bit_cols))  # worker i reads bit i, every bit
         self.rr_order = sorted(range(n), key=ids.__getitem__)
         self.zeros = np.zeros(n, dtype=np.float64)  # shared, never written
+        # compute with no KV credit (fixed + new-token cost of the whole history + candidates) for the
+        # last (history length, candidates) asked: shared, never written
+        self.full_key = (-1, -1)
+        self.full = self.zeros
 
     def set_own(self, i: int, own: float) -> None:
         self.own[i] = own
@@ -398,8 +420,14 @@ def _as_int64(x: Sequence[int] | npt.NDArray[np.integer[Any]]) -> I64:
     return out
 
 
-def _mask_bits(masks: Sequence[int] | npt.NDArray[np.uint64], cols: int) -> npt.NDArray[np.uint8]:
-    """(U, cols) uint8 0/1 matrix, C-contiguous: column b = bit b of each item's mask."""
+# row v: the 8 bits of byte value v (little-endian bit order) as 0.0/1.0, the EMB bit matrix's building block
+_BYTE_BITS: Final = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(
+    np.float32
+)
+
+
+def _bit_matrix(masks: Sequence[int] | npt.NDArray[np.uint64], cols: int) -> npt.NDArray[np.float32]:
+    """(U, cols) float32 0/1 matrix: column b = bit b of each item's mask (one table gather per byte)."""
     u = len(masks)
     if cols <= 64:
         if isinstance(masks, np.ndarray) and masks.dtype != np.object_:
@@ -415,28 +443,7 @@ def _mask_bits(masks: Sequence[int] | npt.NDArray[np.uint64], cols: int) -> npt.
         raw = np.array(
             [[(int(x) >> (64 * k)) & _MASK64 for k in range(words)] for x in masks], dtype="<u8"
         ).reshape(u, words)
-    out: npt.NDArray[np.uint8] = np.unpackbits(raw.view(np.uint8), bitorder="little").reshape(u, cols)
-    return out
-
-
-def _suffix_bit_counts(bits: npt.NDArray[np.uint8], starts: list[int]) -> I64:
-    """Row r: per column, how many rows of ``bits[starts[r]:]`` are set (starts ascending, each <= U).
-
-    Column sums with neither BLAS nor a per-bit loop: each row's 0/1 bytes are read as uint64 lanes of 8
-    columns and summed over segments of at most 255 rows (no carry between bytes), then suffix sums over
-    the segments, so every distinct start costs O(1) beyond the one pass.
-    """
-    u, cols = bits.shape
-    bounds = sorted({s for s in starts if s < u}.union(range(0, u, _SEGMENT)))
-    seg = np.add.reduceat(bits.view(np.uint64), bounds, axis=0)  # (S, cols // 8)
-    per = seg.view(np.uint8).reshape(len(bounds), cols)
-    if len(starts) == 1 and starts[0] == 0:
-        out: I64 = per.sum(axis=0, dtype=np.int64)[None, :]
-        return out
-    suffix = np.zeros((len(bounds) + 1, cols), dtype=np.int64)  # the last row: an empty suffix
-    np.cumsum(per[::-1], axis=0, dtype=np.int64, out=suffix[-2::-1])
-    row = {b: r for r, b in enumerate(bounds)}
-    out = suffix[[row.get(s, len(bounds)) for s in starts]]
+    out: npt.NDArray[np.float32] = _BYTE_BITS.take(raw.view(np.uint8).reshape(-1), axis=0).reshape(u, cols)
     return out
 
 
@@ -471,7 +478,11 @@ class Router:
         self._predictions: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
         self._table: _Table | None = None
         self._rr = 0
+        # the tie-break draws, taken n at a time from batches of the seeded generator's stream
+        self._ubuf: F64 = np.empty(0, dtype=np.float64)
+        self._upos = 0
         self._arange: I64 = np.arange(1024, dtype=np.int64)
+        self._ones_buf: npt.NDArray[np.float32] = np.ones(1024, dtype=np.float32)
 
     # ------------------------------------------------------------------------------------------------
     # bookkeeping
@@ -564,6 +575,11 @@ class Router:
             self._arange = np.arange(max(n, 2 * len(self._arange)), dtype=np.int64)
         return self._arange[:n]
 
+    def _ones(self, n: int) -> npt.NDArray[np.float32]:
+        if len(self._ones_buf) < n:
+            self._ones_buf = np.ones(max(n, 2 * len(self._ones_buf)), dtype=np.float32)
+        return self._ones_buf[:n]
+
     def _emb_misses(self, view: RoutingView, t: _Table, req: RouteRequest, cached: Mapping[int, int]) -> F64:
         """Per worker: distinct needed items (history[cached:] + candidates) whose mask lacks its bit."""
         hist = _as_int64(req.history)
@@ -577,46 +593,41 @@ class Router:
         # Sort (item, position) pairs packed in one int64 (SIMD sort, ~4x a stable argsort) when the ids
         # leave room for the position bits; the last of each run of equal items is its last position.
         shift = nv.bit_length()
-        is_rep = np.zeros(nv, dtype=np.bool_)
+        last = np.empty(nv, dtype=np.bool_)
+        last[-1] = True
         if 0 <= int(np.bitwise_or.reduce(allv)) < 1 << (62 - shift):
             packed = allv << shift
             packed |= self._positions(nv)
             packed.sort()
             vals = packed >> shift
-            last = np.empty(nv, dtype=np.bool_)
             np.not_equal(vals[1:], vals[:-1], out=last[:-1])
-            last[-1] = True
-            is_rep[packed[last] & ((1 << shift) - 1)] = True
+            reps = packed[last]
+            reps &= (1 << shift) - 1
         else:  # negative or huge ids: the general (slower) way
             order = np.argsort(allv, kind="stable")
             s = allv[order]
-            last = np.empty(nv, dtype=np.bool_)
             np.not_equal(s[1:], s[:-1], out=last[:-1])
-            last[-1] = True
-            is_rep[order[last]] = True
-        items = allv[is_rep]  # the distinct items, by last position
+            reps = order[last]
+        reps.sort()  # the last positions of the distinct items, ascending
+        items = allv[reps]
         u = len(items)
-        fast = getattr(view, "emb_masks_array", None) if t.bit_cols <= 64 else None
+        cols = t.bit_cols
+        fast = getattr(view, "emb_masks_array", None) if cols <= 64 else None
         masks = fast(items) if fast is not None else view.emb_masks(items.tolist())
-        bits = _mask_bits(masks, t.bit_cols)
-        if cached:
-            cvals = sorted(set(cached.values()))
-            # first item (in last-position order) a worker with prefix c still needs
-            firsts: list[int] = np.searchsorted(np.flatnonzero(is_rep), cvals).tolist()
-            hits = _suffix_bit_counts(bits, [0, *firsts])
+        bits = _bit_matrix(masks, cols)
+        hits = self._ones(u) @ bits  # per bit: how many distinct items hold it (exact in float32)
+        if t.bit_identity:
+            misses: F64 = np.subtract(float(u), hits, dtype=np.float64)
         else:
-            hits = _suffix_bit_counts(bits, [0])
-        hits0 = hits[0]
-        if t.any_without_bit:
-            hits0 = np.append(hits0, 0)
-        misses: F64 = float(u) - hits0[t.bitidx].astype(np.float64)
-        if cached:
-            row = {c: r + 1 for r, c in enumerate(cvals)}
-            first = dict(zip(cvals, firsts, strict=True))
-            cols = t.bit_cols
-            for i, c in cached.items():
-                b = t.bitlist[i]
-                misses[i] = (u - first[c]) - (int(hits[row[c], b]) if b < cols else 0)
+            if t.any_without_bit:
+                hits = np.append(hits, np.float32(0.0))
+            misses = np.subtract(float(u), hits[t.bitidx], dtype=np.float64)
+        bitlist = t.bitlist
+        for i, c in cached.items():
+            # the items a worker with prefix c needs: those whose last position is >= c
+            f = int(reps.searchsorted(c))
+            b = bitlist[i]
+            misses[i] = (u - f) - (int(np.count_nonzero(bits[f:, b])) if b < cols else 0)
         return misses
 
     def route(self, view: RoutingView, req: RouteRequest, now: float) -> RouteDecision:
@@ -628,9 +639,14 @@ class Router:
         hist_len = len(req.history)
         k = len(req.candidates)
 
-        full = t.mcand * float(k)  # compute with no KV credit
-        full += t.fixed
-        full += t.mnew * float(hist_len)
+        if t.full_key == (hist_len, k):
+            full = t.full  # never written: a cached-prefix compute is a copy
+        else:
+            full = t.mcand * float(k)  # compute with no KV credit
+            full += t.fixed
+            full += t.mnew * float(hist_len)
+            t.full_key = (hist_len, k)
+            t.full = full
         queue = t.a0 * full
         queue += t.q0
 
@@ -664,10 +680,14 @@ class Router:
             total = queue
 
         # tie rule: order by total * (1 + TIE_REL * u) + TIE_ABS_MS * u, u ~ U[0, 1) per worker
-        key = self._rng.random(n)
-        jitter = total * TIE_REL
-        jitter += TIE_ABS_MS
-        key *= jitter
+        p = self._upos
+        if p + n > len(self._ubuf):
+            self._ubuf = self._rng.random(max(_U_BATCH, n))
+            p = 0
+        self._upos = p + n
+        key = total * TIE_REL
+        key += TIE_ABS_MS
+        key *= self._ubuf[p : p + n]
         key += total
         if policy is Policy.ROUND_ROBIN:
             start = t.rr_order[self._rr % n]

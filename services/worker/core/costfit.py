@@ -84,6 +84,9 @@ class CostFitter:
             b = xs.T @ y + lam * prior_s
             coef = np.linalg.solve(a, b) / scale
         coef = np.clip(coef, 0.0, None)
+        # A token served from the KV cache is never dearer than one computed anew; a noisy fit that says
+        # otherwise would turn the router's KV credit into a penalty.
+        coef[2] = min(coef[2], coef[1])
         return CostEstimate(
             fixed_ms=float(coef[0]),
             ms_per_new_token=float(coef[1]),
