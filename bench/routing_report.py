@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bench.gateway_overhead import measure_gateway_overhead
+from bench.report import write_report
 from bench.routing import measure_route_latency
 
 
@@ -39,11 +38,7 @@ def run_routing_bench(opts: RoutingBenchOptions) -> int:
         measure_gateway_overhead(rate=opts.rate, requests=200 if opts.quick else 1000, repeats=repeats)
     )
     report["elapsed_s"] = time.time() - started
-    path = Path(opts.json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(summary(report))
-    print(f"wrote {path}")
+    write_report(opts.json_path, report, summary(report))
     return 0
 
 

@@ -17,18 +17,17 @@ CPU mode: the host->device link is emulated (real wall time); every report says 
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.report import write_report
 from services.worker.core.pool import RefillMode
 from services.worker.engine import Engine, EngineConfig, Job, ServeResult
 from services.worker.errors import WorkerError
@@ -424,11 +423,7 @@ def run_bench(opts: BenchOptions) -> int:
         print(f"[{i}/{len(steps)}] {name} ...", flush=True)
         report.update(fn(opts.quick, repeats))
     report["elapsed_s"] = time.time() - started
-    path = Path(opts.json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(summary(report))
-    print(f"wrote {path}")
+    write_report(opts.json_path, report, summary(report))
     return 0
 
 

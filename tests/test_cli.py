@@ -82,6 +82,14 @@ def _start_cluster(port: int, workers: int) -> tuple[subprocess.Popen[str], list
     raise AssertionError("no banner from `onepool up`:\n" + "".join(lines[-40:]))
 
 
+def assert_nothing_left(port: int, timeout_s: float = 10.0) -> None:
+    """Within `timeout_s`, no process of that cluster runs any more."""
+    deadline = time.monotonic() + timeout_s
+    while _leftovers(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _leftovers(port) == []
+
+
 def _leftovers(port: int) -> list[str]:
     return [
         p[:200]
@@ -140,10 +148,7 @@ def test_a_second_signal_stops_everything_at_once() -> None:
             launcher.wait()
         if launcher.stdout is not None:
             launcher.stdout.close()
-    deadline = time.monotonic() + 10
-    while _leftovers(port) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _leftovers(port) == []
+    assert_nothing_left(port)
 
 
 @pytest.mark.slow
@@ -154,10 +159,7 @@ def test_killed_launcher_takes_its_children_along() -> None:
     launcher.wait()
     if launcher.stdout is not None:
         launcher.stdout.close()
-    deadline = time.monotonic() + 10
-    while _leftovers(port) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _leftovers(port) == []
+    assert_nothing_left(port)
 
 
 @pytest.mark.slow
