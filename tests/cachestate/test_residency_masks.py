@@ -201,3 +201,11 @@ def test_replica_view_forwards_emb_masks_array() -> None:
     idx.add_emb("b", [2])
     items: npt.NDArray[np.int64] = np.array([0, 1, 2], dtype=np.int64)
     assert view.emb_masks_array(items).tolist() == [0, 1, 3] == list(view.emb_masks(items.tolist()))
+
+
+def test_removing_a_repeated_item_counts_it_once() -> None:
+    index = ResidencyIndex(max_entries=10)
+    index.add_emb("w0", [2, 3])
+    assert index.remove_emb("w0", [2, 2]) == [2]
+    assert index.emb_count("w0") == 1 and index.entries == 1
+    assert index.emb_masks([2, 3]) == [0, 1 << index.worker_bit("w0")]  # type: ignore[operator]

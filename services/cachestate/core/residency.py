@@ -315,7 +315,7 @@ class ResidencyIndex:
         held = self._emb.get(worker_id)
         if held is None:
             return []
-        removed = [item for item in items if item in held]
+        removed = [item for item in dict.fromkeys(items) if item in held]  # a repeated id counts once
         held.difference_update(removed)
         self._emb_total -= len(removed)
         self._clear_bit(removed, 1 << self._bits[worker_id])
