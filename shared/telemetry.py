@@ -21,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 LogFormat = Literal["auto", "json", "console"]
@@ -110,7 +111,10 @@ def setup_telemetry(
         attributes: dict[str, str] = {SERVICE_NAME: service_name}
         if service_instance_id:
             attributes[SERVICE_INSTANCE_ID] = service_instance_id
-        provider = TracerProvider(resource=Resource.create(attributes))
+        # Without an exporter nothing would read a recorded span: make spans non-recording (they still carry
+        # valid trace ids, so logs, x-trace-id and propagation work) and spare every request their cost.
+        sampler = None if endpoint else ALWAYS_OFF
+        provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
         if endpoint:
             # Imported lazily: the exporter pulls in requests/protobuf, unneeded without an endpoint.
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

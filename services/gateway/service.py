@@ -60,6 +60,9 @@ log = structlog.get_logger("onepool.gateway")
 REPLICA_MAX_ENTRIES = 2_000_000
 
 
+_json_encode = msgspec.json.Encoder().encode
+
+
 class GatewayMetrics:
     """Prometheus metrics in the gateway's own registry (no process globals)."""
 
@@ -217,7 +220,13 @@ class Gateway:
         limit = self.settings.max_body_kib * 1024
         if request.content_length is not None and request.content_length > limit:
             raise BodyTooLarge(limit)
-        raw = bytearray()
+        if request.content_length is not None:  # the usual case: one read of a known, allowed size
+            return parse_body(
+                await request.read(),
+                max_history=self.settings.max_history,
+                max_candidates=self.settings.max_candidates,
+            )
+        raw = bytearray()  # chunked: count while reading, and stop at the limit
         async for chunk in request.content.iter_chunked(64 * 1024):
             raw += chunk
             if len(raw) > limit:
@@ -259,7 +268,8 @@ class Gateway:
                     "emb_misses": ok.emb_misses,
                     "latency_ms": (time.perf_counter() - started) * 1e3,
                 }
-                return web.json_response(payload)
+                # msgspec: several times faster than json.dumps on the per-request path.
+                return web.Response(body=_json_encode(payload), content_type="application/json")
             assert reply.error is not None
             if reply.error.kind == "client":
                 raise InvalidInput(reply.error.message, reply.error.field)
