@@ -39,7 +39,7 @@ TELEMETRY = """## Telemetry (every service)
 | env var | meaning |
 | --- | --- |
 | `OTEL_EXPORTER_OTLP_ENDPOINT` | OTLP/HTTP base URL (e.g. `http://jaeger:4318`); traces go to \
-`<url>/v1/traces`. Unset: no export. |
+`<url>/v1/traces`. Unset: no export, and spans are not recorded (they keep their trace ids). |
 | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | full traces URL, overrides the above |
 
 Logs are JSON lines on stderr when it is not a terminal (console format otherwise), each with `trace_id` and
