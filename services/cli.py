@@ -5,24 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from shared.errors import SettingsError
-from shared.settings import add_settings_arguments, load_settings, overrides_from_args
+from shared.settings import add_settings_arguments
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from services.worker.main import run_worker
     from services.worker.settings import ENV_PREFIX, WorkerSettings
-    from shared.lifecycle import run, run_until_signalled
+    from shared.runner import service_command
 
-    settings = load_settings(
-        WorkerSettings, prefix=ENV_PREFIX, overrides=overrides_from_args(args, WorkerSettings)
-    )
+    def load_main() -> Any:
+        from services.worker.main import run_worker
 
-    async def main() -> None:
-        await run_until_signalled(lambda stop: run_worker(settings, stop))
+        return run_worker
 
-    return run(main)
+    return service_command(WorkerSettings, ENV_PREFIX, load_main)(args)
 
 
 def _up(args: argparse.Namespace) -> int:

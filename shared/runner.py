@@ -1,16 +1,22 @@
-"""The common shape of a bus-only service's main: telemetry, a NATS connection, start, wait, stop."""
+"""The common shapes of a service's entry: the `onepool <service>` command, and a bus-only service's main
+(telemetry, a NATS connection, start, wait, stop)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import structlog
 from opentelemetry.trace import Tracer
 
 from shared.bus import Bus
+from shared.lifecycle import run, run_until_signalled
+from shared.settings import load_settings, overrides_from_args
 from shared.telemetry import setup_telemetry
+
+S = TypeVar("S")
 
 
 class BusService(Protocol):
@@ -46,3 +52,24 @@ async def run_bus_service(
             await bus.close()
     finally:
         telemetry.shutdown()
+
+
+def service_command(
+    cls: type[S],
+    prefix: str,
+    load_main: Callable[[], Callable[[S, asyncio.Event], Awaitable[None]]],
+) -> Callable[[argparse.Namespace], int]:
+    """The body of `onepool <service>`: settings from env + flags, then the service's main until a signal.
+
+    `load_main` imports the service lazily, so that `onepool --help` does not pay for torch and friends."""
+
+    def command(args: argparse.Namespace) -> int:
+        settings = load_settings(cls, prefix=prefix, overrides=overrides_from_args(args, cls))
+        service_main = load_main()
+
+        async def main() -> None:
+            await run_until_signalled(lambda stop: service_main(settings, stop))
+
+        return run(main)
+
+    return command

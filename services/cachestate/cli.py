@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from services.cachestate.settings import ENV_PREFIX, CacheStateSettings
-from shared.settings import add_settings_arguments, load_settings, overrides_from_args
+from shared.runner import service_command
+from shared.settings import add_settings_arguments
 
 
-def _run(args: argparse.Namespace) -> int:
+def _load_main() -> Any:
     from services.cachestate.main import run_cachestate
-    from shared.lifecycle import run, run_until_signalled
 
-    settings = load_settings(
-        CacheStateSettings, prefix=ENV_PREFIX, overrides=overrides_from_args(args, CacheStateSettings)
-    )
+    return run_cachestate
 
-    async def main() -> None:
-        await run_until_signalled(lambda stop: run_cachestate(settings, stop))
 
-    return run(main)
+_run = service_command(CacheStateSettings, ENV_PREFIX, _load_main)
 
 
 def add_cachestate_command(sub: Any) -> None:

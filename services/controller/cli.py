@@ -6,21 +6,17 @@ import argparse
 from typing import Any
 
 from services.controller.settings import ENV_PREFIX, ControllerSettings
-from shared.settings import add_settings_arguments, load_settings, overrides_from_args
+from shared.runner import service_command
+from shared.settings import add_settings_arguments
 
 
-def _controller(args: argparse.Namespace) -> int:
+def _load_main() -> Any:
     from services.controller.main import run_controller
-    from shared.lifecycle import run, run_until_signalled
 
-    settings = load_settings(
-        ControllerSettings, prefix=ENV_PREFIX, overrides=overrides_from_args(args, ControllerSettings)
-    )
+    return run_controller
 
-    async def main() -> None:
-        await run_until_signalled(lambda stop: run_controller(settings, stop))
 
-    return run(main)
+_controller = service_command(ControllerSettings, ENV_PREFIX, _load_main)
 
 
 def add_controller_command(sub: Any) -> argparse.ArgumentParser:

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from services.gateway.settings import ENV_PREFIX, GatewaySettings
-from shared.settings import add_settings_arguments, load_settings, overrides_from_args
+from shared.runner import service_command
+from shared.settings import add_settings_arguments
 
 
-def _run(args: argparse.Namespace) -> int:
+def _load_main() -> Any:
     from services.gateway.main import run_gateway
-    from shared.lifecycle import run, run_until_signalled
 
-    settings = load_settings(
-        GatewaySettings, prefix=ENV_PREFIX, overrides=overrides_from_args(args, GatewaySettings)
-    )
+    return run_gateway
 
-    async def main() -> None:
-        await run_until_signalled(lambda stop: run_gateway(settings, stop))
 
-    return run(main)
+_run = service_command(GatewaySettings, ENV_PREFIX, _load_main)
 
 
 def add_gateway_command(sub: Any) -> None:
