@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from shared.errors import SettingsError
@@ -72,8 +72,30 @@ def _bench_routing(args: argparse.Namespace) -> int:
     from bench.routing_report import RoutingBenchOptions, run_routing_bench
 
     return run_routing_bench(
-        RoutingBenchOptions(json_path=args.json, quick=args.quick, repeats=args.repeats, rate=args.rate)
+        RoutingBenchOptions(
+            json_path=args.json,
+            quick=args.quick,
+            repeats=args.repeats,
+            rate=args.rate,
+            requests=args.requests,
+            http_client=args.http_client,
+        )
     )
+
+
+def _at_least(low: float, kind: type[int] | type[float] = int) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` that is >= low (a clear usage error otherwise)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        return value
+
+    return parse
 
 
 def _env_pair(text: str) -> str:
@@ -169,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument(
         "--quick", action="store_true", help="small sizes and short phases (a smoke run, not figures)"
     )
-    bw.add_argument("--repeats", type=int, default=3, help="repeats per figure; the median is reported")
+    bw.add_argument(
+        "--repeats", type=_at_least(1), default=3, help="repeats per figure; the median is reported"
+    )
     bw.set_defaults(func=_bench_worker)
     br = bench_sub.add_parser(
         "routing",
@@ -180,8 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     br.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
     br.add_argument("--quick", action="store_true", help="short runs (a smoke run, not figures)")
-    br.add_argument("--repeats", type=int, default=3, help="repeats per figure; the median is reported")
-    br.add_argument("--rate", type=float, default=200.0, help="requests per second for the overhead (200)")
+    br.add_argument(
+        "--repeats", type=_at_least(1), default=3, help="repeats per figure; the median is reported"
+    )
+    br.add_argument(
+        "--rate", type=_at_least(1, float), default=200.0, help="requests per second for the overhead (200)"
+    )
+    br.add_argument(
+        "--requests",
+        type=_at_least(100),
+        default=None,
+        help="requests per arm and repeat for the overhead (default 2000; 200 with --quick)",
+    )
+    br.add_argument(
+        "--http-client",
+        choices=("lean", "aiohttp"),
+        default="lean",
+        help="the load generator's HTTP client: a minimal keep-alive one (default), or aiohttp's",
+    )
     br.set_defaults(func=_bench_routing)
     return parser
 

@@ -125,6 +125,15 @@ def setup_telemetry(
     return Telemetry(service_name, provider, owns_provider=True, traces_endpoint=endpoint)
 
 
+def in_unsampled_trace() -> bool:
+    """True when the current span belongs to a trace that is not sampled (a valid context whose sampled
+    flag is off: no exporter, or sampled out). Under the parent-based samplers we use, no child of it
+    would be recorded either, so a hot path may skip making child spans and let the current context
+    propagate as is (its trace id still reaches logs and downstream services)."""
+    ctx = trace.get_current_span().get_span_context()
+    return ctx.is_valid and not ctx.trace_flags.sampled
+
+
 # ---- logging ----
 
 

@@ -188,3 +188,37 @@ def test_bench_worker_quick_writes_every_key(tmp_path: Path) -> None:
     assert report["naive_realloc_critical_path_refill_bytes"] > 0
     assert "emulated" in report["host_link"]
     assert "kv_speedup" in run.stdout
+
+
+@pytest.mark.slow
+def test_bench_routing_quick_writes_every_key(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [*ONEPOOL, "bench", "routing", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    for key in ("route_p50_us", "route_p99_us", "gateway_p99_ms", "direct_p99_ms", "gateway_overhead_p50_ms"):
+        assert report[key] > 0, key
+    assert isinstance(report["gateway_overhead_p99_ms"], float)  # a difference: may be < 0 on a quiet run
+    assert len(report["gateway_overhead_p99_runs_ms"]) == 1
+    assert report["gateway_overhead_setup"]["requests_per_arm"] == 200
+    assert report["gateway_overhead_setup"]["http_client"] == "lean"
+    assert "gateway_overhead_p99_ms" in run.stdout
+
+
+def test_bench_arguments_are_checked_before_anything_starts() -> None:
+    for bad in (["--requests", "5"], ["--repeats", "0"], ["--rate", "fast"]):
+        run = subprocess.run(
+            [*ONEPOOL, "bench", "routing", "--json", "unused.json", *bad],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert run.returncode == 2, bad
+        assert bad[0] in run.stderr

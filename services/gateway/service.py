@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -53,6 +54,7 @@ from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.errors import OnepoolError
 from shared.lifecycle import TaskOwner
+from shared.telemetry import in_unsampled_trace
 
 log = structlog.get_logger("onepool.gateway")
 
@@ -93,6 +95,21 @@ class GatewayMetrics:
         )
         self.bad_messages = Counter("onepool_gateway_bad_messages", "undecodable bus messages", registry=r)
         self.routable = Gauge("onepool_gateway_routable_workers", "workers the router may choose", registry=r)
+        # labelled children, looked up once per label value (labels() takes a lock and builds a tuple)
+        self._by_status: dict[int, Counter] = {}
+        self._by_outcome: dict[str, Counter] = {}
+
+    def count_request(self, status: int) -> None:
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.requests.labels(str(status))
+        child.inc()
+
+    def count_attempt(self, outcome: str) -> None:
+        child = self._by_outcome.get(outcome)
+        if child is None:
+            child = self._by_outcome[outcome] = self.attempts.labels(outcome)
+        child.inc()
 
 
 class ReplicaView:
@@ -136,6 +153,9 @@ class Gateway:
         self._resync = asyncio.Event()
         self._dec_view = s.decoder(s.ViewUpdate)
         self._dec_reply = s.decoder(s.InferenceReply)
+        # Request ids: a random prefix per gateway process and a counter (unique, and ~5x cheaper than uuid4).
+        self._request_id_prefix = uuid.uuid4().hex[:16] + "-"
+        self._request_seq = itertools.count(1)
 
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -213,7 +233,7 @@ class Gateway:
             headers = {"Retry-After": str(self.settings.retry_after_s)} if exc.status == 503 else None
             return web.json_response(exc.body(), status=exc.status, headers=headers)
         finally:
-            self.metrics.requests.labels(str(status)).inc()
+            self.metrics.count_request(status)
             self.metrics.latency.observe(time.perf_counter() - started)
 
     async def _read_body(self, request: web.Request) -> RecommendBody:
@@ -240,7 +260,7 @@ class Gateway:
         route_req = RouteRequest(user_id=user_key(body), history=body.history, candidates=body.candidates)
         decision = self._route(route_req)
         wire = s.InferenceRequest(
-            request_id=uuid.uuid4().hex,
+            request_id=f"{self._request_id_prefix}{next(self._request_seq):x}",
             user_id=route_req.user_id,
             history=body.history,
             timestamps=body.timestamps,
@@ -289,7 +309,13 @@ class Gateway:
         raise UpstreamFailed(f"every worker tried failed: {'; '.join(failures)}")
 
     def _route(self, req: RouteRequest) -> RouteDecision:
-        with self._tracer.start_as_current_span("gateway.route") as span:
+        # In an unsampled trace (no exporter) a routing span would record nothing: skip making it.
+        span_cm = (
+            contextlib.nullcontext(trace.get_current_span())
+            if in_unsampled_trace()
+            else self._tracer.start_as_current_span("gateway.route")
+        )
+        with span_cm as span:
             t0 = time.perf_counter()
             try:
                 decision = self.router.route(self.view, req, time.monotonic())
@@ -298,10 +324,11 @@ class Gateway:
                 raise NoWorkerAvailable("no live worker in the routing view") from None
             finally:
                 self.metrics.route_seconds.observe(time.perf_counter() - t0)
-            span.set_attribute("onepool.route.policy", str(decision.policy))
-            span.set_attribute("onepool.route.workers", len(decision.ranked))
-            for role, choice in zip(("chosen", "runner_up"), decision.ranked[:2], strict=False):
-                _breakdown_attributes(span, role, choice)
+            if span.is_recording():  # the breakdown costs ~10 us to build: only when it is recorded
+                span.set_attribute("onepool.route.policy", str(decision.policy))
+                span.set_attribute("onepool.route.workers", len(decision.ranked))
+                for role, choice in zip(("chosen", "runner_up"), decision.ranked[:2], strict=False):
+                    _breakdown_attributes(span, role, choice)
             return decision
 
     async def _attempt(
@@ -319,20 +346,18 @@ class Gateway:
             raw = await self.bus.request(s.infer_subject(worker_id), s.encode(request), timeout_s=timeout_s)
             reply = s.decode(self._dec_reply, raw)
         except OnepoolError as exc:
-            self.metrics.attempts.labels(exc.code).inc()
+            self.metrics.count_attempt(exc.code)
             failures.append(f"{worker_id}: {exc.code}")
             log.info("worker attempt failed; trying the next", worker=worker_id, error=exc.code)
             return None
         except s.DecodeError as exc:
-            self.metrics.attempts.labels("bad_reply").inc()
+            self.metrics.count_attempt("bad_reply")
             failures.append(f"{worker_id}: bad reply")
             log.warning("undecodable worker reply", worker=worker_id, error=exc.message)
             return None
         finally:
             self.router.on_done(worker_id)
-        self.metrics.attempts.labels(
-            "ok" if reply.ok is not None else reply.error.code if reply.error else "?"
-        ).inc()
+        self.metrics.count_attempt("ok" if reply.ok is not None else reply.error.code if reply.error else "?")
         return reply
 
     # ---------------------------------------------------------------------------------------------------
@@ -374,24 +399,28 @@ def tracing_middleware(tracer: Tracer) -> Callable[[web.Request, Handler], Await
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        ctx = propagate.extract(request.headers)  # case-insensitive: "Traceparent" counts too
+        # case-insensitive headers: "Traceparent" counts too; no header (the usual case): a new trace
+        ctx = propagate.extract(request.headers) if "traceparent" in request.headers else None
         route = (
             request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
         )
         with tracer.start_as_current_span(
             f"{request.method} {route}", context=ctx, kind=SpanKind.SERVER
         ) as span:
-            span.set_attribute("http.request.method", request.method)
-            span.set_attribute("url.path", request.path)
-            span.set_attribute("http.route", route)
+            recording = span.is_recording()
+            if recording:
+                span.set_attribute("http.request.method", request.method)
+                span.set_attribute("url.path", request.path)
+                span.set_attribute("http.route", route)
             try:
                 response = await handler(request)
             except web.HTTPException as exc:
                 span.set_attribute("http.response.status_code", exc.status)
                 raise
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
+            if recording:
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
             response.headers["x-trace-id"] = format(span.get_span_context().trace_id, "032x")
             return response
 

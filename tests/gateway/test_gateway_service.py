@@ -1,11 +1,15 @@
-"""The gateway shell's handling of view updates, against a real nats-server."""
+"""The gateway shell (view updates, trace context), against a real nats-server and aiohttp server."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
 from services.gateway.core.router import RouteRequest
-from services.gateway.service import Gateway
+from services.gateway.service import Gateway, build_app, serve_http
 from services.gateway.settings import GatewaySettings
 from shared import schemas as s
 from shared.bus import Bus, Message
@@ -29,5 +33,31 @@ async def test_a_repaired_worker_keeps_its_in_flight_count_and_predictions(nats_
         gone = s.ViewUpdate(source="cs", seq=1, kind="delta", workers_removed=["w1"])
         await gateway._on_view(Message(subject=s.VIEW_SUBJECT, data=s.encode(gone)))
         assert gateway.router.in_flight("w1") == 0
+    finally:
+        await bus.close()
+
+
+async def test_the_gateway_joins_a_callers_trace_and_starts_one_otherwise(nats_server: Any) -> None:
+    # As in production without an exporter: an SDK provider that records nothing but keeps trace ids.
+    tracer = TracerProvider(sampler=ALWAYS_OFF).get_tracer("test")
+    bus = await Bus.connect(nats_server.url, name="gw-trace-test")
+    settings = GatewaySettings(nats_url=nats_server.url, instance="gw-trace-test")
+    try:
+        app = build_app(Gateway(settings, bus, tracer=tracer), tracer)
+        async with serve_http(app, "127.0.0.1", 0) as runner:
+            port = runner.addresses[0][1]
+            async with aiohttp.ClientSession() as http:
+                trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+                for name in ("traceparent", "Traceparent"):
+                    headers = {name: f"00-{trace_id}-00f067aa0ba902b7-01"}
+                    async with http.get(f"http://127.0.0.1:{port}/healthz", headers=headers) as resp:
+                        assert resp.status == 200
+                        assert resp.headers["x-trace-id"] == trace_id
+                seen = set()
+                for _ in range(2):
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        seen.add(resp.headers["x-trace-id"])
+                assert len(seen) == 2
+                assert all(len(t) == 32 and int(t, 16) != 0 for t in seen)
     finally:
         await bus.close()

@@ -13,10 +13,12 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 from shared.bus import Bus, Message
 from shared.errors import BusClosed, BusError, BusTimeout, ErrorKind, NoResponders
+from shared.telemetry import in_unsampled_trace
 from tests.helpers import eventually, free_port
 
 MakeBus = Callable[..., Awaitable[Bus]]
@@ -324,6 +326,34 @@ async def test_request_is_traced_and_context_reaches_the_responder(
     assert process.attributes["messaging.client.id"] == "responder"
     assert process.attributes["messaging.message.body.size"] == 5
     assert send.status.status_code is StatusCode.UNSET and process.status.status_code is StatusCode.UNSET
+
+
+async def test_an_unsampled_trace_makes_no_producer_span_but_still_propagates(make_bus: MakeBus) -> None:
+    # No exporter: spans are not sampled. The caller's context (its ids) is what the message carries.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    server = await make_bus("responder", tracer=tracer)
+    client = await make_bus("requester", tracer=tracer)
+    seen: list[Message] = []
+
+    async def handler(msg: Message) -> bytes:
+        seen.append(msg)
+        return b"ok"
+
+    await server.subscribe("svc.unsampled", handler)
+    with tracer.start_as_current_span("caller") as caller:
+        assert in_unsampled_trace()
+        assert await client.request("svc.unsampled", b"x", timeout_s=2) == b"ok"
+        await client.publish("svc.unsampled", b"y")
+    await eventually(lambda: len(seen) == 2)
+    ctx = caller.get_span_context()
+    expected = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    assert [msg.headers["traceparent"] for msg in seen] == [expected, expected]
+    assert not ctx.trace_flags.sampled
+    assert exporter.get_finished_spans() == ()
+    assert not in_unsampled_trace()  # outside any span: no trace at all
 
 
 async def test_publish_subscribe_carries_context(
