@@ -487,3 +487,53 @@ async def test_reconnects_after_server_restart(make_bus: MakeBus, nats_server: A
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+async def test_concurrent_requests_each_get_their_own_reply(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+
+    async def echo_later(msg: Message) -> bytes:
+        await asyncio.sleep(0.002 * (int(msg.data) % 7))  # replies come back out of order
+        return b"re:" + msg.data
+
+    await server.subscribe("svc.mux", echo_later, concurrency=64)
+    replies = await asyncio.gather(*(client.request("svc.mux", b"%d" % i, timeout_s=5) for i in range(200)))
+    assert replies == [b"re:%d" % i for i in range(200)]
+    assert client._waiting == {}  # nothing left behind
+
+
+async def test_a_late_reply_is_dropped_and_the_next_request_gets_its_own(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+
+    async def slow_first(msg: Message) -> bytes:
+        if msg.data == b"first":
+            await asyncio.sleep(0.3)
+        return msg.data
+
+    await server.subscribe("svc.late", slow_first, concurrency=4)
+    with pytest.raises(BusTimeout):
+        await client.request("svc.late", b"first", timeout_s=0.1)
+    assert client._waiting == {}
+    second = asyncio.create_task(client.request("svc.late", b"second", timeout_s=2))
+    await asyncio.sleep(0.4)  # the first reply arrives meanwhile: it must not answer the second request
+    assert await second == b"second"
+
+
+async def test_requests_waiting_when_the_bus_closes_fail_at_once(make_bus: MakeBus) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+
+    async def never(msg: Message) -> bytes:
+        await asyncio.sleep(30)
+        return b""
+
+    await server.subscribe("svc.never", never)
+    waiting = asyncio.create_task(client.request("svc.never", b"x", timeout_s=30))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await client.close(drain=False)
+    with pytest.raises(BusClosed):
+        await waiting
+    assert time.monotonic() - started < 2
