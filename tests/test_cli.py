@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,18 +163,23 @@ def test_killed_launcher_takes_its_children_along() -> None:
     assert_nothing_left(port)
 
 
-@pytest.mark.slow
-def test_bench_worker_quick_writes_every_key(tmp_path: Path) -> None:
+def _quick_bench(name: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """Run `onepool bench <name> --quick`; its printed summary and its JSON report."""
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [*ONEPOOL, "bench", "worker", "--quick", "--json", str(out)],
+        [*ONEPOOL, "bench", name, "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads(out.read_text())
+    return run.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_worker_quick_writes_every_key(tmp_path: Path) -> None:
+    stdout, report = _quick_bench("worker", tmp_path)
     for key in (
         "kv_speedup",
         "emb_miss_cost_us",
@@ -187,28 +193,19 @@ def test_bench_worker_quick_writes_every_key(tmp_path: Path) -> None:
     assert report["realloc_critical_path_refill_bytes"] == 0
     assert report["naive_realloc_critical_path_refill_bytes"] > 0
     assert "emulated" in report["host_link"]
-    assert "kv_speedup" in run.stdout
+    assert "kv_speedup" in stdout
 
 
 @pytest.mark.slow
 def test_bench_routing_quick_writes_every_key(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    run = subprocess.run(
-        [*ONEPOOL, "bench", "routing", "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads(out.read_text())
+    stdout, report = _quick_bench("routing", tmp_path)
     for key in ("route_p50_us", "route_p99_us", "gateway_p99_ms", "direct_p99_ms", "gateway_overhead_p50_ms"):
         assert report[key] > 0, key
     assert isinstance(report["gateway_overhead_p99_ms"], float)  # a difference: may be < 0 on a quiet run
     assert len(report["gateway_overhead_p99_runs_ms"]) == 1
     assert report["gateway_overhead_setup"]["requests_per_arm"] == 200
     assert report["gateway_overhead_setup"]["http_client"] == "lean"
-    assert "gateway_overhead_p99_ms" in run.stdout
+    assert "gateway_overhead_p99_ms" in stdout
 
 
 def test_bench_arguments_are_checked_before_anything_starts() -> None:

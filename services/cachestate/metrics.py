@@ -28,6 +28,7 @@ class ServiceCounters:
     snapshot_request_failures: int = 0  # no ack (timeout, no responders, bad ack)
     view_updates: int = 0  # ViewUpdate messages published (delta and snapshot parts)
     view_snapshots: int = 0  # view snapshots published on request
+    view_snapshots_coalesced: int = 0  # snapshot requests answered by a snapshot another request caused
     feature_reports: int = 0
 
 
@@ -79,6 +80,11 @@ class _Collector(Collector):
         yield counter("bad_messages", "undecodable or invalid messages dropped", c.bad_messages)
         yield counter("view_updates_published", "ViewUpdate messages published", c.view_updates)
         yield counter("view_snapshots_served", "view snapshots published on request", c.view_snapshots)
+        yield counter(
+            "view_snapshots_coalesced",
+            "view snapshot requests answered by a snapshot published for another request",
+            c.view_snapshots_coalesced,
+        )
         yield counter("feature_reports_published", "FeatureReport messages published", c.feature_reports)
         live = svc.tracker.live_workers()
         yield gauge("workers_live", "live workers", len(live))

@@ -58,6 +58,9 @@ class CacheStateService:
         self._pending = ViewChanges()
         self._view_seq = 0
         self._view_lock = asyncio.Lock()  # view seq order == publish order
+        # The view snapshot now gathering requests (set from the first request until it is built): the
+        # requests that arrive meanwhile share it, so N gateways resyncing together cost one broadcast.
+        self._gathering: asyncio.Future[s.ViewSnapshotAck] | None = None
         self._feature_seq = 0
         self._resyncs: dict[str, asyncio.Task[None]] = {}
         self._synced: dict[str, asyncio.Event] = {}
@@ -71,7 +74,10 @@ class CacheStateService:
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._subs.append(await self.bus.subscribe(s.DIGEST_WILDCARD, self._on_digest))
-        self._subs.append(await self.bus.subscribe(s.VIEW_SNAPSHOT_SUBJECT, self._on_view_snapshot))
+        # Handlers start as requests arrive, so that those arriving while one gathers can ride along.
+        self._subs.append(
+            await self.bus.subscribe(s.VIEW_SNAPSHOT_SUBJECT, self._on_view_snapshot, concurrency=64)
+        )
         self._tasks.spawn(self._view_loop(), name="view-deltas")
         self._tasks.spawn(self._expire_loop(), name="expiry")
         self._tasks.spawn(self._features_loop(), name="features")
@@ -254,13 +260,30 @@ class CacheStateService:
             # A snapshot is harmless to send, so a garbled request still gets one, but it is counted.
             self.counters.bad_messages += 1
             log.warning("bad view snapshot request", error=exc.message, field=exc.field)
-        async with self._view_lock:
-            await self._publish_pending_locked()  # so the snapshot follows every delta before it
-            updates = self._snapshot_updates(self._view_seq)  # built before any await: one consistent cut
-            await self._publish_view(updates)
+        gathering = self._gathering
+        if gathering is not None:
+            # It is built after this request arrived, so it covers it; its parts reach this requester,
+            # which subscribed to the view before asking.
+            self.counters.view_snapshots_coalesced += 1
+            return s.encode(await asyncio.shield(gathering))
+        gathering = self._gathering = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.sleep(self.settings.view_snapshot_gather_ms / 1e3)
+            self._gathering = None  # requests from now on wait for the next snapshot
+            async with self._view_lock:
+                await self._publish_pending_locked()  # so the snapshot follows every delta before it
+                updates = self._snapshot_updates(self._view_seq)  # built before any await: one cut
+                await self._publish_view(updates)
+            ack = s.ViewSnapshotAck(source=self.source, seq=updates[0].seq, parts=len(updates))
+            gathering.set_result(ack)
+        except BaseException:
+            if self._gathering is gathering:
+                self._gathering = None
+            gathering.cancel()  # those riding along give up too (this only happens on shutdown)
+            raise
         self.counters.view_snapshots += 1
-        log.info("view snapshot published", requester=requester, seq=updates[0].seq, parts=len(updates))
-        return s.encode(s.ViewSnapshotAck(source=self.source, seq=updates[0].seq, parts=len(updates)))
+        log.info("view snapshot published", requester=requester, seq=ack.seq, parts=ack.parts)
+        return s.encode(ack)
 
     # ---- features to the controller --------------------------------------------------------------------
     async def _features_loop(self) -> None:

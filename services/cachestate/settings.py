@@ -24,6 +24,13 @@ class CacheStateSettings:
     view_delta_ms: float = field(
         default=50.0, metadata=doc("view changes are batched into one delta to gateways this often")
     )
+    view_snapshot_gather_ms: float = field(
+        default=10.0,
+        metadata=doc(
+            "a view snapshot request waits this long for others (gateways resyncing together), "
+            "then one snapshot answers them all"
+        ),
+    )
     features_window_ms: float = field(
         default=1000.0, metadata=doc("controller feature window: one FeatureReport per window")
     )
@@ -62,5 +69,9 @@ class CacheStateSettings:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {value}")
+        if not self.view_snapshot_gather_ms >= 0:
+            raise ValueError(
+                f"{ENV_PREFIX}VIEW_SNAPSHOT_GATHER_MS must be >= 0, got {self.view_snapshot_gather_ms}"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"{ENV_PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")

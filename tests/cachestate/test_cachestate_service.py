@@ -3,6 +3,7 @@ are the protocol itself; two tests run a real worker (engine + WorkerService) on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -245,6 +246,36 @@ async def test_a_large_view_snapshot_travels_in_parts(nats_server: Any) -> None:
             assert ack.parts > 10
             assert gw.replica.index.sizes() == (200, 3000, 200, 1)
             assert gw.replica.index.kv_workers("user-199") == {"w1": 199}
+    finally:
+        await cs.stop()
+        await bus.close()
+
+
+async def test_gateways_resyncing_together_share_view_snapshots(nats_server: Any) -> None:
+    bus = await Bus.connect(nats_server.url, name="cachestate-coalescing")
+    # A gathering window wide enough for eight requests sent together on a busy 2-core machine.
+    cs = CacheStateService(replace(SETTINGS, view_snapshot_gather_ms=200.0), bus, part_bytes=2048)
+    await cs.start()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            w = await stack.enter_async_context(fake_worker(nats_server.url))
+            w.kv, w.emb = {f"user-{i}": i for i in range(200)}, set(range(3000))
+            await w.send_snapshot()
+            await eventually(lambda: cs.index.sizes() == (200, 3000, 200, 1))
+            gws = [await stack.enter_async_context(gateway(nats_server.url)) for _ in range(8)]
+            acks = await asyncio.gather(*(gw.sync() for gw in gws))
+            # The first request gathers the others for view_snapshot_gather_ms: one broadcast for all.
+            assert (cs.counters.view_snapshots, cs.counters.view_snapshots_coalesced) == (1, 7)
+            assert len({(a.seq, a.parts) for a in acks}) == 1 and acks[0].parts > 10
+            for gw in gws:
+                assert gw.replica.in_sync and gw.replica.index.sizes() == (200, 3000, 200, 1)
+            # A request after that gets a snapshot of its own, with what changed since.
+            await w.send(kv_upserts=[s.KvEntry("late-user", 7)])
+            await eventually(lambda: cs.index.kv_workers("late-user") == {"w1": 7})
+            fresh = await gws[0].sync()
+            assert fresh.seq > acks[0].seq
+            assert (cs.counters.view_snapshots, cs.counters.view_snapshots_coalesced) == (2, 7)
+            assert gws[0].replica.index.kv_workers("late-user") == {"w1": 7}
     finally:
         await cs.stop()
         await bus.close()
