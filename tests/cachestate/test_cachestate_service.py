@@ -19,7 +19,7 @@ from services.gateway.core.view_replica import ViewReplica
 from shared import schemas as s
 from shared.bus import Bus, Message
 from tests.helpers import eventually, free_port
-from tests.worker.test_worker_service import running_worker
+from tests.worker.harness import running_worker
 
 SETTINGS = CacheStateSettings(
     id="cs-test",

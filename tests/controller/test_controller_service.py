@@ -21,11 +21,11 @@ from services.controller.service import ControllerService
 from services.controller.settings import ControllerSettings
 from services.worker.engine import Engine
 from services.worker.service import WorkerService, engine_config_from
-from services.worker.settings import WorkerSettings
 from shared import schemas as s
 from shared.bus import Bus, Message
 from tests.controller.test_policies import pressure
 from tests.helpers import eventually
+from tests.worker.harness import SETTINGS as WORKER_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -358,22 +358,7 @@ async def test_controller_command_runs_until_sigterm(nats_server: Any) -> None:
 
 
 # ---- with a real worker ----------------------------------------------------------------------------------
-WORKER = WorkerSettings(
-    id="wctl",
-    model="tiny",
-    num_items=5000,
-    budget_mib=4.0,
-    chunk_kib=64,
-    page_tokens=16,
-    alpha=0.5,
-    alpha_min=0.1,
-    alpha_max=0.9,
-    max_chunks_per_tick=2,
-    tick_ms=10.0,
-    digest_ms=100.0,
-    link_latency_us=1.0,
-    max_queue=8,
-)
+WORKER = replace(WORKER_SETTINGS, id="wctl", max_chunks_per_tick=2, tick_ms=10.0)
 
 
 async def test_controller_moves_a_real_workers_alpha(nats_server: Any) -> None:
