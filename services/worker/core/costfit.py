@@ -5,6 +5,11 @@
 Ridge regression over a sliding window, shrunk toward a prior so that the estimate is usable from the
 first request and stays stable when the features are collinear (a new user has both many new tokens and
 many misses). Coefficients are clipped at zero: a negative cost would make the router prefer more work.
+Outliers (a GC pause, a stalled thread: a request that took ten times its due) must not move the model the
+router trusts: once the window holds ROBUST_MIN_SAMPLES, samples whose residual lies more than OUTLIER_MADS
+robust standard deviations from the median residual (from the median absolute deviation, never below
+MIN_OUTLIER_MS) are left out and the model is fitted again, for a few rounds (a trimmed fit). They stay in
+the window: if the worker really got slower, the fit follows once most of the window says so.
 Pure numpy: no torch, no clock.
 """
 
@@ -16,6 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 FEATURES = ("fixed", "new_tokens", "cached_tokens", "candidates", "emb_misses")
+
+ROBUST_MIN_SAMPLES = 16  # fewer: a median of residuals says too little to call anything an outlier
+OUTLIER_MADS = 4.0  # samples whose residual is beyond this many robust standard deviations are left out
+MIN_OUTLIER_MS = 0.05  # ... and never below this (an exactly linear window has a deviation of 0)
+ROBUST_ITERATIONS = 3  # leave-out-and-refit rounds (each from the previous, less contaminated, fit)
+_MAD_TO_SIGMA = 1.4826  # the median absolute deviation of a normal distribution, in standard deviations
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,21 @@ class CostFitter:
             lam = self._prior_weight
             # Minimise |xs w - y|^2 + lam |w - prior_s|^2 in closed form.
             a = xs.T @ xs + lam * np.eye(5)
-            b = xs.T @ y + lam * prior_s
-            coef = np.linalg.solve(a, b) / scale
+            w = np.linalg.solve(a, xs.T @ y + lam * prior_s)
+            if len(y) >= ROBUST_MIN_SAMPLES:
+                keep = np.ones(len(y), dtype=np.bool_)
+                for _ in range(ROBUST_ITERATIONS):
+                    resid = y - xs @ w
+                    mid = float(np.median(resid[keep]))  # a contaminated fit shifts every residual
+                    mad = float(np.median(np.abs(resid[keep] - mid)))
+                    limit = max(OUTLIER_MADS * _MAD_TO_SIGMA * mad, MIN_OUTLIER_MS)
+                    inside = np.abs(resid - mid) <= limit
+                    if np.array_equal(inside, keep):
+                        break
+                    keep = inside
+                    k = xs[keep]
+                    w = np.linalg.solve(k.T @ k + lam * np.eye(5), k.T @ y[keep] + lam * prior_s)
+            coef = w / scale
         coef = np.clip(coef, 0.0, None)
         # A token served from the KV cache is never dearer than one computed anew; a noisy fit that says
         # otherwise would turn the router's KV credit into a penalty.
