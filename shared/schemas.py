@@ -320,10 +320,13 @@ class WorkerFeatures(_Msg, kw_only=True):
     emb_hit_rate: Fraction
     kv_hit_rate: Fraction
     miss_bytes: NonNegInt  # EMB miss bytes in the window
+    emb_misses_per_request: NonNegFloat = 0.0  # EMB misses counted in the window's requests, per request
     p99_latency_ms: NonNegFloat
     slo_violation_rate: Fraction
     alpha: Fraction
     alpha_target: Fraction
+    # The worker's own fitted service-time model at the window's end (samples 0: it has none yet).
+    cost: CostCoefficients = msgspec.field(default_factory=CostCoefficients)
 
 
 class FeatureReport(_Msg, kw_only=True):

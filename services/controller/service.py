@@ -28,6 +28,20 @@ from shared.lifecycle import TaskOwner
 log = structlog.get_logger("onepool.controller")
 
 _FEATURE_FIELDS = s.WorkerFeatures.__struct_fields__
+_COST_FIELDS = s.CostCoefficients.__struct_fields__
+
+
+def feature_attributes(features: s.WorkerFeatures) -> dict[str, str | int | float]:
+    """A decision span's inputs: onepool.features.<field>, the cost model as onepool.features.cost.<field>."""
+    out: dict[str, str | int | float] = {}
+    for name in _FEATURE_FIELDS:
+        value = getattr(features, name)
+        if isinstance(value, s.CostCoefficients):
+            for cost_name in _COST_FIELDS:
+                out[f"onepool.features.{name}.{cost_name}"] = getattr(value, cost_name)
+        else:
+            out[f"onepool.features.{name}"] = value
+    return out
 
 
 @dataclass
@@ -159,8 +173,7 @@ class ControllerService:
             log.warning("worker entry with a bad id skipped", error=str(exc))
             return None
         with self._tracer.start_as_current_span("controller.decide") as span:
-            for name in _FEATURE_FIELDS:
-                span.set_attribute(f"onepool.features.{name}", getattr(features, name))
+            span.set_attributes(feature_attributes(features))
             current = features.alpha_target
             span.set_attribute("onepool.policy", self.policy.name)
             span.set_attribute("onepool.alpha.current", current)

@@ -258,7 +258,8 @@ async def test_gateways_resyncing_together_share_view_snapshots(nats_server: Any
     await cs.start()
     try:
         async with contextlib.AsyncExitStack() as stack:
-            w = await stack.enter_async_context(fake_worker(nats_server.url))
+            # A long digest period: the worker stays live while the test waits out gathering windows.
+            w = await stack.enter_async_context(fake_worker(nats_server.url, period_ms=10_000.0))
             w.kv, w.emb = {f"user-{i}": i for i in range(200)}, set(range(3000))
             await w.send_snapshot()
             await eventually(lambda: cs.index.sizes() == (200, 3000, 200, 1))

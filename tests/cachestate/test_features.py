@@ -9,6 +9,8 @@ import pytest
 from services.cachestate.core.features import FeatureWindow
 from shared import schemas as s
 
+COST = s.CostCoefficients(fixed_ms=1.0, ms_per_new_token=0.02, ms_per_emb_miss=0.003, samples=12)
+
 
 def digest(seq: int, *, wid: str = "w0", inc: str = "i1", **fields: Any) -> s.WorkerDigest:
     return s.WorkerDigest(
@@ -59,6 +61,7 @@ def test_two_windows_of_one_worker() -> None:
             stats=s.PoolStats(kv_hits=10, kv_misses=10, emb_miss_bytes=3000),
             alpha=0.55,
             alpha_target=0.6,
+            cost=COST,
         )
     )
     (f,) = fw.close(1.0)
@@ -74,10 +77,12 @@ def test_two_windows_of_one_worker() -> None:
         emb_hit_rate=0.8,
         kv_hit_rate=0.5,  # (10 hits, 10 misses) since the start of the incarnation (seq 0)
         miss_bytes=3000,
+        emb_misses_per_request=1.0,  # 20 misses counted in 20 requests
         p99_latency_ms=20.0,
         slo_violation_rate=0.05,
         alpha=0.55,
         alpha_target=0.6,
+        cost=COST,  # the last digest's
     )
     fw.observe(
         digest(2, window=win(requests=25), stats=s.PoolStats(kv_hits=13, kv_misses=11, emb_miss_bytes=3500))

@@ -219,7 +219,10 @@ async def test_each_decision_is_a_span_with_its_features(nats_server: Any) -> No
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
     async with running_controller(nats_server.url, tracer=tracer) as c:
-        f = replace_features(features("w1", 0.45, alpha_target=0.5), emb_hit_rate=0.61, max_history=321)
+        cost = s.CostCoefficients(fixed_ms=1.5, ms_per_new_token=0.02, ms_per_emb_miss=0.004, samples=40)
+        f = replace_features(
+            features("w1", 0.45, alpha_target=0.5), emb_hit_rate=0.61, max_history=321, cost=cost
+        )
         await c.send(f, features("w2", 0.7))
         await eventually(lambda: len(c.decisions) == 1)
         await c.settle()
@@ -229,7 +232,11 @@ async def test_each_decision_is_a_span_with_its_features(nats_server: Any) -> No
     a = by_worker["w1"].attributes
     assert a is not None
     for name in s.WorkerFeatures.__struct_fields__:
-        assert a[f"onepool.features.{name}"] == getattr(f, name), name
+        if name != "cost":
+            assert a[f"onepool.features.{name}"] == getattr(f, name), name
+    for name in s.CostCoefficients.__struct_fields__:
+        assert a[f"onepool.features.cost.{name}"] == getattr(cost, name), name
+    assert a["onepool.features.cost.samples"] == 40
     assert a["onepool.alpha.current"] == 0.5
     assert a["onepool.alpha.target"] == pytest.approx(0.7)
     assert a["onepool.policy"] == "static:0.7"

@@ -8,12 +8,13 @@ import time
 from typing import Any
 
 import pytest
+from msgspec.structs import replace as replace_struct
 
 from services.controller.cli import add_controller_command
 from services.controller.core.policies import Clamp, HitBalancePolicy, StaticPolicy, parse_policy
 from services.controller.settings import ENV_PREFIX, ControllerSettings
 from shared.errors import SettingsError
-from shared.schemas import WorkerFeatures
+from shared.schemas import CostCoefficients, WorkerFeatures
 from shared.settings import load_settings
 
 # 100 requests in the window; with the default cost model one 128-byte row missed per request costs 1 us
@@ -115,6 +116,40 @@ def test_pressures_follow_the_documented_cost_model() -> None:
     assert p.pressures(f) == pytest.approx((1.0, 0.5))
     # new_token_fraction bounds what KV misses can have cost.
     assert p.pressures(feat(kv_hit_rate=0.0, new_token_fraction=0.2))[1] == pytest.approx(0.2)
+
+
+def test_a_worker_with_a_fitted_model_is_priced_with_it() -> None:
+    fitted = CostCoefficients(ms_per_new_token=0.002, ms_per_emb_miss=0.01, samples=50)
+    f = feat(
+        miss_bytes=1000 * ROW * REQUESTS,  # what the parameters would price: 1.0 ms of EMB misses
+        emb_misses_per_request=300.0,
+        kv_hit_rate=0.5,
+        new_token_fraction=0.6,
+        cost=fitted,
+    )
+    # 300 misses x 0.01 ms; 100 tokens x min(0.5, 0.6) x 0.002 ms
+    assert HitBalancePolicy().pressures(f) == pytest.approx((3.0, 0.1))
+    # worker_cost=0, or a worker with no fit yet (samples 0): the parameters, as before
+    assert HitBalancePolicy(worker_cost=0.0).pressures(f) == pytest.approx((1.0, 0.5))
+    unfitted = replace_struct(f, cost=CostCoefficients(ms_per_new_token=0.002, ms_per_emb_miss=0.01))
+    assert HitBalancePolicy().pressures(unfitted) == pytest.approx((1.0, 0.5))
+
+
+def test_the_fitted_prices_can_turn_a_decision_around() -> None:
+    # The parameters see dear KV misses (10 us a token); this worker's own fit says tokens are cheap and
+    # its EMB misses dear: alpha goes up (more EMB) rather than down.
+    f = feat(
+        miss_bytes=100 * ROW * REQUESTS,
+        emb_misses_per_request=100.0,
+        kv_hit_rate=0.0,
+        new_token_fraction=1.0,
+        emb_hit_rate=0.5,
+    )
+    assert HitBalancePolicy(worker_cost=0.0).decide(f, 0.5) < 0.5
+    fitted = replace_struct(
+        f, cost=CostCoefficients(ms_per_new_token=0.0001, ms_per_emb_miss=0.02, samples=9)
+    )
+    assert HitBalancePolicy().decide(fitted, 0.5) > 0.5
 
 
 def test_raises_alpha_when_emb_misses_dominate() -> None:

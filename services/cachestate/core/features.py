@@ -6,12 +6,13 @@ Per worker and window (``close(now)`` ends one):
 * request_rate_delta = (rate - previous window's rate) / window length (0 in a worker's first window);
 * hot_user_share = kv_hit_requests / requests; mean_history = history_tokens / requests;
   max_history = max of the digests' max; new_token_fraction = new_tokens / history_tokens;
-* emb_hit_rate = emb_hits / (emb_hits + emb_misses) from the window stats;
+* emb_hit_rate = emb_hits / (emb_hits + emb_misses) and emb_misses_per_request = emb_misses / requests,
+  from the window stats;
 * kv_hit_rate and miss_bytes come from the cumulative PoolStats: their difference between the last digest
   of this window and that of the previous one (kv_hits / (kv_hits + kv_misses); emb_miss_bytes), since
   the per-entry byte size is not known here;
 * p99_latency_ms = max of the digests' p99; slo_violation_rate = slo_violations / requests;
-* alpha, alpha_target from the last digest.
+* alpha, alpha_target and the fitted cost coefficients from the last digest.
 Ratios with a zero denominator are 0. Only workers that sent a digest in the window are reported.
 Cumulative counters restart with a new incarnation; a worker first seen mid-life (seq > 0) takes its first
 digest as the baseline, so a restarted cachestate does not report a worker's whole history as one window.
@@ -40,6 +41,7 @@ class _Acc:
     p99_ms: float = 0.0
     alpha: float = 0.0
     alpha_target: float = 0.0
+    cost: s.CostCoefficients | None = None
     last_stats: s.PoolStats | None = None
 
 
@@ -98,6 +100,7 @@ class FeatureWindow:
         acc.p99_ms = max(acc.p99_ms, w.latency_p99_ms)
         acc.alpha = digest.alpha
         acc.alpha_target = digest.alpha_target
+        acc.cost = digest.cost
         acc.last_stats = digest.stats
 
     def forget(self, worker_id: str) -> None:
@@ -131,10 +134,12 @@ class FeatureWindow:
                     emb_hit_rate=_ratio(acc.emb_hits, acc.emb_hits + acc.emb_misses),
                     kv_hit_rate=_ratio(kv_hits, kv_hits + kv_misses),
                     miss_bytes=max(0, last.emb_miss_bytes - base.stats.emb_miss_bytes),
+                    emb_misses_per_request=acc.emb_misses / acc.requests if acc.requests else 0.0,
                     p99_latency_ms=acc.p99_ms,
                     slo_violation_rate=_ratio(acc.slo_violations, acc.requests),
                     alpha=acc.alpha,
                     alpha_target=acc.alpha_target,
+                    cost=acc.cost or s.CostCoefficients(),
                 )
             )
             base.stats = last

@@ -22,8 +22,13 @@ Policies (``parse_policy`` specs)
 ``hit-balance[:key=value,...]``
     A feedback heuristic, :class:`HitBalancePolicy`. Each side's misses are priced in milliseconds per
     request with the worker's own service-time model (``ms = ... + ms_per_new_token * new_tokens +
-    ms_per_emb_miss * emb_misses``, the defaults being the worker's cost-fit prior; WorkerFeatures does not
-    carry the fitted coefficients, so they are parameters)::
+    ms_per_emb_miss * emb_misses``), fitted by the worker and carried in its features::
+
+        emb_ms = emb_misses_per_request * cost.ms_per_emb_miss
+        kv_ms  = mean_history * min(1 - kv_hit_rate, new_token_fraction) * cost.ms_per_new_token
+
+    A worker with no fit yet (``cost.samples == 0``), or ``worker_cost=0``, is priced with the parameters
+    instead (their defaults are the worker's cost-fit prior and the tiny preset's EMB row)::
 
         emb_ms = miss_bytes / requests_in_window / row_bytes * miss_ms
         kv_ms  = mean_history * min(1 - kv_hit_rate, new_token_fraction) * token_ms
@@ -116,8 +121,9 @@ class StaticPolicy:
 class HitBalancePolicy:
     """Moves alpha toward the cache whose misses cost more latency; see the module docstring."""
 
-    # Cost model: the worker's cost-fit prior (services/worker/engine.py) and the tiny preset's EMB row
-    # (item_dim 32 x float32). Override them for other models/devices, e.g. hit-balance:token_ms=0.001.
+    # Prices when the worker has no fitted model (or worker_cost=0): the worker's cost-fit prior
+    # (services/worker/engine.py) and the tiny preset's EMB row (item_dim 32 x float32).
+    worker_cost: float = 1.0  # > 0: price misses with the worker's fitted coefficients when it has any
     token_ms: float = 0.01  # ms to recompute one history token (KV miss)
     miss_ms: float = 0.001  # ms per EMB row missed (fetched over the host link on the critical path)
     row_bytes: float = 128.0  # bytes per EMB row, to turn miss_bytes into misses
@@ -149,9 +155,15 @@ class HitBalancePolicy:
 
     def pressures(self, f: WorkerFeatures) -> tuple[float, float]:
         """(emb_ms, kv_ms): the latency per request that each cache's misses cost in this window."""
-        requests = f.request_rate * f.window_ms * 1e-3
-        emb_ms = f.miss_bytes / requests / self.row_bytes * self.miss_ms if requests > 0 else 0.0
-        kv_ms = f.mean_history * min(1.0 - f.kv_hit_rate, f.new_token_fraction) * self.token_ms
+        cost = f.cost
+        if self.worker_cost > 0.0 and cost.samples > 0:
+            emb_ms = f.emb_misses_per_request * cost.ms_per_emb_miss
+            token_ms = cost.ms_per_new_token
+        else:
+            requests = f.request_rate * f.window_ms * 1e-3
+            emb_ms = f.miss_bytes / requests / self.row_bytes * self.miss_ms if requests > 0 else 0.0
+            token_ms = self.token_ms
+        kv_ms = f.mean_history * min(1.0 - f.kv_hit_rate, f.new_token_fraction) * token_ms
         return emb_ms, kv_ms
 
     def decide(self, features: WorkerFeatures, current: float) -> float:
