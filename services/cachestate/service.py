@@ -61,6 +61,7 @@ class CacheStateService:
         # The view snapshot now gathering requests (set from the first request until it is built): the
         # requests that arrive meanwhile share it, so N gateways resyncing together cost one broadcast.
         self._gathering: asyncio.Future[s.ViewSnapshotAck] | None = None
+        self._started_at = clock()  # set again by start(): view snapshots wait out the warm-up from there
         self._feature_seq = 0
         self._resyncs: dict[str, asyncio.Task[None]] = {}
         self._synced: dict[str, asyncio.Event] = {}
@@ -73,6 +74,7 @@ class CacheStateService:
 
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._started_at = self._clock()
         self._subs.append(await self.bus.subscribe(s.DIGEST_WILDCARD, self._on_digest))
         # Handlers start as requests arrive, so that those arriving while one gathers can ride along.
         self._subs.append(
@@ -268,7 +270,10 @@ class CacheStateService:
             return s.encode(await asyncio.shield(gathering))
         gathering = self._gathering = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.sleep(self.settings.view_snapshot_gather_ms / 1e3)
+            # Gather the requests arriving together; just after a start, also wait out the warm-up so that
+            # the snapshot lists every worker rather than those heard from so far.
+            warmup_left = self._started_at + self.settings.view_warmup_ms / 1e3 - self._clock()
+            await asyncio.sleep(max(self.settings.view_snapshot_gather_ms / 1e3, warmup_left))
             self._gathering = None  # requests from now on wait for the next snapshot
             async with self._view_lock:
                 await self._publish_pending_locked()  # so the snapshot follows every delta before it

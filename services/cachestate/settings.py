@@ -31,6 +31,14 @@ class CacheStateSettings:
             "then one snapshot answers them all"
         ),
     )
+    view_warmup_ms: float = field(
+        default=1000.0,
+        metadata=doc(
+            "after a start, view snapshots wait until this long since it, so that they list every worker "
+            "(each is heard from within a digest period) rather than the few heard so far; gateways keep "
+            "their last good view meanwhile"
+        ),
+    )
     features_window_ms: float = field(
         default=1000.0, metadata=doc("controller feature window: one FeatureReport per window")
     )
@@ -69,9 +77,11 @@ class CacheStateSettings:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {value}")
-        if not self.view_snapshot_gather_ms >= 0:
-            raise ValueError(
-                f"{ENV_PREFIX}VIEW_SNAPSHOT_GATHER_MS must be >= 0, got {self.view_snapshot_gather_ms}"
-            )
+        for name, value in {
+            "view_snapshot_gather_ms": self.view_snapshot_gather_ms,
+            "view_warmup_ms": self.view_warmup_ms,
+        }.items():
+            if not value >= 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {value}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"{ENV_PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")

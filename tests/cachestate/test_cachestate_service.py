@@ -30,6 +30,7 @@ SETTINGS = CacheStateSettings(
     snapshot_timeout_ms=500.0,
     snapshot_backoff_ms=50.0,
     snapshot_backoff_max_ms=200.0,
+    view_warmup_ms=0.0,
 )
 
 
@@ -280,6 +281,30 @@ async def test_gateways_resyncing_together_share_view_snapshots(nats_server: Any
     finally:
         await cs.stop()
         await bus.close()
+
+
+async def test_just_after_a_start_view_snapshots_wait_for_the_workers(nats_server: Any) -> None:
+    settings = replace(SETTINGS, view_warmup_ms=600.0)
+    async with contextlib.AsyncExitStack() as stack:
+        gw = await stack.enter_async_context(gateway(nats_server.url))
+        w1 = await stack.enter_async_context(fake_worker(nats_server.url, period_ms=10_000.0))
+        w2 = await stack.enter_async_context(fake_worker(nats_server.url, worker_id="w2", period_ms=10_000.0))
+        w1.kv, w2.kv = {"a": 3}, {"b": 4}
+        cs = await stack.enter_async_context(running_cachestate(nats_server.url, settings))
+        started = time.monotonic()
+        await w1.send_snapshot()
+        asked = asyncio.create_task(gw.sync())  # a gateway asking at once, before w2 has been heard from
+        await asyncio.sleep(0.2)
+        await w2.send_snapshot()
+        ack = await asked
+        assert time.monotonic() - started >= 0.55
+        assert ack.source == cs.source
+        assert set(gw.replica.workers) == {"w1", "w2"}  # the snapshot lists both
+        assert gw.replica.index.kv_workers("b") == {"w2": 4}
+        # Past the warm-up a snapshot is answered after the short gathering window only.
+        t0 = time.monotonic()
+        await gw.sync()
+        assert time.monotonic() - t0 < 0.5
 
 
 async def test_garbage_on_the_digest_subject_is_counted_and_dropped(nats_server: Any) -> None:
