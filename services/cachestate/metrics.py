@@ -26,6 +26,7 @@ class ServiceCounters:
     bad_messages: int = 0  # undecodable/invalid bus messages, counted, logged and dropped
     snapshot_requests: int = 0  # snapshot requests sent to workers
     snapshot_request_failures: int = 0  # no ack (timeout, no responders, bad ack)
+    snapshot_waits_extended: int = 0  # waits for a snapshot prolonged because its parts kept arriving
     view_updates: int = 0  # ViewUpdate messages published (delta and snapshot parts)
     view_snapshots: int = 0  # view snapshots published on request
     view_snapshots_coalesced: int = 0  # snapshot requests answered by a snapshot another request caused
@@ -70,6 +71,11 @@ class _Collector(Collector):
         yield counter("snapshots_requested", "snapshot requests sent to workers", c.snapshot_requests)
         yield counter(
             "snapshot_request_failures", "snapshot requests without ack", c.snapshot_request_failures
+        )
+        yield counter(
+            "snapshot_waits_extended",
+            "waits for a worker snapshot prolonged because its parts kept arriving",
+            c.snapshot_waits_extended,
         )
         yield counter("snapshots_applied", "complete worker snapshots applied", t.snapshots_applied)
         yield counter(

@@ -7,7 +7,6 @@ and at most one snapshot-request task per out-of-sync worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -173,10 +172,7 @@ class CacheStateService:
                     self.counters.snapshot_request_failures += 1
                     log.info("snapshot request failed", worker_id=worker_id, error=str(exc))
                 else:
-                    if self.tracker.needs_snapshot(worker_id):
-                        # The snapshot digest follows the ack (or came just before it).
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(event.wait(), timeout_s)
+                    await self._await_snapshot(worker_id, event, timeout_s)
                 if not self.tracker.needs_snapshot(worker_id):
                     break
                 reason = "previous snapshot request unanswered or incomplete"
@@ -185,6 +181,23 @@ class CacheStateService:
         finally:
             if self._synced.get(worker_id) is event:
                 del self._synced[worker_id]
+
+    async def _await_snapshot(self, worker_id: str, event: asyncio.Event, timeout_s: float) -> None:
+        """After an ack: wait for the snapshot digest (it follows the ack, or came just before it) for up to
+        `timeout_s`, and for as long again each time more of its parts have arrived meanwhile: a large
+        snapshot in many parts is slow, not lost, and asking again would only restart it."""
+        parts_seen = 0
+        while self.tracker.needs_snapshot(worker_id):
+            try:
+                await asyncio.wait_for(event.wait(), timeout_s)
+                return
+            except TimeoutError:
+                pass
+            parts = self.tracker.snapshot_parts_received(worker_id)
+            if parts is None or parts <= parts_seen:
+                return  # nothing (more) arrived: the caller asks again
+            parts_seen = parts
+            self.counters.snapshot_waits_extended += 1
 
     # ---- expiry ---------------------------------------------------------------------------------------
     async def _expire_loop(self) -> None:

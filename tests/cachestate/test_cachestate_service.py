@@ -177,6 +177,35 @@ async def test_snapshot_requests_are_retried_until_the_worker_answers(nats_serve
         assert gw.replica.index.kv_workers("u") == {"w1": 4}
 
 
+async def test_a_slow_snapshot_in_many_parts_is_waited_for_not_asked_again(nats_server: Any) -> None:
+    # Its four parts take ~0.9 s in all, longer than SNAPSHOT_TIMEOUT_MS (0.5 s): parts keep arriving, so
+    # cachestate keeps waiting instead of asking again (which would restart the snapshot, forever).
+    async with (
+        running_cachestate(nats_server.url) as cs,
+        fake_worker(nats_server.url, period_ms=10_000.0) as w,
+    ):
+        answered: list[asyncio.Task[None]] = []
+
+        async def send_parts() -> None:
+            for part in range(4):
+                await asyncio.sleep(0.22)
+                await w.send("snapshot", part=part, parts=4, kv_upserts=[s.KvEntry(f"u{part}", part + 1)])
+
+        async def slow_snapshot(msg: Message) -> bytes:
+            w.snapshot_requests += 1
+            answered.append(asyncio.create_task(send_parts()))
+            return s.encode(s.SnapshotAck(worker_id=w.worker_id, incarnation=w.incarnation, seq=w.seq))
+
+        await w.bus.subscribe(s.snapshot_request_subject(w.worker_id), slow_snapshot, concurrency=4)
+        await w.send(skip=10)  # an unknown worker's delta: its residency needs a snapshot
+        await eventually(lambda: cs.tracker.is_live("w1"))
+        await eventually(lambda: not cs.tracker.needs_snapshot("w1"), timeout_s=5)
+        assert w.snapshot_requests == 1 and cs.counters.snapshot_requests == 1
+        assert cs.counters.snapshot_waits_extended >= 1
+        assert cs.index.worker_kv("w1") == {"u0": 1, "u1": 2, "u2": 3, "u3": 4}
+        await asyncio.gather(*answered)
+
+
 async def test_a_silent_worker_is_fenced_and_the_removal_is_published_at_once(nats_server: Any) -> None:
     # Deltas are batched every 5 s here: the removal can only arrive in time if fencing flushes at once.
     settings = replace(SETTINGS, view_delta_ms=5000.0)

@@ -125,10 +125,14 @@ def test_multi_part_snapshot_applies_when_complete() -> None:
         "new worker; snapshot part collected",
     )
     assert idx.kv_workers("a") == {}  # not before it is complete
+    assert t.snapshot_parts_received("w0") == 1
     t.apply(digest(1, "snapshot", part=1, parts=3, kv_upserts=kv(("b", 2))), now=1.0)
     assert idx.kv_workers("b") == {}
+    assert t.snapshot_parts_received("w0") == 2
     out = t.apply(digest(2, "snapshot", part=2, parts=3, emb_added=[5]), now=1.0)
     assert (out.accepted, out.need_snapshot, out.reason) == (True, False, "snapshot applied")
+    assert t.snapshot_parts_received("w0") is None  # nothing being assembled any more
+    assert t.snapshot_parts_received("nobody") is None
     assert idx.worker_kv("w0") == {"a": 1, "b": 2} and idx.worker_emb("w0") == [1, 5]
     assert out.changes.kv == {("a", "w0"): 1, ("b", "w0"): 2}
     assert out.changes.emb == {"w0": {1: True, 5: True}}

@@ -112,6 +112,13 @@ class DigestTracker:
         rec = self._workers.get(worker_id)
         return rec is not None and not rec.in_sync
 
+    def snapshot_parts_received(self, worker_id: str) -> int | None:
+        """How many parts of the worker's snapshot now being assembled have arrived (None: no assembly)."""
+        rec = self._workers.get(worker_id)
+        if rec is None or rec.assembly is None:
+            return None
+        return rec.assembly.next_part
+
     def is_live(self, worker_id: str) -> bool:
         return worker_id in self._workers
 
