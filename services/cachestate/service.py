@@ -297,7 +297,7 @@ class CacheStateService:
         except BaseException:
             if self._gathering is gathering:
                 self._gathering = None
-            gathering.cancel()  # those riding along give up too (this only happens on shutdown)
+            gathering.cancel()  # those riding along give up too (their requesters will ask again)
             raise
         self.counters.view_snapshots += 1
         log.info("view snapshot published", requester=requester, seq=ack.seq, parts=ack.parts)
