@@ -69,7 +69,7 @@ def test_a_few_stalled_requests_do_not_move_the_fit() -> None:
     for field in ("fixed_ms", "ms_per_new_token", "ms_per_cached_token", "ms_per_candidate"):
         assert getattr(b, field) == pytest.approx(getattr(a, field), rel=0.05), field
     assert b.predict(50, 200, 64, 100) == pytest.approx(_true_ms(50, 200, 64, 100), rel=0.02)
-    # Left in, the 12 pauses alone would add ~4.7 ms to every prediction of that shape.
+    # Left in, the 12 pauses make this prediction ~32 ms instead of 6.5 (the fit's slopes collapse to 0).
     assert b.predict(50, 200, 64, 100) < _true_ms(50, 200, 64, 100) + 0.5
 
 
