@@ -170,6 +170,8 @@ async def test_service_endpoints(cluster: Cluster, http: aiohttp.ClientSession) 
     async with http.get(cluster.url() + "/openapi.json") as r:
         doc = await r.json()
         assert "/v1/recommend" in doc["paths"]
+        # the answer's fields, as documented there, are those the answers have (FIELDS)
+        assert set(doc["components"]["schemas"]["Recommendation"]["required"]) == FIELDS
     async with http.get(cluster.url() + "/nope") as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
         assert len(r.headers["x-trace-id"]) == 32  # every answer can be found in the traces
