@@ -74,13 +74,14 @@ REQUESTS = 4096
 class SyntheticView:
     """A routing view held in numpy: EMB masks indexed by item id (uint64, bit b = worker b)."""
 
+    version: int | None = 1  # never bumped: the cluster is fixed
+
     def __init__(
         self,
         workers: list[WorkerState],
         masks: npt.NDArray[np.uint64],
         kv: dict[str, dict[str, int]],
     ) -> None:
-        self.version = 1
         self._workers = workers
         self._bits = {w.worker_id: b for b, w in enumerate(workers)}
         self._masks = masks
@@ -111,14 +112,7 @@ class ListView(SyntheticView):
 class UnversionedView(SyntheticView):
     """The same view without a ``version``: the router rebuilds its per-worker arrays on every call."""
 
-    def __init__(
-        self,
-        workers: list[WorkerState],
-        masks: npt.NDArray[np.uint64],
-        kv: dict[str, dict[str, int]],
-    ) -> None:
-        super().__init__(workers, masks, kv)
-        self.version = None  # type: ignore[assignment]
+    version = None
 
 
 class DictView(ListView):

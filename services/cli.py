@@ -8,19 +8,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shared.errors import SettingsError
-from shared.settings import add_settings_arguments
 
 
-def _worker(args: argparse.Namespace) -> int:
-    from services.worker.settings import ENV_PREFIX, WorkerSettings
-    from shared.runner import service_command
+def _load_worker_main() -> Any:
+    from services.worker.main import run_worker  # imports torch: only when the worker runs
 
-    def load_main() -> Any:
-        from services.worker.main import run_worker
-
-        return run_worker
-
-    return service_command(WorkerSettings, ENV_PREFIX, load_main)(args)
+    return run_worker
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -109,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from services.controller.cli import add_controller_command
     from services.gateway.cli import add_gateway_command
     from services.worker.settings import ENV_PREFIX, WorkerSettings
+    from shared.runner import add_service_command
 
     parser = argparse.ArgumentParser(
         prog="onepool",
@@ -117,14 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    worker = sub.add_parser(
+    add_service_command(
+        sub,
         "worker",
+        WorkerSettings,
+        ENV_PREFIX,
+        _load_worker_main,
         help="run one worker (HSTU + partitioned pool) on NATS",
-        description="Run one worker. Every setting is a flag or an ONEPOOL_WORKER_* environment variable; "
-        "flags win.",
+        description="Run one worker.",
     )
-    add_settings_arguments(worker, WorkerSettings, prefix=ENV_PREFIX)
-    worker.set_defaults(func=_worker)
 
     add_gateway_command(sub)
     add_cachestate_command(sub)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from opentelemetry.trace import Tracer
 
 from shared.bus import Bus
 from shared.lifecycle import run, run_until_signalled
-from shared.settings import load_settings, overrides_from_args
+from shared.settings import add_settings_arguments, load_settings, overrides_from_args
 from shared.telemetry import setup_telemetry
 
 S = TypeVar("S")
@@ -73,3 +73,25 @@ def service_command(
         return run(main)
 
     return command
+
+
+def add_service_command(
+    sub: Any,
+    name: str,
+    cls: type[S],
+    prefix: str,
+    load_main: Callable[[], Callable[[S, asyncio.Event], Awaitable[None]]],
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """Register `onepool <name>` on `sub` (what `parser.add_subparsers()` returned): one flag per setting
+    of `cls` (each also a `<prefix>*` environment variable), running `service_command`."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=f"{description} Every setting is a flag or an {prefix}* environment variable; flags win.",
+    )
+    add_settings_arguments(parser, cls, prefix=prefix)
+    parser.set_defaults(func=service_command(cls, prefix, load_main))
+    return parser

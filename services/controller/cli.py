@@ -1,4 +1,4 @@
-"""The `controller` subcommand of the `onepool` console script (registered by services/cli.py)."""
+"""The `onepool controller` subcommand (registered by services/cli.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import argparse
 from typing import Any
 
 from services.controller.settings import ENV_PREFIX, ControllerSettings
-from shared.runner import service_command
-from shared.settings import add_settings_arguments
+from shared.runner import add_service_command
 
 
 def _load_main() -> Any:
@@ -16,18 +15,15 @@ def _load_main() -> Any:
     return run_controller
 
 
-_controller = service_command(ControllerSettings, ENV_PREFIX, _load_main)
-
-
 def add_controller_command(sub: Any) -> argparse.ArgumentParser:
-    """Register `onepool controller` on ``sub`` (what ``parser.add_subparsers()`` returned)."""
-    parser: argparse.ArgumentParser = sub.add_parser(
+    """Register `controller` on the subparsers action `sub` of the `onepool` parser."""
+    return add_service_command(
+        sub,
         "controller",
+        ControllerSettings,
+        ENV_PREFIX,
+        _load_main,
         help="run the alpha controller: feature reports in, per-worker EMB/KV split decisions out",
         description="Run the controller. It turns the FeatureReports of cachestate into AlphaDecisions for "
-        "each worker (policy, then clamp to a range and a maximum step). Every setting is a flag or an "
-        f"{ENV_PREFIX}* environment variable; flags win.",
+        "each worker (policy, then clamp to a range and a maximum step).",
     )
-    add_settings_arguments(parser, ControllerSettings, prefix=ENV_PREFIX)
-    parser.set_defaults(func=_controller)
-    return parser

@@ -1,12 +1,12 @@
-"""The `onepool gateway` subcommand."""
+"""The `onepool gateway` subcommand (registered by services/cli.py)."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from services.gateway.settings import ENV_PREFIX, GatewaySettings
-from shared.runner import service_command
-from shared.settings import add_settings_arguments
+from shared.runner import add_service_command
 
 
 def _load_main() -> Any:
@@ -15,15 +15,14 @@ def _load_main() -> Any:
     return run_gateway
 
 
-_run = service_command(GatewaySettings, ENV_PREFIX, _load_main)
-
-
-def add_gateway_command(sub: Any) -> None:
-    parser = sub.add_parser(
+def add_gateway_command(sub: Any) -> argparse.ArgumentParser:
+    """Register `gateway` on the subparsers action `sub` of the `onepool` parser."""
+    return add_service_command(
+        sub,
         "gateway",
+        GatewaySettings,
+        ENV_PREFIX,
+        _load_main,
         help="run the HTTP gateway (routing by KV residency, embedding locality and load)",
-        description="Run one gateway replica. Every setting is a flag or an ONEPOOL_GATEWAY_* environment "
-        "variable; flags win.",
+        description="Run one gateway replica.",
     )
-    add_settings_arguments(parser, GatewaySettings, prefix=ENV_PREFIX)
-    parser.set_defaults(func=_run)
