@@ -292,9 +292,9 @@ def run_realloc(
 
             def done(result: ServeResult | WorkerError, arrival: float = arrival) -> None:
                 latency = (time.perf_counter() - arrival) * 1e3
-                failed = isinstance(result, WorkerError)
+                compute_ms = 0.0 if isinstance(result, WorkerError) else result.compute_ms
                 with lock:
-                    samples.append(Sample(arrival, latency, 0.0 if failed else result.compute_ms, not failed))
+                    samples.append(Sample(arrival, latency, compute_ms, not isinstance(result, WorkerError)))
 
             engine.submit(Job(request=req, deadline=arrival + 60.0, done=done, enqueued=arrival))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,18 +18,32 @@ def _load_worker_main() -> Any:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from services.launcher import LaunchOptions, run_local_cluster
-    from shared.lifecycle import run
+    import signal
 
-    opts = LaunchOptions(
+    from services.localcluster import ClusterSettings, GatewaySpec, run_local_cluster
+    from shared.lifecycle import run, run_until_signalled
+
+    settings = ClusterSettings(
         workers=args.workers,
         nats_port=args.nats_port,
-        port=args.port,
-        routing=args.routing,
+        gateways=(GatewaySpec(port=args.port, routing=args.routing),),
         alpha_policy=args.alpha_policy,
         worker_env=dict(pair.split("=", 1) for pair in args.worker_env),
     )
-    return run(lambda: run_local_cluster(opts))
+
+    async def main() -> None:
+        code = 0
+
+        async def serve(stop: asyncio.Event) -> None:
+            nonlocal code
+            code = await run_local_cluster(settings, stop)
+
+        # SIGHUP too: closing the terminal must not orphan the cluster.
+        await run_until_signalled(serve, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+        if code:
+            raise SystemExit(code)
+
+    return run(main)
 
 
 def _bench_worker(args: argparse.Namespace) -> int:
@@ -76,6 +91,31 @@ def _bench_routing(args: argparse.Namespace) -> int:
     )
 
 
+def _bench_faults(args: argparse.Namespace) -> int:
+    from bench.faults import SCENARIOS, FaultBenchOptions, run_fault_bench
+
+    return run_fault_bench(
+        FaultBenchOptions(
+            json_path=args.json,
+            rate=args.rate,
+            scenarios=tuple(args.scenarios) if args.scenarios else SCENARIOS,
+            outage_s=args.outage,
+            overload_s=2.0 if args.quick else 5.0,
+            quick=args.quick,
+        )
+    )
+
+
+def _scenarios(text: str) -> list[str]:
+    from bench.faults import SCENARIOS
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(SCENARIOS)}, got {text!r}")
+    return names
+
+
 def _at_least(low: float, kind: type[int] | type[float] = int) -> Callable[[str], Any]:
     """An argparse type: a number of `kind` that is >= low (a clear usage error otherwise)."""
 
@@ -89,6 +129,13 @@ def _at_least(low: float, kind: type[int] | type[float] = int) -> Callable[[str]
         return value
 
     return parse
+
+
+def _port(text: str) -> int:
+    port: int = _at_least(1)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {text}")
+    return port
 
 
 def _env_pair(text: str) -> str:
@@ -129,11 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         help="start the local cluster (embedded nats-server, cachestate, controller, CPU workers, gateway)",
         description="Start an embedded nats-server, cachestate, the controller, N CPU workers and the "
-        "gateway as child processes, wait until the gateway is ready, print where it listens, and stop all "
-        "of them on Ctrl-C or SIGTERM.",
+        "gateway as supervised child processes, wait until the gateway is ready, print where it listens, and "
+        "stop all of them on Ctrl-C or SIGTERM (a second signal kills them at once). A child that dies is "
+        "restarted with back-off; one that crash-loops (5 exits in 60 s) or exits with code 2 (bad "
+        "settings) is given up while the rest keeps serving. Exit code: 0, 3 when a child had been given "
+        "up, 1 when the cluster could not start or lost nats-server, 2 for bad arguments.",
     )
-    up.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
-    up.add_argument("--port", type=int, default=8080, help="gateway HTTP port (default 8080)")
+    up.add_argument("--workers", type=_at_least(1), default=2, help="number of workers (default 2)")
+    up.add_argument("--port", type=_port, default=8080, help="gateway HTTP port (default 8080)")
     up.add_argument(
         "--routing",
         default="joint",
@@ -144,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha-policy", default=None, help="controller policy, e.g. static:0.5 (default: the controller's)"
     )
     up.add_argument(
-        "--nats-port", type=int, default=4222, help="port of the embedded nats-server (default 4222)"
+        "--nats-port", type=_port, default=4222, help="port of the embedded nats-server (default 4222)"
     )
     up.add_argument(
         "--worker-env",
@@ -218,6 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="the load generator's HTTP client: a minimal keep-alive one (default), or aiohttp's",
     )
     br.set_defaults(func=_bench_routing)
+    bf = bench_sub.add_parser(
+        "faults",
+        help="what each fault costs clients: kills, a NATS restart, a paused worker, 3x overload",
+        description="Fault benchmark on a local cluster (2 CPU workers) under steady open-loop load: per "
+        "scenario failed_requests, total_requests, recovery_s, p99_ms_during; for overload shed_p99_ms, "
+        "goodput_ratio, healthz_p99_ms. Writes the keys listed in docs/benchmarks.md to --json.",
+    )
+    bf.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
+    bf.add_argument("--quick", action="store_true", help="shorter phases (a smoke run, not figures)")
+    bf.add_argument(
+        "--rate", type=_at_least(1, float), default=40.0, help="steady load, requests per second (40)"
+    )
+    bf.add_argument(
+        "--outage", type=_at_least(0.1, float), default=3.0, help="seconds nats-server stays down (3)"
+    )
+    bf.add_argument(
+        "--scenarios",
+        type=_scenarios,
+        default=None,
+        metavar="A,B,...",
+        help="which scenarios (default all: worker_kill, controller_kill, cachestate_kill, nats_restart, "
+        "worker_pause, overload)",
+    )
+    bf.set_defaults(func=_bench_faults)
     return parser
 
 

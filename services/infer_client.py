@@ -51,11 +51,11 @@ def run_infer(args: InferArgs) -> int:
     telemetry = setup_telemetry("onepool-infer")
     try:
         reply = asyncio.run(infer_once(args))
-    except OnepoolError as exc:
-        print(f"onepool infer: {exc.message}", file=sys.stderr)
-        return 1
     except s.DecodeError as exc:
         print(f"onepool infer: the reply did not decode: {exc.message}", file=sys.stderr)
+        return 1
+    except OnepoolError as exc:
+        print(f"onepool infer: {exc.message}", file=sys.stderr)
         return 1
     finally:
         telemetry.shutdown()

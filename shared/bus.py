@@ -7,6 +7,17 @@ PRODUCER spans whose context is injected as the message's creation context, and 
 message is handled inside a CONSUMER "process" span that is a child of (and links to) that
 context. Handlers see our own :class:`Message`, never nats-py types, and run as tasks owned by
 their :class:`Subscription`.
+
+Errors on request subjects, written once here for every service: a handler that raises answers the
+requester with an *error reply* (header ``Onepool-Error``, body a msgpack ``ErrorBody``: code, kind,
+message, field), which ``request()`` raises as :class:`RemoteError`; the requester never waits for its
+timeout because the other side could not read its message. A handler of a publish subject that raises an
+``OnepoolError`` of a non-bug kind (a bad message: ``DecodeError``) is counted and logged in one warning
+line; anything else is logged with its traceback.
+
+Connection state: ``state`` and ``add_state_listener``; while the client reconnects, ``request()`` fails
+at once with :class:`BusDisconnected` (and so do requests waiting for a reply when the connection drops),
+``publish()`` still queues (nats-py sends it after the reconnect).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import ipaddress
 import itertools
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -27,7 +39,17 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from shared.errors import BusClosed, BusError, BusTimeout, NoResponders, OnepoolError
+from shared import schemas as s
+from shared.errors import (
+    BusClosed,
+    BusDisconnected,
+    BusError,
+    BusTimeout,
+    ErrorKind,
+    NoResponders,
+    OnepoolError,
+    RemoteError,
+)
 from shared.telemetry import get_logger, in_unsampled_trace
 
 _log = get_logger("shared.bus")
@@ -35,6 +57,15 @@ _log = get_logger("shared.bus")
 # How nats-server says that nobody subscribes to a request's subject (a status-only reply).
 _STATUS_HEADER = "Status"
 _NO_RESPONDERS_STATUS = "503"
+# Marks an error reply (its body is a msgpack ErrorBody).
+ERROR_HEADER = "Onepool-Error"
+
+
+class ConnectionState(StrEnum):
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"  # lost; the client is reconnecting
+    CLOSED = "closed"
+
 
 # Not a registered semconv value (the registry has none for NATS); lowercase like the registered ones.
 MESSAGING_SYSTEM = "nats"
@@ -57,7 +88,8 @@ class Subscription:
     """One subject (optionally in a queue group) whose messages run ``handler`` as owned tasks.
 
     ``handled`` counts deliveries whose handler finished (successfully or not), ``errors`` those
-    that raised. At most ``concurrency`` handlers run at once; delivery waits for a free slot.
+    that raised, ``rejected`` those refused as bad input (an ``OnepoolError`` of kind client, e.g. a
+    ``DecodeError``). At most ``concurrency`` handlers run at once; delivery waits for a free slot.
     """
 
     def __init__(
@@ -68,6 +100,7 @@ class Subscription:
         self.concurrency = concurrency
         self.handled = 0
         self.errors = 0
+        self.rejected = 0
         self._bus = bus
         self._handler = handler
         self._slots = asyncio.Semaphore(concurrency)
@@ -126,19 +159,40 @@ class Subscription:
             with self._bus._span(name, SpanKind.CONSUMER, attrs, context=parent, links=links):
                 try:
                     reply = await self._handler(msg)
-                    if msg.reply is not None and reply is not None:
-                        headers: dict[str, str] = {}
-                        propagate.inject(headers)  # the process span, for the requester's side
-                        await self._bus._nc.publish(msg.reply, bytes(reply), headers=headers)
-                except Exception:
+                except Exception as exc:
                     self.handled += 1
                     self.errors += 1
                     # Logged inside the span so the line carries its trace id; _span records it too.
-                    _log.exception("bus handler failed", subject=msg.subject, subscription=self.subject)
+                    if isinstance(exc, OnepoolError) and exc.kind is not ErrorKind.BUG:
+                        self.rejected += exc.kind is ErrorKind.CLIENT
+                        _log.warning(
+                            "bus message refused",
+                            subject=msg.subject,
+                            code=exc.code,
+                            error=exc.message,
+                            field=exc.field,
+                            answered=msg.reply is not None,
+                        )
+                    else:
+                        _log.exception("bus handler failed", subject=msg.subject, subscription=self.subject)
+                    if msg.reply is not None:
+                        await self._send_reply(msg.reply, _error_body(exc), error=True)
                     raise
+                if msg.reply is not None and reply is not None:
+                    await self._send_reply(msg.reply, bytes(reply), error=False)
                 self.handled += 1
         except Exception:
             pass  # already counted, logged and recorded: a failing handler must not end the subscription
+
+    async def _send_reply(self, subject: str, payload: bytes, *, error: bool) -> None:
+        headers: dict[str, str] = {}
+        propagate.inject(headers)  # the process span, for the requester's side
+        if error:
+            headers[ERROR_HEADER] = "1"
+        try:
+            await self._bus._nc.publish(subject, payload, headers=headers)
+        except nats.errors.Error as e:  # the requester times out; nothing else to do here
+            _log.warning("reply not sent", subject=self.subject, error=repr(e))
 
     async def stop(self, drain: bool = True, timeout_s: float = 5.0) -> None:
         """Unsubscribe. ``drain``: first let delivered messages and running handlers finish, for at
@@ -156,6 +210,9 @@ class Subscription:
                 # UNSUB, a server round trip, then every already-delivered message through _on_msg.
                 await asyncio.wait_for(nsub.drain(), timeout_s)  # type: ignore[no-untyped-call]
                 nsub = None
+                # nats-py's round trip can overtake the queued UNSUB (see subscribe): one more, so that
+                # when stop() returns the server knows, and a requester gets no-responders, not silence.
+                await nc.flush(timeout=max(0.1, deadline - loop.time()))  # type: ignore[arg-type]
             except (TimeoutError, nats.errors.Error) as e:
                 _log.warning("subscription drain incomplete", subject=self.subject, error=repr(e))
         if drain and self._tasks:
@@ -183,6 +240,7 @@ class Bus:
         self._subs: set[Subscription] = set()
         self._peer: dict[str, AttributeValue] = {}
         self._close_task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[ConnectionState], None]] = []
         self._connected_once = False  # no disconnect/close chatter for a connection that never came up
         # Requests: one wildcard inbox subscription, a counter token per request, a timer per wait.
         # (nats-py's request() costs ~40% more per call: a NUID and random bytes per token, a second
@@ -201,10 +259,14 @@ class Bus:
         connect_timeout_s: float = 2.0,
         max_reconnect_attempts: int = -1,
         reconnect_time_wait_s: float = 0.5,
+        ping_interval_s: float = 2.0,
+        max_outstanding_pings: int = 3,
     ) -> Bus:
         """Connect to ``url``. ``connect_timeout_s`` bounds the whole initial connection (nats-py would
         otherwise retry it forever when ``max_reconnect_attempts`` is -1); after that the client
-        reconnects on its own, ``max_reconnect_attempts`` times (-1: forever)."""
+        reconnects on its own, ``max_reconnect_attempts`` times (-1: forever). A connection that answers
+        no PING for ``max_outstanding_pings`` x ``ping_interval_s`` is declared lost (nats-py's default,
+        2 x 120 s, would leave a silent partition unnoticed for minutes)."""
         nc = NatsClient()
         bus = cls(nc, url=url, name=name, tracer=tracer)
         try:
@@ -216,6 +278,8 @@ class Bus:
                     connect_timeout=connect_timeout_s,  # type: ignore[arg-type]
                     reconnect_time_wait=reconnect_time_wait_s,  # type: ignore[arg-type]
                     max_reconnect_attempts=max_reconnect_attempts,
+                    ping_interval=ping_interval_s,  # type: ignore[arg-type]
+                    max_outstanding_pings=max_outstanding_pings,
                     error_cb=bus._on_error,
                     disconnected_cb=bus._on_disconnected,
                     reconnected_cb=bus._on_reconnected,
@@ -253,6 +317,17 @@ class Bus:
         return self._close_task is None and self._nc.is_connected
 
     @property
+    def state(self) -> ConnectionState:
+        if self._close_task is not None or self._nc.is_closed:
+            return ConnectionState.CLOSED
+        return ConnectionState.CONNECTED if self._nc.is_connected else ConnectionState.DISCONNECTED
+
+    def add_state_listener(self, listener: Callable[[ConnectionState], None]) -> None:
+        """Call ``listener(new_state)`` (synchronously, on the loop) whenever the connection is lost,
+        comes back or closes."""
+        self._listeners.append(listener)
+
+    @property
     def subscriptions(self) -> frozenset[Subscription]:
         return frozenset(self._subs)
 
@@ -268,8 +343,11 @@ class Bus:
                 raise _map_error(e, subject) from e
 
     async def request(self, subject: str, payload: bytes, *, timeout_s: float) -> bytes:
-        """Send and wait for one reply. Raises BusTimeout, NoResponders, BusClosed or BusError."""
+        """Send and wait for one reply. Raises BusTimeout, NoResponders, RemoteError (the responder's error
+        reply), BusDisconnected (at once, while reconnecting), BusClosed or BusError."""
         self._check_open()
+        if not self._nc.is_connected:
+            raise BusDisconnected(subject)
         with self._send_span("send", subject, len(payload)) as span:
             headers: dict[str, str] = {}
             propagate.inject(headers)
@@ -283,13 +361,18 @@ class Bus:
                 reply = await waiter
             except TimeoutError as e:
                 raise BusTimeout(subject, timeout_s) from e
+            except _Disconnected as e:
+                raise BusDisconnected(subject) from e
             except nats.errors.Error as e:
                 raise _map_error(e, subject) from e
             finally:
                 timer.cancel()
                 self._waiting.pop(token, None)
-            if reply.headers and reply.headers.get(_STATUS_HEADER) == _NO_RESPONDERS_STATUS:
-                raise NoResponders(subject)
+            if reply.headers:
+                if reply.headers.get(_STATUS_HEADER) == _NO_RESPONDERS_STATUS:
+                    raise NoResponders(subject)
+                if ERROR_HEADER in reply.headers:
+                    raise _remote_error(subject, reply.data)
             span.set_attribute("onepool.reply.body.size", len(reply.data))
             return reply.data
 
@@ -424,14 +507,56 @@ class Bus:
     async def _on_disconnected(self) -> None:
         if self._connected_once and self._close_task is None:
             _log.warning("bus disconnected", client=self._name, url=self._url)
+        # Replies cannot reach us while the connection is down: those waiting fail now, not at their timeout.
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(_Disconnected())
+        self._notify(ConnectionState.DISCONNECTED)
 
     async def _on_reconnected(self) -> None:
         self._peer = self._peer_attributes()
         _log.info("bus reconnected", client=self._name, url=self._url)
+        self._notify(ConnectionState.CONNECTED)
 
     async def _on_closed(self) -> None:
         if self._connected_once:
             _log.info("bus connection closed", client=self._name, url=self._url)
+        self._notify(ConnectionState.CLOSED)
+
+    def _notify(self, state: ConnectionState) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:  # a listener's bug must not break the client's callbacks
+                _log.exception("bus state listener failed", state=str(state))
+
+
+class _Disconnected(Exception):
+    """Set on a waiting request when the connection drops (turned into BusDisconnected)."""
+
+
+def _error_body(exc: Exception) -> bytes:
+    """The error reply for a handler's exception: an OnepoolError says what it is; anything else is a bug."""
+    if isinstance(exc, OnepoolError):
+        body = s.ErrorBody(code=exc.code, message=exc.message, field=exc.field, kind=exc.kind.value)
+    else:
+        body = s.ErrorBody(code="internal", message=f"the handler failed ({type(exc).__name__})", kind="bug")
+    return s.encode(body)
+
+
+def _remote_error(subject: str, data: bytes) -> RemoteError:
+    try:
+        body = s.decode(_ERROR_DECODER, data)
+    except s.DecodeError as exc:
+        return RemoteError(
+            subject, code="bad_error_reply", kind=ErrorKind.BUG, message=exc.message, field=None
+        )
+    return RemoteError(
+        subject, code=body.code, kind=ErrorKind(body.kind), message=body.message, field=body.field
+    )
+
+
+_ERROR_DECODER = s.decoder(s.ErrorBody)
 
 
 def _expire(waiter: asyncio.Future[NatsMsg]) -> None:
@@ -445,4 +570,4 @@ def _map_error(e: Exception, subject: str) -> OnepoolError:
     return BusError(f"{type(e).__name__} on {subject!r}: {e}", subject=subject)
 
 
-__all__ = ["Bus", "Handler", "Message", "Subscription"]
+__all__ = ["ERROR_HEADER", "Bus", "ConnectionState", "Handler", "Message", "Subscription"]

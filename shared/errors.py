@@ -77,6 +77,26 @@ class BusClosed(OnepoolError):
         super().__init__(message)
 
 
+class BusDisconnected(OnepoolError):
+    """The bus connection is down (the client is reconnecting): a request cannot be sent, or its reply
+    cannot arrive. Fails at once instead of waiting for a timeout."""
+
+    code = "bus_disconnected"
+    kind = ErrorKind.RETRY
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"not connected to NATS: {subject!r} cannot be used now")
+        self.subject = subject
+
+
+class RemoteError(OnepoolError):
+    """The responder answered a request with an error reply (shared.bus): its code, kind and field."""
+
+    def __init__(self, subject: str, *, code: str, kind: ErrorKind, message: str, field: str | None) -> None:
+        super().__init__(message, code=code, kind=kind, field=field)
+        self.subject = subject
+
+
 class BusError(OnepoolError):
     """Any other failure of the messaging layer (wraps the nats-py exception as __cause__)."""
 

@@ -13,6 +13,8 @@ from typing import Annotated, Final, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
+from shared.errors import ErrorKind, OnepoolError
+
 SCHEMA_VERSION: Final = 1
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,9 +156,14 @@ class SnapshotAck(_Msg, kw_only=True):
 class LoadInfo(_Msg, kw_only=True):
     in_flight: NonNegInt = 0  # accepted and not yet answered (queued + running)
     queue_depth: NonNegInt = 0  # waiting for the model thread
-    ewma_latency_ms: NonNegFloat = 0.0
+    ewma_latency_ms: NonNegFloat = 0.0  # receipt to reply, queueing included
+    # What each request ahead in the queue costs the model thread, in ms (no queueing). 0: unknown.
+    ewma_service_ms: NonNegFloat = 0.0
     requests_total: NonNegInt = 0
     errors_total: NonNegInt = 0
+    # The worker's own limit on in_flight (its max_queue setting): beyond it, it refuses with "overloaded".
+    # Gateways shed at their door when every worker is at its limit. 0: not reported (no limit known).
+    max_queue: NonNegInt = 0
 
 
 class CostCoefficients(_Msg, kw_only=True):
@@ -347,13 +354,17 @@ def encode(msg: Struct) -> bytes:
     return _encoder.encode(msg)
 
 
-class DecodeError(ValueError):
-    """A message that does not decode or validate; `field` is the dotted path of the culprit, if known."""
+class DecodeError(OnepoolError):
+    """A message that does not decode or validate; `field` is the dotted path of the culprit, if known.
+
+    The sender's fault: a handler of a request subject that raises it gets an error reply from the bus
+    (shared.bus), one of a publish subject is counted and dropped with one warning line."""
+
+    code = "bad_message"
+    kind = ErrorKind.CLIENT
 
     def __init__(self, message: str, field: str | None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
+        super().__init__(message, field=field)
 
 
 _PATH_RE = re.compile(r"at `\$(?P<path>[^`]*)`")
@@ -388,6 +399,10 @@ def decode(dec: msgspec.msgpack.Decoder[T], data: bytes) -> T:
         raise DecodeError(str(exc), field_from_error(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"undecodable message: {exc}", None) from None
+    except UnicodeDecodeError as exc:  # msgspec lets it through for a str that is not UTF-8
+        raise DecodeError(
+            f"a string is not valid UTF-8: {exc.reason} at byte {exc.start} of it", None
+        ) from None
     version = getattr(msg, "v", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise DecodeError(f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION})", "v")

@@ -19,6 +19,7 @@ class ReceivedSpan:
     parent_span_id: str
     kind: int
     attributes: dict[str, Any]
+    end_unix_ns: int = 0  # when the span ended (the exporting process's wall clock)
 
 
 class OtlpReceiver:
@@ -76,10 +77,16 @@ class OtlpReceiver:
                             parent_span_id=span.parent_span_id.hex(),
                             kind=span.kind,
                             attributes=attrs,
+                            end_unix_ns=span.end_time_unix_nano,
                         )
                     )
         with self._lock:
             self.spans.extend(out)
+
+    def named(self, name: str, *, ended_after_ns: int = 0) -> list[ReceivedSpan]:
+        """Spans called `name` that ended after `ended_after_ns` (time.time_ns())."""
+        with self._lock:
+            return [s for s in self.spans if s.name == name and s.end_unix_ns > ended_after_ns]
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         with self._lock:

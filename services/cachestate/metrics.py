@@ -31,6 +31,7 @@ class ServiceCounters:
     view_snapshots: int = 0  # view snapshots published on request
     view_snapshots_coalesced: int = 0  # snapshot requests answered by a snapshot another request caused
     feature_reports: int = 0
+    bus_reconnects: int = 0  # our own connection came back (liveness was suspended meanwhile)
 
 
 class _Collector(Collector):
@@ -67,6 +68,26 @@ class _Collector(Collector):
             "digests_dropped", "digests counted for load only (worker out of sync)", t.digests_dropped
         )
         yield counter("seq_gaps", "sequence gaps detected in worker digests", t.gaps)
+        yield counter(
+            "seq_restarts",
+            "worker digest seq beyond the window either way (numbering restarted)",
+            t.seq_restarts,
+        )
+        yield counter(
+            "periods_clamped", "digests whose period_ms was outside the believed range", t.periods_clamped
+        )
+        yield counter(
+            "workers_verified", "workers confirmed by a snapshot ack on their own subject", t.verified
+        )
+        yield counter(
+            "incarnations_corrected",
+            "snapshot acks naming another incarnation than the worker's digests did",
+            t.incarnations_corrected,
+        )
+        yield gauge(
+            "workers_unverified", "workers heard from but not yet confirmed", len(svc.tracker.unverified())
+        )
+        yield counter("bus_reconnects", "cachestate's own bus connection came back", c.bus_reconnects)
         yield counter("new_incarnations", "workers seen restarting (new incarnation)", t.new_incarnations)
         yield counter("snapshots_requested", "snapshot requests sent to workers", c.snapshot_requests)
         yield counter(

@@ -1,7 +1,11 @@
 """cachestate's async shell: digests in, tracker/index/features in the core, view and features out.
 
-Background tasks (all owned by one TaskOwner): the view delta batcher, the expiry loop, the feature window
-and at most one snapshot-request task per out-of-sync worker.
+Background tasks (all owned by one TaskOwner): the view delta batcher (with a heartbeat when there is
+nothing to say), the expiry loop, the feature window and at most one snapshot-request task per worker that
+is out of sync or not yet verified (the ack of that request is what makes a worker routable).
+
+While its own bus connection is down, cachestate judges no worker: expiry is suspended, and when the
+connection comes back every worker gets a fresh period plus a grace (the silence was cachestate's).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from services.cachestate.core.tracker import DigestTracker
 from services.cachestate.metrics import ServiceCounters, build_registry, metrics_app
 from services.cachestate.settings import CacheStateSettings
 from shared import schemas as s
-from shared.bus import Bus, Message, Subscription
+from shared.bus import Bus, ConnectionState, Message, Subscription
 from shared.errors import OnepoolError
 from shared.lifecycle import TaskOwner
 
@@ -48,7 +52,11 @@ class CacheStateService:
         # neither fence every worker at once nor keep a dead one alive. Messages carry wall time.
         self._clock = clock
         self.index = ResidencyIndex(settings.max_entries, track_evictions=True)
-        self.tracker = DigestTracker(self.index, dead_after_periods=settings.dead_after_periods)
+        self.tracker = DigestTracker(
+            self.index,
+            dead_after_periods=settings.dead_after_periods,
+            max_period_s=settings.max_period_ms / 1e3,
+        )
         self.features = FeatureWindow(settings.features_window_ms / 1e3, start=clock())
         self.counters = ServiceCounters()
         self.registry = build_registry(self, clock)
@@ -56,6 +64,8 @@ class CacheStateService:
         self._part_bytes = part_bytes
         self._pending = ViewChanges()
         self._view_seq = 0
+        self._view_sent_at = clock()  # when the last view update went out (the heartbeat's reference)
+        self._bus_down = False  # our own connection is lost: nobody is judged meanwhile
         self._view_lock = asyncio.Lock()  # view seq order == publish order
         # The view snapshot now gathering requests (set from the first request until it is built): the
         # requests that arrive meanwhile share it, so N gateways resyncing together cost one broadcast.
@@ -74,6 +84,7 @@ class CacheStateService:
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._started_at = self._clock()
+        self.bus.add_state_listener(self._on_bus_state)
         self._subs.append(await self.bus.subscribe(s.DIGEST_WILDCARD, self._on_digest))
         # Handlers start as requests arrive, so that those arriving while one gathers can ride along.
         self._subs.append(
@@ -167,11 +178,20 @@ class CacheStateService:
                             s.encode(s.SnapshotRequest(reason=reason)),
                             timeout_s=timeout_s,
                         )
-                        s.decode(self._dec_ack, raw)
-                except (OnepoolError, s.DecodeError) as exc:
+                        ack = s.decode(self._dec_ack, raw)
+                        if ack.worker_id != worker_id:
+                            raise s.DecodeError(f"ack names worker {ack.worker_id!r}", "worker_id")
+                except OnepoolError as exc:
                     self.counters.snapshot_request_failures += 1
                     log.info("snapshot request failed", worker_id=worker_id, error=str(exc))
                 else:
+                    # Someone answers on the worker's own subject: that process is the worker.
+                    was_verified = self.tracker.is_verified(worker_id)
+                    self._pending.merge(
+                        self.tracker.verify(worker_id, ack.incarnation, ack.seq, self._clock())
+                    )
+                    if not was_verified and self.tracker.is_verified(worker_id):
+                        log.info("worker verified", worker_id=worker_id, incarnation=ack.incarnation)
                     await self._await_snapshot(worker_id, event, timeout_s)
                 if not self.tracker.needs_snapshot(worker_id):
                     break
@@ -200,10 +220,24 @@ class CacheStateService:
             self.counters.snapshot_waits_extended += 1
 
     # ---- expiry ---------------------------------------------------------------------------------------
+    def _on_bus_state(self, state: ConnectionState) -> None:
+        if state is ConnectionState.DISCONNECTED:
+            if not self._bus_down:
+                log.warning("bus lost: liveness judging suspended until it is back")
+            self._bus_down = True
+        elif state is ConnectionState.CONNECTED and self._bus_down:
+            self._bus_down = False
+            grace_s = self.settings.reconnect_grace_ms / 1e3
+            self.tracker.refresh(self._clock() + grace_s)
+            self.counters.bus_reconnects += 1
+            log.info("bus back: every worker gets a fresh period", grace_s=grace_s)
+
     async def _expire_loop(self) -> None:
         period = self.settings.expire_check_ms / 1e3
         while True:
             await asyncio.sleep(period)
+            if self._bus_down or not self.bus.is_connected:
+                continue  # the silence is ours: nobody is judged by it
             dead = self.tracker.expire(self._clock())
             if not dead:
                 continue
@@ -223,16 +257,18 @@ class CacheStateService:
     # ---- view to gateways -----------------------------------------------------------------------------
     async def _view_loop(self) -> None:
         period = self.settings.view_delta_ms / 1e3
+        heartbeat = self.settings.view_heartbeat_ms / 1e3
         while True:
             await asyncio.sleep(period)
-            await self._publish_pending()
+            await self._publish_pending(heartbeat=self._clock() - self._view_sent_at >= heartbeat)
 
-    async def _publish_pending(self) -> None:
+    async def _publish_pending(self, *, heartbeat: bool = False) -> None:
         async with self._view_lock:
-            await self._publish_pending_locked()
+            await self._publish_pending_locked(heartbeat=heartbeat)
 
-    async def _publish_pending_locked(self) -> None:
-        if self._pending.empty:
+    async def _publish_pending_locked(self, *, heartbeat: bool = False) -> None:
+        """Publish the changes gathered so far; with `heartbeat`, an empty delta too when there are none."""
+        if self._pending.empty and not heartbeat:
             return
         changes, self._pending = self._pending, ViewChanges()
         updates = changes.to_updates(
@@ -247,6 +283,7 @@ class CacheStateService:
         # Numbers are spent before publishing: an update that fails to leave shows up as a gap at the
         # gateways (which then resync) rather than vanishing.
         self._view_seq += len(updates)
+        self._view_sent_at = self._clock()
         for update in updates:
             try:
                 await self.bus.publish(s.VIEW_SUBJECT, s.encode(update))
@@ -268,13 +305,11 @@ class CacheStateService:
         )
 
     async def _on_view_snapshot(self, msg: Message) -> bytes:
-        requester = "?"
         try:
             requester = s.decode(self._dec_view_req, msg.data).requester or "?"
-        except s.DecodeError as exc:
-            # A snapshot is harmless to send, so a garbled request still gets one, but it is counted.
+        except s.DecodeError:
             self.counters.bad_messages += 1
-            log.warning("bad view snapshot request", error=exc.message, field=exc.field)
+            raise  # the bus answers the requester with an error reply and logs it
         gathering = self._gathering
         if gathering is not None:
             # It is built after this request arrived, so it covers it; its parts reach this requester,

@@ -20,9 +20,30 @@ class CacheStateSettings:
         default=3.0,
         metadata=doc("a worker silent for this many of its digest periods is fenced and purged"),
     )
+    max_period_ms: float = field(
+        default=5000.0,
+        metadata=doc(
+            "the longest digest period a worker may claim: a digest saying more is judged by this one, so no "
+            "message can keep a silent worker in the view for longer than dead_after_periods of it"
+        ),
+    )
+    reconnect_grace_ms: float = field(
+        default=2000.0,
+        metadata=doc(
+            "after cachestate's own bus connection comes back, every worker has this long (on top of its "
+            "period) to be heard from again before it can be fenced: the silence was cachestate's"
+        ),
+    )
     expire_check_ms: float = field(default=100.0, metadata=doc("how often liveness is checked"))
     view_delta_ms: float = field(
         default=50.0, metadata=doc("view changes are batched into one delta to gateways this often")
+    )
+    view_heartbeat_ms: float = field(
+        default=1000.0,
+        metadata=doc(
+            "with nothing to say, an empty view delta goes out this often, so gateways can tell a quiet "
+            "cluster from a silent cachestate (their GATEWAY_VIEW_MAX_AGE_MS must be larger)"
+        ),
     )
     view_snapshot_gather_ms: float = field(
         default=10.0,
@@ -66,8 +87,10 @@ class CacheStateSettings:
             raise ValueError(f"{ENV_PREFIX}ID must be 1-128 characters, got {self.id!r}")
         positive = {
             "dead_after_periods": self.dead_after_periods,
+            "max_period_ms": self.max_period_ms,
             "expire_check_ms": self.expire_check_ms,
             "view_delta_ms": self.view_delta_ms,
+            "view_heartbeat_ms": self.view_heartbeat_ms,
             "features_window_ms": self.features_window_ms,
             "max_entries": self.max_entries,
             "snapshot_timeout_ms": self.snapshot_timeout_ms,
@@ -78,6 +101,7 @@ class CacheStateSettings:
             if not value > 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {value}")
         for name, value in {
+            "reconnect_grace_ms": self.reconnect_grace_ms,
             "view_snapshot_gather_ms": self.view_snapshot_gather_ms,
             "view_warmup_ms": self.view_warmup_ms,
         }.items():

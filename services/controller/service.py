@@ -24,6 +24,7 @@ from services.controller.settings import ControllerSettings
 from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.lifecycle import TaskOwner
+from shared.sequence import SeqOrder, classify
 
 log = structlog.get_logger("onepool.controller")
 
@@ -48,7 +49,8 @@ def feature_attributes(features: s.WorkerFeatures) -> dict[str, str | int | floa
 class ControllerCounters:
     reports: int = 0  # FeatureReports accepted
     bad_messages: int = 0  # undecodable/invalid reports, counted, logged and dropped
-    stale_reports: int = 0  # a report not newer than the last one from the same source, dropped
+    stale_reports: int = 0  # a report just behind the last one from the same source (a replay), dropped
+    seq_restarts: int = 0  # a report far from the last seq either way (shared.sequence): accepted
     bad_workers: int = 0  # worker entries with an id that cannot be a subject token, skipped
     decisions: int = 0  # policy evaluations
     decisions_sent: int = 0
@@ -155,10 +157,17 @@ class ControllerService:
             log.warning("bad feature report dropped", subject=msg.subject, error=exc.message, field=exc.field)
             return
         last = self._last_report
-        if last is not None and last[0] == report.source and report.seq <= last[1]:
-            self.counters.stale_reports += 1
-            log.info("stale feature report dropped", source=report.source, seq=report.seq, last_seq=last[1])
-            return
+        if last is not None and last[0] == report.source:
+            order = classify(report.seq, last[1] + 1)
+            if order is SeqOrder.DUPLICATE:
+                self.counters.stale_reports += 1
+                log.info(
+                    "stale feature report dropped", source=report.source, seq=report.seq, last_seq=last[1]
+                )
+                return
+            if order is SeqOrder.RESTART:  # far from the last seq either way: a new numbering, not a replay
+                self.counters.seq_restarts += 1
+                log.info("feature report numbering restarted", source=report.source, seq=report.seq)
         self._last_report = (report.source, report.seq)
         self.counters.reports += 1
         for features in report.workers:

@@ -21,7 +21,14 @@ async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
         bus = await Bus.connect(settings.nats_url, name=f"onepool-gateway-{settings.instance}", tracer=tracer)
         try:
             gateway = Gateway(settings, bus, tracer=tracer)
-            async with serve_http(build_app(gateway, tracer), settings.host, settings.port):
+            async with serve_http(
+                build_app(gateway, tracer),
+                settings.host,
+                settings.port,
+                max_connections=settings.max_connections,
+                idle_timeout_s=settings.idle_timeout_ms / 1e3,
+                retry_after_s=settings.retry_after_s,
+            ):
                 log.info(
                     "gateway listening",
                     url=f"http://{settings.host}:{settings.port}",

@@ -1,8 +1,16 @@
 """The gateway's async shell: HTTP in, a routing decision, NATS to a worker (retrying elsewhere), HTTP out.
 
 State: a replica of cachestate's routing view (kept in sync from VIEW_SUBJECT, resynced from a snapshot on
-a gap) and the router's own in-flight counts and recent decisions. Several replicas run side by side: they
-share nothing but the bus.
+a gap) and the router's own in-flight counts, demotions and recent decisions. Several replicas run side by
+side: they share nothing but the bus.
+
+At the door, cheapest first, each answered at once: over `max_concurrent` requests (or every worker at
+its reported queue limit) 503 `overloaded`; no bus connection 503 `bus_unavailable`; a media type other
+than JSON 415; a body slower than `body_timeout_ms` 408. Connections beyond `max_connections` get a canned
+503 from the listening socket itself (`BoundedTCPSite`). The deadline of a request runs from the moment
+its handler starts (right after its headers), the body read included. When cachestate is silent the
+gateway keeps routing on its last view (and says so on /readyz); a worker that does not answer is demoted
+by the router at once (see core/router.py).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from prometheus_client import (
@@ -37,22 +46,27 @@ from services.gateway.core.router import (
     RouteDecision,
     Router,
     RouteRequest,
+    Saturated,
     ScoreBreakdown,
 )
 from services.gateway.core.view_replica import ViewReplica
 from services.gateway.errors import (
+    BodyTimeout,
     BodyTooLarge,
+    BusUnavailable,
+    DeadlineExceeded,
     GatewayError,
     InvalidInput,
     NoWorkerAvailable,
+    Overloaded,
     UpstreamFailed,
 )
-from services.gateway.http_body import RecommendBody, parse_body, user_key
+from services.gateway.http_body import RecommendBody, check_media_type, parse_body, user_key
 from services.gateway.openapi import openapi_document
 from services.gateway.settings import GatewaySettings
 from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
-from shared.errors import OnepoolError
+from shared.errors import BusDisconnected, BusError, BusTimeout, NoResponders, OnepoolError
 from shared.lifecycle import TaskOwner
 from shared.telemetry import in_unsampled_trace
 
@@ -156,6 +170,9 @@ class Gateway:
         # Request ids: a random prefix per gateway process and a counter (unique, and ~5x cheaper than uuid4).
         self._request_id_prefix = uuid.uuid4().hex[:16] + "-"
         self._request_seq = itertools.count(1)
+        self._active = 0  # recommend requests admitted and not yet answered
+        self._view_heard: float | None = None  # time.monotonic() of the last view message from cachestate
+        self._retry_after = {"Retry-After": str(settings.retry_after_s)}
 
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -170,8 +187,33 @@ class Gateway:
         self._subs.clear()
 
     @property
+    def active(self) -> int:
+        """Recommend requests admitted and not yet answered."""
+        return self._active
+
+    def view_age_s(self, now: float) -> float | None:
+        """Seconds since the last view message from cachestate (None: never heard from it)."""
+        return None if self._view_heard is None else max(0.0, now - self._view_heard)
+
+    def not_ready_reasons(self, now: float) -> list[str]:
+        """Why /readyz says 503 (empty: ready)."""
+        reasons = []
+        if not self.bus.is_connected:
+            reasons.append("no connection to the message bus")
+        if self.replica.snapshots_applied == 0:
+            reasons.append("no routing view yet (waiting for cachestate)")
+        elif not self.view.routable_workers():
+            reasons.append("no routable worker in the routing view")
+        age = self.view_age_s(now)
+        if age is not None and age * 1e3 > self.settings.view_max_age_ms:
+            reasons.append(
+                f"routing view is {age:.1f} s old: cachestate is silent (routing on the last view)"
+            )
+        return reasons
+
+    @property
     def ready(self) -> bool:
-        return self.replica.ready and bool(self.view.routable_workers())
+        return not self.not_ready_reasons(time.monotonic())
 
     async def _on_view(self, msg: Message) -> None:
         try:
@@ -180,6 +222,7 @@ class Gateway:
             self.metrics.bad_messages.inc()
             log.warning("bad view update dropped", error=exc.message, field=exc.field)
             return
+        self._view_heard = time.monotonic()
         outcome = self.replica.apply(update)
         self.view.version += 1
         self.metrics.view_updates.inc()
@@ -223,16 +266,32 @@ class Gateway:
     async def recommend(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         status = 500
+        admitted = False
         try:
+            # Shedding first, and cheap: nothing is read or parsed for a request that cannot be served.
+            if self._active >= self.settings.max_concurrent:
+                raise Overloaded(f"the gateway is serving {self._active} requests, its limit")
+            if not self.bus.is_connected:
+                raise BusUnavailable()
+            self._active += 1
+            admitted = True
+            has_type = "Content-Type" in request.headers
+            check_media_type(request.content_type if has_type else None, request.charset)
             body = await self._read_body(request)
             response = await self._serve(body, started)
             status = response.status
             return response
         except GatewayError as exc:
             status = exc.status
-            headers = {"Retry-After": str(self.settings.retry_after_s)} if exc.status == 503 else None
-            return web.json_response(exc.body(), status=exc.status, headers=headers)
+            return web.Response(
+                body=_json_encode(exc.body()),
+                status=exc.status,
+                content_type="application/json",
+                headers=self._retry_after if exc.status == 503 else None,
+            )
         finally:
+            if admitted:
+                self._active -= 1
             self.metrics.count_request(status)
             self.metrics.latency.observe(time.perf_counter() - started)
 
@@ -240,25 +299,27 @@ class Gateway:
         limit = self.settings.max_body_kib * 1024
         if request.content_length is not None and request.content_length > limit:
             raise BodyTooLarge(limit)
-        if request.content_length is not None:  # the usual case: one read of a known, allowed size
-            return parse_body(
-                await request.read(),
-                max_history=self.settings.max_history,
-                max_candidates=self.settings.max_candidates,
-            )
-        raw = bytearray()  # chunked: count while reading, and stop at the limit
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            raw += chunk
-            if len(raw) > limit:
-                raise BodyTooLarge(limit)
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_ms / 1e3):
+                if request.content_length is not None:  # the usual case: one read of a known, allowed size
+                    raw = await request.read()
+                else:
+                    buf = bytearray()  # chunked: count while reading, and stop at the limit
+                    async for chunk in request.content.iter_chunked(64 * 1024):
+                        buf += chunk
+                        if len(buf) > limit:
+                            raise BodyTooLarge(limit)
+                    raw = bytes(buf)
+        except TimeoutError:
+            raise BodyTimeout(self.settings.body_timeout_ms) from None
         return parse_body(
-            bytes(raw), max_history=self.settings.max_history, max_candidates=self.settings.max_candidates
+            raw, max_history=self.settings.max_history, max_candidates=self.settings.max_candidates
         )
 
     async def _serve(self, body: RecommendBody, started: float) -> web.Response:
         deadline = started + self.settings.request_timeout_ms / 1e3
         route_req = RouteRequest(user_id=user_key(body), history=body.history, candidates=body.candidates)
-        decision = self._route(route_req)
+        decision = self._route(route_req, budget_ms=self.settings.max_queue_wait_ms)
         wire = s.InferenceRequest(
             request_id=f"{self._request_id_prefix}{next(self._request_seq):x}",
             user_id=route_req.user_id,
@@ -295,20 +356,13 @@ class Gateway:
                 raise InvalidInput(reply.error.message, reply.error.field)
             failures.append(f"{choice.worker_id}: {reply.error.code}")
         if time.perf_counter() >= deadline:
-            return web.json_response(
-                {
-                    "error": {
-                        "code": "deadline_exceeded",
-                        "message": f"no answer within {self.settings.request_timeout_ms:.0f} ms "
-                        f"({'; '.join(failures) or 'no attempt finished'})",
-                        "field": None,
-                    }
-                },
-                status=504,
+            raise DeadlineExceeded(
+                f"no answer within {self.settings.request_timeout_ms:.0f} ms "
+                f"({'; '.join(failures) or 'no attempt finished'})"
             )
         raise UpstreamFailed(f"every worker tried failed: {'; '.join(failures)}")
 
-    def _route(self, req: RouteRequest) -> RouteDecision:
+    def _route(self, req: RouteRequest, *, budget_ms: float) -> RouteDecision:
         # In an unsampled trace (no exporter) a routing span would record nothing: skip making it.
         span_cm = (
             contextlib.nullcontext(trace.get_current_span())
@@ -318,7 +372,10 @@ class Gateway:
         with span_cm as span:
             t0 = time.perf_counter()
             try:
-                decision = self.router.route(self.view, req, time.monotonic())
+                decision = self.router.route(self.view, req, time.monotonic(), budget_ms=budget_ms)
+            except Saturated as exc:
+                span.set_attribute("onepool.route.saturated", True)
+                raise Overloaded(exc.message) from None
             except NoWorkers:
                 span.set_attribute("onepool.route.workers", 0)
                 raise NoWorkerAvailable("no live worker in the routing view") from None
@@ -339,25 +396,45 @@ class Gateway:
         timeout_s: float,
         failures: list[str],
     ) -> s.InferenceReply | None:
-        """One try on one worker: its reply, or None (noted in `failures`) when it did not answer."""
+        """One try on one worker: its reply, or None (noted in `failures`) when it did not answer. A worker
+        that does not answer, answers garbage or says it is draining is demoted in the router."""
         request = msgspec.structs.replace(wire, deadline_ms=timeout_s * 1e3)
-        self.router.on_dispatch(worker_id, route_req, time.monotonic())
+        router = self.router
+        router.on_dispatch(worker_id, route_req, time.monotonic())
         try:
             raw = await self.bus.request(s.infer_subject(worker_id), s.encode(request), timeout_s=timeout_s)
             reply = s.decode(self._dec_reply, raw)
-        except OnepoolError as exc:
-            self.metrics.count_attempt(exc.code)
-            failures.append(f"{worker_id}: {exc.code}")
-            log.info("worker attempt failed; trying the next", worker=worker_id, error=exc.code)
-            return None
+        except BusDisconnected:
+            raise BusUnavailable() from None  # no other worker can be reached either
         except s.DecodeError as exc:
             self.metrics.count_attempt("bad_reply")
             failures.append(f"{worker_id}: bad reply")
+            router.on_failure(worker_id, time.monotonic())
             log.warning("undecodable worker reply", worker=worker_id, error=exc.message)
             return None
+        except OnepoolError as exc:
+            self.metrics.count_attempt(exc.code)
+            failures.append(f"{worker_id}: {exc.code}")
+            if isinstance(exc, NoResponders | BusTimeout | BusError):
+                backoff = router.on_failure(worker_id, time.monotonic())
+                log.info(
+                    "worker did not answer; demoted", worker=worker_id, error=exc.code, backoff_s=backoff
+                )
+            else:
+                log.info("worker attempt failed; trying the next", worker=worker_id, error=exc.code)
+            return None
         finally:
-            self.router.on_done(worker_id)
-        self.metrics.count_attempt("ok" if reply.ok is not None else reply.error.code if reply.error else "?")
+            router.on_done(worker_id)
+        if reply.ok is not None:
+            router.on_success(worker_id)
+            self.metrics.count_attempt("ok")
+        else:
+            code = reply.error.code if reply.error is not None else "?"
+            if code == "draining":
+                router.on_failure(worker_id, time.monotonic())
+            else:
+                router.on_success(worker_id)  # it answered: alive, whatever it said
+            self.metrics.count_attempt(code)
         return reply
 
     # ---------------------------------------------------------------------------------------------------
@@ -365,10 +442,19 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _: web.Request) -> web.Response:
-        workers = len(self.view.routable_workers())
-        ready = self.ready
-        body = {"ready": ready, "routable_workers": workers, "view_in_sync": self.replica.in_sync}
-        return web.json_response(body, status=200 if ready else 503)
+        now = time.monotonic()
+        reasons = self.not_ready_reasons(now)
+        age = self.view_age_s(now)
+        body = {
+            "ready": not reasons,
+            "reasons": reasons,
+            "routable_workers": len(self.view.routable_workers()),
+            "view_in_sync": self.replica.in_sync,
+            "view_age_s": None if age is None else round(age, 3),
+            "bus_connected": self.bus.is_connected,
+            "active_requests": self._active,
+        }
+        return web.json_response(body, status=503 if reasons else 200)
 
     async def metrics_handler(self, _: web.Request) -> web.Response:
         self.metrics.routable.set(len(self.view.routable_workers()))
@@ -393,7 +479,7 @@ def _breakdown_attributes(span: trace.Span, role: str, b: ScoreBreakdown) -> Non
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def tracing_middleware(tracer: Tracer) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def tracing_middleware(tracer: Tracer) -> Middleware:
     """A SERVER span per HTTP request, child of the caller's traceparent if any; its trace id goes back in
     the x-trace-id header so a client can find the request in Jaeger."""
 
@@ -427,7 +513,7 @@ def tracing_middleware(tracer: Tracer) -> Callable[[web.Request, Handler], Await
     return middleware
 
 
-def json_errors_middleware() -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def json_errors_middleware() -> Middleware:
     """aiohttp's own errors (404, 405, ...) and unexpected failures as JSON bodies like ours."""
 
     @web.middleware
@@ -481,13 +567,98 @@ def build_app(gateway: Gateway, tracer: Tracer | None = None) -> web.Application
     return app
 
 
+class BoundedTCPSite(web.BaseSite):
+    """A TCP listener that holds at most `max_connections` HTTP connections (aiohttp has no such limit): one
+    more is answered by the socket itself with a canned 503 `overloaded` JSON body and closed, at the cost of
+    a write, without an HTTP parser, a request object or a task."""
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int, retry_after_s: int
+    ) -> None:
+        # A listen backlog as deep as the connection limit: a burst of new connections waits in the kernel
+        # for an accept() instead of having its SYNs dropped (a client retries a SYN after 1 s, 3 s, 7 s).
+        super().__init__(runner, backlog=max_connections)
+        self._host = host
+        self._port = port
+        self._max_connections = max_connections
+        body = _json_encode(
+            {"error": {"code": "overloaded", "message": "too many open connections", "field": None}}
+        )
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Retry-After: {retry_after_s}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self._refusal = head.encode() + body
+        self.refused = 0
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        limit = self._max_connections
+
+        def protocol() -> asyncio.BaseProtocol:
+            if len(server.connections) >= limit:
+                self.refused += 1
+                return _Refusal(self._refusal)
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
+
+
+class _Refusal(asyncio.Protocol):
+    """Writes the canned answer, half-closes, discards what the client still sends, closes within 1 s."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self._answer)
+        if transport.can_write_eof():
+            transport.write_eof()
+        # Closing at once with unread request bytes would reset the connection and could lose the answer.
+        self._timer = asyncio.get_running_loop().call_later(1.0, transport.close)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        self._transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 @contextlib.asynccontextmanager
-async def serve_http(app: web.Application, host: str, port: int) -> AsyncIterator[web.AppRunner]:
-    """Run `app` on host:port until the block exits; then stop accepting and close cleanly."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+async def serve_http(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = 2048,
+    idle_timeout_s: float = 15.0,
+    retry_after_s: int = 1,
+) -> AsyncIterator[web.AppRunner]:
+    """Run `app` on host:port until the block exits; then stop accepting and close cleanly. Connections
+    idle (or sending their headers) for `idle_timeout_s` are closed; beyond `max_connections` they are
+    refused with a 503."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout_s)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = BoundedTCPSite(
+            runner, host, port, max_connections=max_connections, retry_after_s=retry_after_s
+        )
         await site.start()
         yield runner
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import queue
 import threading
 import time
@@ -33,6 +34,7 @@ from services.worker.validation import PreparedRequest, RequestLimits
 log = structlog.get_logger("onepool.worker.engine")
 
 R = TypeVar("R")
+SERVICE_EWMA = 0.1  # weight of the newest sample in `Engine.service_ms` (about the last 10-20 requests)
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,11 @@ class Engine:
         self._next_tick = 0.0
         self.ticks = 0
         self.tick_seconds = 0.0  # model-thread time spent in ticks (reallocation, refill, prefetch installs)
+        # What each queued request costs the model thread, as an EWMA in ms: while requests wait, the time
+        # between two completions (everything the thread does per request: the model, the bookkeeping,
+        # waits for the GIL); for a request that found the thread idle, its own start to end.
+        self.service_ms = 0.0
+        self._last_job_end = -math.inf
 
     def warm_up(self) -> None:
         """Before serving: serve a few made-up requests end to end, then start from an empty pool.
@@ -343,6 +350,14 @@ class Engine:
             log.exception("inference failed", request_id=job.request.request_id)
             result = InternalError(f"{type(exc).__name__}: {exc}")
         _finish(job, result)
+        end = time.perf_counter()
+        # it waited for the previous one: the whole interval since that one ended was spent on it
+        sample = end - (self._last_job_end if self._last_job_end >= job.enqueued else start)
+        self._last_job_end = end
+        ms = sample * 1e3
+        self.service_ms = (
+            ms if self.service_ms == 0.0 else SERVICE_EWMA * ms + (1 - SERVICE_EWMA) * self.service_ms
+        )
 
     def _safe_tick(self) -> None:
         try:

@@ -267,11 +267,7 @@ class WorkerService:
             span.set_attribute("onepool.compute_ms", result.compute_ms)
         self._window.record(len(req.history), result, total_ms)
         c = self.counters
-        c.ewma_latency_ms = (
-            total_ms
-            if c.ewma_latency_ms == 0
-            else (EWMA_WEIGHT * total_ms + (1 - EWMA_WEIGHT) * c.ewma_latency_ms)
-        )
+        c.ewma_latency_ms = _ewma(c.ewma_latency_ms, total_ms)
         ok = s.InferenceResult(
             items=result.items,
             scores=result.scores,
@@ -311,14 +307,11 @@ class WorkerService:
     async def _handle_snapshot(self, msg: Message) -> bytes:
         try:
             request = s.decode(self._dec_snapshot, msg.data)
-            reason = request.reason
-        except s.DecodeError as exc:
-            # A snapshot is harmless to send, so a garbled request still gets one, but it is counted.
+        except s.DecodeError:
             self.counters.bad_messages += 1
-            log.warning("bad snapshot request", error=exc.message)
-            reason = "undecodable request"
+            raise  # the bus answers the requester with an error reply and logs it
         seq = await self.publish_digest("snapshot")
-        log.info("snapshot sent on request", reason=reason, seq=seq)
+        log.info("snapshot sent on request", reason=request.reason, seq=seq)
         return s.encode(s.SnapshotAck(worker_id=self.worker_id, incarnation=self.incarnation, seq=seq))
 
     async def _digest_loop(self) -> None:
@@ -399,8 +392,10 @@ class WorkerService:
                 in_flight=self._in_flight,
                 queue_depth=self.engine.queue_depth,
                 ewma_latency_ms=c.ewma_latency_ms,
+                ewma_service_ms=self.engine.service_ms,
                 requests_total=c.requests_total,
                 errors_total=c.errors_total,
+                max_queue=self.settings.max_queue,
             )
             for i, part in enumerate(parts):
                 digest = s.WorkerDigest(
@@ -448,6 +443,10 @@ def split_residency(fields: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
+
+
+def _ewma(current: float, sample: float) -> float:
+    return sample if current == 0 else EWMA_WEIGHT * sample + (1 - EWMA_WEIGHT) * current
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:

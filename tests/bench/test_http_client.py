@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
 
 from bench.http_client import HttpProtocolError, KeepAliveHttpClient
 from services.gateway.service import serve_http
+from tests.helpers import eventually
+
+
+@dataclass
+class EchoServer:
+    port: int
+    release: asyncio.Event  # /echo answers once this is set
+    held: list[bytes] = field(default_factory=list)  # bodies of /echo requests that reached it
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[tuple[int, asyncio.Event]]:
+async def server() -> AsyncIterator[EchoServer]:
     release = asyncio.Event()
     release.set()
+    held: list[bytes] = []
 
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
+        held.append(body)
         await release.wait()
         status = int(request.query.get("status", "200"))
         return web.Response(body=body * int(request.query.get("times", "1")), status=status)
@@ -46,13 +57,11 @@ async def server() -> AsyncIterator[tuple[int, asyncio.Event]]:
     app.router.add_post("/chunked", chunked)
     app.router.add_post("/hang-up", hang_up)
     async with serve_http(app, "127.0.0.1", 0) as runner:
-        yield runner.addresses[0][1], release
+        yield EchoServer(runner.addresses[0][1], release, held)
 
 
-async def test_answers_come_back_whole_over_one_kept_alive_connection(
-    server: tuple[int, asyncio.Event],
-) -> None:
-    port, _ = server
+async def test_answers_come_back_whole_over_one_kept_alive_connection(server: EchoServer) -> None:
+    port = server.port
     async with KeepAliveHttpClient("127.0.0.1", port) as client:
         for i in range(3):
             body = f'{{"n": {i}}}'.encode()
@@ -63,29 +72,28 @@ async def test_answers_come_back_whole_over_one_kept_alive_connection(
         assert client.connections_opened == 1
 
 
-async def test_requests_in_flight_together_use_one_connection_each(server: tuple[int, asyncio.Event]) -> None:
-    port, release = server
-    release.clear()
-    async with KeepAliveHttpClient("127.0.0.1", port) as client:
+async def test_requests_in_flight_together_use_one_connection_each(server: EchoServer) -> None:
+    server.release.clear()
+    async with KeepAliveHttpClient("127.0.0.1", server.port) as client:
         sends = [asyncio.create_task(client.send(client.request_bytes("/echo", b"%d" % i))) for i in range(4)]
-        await asyncio.sleep(0.05)
-        release.set()
+        await eventually(lambda: len(server.held) == 4)  # all four are at the server, none answered
+        server.release.set()
         assert [await t for t in sends] == [(200, b"%d" % i) for i in range(4)]
         assert client.connections_opened == 4
         await client.send(client.request_bytes("/echo", b"again"))
         assert client.connections_opened == 4  # reused from the idle pool
 
 
-async def test_a_connection_the_server_closes_is_not_reused(server: tuple[int, asyncio.Event]) -> None:
-    port, _ = server
+async def test_a_connection_the_server_closes_is_not_reused(server: EchoServer) -> None:
+    port = server.port
     async with KeepAliveHttpClient("127.0.0.1", port) as client:
         assert await client.send(client.request_bytes("/close", b"")) == (200, b"bye")
         assert await client.send(client.request_bytes("/echo", b"x")) == (200, b"x")
         assert client.connections_opened == 2
 
 
-async def test_answers_it_cannot_read_raise(server: tuple[int, asyncio.Event]) -> None:
-    port, _ = server
+async def test_answers_it_cannot_read_raise(server: EchoServer) -> None:
+    port = server.port
     async with KeepAliveHttpClient("127.0.0.1", port) as client:
         with pytest.raises(HttpProtocolError, match="chunked"):
             await client.send(client.request_bytes("/chunked", b""))

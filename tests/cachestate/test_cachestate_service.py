@@ -1,5 +1,7 @@
-"""The cachestate service against a real nats-server. Synthetic digests published over NATS by the test
-are the protocol itself; two tests run a real worker (engine + WorkerService) on the same server."""
+"""The cachestate service against a real nats-server and the real gateway (in-process, without its HTTP
+server). Synthetic digests published over NATS by the test are the protocol itself; fake workers answer
+snapshot requests on their own subjects as workers do (that answer is what verifies a worker); two tests
+run a real worker (engine + WorkerService) on the same server."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
+import msgspec
+import pytest
 
-from services.cachestate.core.residency import ResidencyIndex
 from services.cachestate.service import CacheStateService
 from services.cachestate.settings import CacheStateSettings
-from services.gateway.core.view_replica import ViewReplica
+from services.gateway.core.router import NoWorkers, RouteRequest
+from services.gateway.service import Gateway
+from services.gateway.settings import GatewaySettings
 from shared import schemas as s
 from shared.bus import Bus, Message
+from shared.errors import ErrorKind, RemoteError
 from tests.helpers import eventually, free_port
 from tests.worker.harness import running_worker
 
@@ -34,6 +40,10 @@ SETTINGS = CacheStateSettings(
 )
 
 
+def replace_str(msg: s.WorkerDigest, **fields: str) -> s.WorkerDigest:
+    return msgspec.structs.replace(msg, **fields)
+
+
 @contextlib.asynccontextmanager
 async def running_cachestate(
     url: str, settings: CacheStateSettings = SETTINGS
@@ -48,39 +58,45 @@ async def running_cachestate(
         await bus.close()
 
 
-@dataclass
-class Gateway:
-    """What a gateway does with the view: a replica fed from VIEW_SUBJECT, resynced on request."""
+class ViewWatch:
+    """Every view message on the bus, as a gateway receives them, with their arrival times."""
 
-    client: Bus
-    replica: ViewReplica = field(default_factory=lambda: ViewReplica(ResidencyIndex()))
-    updates: list[tuple[float, s.ViewUpdate]] = field(default_factory=list)
-    wants_snapshot: bool = False
+    def __init__(self) -> None:
+        self.updates: list[tuple[float, s.ViewUpdate]] = []
 
     async def on_view(self, msg: Message) -> None:
-        update = s.decode(s.decoder(s.ViewUpdate), msg.data)
-        self.updates.append((time.monotonic(), update))
-        if self.replica.apply(update).need_snapshot:
-            self.wants_snapshot = True
-
-    async def sync(self) -> s.ViewSnapshotAck:
-        raw = await self.client.request(
-            s.VIEW_SNAPSHOT_SUBJECT, s.encode(s.ViewSnapshotRequest(requester="t")), timeout_s=5
-        )
-        ack = s.decode(s.decoder(s.ViewSnapshotAck), raw)
-        await eventually(lambda: self.replica.in_sync and self.replica.seq >= ack.seq + ack.parts - 1)
-        return ack
+        self.updates.append((time.monotonic(), s.decode(s.decoder(s.ViewUpdate), msg.data)))
 
 
 @contextlib.asynccontextmanager
 async def gateway(url: str) -> AsyncIterator[Gateway]:
-    client = await Bus.connect(url, name="test-gateway")
-    gw = Gateway(client)
-    await client.subscribe(s.VIEW_SUBJECT, gw.on_view)
+    """The real gateway, in-process without its HTTP server: it follows the view and resyncs by itself."""
+    bus = await Bus.connect(url, name="test-gateway")
+    gw = Gateway(GatewaySettings(nats_url=url, instance="t", snapshot_retry_ms=50.0), bus)
+    await gw.start()
     try:
         yield gw
     finally:
-        await client.close()
+        await gw.stop()
+        await bus.close()
+
+
+async def synced(gw: Gateway) -> s.ViewSnapshotAck:
+    """Ask cachestate for a view snapshot now; return once the gateway's replica has applied it."""
+    raw = await gw.bus.request(
+        s.VIEW_SNAPSHOT_SUBJECT, s.encode(s.ViewSnapshotRequest(requester="t")), timeout_s=5
+    )
+    ack = s.decode(s.decoder(s.ViewSnapshotAck), raw)
+    await eventually(lambda: gw.replica.in_sync and gw.replica.seq >= ack.seq + ack.parts - 1)
+    return ack
+
+
+def ranked(gw: Gateway) -> list[str]:
+    """The workers the gateway's router would try for a request, best first ([] when none)."""
+    try:
+        return gw.router.route(gw.view, RouteRequest("anyone", [1, 2], [3]), time.monotonic()).worker_ids
+    except NoWorkers:
+        return []
 
 
 @dataclass
@@ -116,6 +132,9 @@ class FakeWorker:
         return await self.send("snapshot", kv_upserts=entries, emb_added=sorted(self.emb))
 
     async def answer_snapshots(self) -> None:
+        """Answer snapshot requests as a worker does: publish a snapshot digest, then ack it. Until this is
+        called nobody answers on the worker's subject, and cachestate cannot verify the worker."""
+
         async def handle(msg: Message) -> bytes:
             self.snapshot_requests += 1
             first = (await self.send_snapshot()).seq
@@ -125,10 +144,13 @@ class FakeWorker:
 
 
 @contextlib.asynccontextmanager
-async def fake_worker(url: str, **fields: Any) -> AsyncIterator[FakeWorker]:
+async def fake_worker(url: str, *, answer: bool = True, **fields: Any) -> AsyncIterator[FakeWorker]:
     bus = await Bus.connect(url, name=f"fake-{fields.get('worker_id', 'w1')}")
     try:
-        yield FakeWorker(bus, **fields)
+        worker = FakeWorker(bus, **fields)
+        if answer:
+            await worker.answer_snapshots()
+        yield worker
     finally:
         await bus.close()
 
@@ -140,41 +162,109 @@ async def test_gap_triggers_a_snapshot_request_that_the_worker_answers(nats_serv
         gateway(nats_server.url) as gw,
         fake_worker(nats_server.url) as w,
     ):
-        await w.answer_snapshots()
         w.kv = {"a": 3}
         await w.send_snapshot()
+        # A new worker is verified first: one snapshot request, answered on its own subject.
+        await eventually(lambda: cs.tracker.is_verified("w1") and not cs.tracker.needs_snapshot("w1"))
+        assert w.snapshot_requests == 1
         await w.send(kv_upserts=[s.KvEntry("b", 2)])
-        await gw.sync()
         await eventually(lambda: gw.replica.index.kv_workers("b") == {"w1": 2})
-        assert w.snapshot_requests == 0
-        # Digest seq 2 is lost; seq 3 arrives.
+        assert ranked(gw) == ["w1"]
+        # Digest seq is lost; the next one arrives.
         w.kv = {"a": 3, "b": 2, "c": 1, "d": 9}
         await w.send(skip=1, kv_upserts=[s.KvEntry("c", 1)])
         await eventually(lambda: gw.replica.index.kv_workers("d") == {"w1": 9})
-        assert w.snapshot_requests == 1
+        assert w.snapshot_requests == 2
         assert gw.replica.index.worker_kv("w1") == {"a": 3, "b": 2, "c": 1, "d": 9}
         t = cs.tracker.counters
-        assert (t.gaps, t.repairs, cs.counters.snapshot_requests) == (1, 1, 1)
+        assert (t.gaps, t.repairs, cs.counters.snapshot_requests) == (1, 1, 2)
         assert cs.counters.snapshot_request_failures == 0
-        assert not gw.wants_snapshot or gw.replica.in_sync
+        assert ranked(gw) == ["w1"]  # never out of the view: a gap drops residency, not the worker
+
+
+async def test_a_worker_nobody_answers_for_is_never_routable(nats_server: Any) -> None:
+    async with (
+        running_cachestate(nats_server.url, replace(SETTINGS, max_period_ms=300.0)) as cs,
+        gateway(nats_server.url) as gw,
+        fake_worker(nats_server.url, answer=False, period_ms=1e9) as phantom,
+        fake_worker(nats_server.url, worker_id="w2", period_ms=250.0) as real,
+    ):
+        phantom.kv = {"u": 10_000}
+        await phantom.send_snapshot()  # a forged digest: an 11-day period, and KV for user u
+        await real.send_snapshot()
+        await eventually(lambda: cs.tracker.is_verified("w2"))
+        await eventually(lambda: cs.counters.snapshot_request_failures >= 2)  # nobody answers for w1
+        await synced(gw)
+        assert ranked(gw) == ["w2"] and "w1" not in gw.replica.workers
+        assert not cs.tracker.is_verified("w1") and cs.tracker.unverified() == ["w1"]
+        assert cs.tracker.counters.periods_clamped >= 1  # judged by max_period_ms, not by its 1e9
+        # ... and it expires within dead_after_periods x max_period_ms (3 x 0.3 s here), while w2, which
+        # keeps digesting, stays
+        deadline = time.monotonic() + 3.0
+        while cs.tracker.is_live("w1"):
+            assert time.monotonic() < deadline
+            await real.send()
+            await asyncio.sleep(0.1)
+        assert ranked(gw) == ["w2"]
+
+
+async def test_a_forged_incarnation_of_a_real_worker_loses_to_the_worker(nats_server: Any) -> None:
+    async with (
+        running_cachestate(nats_server.url) as cs,
+        gateway(nats_server.url) as gw,
+        fake_worker(nats_server.url, incarnation="real", period_ms=10_000.0) as w,
+        fake_worker(nats_server.url, answer=False, incarnation="forged", period_ms=10_000.0) as forger,
+    ):
+        w.kv = {"a": 1}
+        await w.send_snapshot()
+        await eventually(lambda: gw.replica.index.kv_workers("a") == {"w1": 1} and ranked(gw) == ["w1"])
+        await forger.send_snapshot()  # same worker id, "new incarnation", no residency
+        # cachestate asks w1's own subject; the real worker answers with its incarnation, and wins.
+        await eventually(lambda: cs.tracker.counters.incarnations_corrected == 1)
+        await eventually(lambda: cs.index.kv_workers("a") == {"w1": 1} and cs.tracker.is_verified("w1"))
+        await w.send(kv_upserts=[s.KvEntry("b", 2)])
+        await eventually(lambda: gw.replica.index.kv_workers("b") == {"w1": 2})
+        assert ranked(gw) == ["w1"] and gw.replica.workers["w1"].incarnation == "real"
+
+
+async def test_a_far_jump_of_the_seq_restarts_the_numbering_not_the_silence(nats_server: Any) -> None:
+    async with (
+        running_cachestate(nats_server.url) as cs,
+        gateway(nats_server.url) as gw,
+        fake_worker(nats_server.url, period_ms=10_000.0) as w,
+        fake_worker(nats_server.url, answer=False, period_ms=10_000.0) as forger,
+    ):
+        await w.send_snapshot()
+        await eventually(lambda: cs.tracker.is_verified("w1") and not cs.tracker.needs_snapshot("w1"))
+        forger.seq = 2**63 - 1  # the real worker's incarnation, numbered as far ahead as it gets
+        await forger.send()
+        # The genuine digests that follow (the snapshot asked for at once, then deltas) are not "old": the
+        # numbering restarts once more, back to the worker's, and they apply.
+        await eventually(
+            lambda: cs.tracker.counters.seq_restarts == 2 and not cs.tracker.needs_snapshot("w1")
+        )
+        await w.send(kv_upserts=[s.KvEntry("x", 5)])
+        await eventually(lambda: gw.replica.index.kv_workers("x") == {"w1": 5}, timeout_s=5)
+        assert cs.tracker.counters.digests_ignored == 0 and ranked(gw) == ["w1"]
 
 
 async def test_snapshot_requests_are_retried_until_the_worker_answers(nats_server: Any) -> None:
     async with (
         running_cachestate(nats_server.url) as cs,
         gateway(nats_server.url) as gw,
-        fake_worker(nats_server.url) as w,
+        fake_worker(nats_server.url, answer=False) as w,
     ):
         w.kv = {"u": 4}
         await w.send(skip=10)  # an unknown worker's delta: its residency needs a snapshot
         await eventually(lambda: cs.counters.snapshot_request_failures >= 2)  # nobody answers yet
         assert cs.tracker.needs_snapshot("w1") and cs.tracker.is_live("w1")
+        assert ranked(gw) == []  # unverified: not routable
         await w.answer_snapshots()
         await eventually(lambda: not cs.tracker.needs_snapshot("w1"))
         assert w.snapshot_requests == 1
         assert cs.index.kv_workers("u") == {"w1": 4}
-        await gw.sync()
-        assert gw.replica.index.kv_workers("u") == {"w1": 4}
+        await synced(gw)
+        assert gw.replica.index.kv_workers("u") == {"w1": 4} and ranked(gw) == ["w1"]
 
 
 async def test_a_slow_snapshot_in_many_parts_is_waited_for_not_asked_again(nats_server: Any) -> None:
@@ -182,7 +272,7 @@ async def test_a_slow_snapshot_in_many_parts_is_waited_for_not_asked_again(nats_
     # cachestate keeps waiting instead of asking again (which would restart the snapshot, forever).
     async with (
         running_cachestate(nats_server.url) as cs,
-        fake_worker(nats_server.url, period_ms=10_000.0) as w,
+        fake_worker(nats_server.url, answer=False, period_ms=10_000.0) as w,
     ):
         answered: list[asyncio.Task[None]] = []
 
@@ -209,30 +299,36 @@ async def test_a_slow_snapshot_in_many_parts_is_waited_for_not_asked_again(nats_
 async def test_a_silent_worker_is_fenced_and_the_removal_is_published_at_once(nats_server: Any) -> None:
     # Deltas are batched every 5 s here: the removal can only arrive in time if fencing flushes at once.
     settings = replace(SETTINGS, view_delta_ms=5000.0)
+    watch = ViewWatch()
     async with (
         running_cachestate(nats_server.url, settings) as cs,
         gateway(nats_server.url) as gw,
         fake_worker(nats_server.url, period_ms=50.0) as w,
     ):
+        await gw.bus.subscribe(s.VIEW_SUBJECT, watch.on_view)
         w.kv, w.emb = {"a": 1}, {7}
         await w.send_snapshot()
-        await eventually(lambda: cs.tracker.is_live("w1"))
-        await gw.sync()
-        assert gw.replica.index.kv_workers("a") == {"w1": 1} and "w1" in gw.replica.workers
+        await eventually(lambda: cs.tracker.is_verified("w1") and not cs.tracker.needs_snapshot("w1"))
+        await synced(gw)
+        assert gw.replica.index.kv_workers("a") == {"w1": 1} and ranked(gw) == ["w1"]
         last = time.monotonic()
         await w.send()
-        await eventually(lambda: any("w1" in u.workers_removed for _, u in gw.updates), timeout_s=3.0)
-        at = next(t for t, u in gw.updates if "w1" in u.workers_removed)
+        await eventually(lambda: any("w1" in u.workers_removed for _, u in watch.updates), timeout_s=3.0)
+        at = next(t for t, u in watch.updates if "w1" in u.workers_removed)
         # Dead after 3 periods (150 ms) + at most one expiry check (20 ms) + delivery; well before the
         # 5 s batch (slack for a loaded test machine).
         assert 0.15 <= at - last < 1.0, at - last
-        assert "w1" not in gw.replica.workers and gw.replica.index.kv_workers("a") == {}
+        await eventually(lambda: "w1" not in gw.replica.workers)
+        assert gw.replica.index.kv_workers("a") == {}
         assert gw.replica.index.emb_masks([7]) == [0]
         assert cs.tracker.counters.workers_dead == 1
         assert cs.index.sizes() == (0, 0, 0, 0)
+        assert ranked(gw) == []  # the removed worker is never ranked again
+        # ... not even by a gateway that dispatched to it a moment ago (its own count is dropped too)
+        assert gw.router.in_flight("w1") == 0
 
 
-async def test_a_late_joining_replica_catches_up_from_a_view_snapshot(nats_server: Any) -> None:
+async def test_a_late_joining_gateway_catches_up_from_a_view_snapshot(nats_server: Any) -> None:
     async with (
         running_cachestate(nats_server.url) as cs,
         fake_worker(nats_server.url) as w1,
@@ -242,17 +338,15 @@ async def test_a_late_joining_replica_catches_up_from_a_view_snapshot(nats_serve
         w2.kv, w2.emb = {"b": 6}, {3, 4}
         await w1.send_snapshot()
         await w2.send_snapshot()
-        await eventually(lambda: cs.index.sizes() == (3, 5, 2, 2))
+        await eventually(lambda: cs.index.sizes() == (3, 5, 2, 2) and not cs.tracker.unverified())
         async with gateway(nats_server.url) as late:
+            # A new replica asks for the whole view by itself.
+            await eventually(lambda: late.replica.in_sync and late.ready)
             await w1.send(kv_upserts=[s.KvEntry("c", 1)])
-            await eventually(lambda: late.wants_snapshot)  # a delta of a source it has no snapshot of
-            assert not late.replica.ready
-            ack = await late.sync()
-            assert ack.source == cs.source and ack.parts == 1
             r = late.replica
-            assert r.ready and set(r.workers) == {"w1", "w2"}
+            await eventually(lambda: r.index.kv_workers("c") == {"w1": 1})
+            assert set(r.workers) == {"w1", "w2"} and sorted(ranked(late)) == ["w1", "w2"]
             assert r.index.kv_workers("b") == {"w1": 5, "w2": 6}
-            assert r.index.kv_workers("c") == {"w1": 1}
             b1, b2 = r.index.worker_bit("w1"), r.index.worker_bit("w2")
             assert b1 is not None and b2 is not None
             assert r.index.emb_masks([1, 3, 4, 9]) == [1 << b1, (1 << b1) | (1 << b2), 1 << b2, 0]
@@ -260,7 +354,7 @@ async def test_a_late_joining_replica_catches_up_from_a_view_snapshot(nats_serve
             await w2.send(kv_removed=["b"], emb_added=[9])
             await eventually(lambda: r.index.kv_workers("b") == {"w1": 5})
             assert r.index.emb_masks([9]) == [1 << b2] and r.in_sync
-        assert cs.counters.view_snapshots == 1
+        assert cs.counters.view_snapshots >= 1
 
 
 async def test_a_large_view_snapshot_travels_in_parts(nats_server: Any) -> None:
@@ -271,8 +365,8 @@ async def test_a_large_view_snapshot_travels_in_parts(nats_server: Any) -> None:
         async with fake_worker(nats_server.url) as w, gateway(nats_server.url) as gw:
             w.kv, w.emb = {f"user-{i}": i for i in range(200)}, set(range(3000))
             await w.send_snapshot()
-            await eventually(lambda: cs.index.sizes() == (200, 3000, 200, 1))
-            ack = await gw.sync()
+            await eventually(lambda: cs.index.sizes() == (200, 3000, 200, 1) and cs.tracker.is_verified("w1"))
+            ack = await synced(gw)
             assert ack.parts > 10
             assert gw.replica.index.sizes() == (200, 3000, 200, 1)
             assert gw.replica.index.kv_workers("user-199") == {"w1": 199}
@@ -292,29 +386,48 @@ async def test_gateways_resyncing_together_share_view_snapshots(nats_server: Any
             w = await stack.enter_async_context(fake_worker(nats_server.url, period_ms=10_000.0))
             w.kv, w.emb = {f"user-{i}": i for i in range(200)}, set(range(3000))
             await w.send_snapshot()
-            await eventually(lambda: cs.index.sizes() == (200, 3000, 200, 1))
-            gws = [await stack.enter_async_context(gateway(nats_server.url)) for _ in range(8)]
-            acks = await asyncio.gather(*(gw.sync() for gw in gws))
+            await eventually(lambda: cs.index.sizes() == (200, 3000, 200, 1) and cs.tracker.is_verified("w1"))
+            clients = [await stack.enter_async_context(view_client(nats_server.url)) for _ in range(8)]
+            acks = await asyncio.gather(*(c.ask() for c in clients))
             # The first request gathers the others for view_snapshot_gather_ms: one broadcast for all.
             assert (cs.counters.view_snapshots, cs.counters.view_snapshots_coalesced) == (1, 7)
             assert len({(a.seq, a.parts) for a in acks}) == 1 and acks[0].parts > 10
-            for gw in gws:
-                assert gw.replica.in_sync and gw.replica.index.sizes() == (200, 3000, 200, 1)
             # A request after that gets a snapshot of its own, with what changed since.
             await w.send(kv_upserts=[s.KvEntry("late-user", 7)])
             await eventually(lambda: cs.index.kv_workers("late-user") == {"w1": 7})
-            fresh = await gws[0].sync()
+            fresh = await clients[0].ask()
             assert fresh.seq > acks[0].seq
             assert (cs.counters.view_snapshots, cs.counters.view_snapshots_coalesced) == (2, 7)
-            assert gws[0].replica.index.kv_workers("late-user") == {"w1": 7}
     finally:
         await cs.stop()
+        await bus.close()
+
+
+@dataclass
+class ViewClient:
+    bus: Bus
+
+    async def ask(self) -> s.ViewSnapshotAck:
+        raw = await self.bus.request(
+            s.VIEW_SNAPSHOT_SUBJECT, s.encode(s.ViewSnapshotRequest(requester="t")), timeout_s=5
+        )
+        return s.decode(s.decoder(s.ViewSnapshotAck), raw)
+
+
+@contextlib.asynccontextmanager
+async def view_client(url: str) -> AsyncIterator[ViewClient]:
+    """Asks for view snapshots by hand (eight real gateways would each ask at start on their own)."""
+    bus = await Bus.connect(url, name="view-client")
+    try:
+        yield ViewClient(bus)
+    finally:
         await bus.close()
 
 
 async def test_just_after_a_start_view_snapshots_wait_for_the_workers(nats_server: Any) -> None:
     settings = replace(SETTINGS, view_warmup_ms=600.0)
     async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(view_client(nats_server.url))
         gw = await stack.enter_async_context(gateway(nats_server.url))
         w1 = await stack.enter_async_context(fake_worker(nats_server.url, period_ms=10_000.0))
         w2 = await stack.enter_async_context(fake_worker(nats_server.url, worker_id="w2", period_ms=10_000.0))
@@ -322,17 +435,18 @@ async def test_just_after_a_start_view_snapshots_wait_for_the_workers(nats_serve
         cs = await stack.enter_async_context(running_cachestate(nats_server.url, settings))
         started = time.monotonic()
         await w1.send_snapshot()
-        asked = asyncio.create_task(gw.sync())  # a gateway asking at once, before w2 has been heard from
+        asked = asyncio.create_task(client.ask())  # asking at once, before w2 has been heard from
         await asyncio.sleep(0.2)
         await w2.send_snapshot()
         ack = await asked
         assert time.monotonic() - started >= 0.55
         assert ack.source == cs.source
+        await eventually(lambda: gw.replica.in_sync and gw.replica.seq >= ack.seq + ack.parts - 1)
         assert set(gw.replica.workers) == {"w1", "w2"}  # the snapshot lists both
         assert gw.replica.index.kv_workers("b") == {"w2": 4}
         # Past the warm-up a snapshot is answered after the short gathering window only.
         t0 = time.monotonic()
-        await gw.sync()
+        await client.ask()
         assert time.monotonic() - t0 < 0.5
 
 
@@ -344,11 +458,28 @@ async def test_garbage_on_the_digest_subject_is_counted_and_dropped(nats_server:
             worker_id="w2", incarnation="i", seq=0, kind="snapshot", sent_at_ms=0, period_ms=100
         )
         await w.bus.publish(s.digest_subject("w1"), s.encode(good))  # body names another worker
+        bad_utf8 = s.encode(replace_str(good, worker_id="w1", incarnation="MARK")).replace(
+            b"MARK", b"\xff\xfe\xfd\xfc"
+        )
+        await w.bus.publish(s.digest_subject("w1"), bad_utf8)
         await w.send_snapshot()
         await eventually(lambda: cs.tracker.is_live("w1"))
-        await eventually(lambda: cs.counters.bad_messages == 3)
+        await eventually(lambda: cs.counters.bad_messages == 4)
         assert not cs.tracker.is_live("w2")
-        assert cs.tracker.counters.digests_applied == 1
+        assert cs.tracker.counters.digests_applied >= 1
+
+
+async def test_a_garbled_view_snapshot_request_gets_an_error_reply(nats_server: Any) -> None:
+    async with running_cachestate(nats_server.url) as cs, view_client(nats_server.url) as client:
+        for garbled in (
+            b"\x00 not msgpack",
+            s.encode(s.ViewSnapshotRequest(requester="MARK")).replace(b"MARK", b"\xff\xfe\xfd\xfc"),
+        ):
+            with pytest.raises(RemoteError) as err:
+                await client.bus.request(s.VIEW_SNAPSHOT_SUBJECT, garbled, timeout_s=5)
+            assert (err.value.code, err.value.kind) == ("bad_message", ErrorKind.CLIENT)
+        assert cs.counters.bad_messages == 2 and cs.counters.view_snapshots == 0
+        assert isinstance(await client.ask(), s.ViewSnapshotAck)  # and it still answers good ones
 
 
 async def test_features_arrive_for_a_live_worker(nats_server: Any) -> None:
@@ -371,16 +502,18 @@ async def test_features_arrive_for_a_live_worker(nats_server: Any) -> None:
             latency_p99_ms=7.5,
             slo_violations=1,
         )
-        await w.send("snapshot", window=window, alpha=0.4, alpha_target=0.5)
-        await eventually(lambda: any(r.workers for r in reports), timeout_s=3.0)
-        report = next(r for r in reports if r.workers)
+        await w.send_snapshot()
+        await eventually(lambda: cs.tracker.is_verified("w1"))  # an unverified worker's window is not counted
+        await w.send(window=window, alpha=0.4, alpha_target=0.5)
+        await eventually(lambda: any(r.workers and r.workers[0].window_ms for r in reports), timeout_s=3.0)
+        report = next(r for r in reports if r.workers and r.workers[0].window_ms)
         assert report.source == cs.source
         (f,) = report.workers
         assert (f.worker_id, f.window_ms, f.request_rate) == ("w1", 100.0, 50.0)
         assert (f.hot_user_share, f.mean_history, f.max_history, f.new_token_fraction) == (0.4, 10.0, 20, 0.2)
         assert (f.emb_hit_rate, f.p99_latency_ms, f.slo_violation_rate) == (0.75, 7.5, 0.2)
         assert (f.alpha, f.alpha_target) == (0.4, 0.5)
-        assert [r.seq for r in reports] == list(range(len(reports)))
+        assert [r.seq for r in reports] == list(range(reports[0].seq, reports[0].seq + len(reports)))
 
 
 async def test_metrics_and_healthz(nats_server: Any) -> None:
@@ -390,7 +523,8 @@ async def test_metrics_and_healthz(nats_server: Any) -> None:
         w.kv = {"a": 1}
         await w.send_snapshot()
         await w.bus.publish(s.digest_subject("w1"), b"junk")
-        await eventually(lambda: cs.counters.bad_messages == 1)
+        await eventually(lambda: cs.counters.bad_messages == 1 and cs.tracker.is_verified("w1"))
+        await eventually(lambda: not cs.tracker.needs_snapshot("w1"))
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
                 assert resp.status == 200
@@ -401,12 +535,14 @@ async def test_metrics_and_healthz(nats_server: Any) -> None:
     assert health == {"status": "ok", "source": cs.source, "workers_live": 1}
     for line in (
         "onepool_cachestate_index_kv_placements 1.0",
-        "onepool_cachestate_digests_applied_total 1.0",
+        "onepool_cachestate_digests_applied_total 2.0",  # the join snapshot and the one asked for
         "onepool_cachestate_bad_messages_total 1.0",
         "onepool_cachestate_workers_live 1.0",
+        "onepool_cachestate_workers_verified_total 1.0",
+        "onepool_cachestate_workers_unverified 0.0",
         'onepool_cachestate_evictions_total{kind="kv"} 0.0',
         "onepool_cachestate_seq_gaps_total 0.0",
-        "onepool_cachestate_snapshots_requested_total 0.0",
+        "onepool_cachestate_snapshots_requested_total 1.0",
         "onepool_cachestate_repairs_total 0.0",
         "onepool_cachestate_workers_dead_total 0.0",
     ):
@@ -418,7 +554,7 @@ async def test_stop_ends_every_task(nats_server: Any) -> None:
     bus = await Bus.connect(nats_server.url, name="cachestate-stop")
     cs = CacheStateService(SETTINGS, bus)
     await cs.start()
-    async with fake_worker(nats_server.url) as w:
+    async with fake_worker(nats_server.url, answer=False) as w:
         await w.send(skip=3)  # starts a snapshot-request task that nobody answers
         await eventually(lambda: cs.counters.snapshot_requests >= 1)
         await cs.stop()
@@ -426,22 +562,47 @@ async def test_stop_ends_every_task(nats_server: Any) -> None:
     await bus.close()
 
 
+async def test_liveness_is_suspended_while_cachestate_is_cut_off(nats_server: Any) -> None:
+    # cachestate's own connection goes down for longer than dead_after_periods x period; when it is back,
+    # nobody is fenced for the silence its disconnection caused.
+    settings = replace(SETTINGS, reconnect_grace_ms=1000.0)
+    bus = await Bus.connect(nats_server.url, name="cachestate-cut-off", reconnect_time_wait_s=0.1)
+    cs = CacheStateService(settings, bus)
+    await cs.start()
+    try:
+        async with fake_worker(nats_server.url, period_ms=100.0) as w:
+            await w.send_snapshot()
+            await eventually(lambda: cs.tracker.is_verified("w1") and not cs.tracker.needs_snapshot("w1"))
+            nats_server.stop()
+            await eventually(lambda: not bus.is_connected)
+            await asyncio.sleep(0.6)  # the outage itself: 6 digest periods without a word
+            nats_server.start()
+            await eventually(lambda: bus.is_connected and w.bus.is_connected, timeout_s=10)
+            await eventually(lambda: cs.counters.bus_reconnects == 1)
+            for _ in range(5):  # the worker goes on digesting after the outage, as a live one does
+                await w.send()
+                await asyncio.sleep(0.05)
+            assert cs.tracker.is_live("w1") and cs.tracker.counters.workers_dead == 0
+    finally:
+        await cs.stop()
+        await bus.close()
+
+
 # ---- with a real worker ----------------------------------------------------------------------------------
 async def test_a_real_workers_kv_reaches_a_gateway_replica(nats_server: Any) -> None:
     async with running_cachestate(nats_server.url) as cs, gateway(nats_server.url) as gw:
-        await gw.sync()
         async with running_worker(nats_server.url) as worker:
-            await eventually(lambda: "wtest" in gw.replica.workers)
+            await eventually(lambda: ranked(gw) == ["wtest"])
             reply = await worker.infer(user_id="alice", history=[11, 12, 13, 14, 15], candidates=[1, 2])
             assert reply.ok is not None
             await eventually(lambda: gw.replica.index.kv_length("alice", "wtest") == 5)
             bit = gw.replica.index.worker_bit("wtest")
             assert bit is not None
             assert all(m & (1 << bit) for m in gw.replica.index.emb_masks([11, 12, 13, 14, 15]))
-            assert gw.replica.in_sync and gw.replica.ready
+            assert gw.replica.in_sync and gw.ready
             # The worker stops: its goodbye digest says draining, then silence fences it.
         await eventually(lambda: "wtest" not in gw.replica.workers, timeout_s=3.0)
-        assert gw.replica.index.kv_workers("alice") == {}
+        assert gw.replica.index.kv_workers("alice") == {} and ranked(gw) == []
         assert cs.tracker.counters.gaps == 0
 
 
@@ -452,6 +613,21 @@ async def test_a_late_cachestate_asks_a_real_worker_for_its_snapshot(nats_server
         async with running_cachestate(nats_server.url) as cs, gateway(nats_server.url) as gw:
             await eventually(lambda: cs.index.kv_length("bob", "wtest") == 3)
             assert cs.counters.snapshot_requests == 1
-            assert cs.tracker.counters.new_workers == 1
-            await gw.sync()
-            assert gw.replica.index.kv_workers("bob") == {"wtest": 3}
+            assert cs.tracker.counters.new_workers == 1 and cs.tracker.is_verified("wtest")
+            await synced(gw)
+            assert gw.replica.index.kv_workers("bob") == {"wtest": 3} and ranked(gw) == ["wtest"]
+
+
+async def test_a_real_worker_answers_a_garbled_snapshot_request_with_an_error(nats_server: Any) -> None:
+    async with running_worker(nats_server.url) as worker, view_client(nats_server.url) as client:
+        subject = s.snapshot_request_subject("wtest")
+        garbled = s.encode(s.SnapshotRequest(reason="MARK")).replace(b"MARK", b"\xff\xfe\xfd\xfc")
+        with pytest.raises(RemoteError) as err:
+            await client.bus.request(subject, garbled, timeout_s=5)
+        assert (err.value.code, err.value.kind) == ("bad_message", ErrorKind.CLIENT)
+        assert worker.service.counters.bad_messages == 1
+        ack = s.decode(
+            s.decoder(s.SnapshotAck),
+            await client.bus.request(subject, s.encode(s.SnapshotRequest()), timeout_s=5),
+        )
+        assert ack.worker_id == "wtest"

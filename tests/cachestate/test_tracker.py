@@ -21,19 +21,31 @@ def kv(*pairs: tuple[str, int]) -> list[s.KvEntry]:
     return [s.KvEntry(u, n) for u, n in pairs]
 
 
+UNVERIFIED = "unverified: needs a snapshot request answered"
+
+
 def synced(tracker: DigestTracker, **fields: Any) -> None:
+    """A worker joins with a snapshot (seq 0) and answers the snapshot request that verifies it."""
     out = tracker.apply(digest(0, "snapshot", **fields), now=1.0)
-    assert out.accepted and not out.need_snapshot
+    assert out.accepted and out.need_snapshot and out.reason.endswith(UNVERIFIED)
+    tracker.verify("w0", "i1", 0, now=1.0)
+    assert tracker.is_verified("w0") and not tracker.needs_snapshot("w0")
 
 
 def test_join_snapshot_then_deltas() -> None:
     idx = ResidencyIndex()
     t = DigestTracker(idx)
     out = t.apply(digest(0, "snapshot", kv_upserts=kv(("a", 3)), emb_added=[1, 2]), now=1.0)
-    assert (out.accepted, out.need_snapshot, out.reason) == (True, False, "new worker; snapshot applied")
+    assert (out.accepted, out.need_snapshot) == (True, True)
+    assert out.reason == f"new worker; snapshot applied; {UNVERIFIED}"
     assert out.changes.kv == {("a", "w0"): 3}
     assert out.changes.emb == {"w0": {1: True, 2: True}}
-    assert list(out.changes.workers) == ["w0"] and out.changes.removed == set()
+    # A digest is a claim: the worker is not in the view until its own subject answers.
+    assert out.changes.workers == {} and out.changes.removed == set() and t.worker_states() == []
+    assert not out.live and t.unverified() == ["w0"]
+    changes = t.verify("w0", "i1", 0, now=1.0)
+    assert list(changes.workers) == ["w0"] and [w.worker_id for w in t.worker_states()] == ["w0"]
+    assert t.counters.verified == 1 and t.unverified() == []
     out = t.apply(
         digest(1, kv_upserts=kv(("a", 5), ("b", 2)), kv_removed=[], emb_added=[3], emb_removed=[1]), 1.1
     )
@@ -52,13 +64,14 @@ def test_first_delta_of_an_unknown_worker_is_dropped_and_needs_a_snapshot() -> N
     t = DigestTracker(idx)
     out = t.apply(digest(7, kv_upserts=kv(("a", 3)), load=s.LoadInfo(in_flight=2)), now=1.0)
     assert (out.accepted, out.need_snapshot) == (False, True)
-    assert out.reason == "new worker; delta residency dropped: out of sync; needs a snapshot"
+    assert out.reason == f"new worker; delta residency dropped: out of sync; {UNVERIFIED}"
     assert idx.kv_workers("a") == {}
-    # Alive and routable by load meanwhile.
-    assert out.changes.workers["w0"].load.in_flight == 2 and out.changes.kv == {}
     assert t.needs_snapshot("w0") and t.is_live("w0")
+    # Once verified, alive and routable by load while its residency is unknown.
+    changes = t.verify("w0", "i1", 8, now=1.05)
+    assert changes.workers["w0"].load.in_flight == 2 and changes.kv == {}
     out = t.apply(digest(8), now=1.1)
-    assert out.need_snapshot  # level-triggered until a snapshot arrives
+    assert out.need_snapshot and out.reason.endswith("; needs a snapshot")  # level-triggered
     out = t.apply(digest(9, "snapshot", kv_upserts=kv(("a", 4))), now=1.2)
     assert (out.accepted, out.need_snapshot, out.reason) == (True, False, "snapshot applied")
     assert idx.kv_workers("a") == {"w0": 4} and not t.needs_snapshot("w0")
@@ -98,8 +111,9 @@ def test_new_incarnation_resyncs_and_old_one_is_ignored_afterwards() -> None:
     out = t.apply(digest(0, inc="i2", kv_upserts=kv(("b", 1))), now=2.0)
     assert (out.accepted, out.need_snapshot) == (False, True)
     assert out.reason.startswith("new incarnation;")
-    assert idx.kv_workers("a") == {} and out.changes.removed == {"w0"}
-    assert out.changes.workers["w0"].incarnation == "i2"
+    # the old process's residency goes at once; the new one is routable once verified
+    assert idx.kv_workers("a") == {} and out.changes.removed == {"w0"} and out.changes.workers == {}
+    assert t.verify("w0", "i2", 1, now=2.0).workers["w0"].incarnation == "i2"
     assert t.counters.new_incarnations == 1
     late = t.apply(digest(5, inc="i1", kv_upserts=kv(("z", 1))), now=2.1)  # from the dead process
     assert (late.accepted, late.need_snapshot, late.live) == (False, False, False)
@@ -108,11 +122,14 @@ def test_new_incarnation_resyncs_and_old_one_is_ignored_afterwards() -> None:
     assert out.accepted and idx.kv_workers("b") == {"w0": 1}
 
 
-def test_new_incarnation_starting_with_a_snapshot_needs_nothing_more() -> None:
+def test_new_incarnation_starting_with_a_snapshot_needs_only_to_be_verified() -> None:
     t = DigestTracker(ResidencyIndex())
     synced(t)
     out = t.apply(digest(0, "snapshot", inc="i2"), now=2.0)
-    assert (out.accepted, out.need_snapshot, out.reason) == (True, False, "new incarnation; snapshot applied")
+    assert (out.accepted, out.need_snapshot) == (True, True)
+    assert out.reason == f"new incarnation; snapshot applied; {UNVERIFIED}"
+    t.verify("w0", "i2", 0, now=2.0)
+    assert not t.needs_snapshot("w0") and t.counters.verified == 2
 
 
 def test_multi_part_snapshot_applies_when_complete() -> None:
@@ -121,9 +138,10 @@ def test_multi_part_snapshot_applies_when_complete() -> None:
     out = t.apply(digest(0, "snapshot", part=0, parts=3, kv_upserts=kv(("a", 1)), emb_added=[1]), now=1.0)
     assert (out.accepted, out.need_snapshot, out.reason) == (
         True,
-        False,
-        "new worker; snapshot part collected",
+        True,
+        f"new worker; snapshot part collected; {UNVERIFIED}",
     )
+    t.verify("w0", "i1", 0, now=1.0)
     assert idx.kv_workers("a") == {}  # not before it is complete
     assert t.snapshot_parts_received("w0") == 1
     t.apply(digest(1, "snapshot", part=1, parts=3, kv_upserts=kv(("b", 2))), now=1.0)
@@ -144,9 +162,7 @@ def test_a_missing_snapshot_part_needs_another_snapshot() -> None:
     t.apply(digest(0, "snapshot", part=0, parts=3, kv_upserts=kv(("a", 1))), now=1.0)
     out = t.apply(digest(2, "snapshot", part=2, parts=3), now=1.0)  # part 1 lost
     assert (out.accepted, out.need_snapshot) == (False, True)
-    assert (
-        out.reason == "seq gap: expected 1, got 2; snapshot residency dropped: out of sync; needs a snapshot"
-    )
+    assert out.reason == f"seq gap: expected 1, got 2; snapshot residency dropped: out of sync; {UNVERIFIED}"
     assert idx.kv_workers("a") == {}
     # A snapshot of a synced worker replaces its residency; a lost part abandons it and desyncs.
     t2 = DigestTracker(ResidencyIndex())
@@ -173,6 +189,8 @@ def test_expiry_fences_and_purges_silent_workers() -> None:
         digest(0, "snapshot", wid="w0", period_ms=125.0, kv_upserts=kv(("a", 1)), emb_added=[1]), now=10.0
     )
     t.apply(digest(0, "snapshot", wid="w1", period_ms=1000.0, emb_added=[1]), now=10.0)
+    t.verify("w0", "i1", 0, now=10.0)
+    t.verify("w1", "i1", 0, now=10.0)
     assert t.expire(10.375) == []  # exactly 3 periods: not yet
     assert t.expire(10.376) == ["w0"]
     assert not t.is_live("w0") and t.counters.workers_dead == 1
@@ -191,6 +209,8 @@ def test_live_worker_records() -> None:
     cost = s.CostCoefficients(ms_per_new_token=0.5, samples=3)
     window = s.WindowStats(requests=4)
     t.apply(digest(0, "snapshot", alpha=0.3, alpha_target=0.4, cost=cost, window=window), now=5.0)
+    assert t.live_workers() == [] and t.worker_states() == []  # not before it is verified
+    t.verify("w0", "i1", 0, now=5.0)
     (w,) = t.live_workers()
     assert (w.worker_id, w.incarnation, w.in_sync, w.alpha, w.alpha_target) == ("w0", "i1", True, 0.3, 0.4)
     assert (w.cost, w.window, w.period_s, w.last_seen) == (cost, window, 0.1, 5.0)
@@ -221,3 +241,57 @@ def test_view_changes_stay_canonical() -> None:
     assert c.removed == {"w0"}
     assert c.kv == {("b", "w1"): 1, ("a", "w0"): 7}
     assert c.emb == {"w1": {3: False}}
+
+
+def test_an_ack_from_another_incarnation_wins_over_the_digests() -> None:
+    idx = ResidencyIndex()
+    t = DigestTracker(idx)
+    synced(t, kv_upserts=kv(("a", 3)))
+    # Someone claims a new incarnation of w0 (a forged digest, or a stale record of a restart) ...
+    out = t.apply(digest(0, "snapshot", inc="forged"), now=2.0)
+    assert out.need_snapshot and out.changes.removed == {"w0"} and t.worker_states() == []
+    # ... the process answering on w0's own subject is i1, whose next snapshot starts at seq 4.
+    changes = t.verify("w0", "i1", 4, now=2.1)
+    assert t.counters.incarnations_corrected == 1 and t.is_verified("w0")
+    assert changes.removed == {"w0"} and changes.workers == {}  # its residency comes with that snapshot
+    assert t.needs_snapshot("w0")
+    out = t.apply(digest(4, "snapshot", kv_upserts=kv(("a", 3))), now=2.2)
+    assert (out.accepted, out.need_snapshot) == (True, False) and idx.kv_workers("a") == {"w0": 3}
+    assert [w.incarnation for w in t.worker_states()] == ["i1"]
+    # the forged incarnation is retired: its digests are ignored from now on
+    assert t.apply(digest(1, inc="forged"), now=2.3).reason == "digest of a retired incarnation"
+    # an ack for a worker that has expired meanwhile changes nothing
+    assert t.verify("gone", "x", 0, now=3.0).empty
+
+
+def test_a_seq_far_off_either_way_restarts_the_numbering() -> None:
+    idx = ResidencyIndex()
+    t = DigestTracker(idx)
+    synced(t, kv_upserts=kv(("a", 3)))
+    out = t.apply(digest(2**63 - 1), now=1.1)  # far ahead: a restart, not a gap
+    assert out.need_snapshot and out.reason.startswith("seq restart: expected 1, got 9223372036854775807")
+    assert (t.counters.seq_restarts, t.counters.gaps) == (1, 0) and idx.kv_workers("a") == {}
+    # the genuine numbering resumes: far behind is a restart too, never "old, ignored"
+    out = t.apply(digest(1, "snapshot", kv_upserts=kv(("a", 3))), now=1.2)
+    assert (out.accepted, out.need_snapshot) == (True, False) and t.counters.seq_restarts == 2
+    assert t.counters.digests_ignored == 0 and idx.kv_workers("a") == {"w0": 3}
+    # just behind is a duplicate; a small jump ahead a gap
+    assert t.apply(digest(1), now=1.3).reason == "old seq 1 < 2"
+    assert t.apply(digest(5), now=1.4).reason.startswith("seq gap: expected 2, got 5")
+
+
+def test_a_claimed_period_is_believed_only_within_bounds() -> None:
+    t = DigestTracker(ResidencyIndex(), dead_after_periods=3.0, max_period_s=2.0)
+    t.apply(digest(0, "snapshot", period_ms=1e9), now=10.0)  # "I speak every 11 days"
+    t.verify("w0", "i1", 0, now=10.0)
+    assert t.counters.periods_clamped == 1
+    assert t.expire(16.0) == [] and t.expire(16.01) == ["w0"]  # 3 x 2 s, not 3 x 11 days
+    t.apply(digest(0, "snapshot", wid="w1", period_ms=0.0), now=20.0)  # and 0 is the minimum, 10 ms
+    assert t.counters.periods_clamped == 2 and t.expire(20.031) == ["w1"]
+
+
+def test_refresh_forgives_the_observers_own_silence() -> None:
+    t = DigestTracker(ResidencyIndex(), dead_after_periods=3.0)
+    synced(t)  # period 100 ms, heard at t=1.0
+    t.refresh(5.0)  # the observer was cut off until now (plus its grace)
+    assert t.expire(5.3) == [] and t.expire(5.31) == ["w0"]

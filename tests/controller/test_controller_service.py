@@ -8,8 +8,9 @@ import itertools
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from services.worker.engine import Engine
 from services.worker.service import WorkerService, engine_config_from
 from shared import schemas as s
 from shared.bus import Bus, Message
+from shared.errors import NoResponders
 from tests.controller.test_policies import pressure
 from tests.helpers import eventually
 from tests.worker.harness import SETTINGS as WORKER_SETTINGS
@@ -33,6 +35,8 @@ SETTINGS = ControllerSettings(
     id="ctl-test", policy="static:0.7", max_step=0.5, min_change=0.01, resend_s=5.0, stats_s=0.0
 )
 _seq = itertools.count(1)
+# Not a worker: what settle() sends on the controller's own connection, after every decision it sent.
+SETTLED_SUBJECT = s.alpha_subject("settled")
 
 
 def features(
@@ -60,16 +64,27 @@ class Running:
     bus: Bus
     client: Bus
     decisions: list[s.AlphaDecision]
+    settled: list[int] = field(default_factory=list)  # settle() markers seen, in arrival order
+    published: int = 0  # messages this test sent on the features subject
 
     async def send(self, *workers: s.WorkerFeatures, **kw: Any) -> None:
-        await self.client.publish(s.FEATURES_SUBJECT, report(*workers, **kw))
+        await self.publish_raw(report(*workers, **kw))
+
+    async def publish_raw(self, payload: bytes) -> None:
+        await self.client.publish(s.FEATURES_SUBJECT, payload)
+        self.published += 1
 
     async def settle(self) -> None:
-        """Wait until every report published so far has been handled (one more, empty, as a marker)."""
-        before = self.service.counters.reports
-        await self.send()
-        await eventually(lambda: self.service.counters.reports > before)
-        await asyncio.sleep(0.05)  # decisions published by then have reached our subscription
+        """Wait until every message sent on the features subject so far has been handled and every
+        decision the controller published meanwhile has reached ``decisions``."""
+        sub = self.service._sub
+        assert sub is not None
+        await eventually(lambda: sub.handled == self.published)
+        # A marker on the controller's own connection, after everything it has published: the server keeps
+        # one connection's messages in order, and our one decisions subscription handles them in order.
+        marker = len(self.settled)
+        await self.bus.publish(SETTLED_SUBJECT, b"%d" % marker)
+        await eventually(lambda: marker in self.settled)
 
 
 @contextlib.asynccontextmanager
@@ -79,16 +94,23 @@ async def running_controller(
     decisions: list[s.AlphaDecision] = []
     dec = s.decoder(s.AlphaDecision)
     bus = await Bus.connect(url, name="controller-under-test", tracer=kw.get("tracer"))
-    client = await Bus.connect(url, name="test-cachestate")
+    # The reports' sender traces with the same tracer: a decision span is recorded when the report's trace
+    # is (parent-based sampling), whatever global provider an earlier test left behind.
+    client = await Bus.connect(url, name="test-cachestate", tracer=kw.get("tracer"))
+
+    settled: list[int] = []
 
     async def on_decision(msg: Message) -> None:
-        decisions.append(s.decode(dec, msg.data))
+        if msg.subject == SETTLED_SUBJECT:
+            settled.append(int(msg.data))
+        else:
+            decisions.append(s.decode(dec, msg.data))
 
     await client.subscribe("onepool.worker.*.alpha", on_decision)
     service = ControllerService(settings, bus, **kw)
     await service.start()
     try:
-        yield Running(service, bus, client, decisions)
+        yield Running(service, bus, client, decisions, settled)
     finally:
         await service.stop()
         await bus.close()
@@ -117,7 +139,7 @@ async def test_report_yields_decisions_on_each_workers_subject(controller: Runni
     assert got["w1"].decision_id != got["w3"].decision_id
     assert all(d.decision_id.startswith("ctl-test-") and d.issued_at_ms > 0 for d in got.values())
     c = controller.service.counters
-    assert (c.reports, c.decisions, c.decisions_sent) == (2, 4, 2)
+    assert (c.reports, c.decisions, c.decisions_sent) == (1, 4, 2)
     assert controller.service.sent["w1"].decision == got["w1"]
 
 
@@ -149,7 +171,9 @@ async def test_an_unapplied_decision_is_not_repeated_every_window(nats_server: A
         await c.send(features("w1", 0.5))  # the worker has not applied it yet
         await c.settle()
         assert len(c.decisions) == 1 and c.service.counters.resends_suppressed == 1
-        await asyncio.sleep(0.35)  # lost, or the worker restarted: after resend_s it is sent again
+        # Lost, or the worker restarted: once resend_s has passed since it was sent, it is sent again.
+        sent_at = c.service.sent["w1"].at
+        await eventually(lambda: time.monotonic() - sent_at >= 0.3)
         await c.send(features("w1", 0.5))
         await eventually(lambda: len(c.decisions) == 2)
         assert c.decisions[1].target_alpha == pytest.approx(0.7)
@@ -157,13 +181,13 @@ async def test_an_unapplied_decision_is_not_repeated_every_window(nats_server: A
 
 
 async def test_garbage_is_counted_and_dropped(controller: Running) -> None:
-    await controller.client.publish(s.FEATURES_SUBJECT, b"\xc1 not msgpack")
-    await controller.client.publish(s.FEATURES_SUBJECT, msgspec.msgpack.encode({"source": "x", "seq": -1}))
+    await controller.publish_raw(b"\xc1 not msgpack")
+    await controller.publish_raw(msgspec.msgpack.encode({"source": "x", "seq": -1}))
     bad_worker = msgspec.msgpack.encode(
         {"source": "x", "seq": 1, "sent_at_ms": 0.0, "workers": [{"worker_id": "w1", "alpha": 2.0}]}
     )
-    await controller.client.publish(s.FEATURES_SUBJECT, bad_worker)
-    await controller.client.publish(s.FEATURES_SUBJECT, s.encode(s.ViewSnapshotRequest()))
+    await controller.publish_raw(bad_worker)
+    await controller.publish_raw(s.encode(s.ViewSnapshotRequest()))
     await eventually(lambda: controller.service.counters.bad_messages == 4)
     # A worker id that cannot be a subject token is skipped; the rest of the report is decided.
     await controller.send(features("bad.id", 0.5), features("w1", 0.5))
@@ -273,9 +297,10 @@ async def test_stop_is_clean_and_idempotent(nats_server: Any) -> None:
         await c.service.stop()
         assert len(c.service._tasks) == 0 and c.service._sub is not None and not c.service._sub.is_active
         await c.service.stop()
-        await c.send(features("w2", 0.5))  # nobody listens any more
-        await asyncio.sleep(0.1)
-        assert len(c.decisions) == 1
+        # Nobody listens any more: the server itself says so (the stopped controller unsubscribed).
+        with pytest.raises(NoResponders):
+            await c.client.request(s.FEATURES_SUBJECT, report(features("w2", 0.5)), timeout_s=5)
+        assert len(c.decisions) == 1 and c.service.counters.reports == 1
 
 
 async def test_run_controller_serves_until_stopped(nats_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:

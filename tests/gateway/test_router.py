@@ -13,6 +13,8 @@ import numpy.typing as npt
 import pytest
 
 from services.gateway.core.router import (
+    DEMOTE_BASE_S,
+    DEMOTE_MAX_S,
     NoWorkers,
     Policy,
     RankedScores,
@@ -20,6 +22,7 @@ from services.gateway.core.router import (
     Router,
     RouteRequest,
     RoutingView,
+    Saturated,
     ScoreBreakdown,
 )
 from shared.errors import ErrorKind
@@ -38,12 +41,20 @@ def ws(
     cand: float = 0.02,
     miss: float = 0.5,
     draining: bool = False,
+    max_queue: int = 0,
+    ewma_service: float = 0.0,
 ) -> WorkerState:
     return WorkerState(
         worker_id=wid,
         incarnation="i1",
         draining=draining,
-        load=LoadInfo(in_flight=in_flight, queue_depth=queue_depth, ewma_latency_ms=ewma),
+        load=LoadInfo(
+            in_flight=in_flight,
+            queue_depth=queue_depth,
+            ewma_latency_ms=ewma,
+            max_queue=max_queue,
+            ewma_service_ms=ewma_service,
+        ),
         cost=CostCoefficients(
             fixed_ms=fixed,
             ms_per_new_token=new,
@@ -207,19 +218,67 @@ def test_own_in_flight_counts_before_any_digest() -> None:
 
 
 def test_overload_guard_ranks_last_whatever_the_cost() -> None:
-    view = DictView(
-        [
-            ws("A", in_flight=5, queue_depth=5, ewma=0.001),
-            ws("B", in_flight=1, queue_depth=1, ewma=50.0),
-            ws("C", in_flight=2, queue_depth=2, ewma=50.0),
-        ],
-        kv={"u": {"A": 64}},
-    )
+    def view(limit_a: int) -> DictView:
+        return DictView(
+            [
+                ws("A", in_flight=5, queue_depth=5, ewma=0.001, max_queue=limit_a),
+                ws("B", in_flight=1, queue_depth=1, ewma=50.0, max_queue=5),
+                ws("C", in_flight=2, queue_depth=2, ewma=50.0),  # reports no limit: never full
+            ],
+            kv={"u": {"A": 64}},
+        )
+
     for policy in Policy:
-        d = Router(policy, rng_seed=0, overload_queue=5).route(view, req("u", range(64)), now=0.0)
-        assert d.worker_ids[-1] == "A", policy
-    d = Router(Policy.JOINT, rng_seed=0, overload_queue=6).route(view, req("u", range(64)), now=0.0)
-    assert d.best.worker_id == "A"
+        d = Router(policy, rng_seed=0).route(view(5), req("u", range(64)), now=0.0)
+        assert d.worker_ids[-1] == "A", policy  # at the limit it reports itself
+    assert Router(Policy.JOINT, rng_seed=0).route(view(6), req("u", range(64)), now=0.0).best.worker_id == "A"
+
+
+def test_own_in_flight_fills_a_worker_and_every_full_worker_is_saturation() -> None:
+    view = ArrayView([ws("A", max_queue=2), ws("B", max_queue=1)])
+    router = Router(Policy.LEAST_LOADED, rng_seed=0)
+    r = req("u", range(4))
+    router.on_dispatch("B", r, now=0.0)  # B is at its limit of 1: ranked last
+    assert router.route(view, r, now=0.0).worker_ids == ["A", "B"]
+    router.on_dispatch("A", r, now=0.0)
+    router.on_dispatch("A", r, now=0.0)
+    with pytest.raises(Saturated) as info:
+        router.route(view, r, now=0.0)
+    assert info.value.code == "overloaded" and isinstance(info.value, NoWorkers)
+    router.on_done("A")
+    assert router.route(view, r, now=0.0).worker_ids == ["A", "B"]
+
+
+def test_a_failed_worker_is_demoted_with_a_growing_back_off() -> None:
+    view = ArrayView([ws("A"), ws("B", queue_depth=2, ewma=9.0), ws("C", max_queue=1)])
+    router = Router(Policy.LEAST_LOADED, rng_seed=0)
+    r = req("u", range(4))
+    router.on_dispatch("C", r, now=0.0)  # C is full
+    assert router.route(view, r, now=0.0).worker_ids == ["A", "B", "C"]
+    assert router.on_failure("A", now=10.0) == DEMOTE_BASE_S
+    # demoted: after the healthy and after the full worker
+    assert router.route(view, r, now=10.0).worker_ids == ["B", "C", "A"]
+    assert router.demoted_until("A") == 10.0 + DEMOTE_BASE_S
+    # the back-off over, A is tried first again; failing again doubles it, up to DEMOTE_MAX_S
+    t = 10.0 + DEMOTE_BASE_S
+    assert router.route(view, r, now=t).worker_ids[0] == "A"
+    backoffs = [router.on_failure("A", now=t) for _ in range(8)]
+    assert backoffs == [min(DEMOTE_BASE_S * 2**k, DEMOTE_MAX_S) for k in range(1, 9)]
+    assert backoffs[-1] == DEMOTE_MAX_S
+    assert router.route(view, r, now=t + DEMOTE_MAX_S - 0.01).worker_ids[-1] == "A"
+    # an answer ends the demotion at once, and the next failure starts from the base again
+    router.on_success("A")
+    assert router.demoted_until("A") is None
+    assert router.route(view, r, now=t).worker_ids[0] == "A"
+    assert router.on_failure("A", now=t) == DEMOTE_BASE_S
+    # every worker demoted: all still ranked (the least bad first), never an empty decision
+    router.on_failure("B", now=t)
+    router.on_done("C")
+    router.on_failure("C", now=t)
+    assert sorted(router.route(view, r, now=t).worker_ids) == ["A", "B", "C"]
+    # a worker that leaves the view is forgotten, demotion included
+    router.forget_worker("A")
+    assert router.demoted_until("A") is None
 
 
 def test_emb_locality_wins_under_emb_policy() -> None:
@@ -528,7 +587,51 @@ def test_ranked_scores_read_like_a_list() -> None:
 
 def test_invalid_settings() -> None:
     with pytest.raises(ValueError):
-        Router(Policy.JOINT, overload_queue=0)
+        Router(Policy.JOINT, max_predictions=-1)
     with pytest.raises(ValueError):
         Router(Policy.JOINT, predict_ttl_s=-1.0)
     assert Router("round-robin").policy is Policy.ROUND_ROBIN  # type: ignore[arg-type]
+
+
+def test_a_request_over_the_budget_is_refused_at_once() -> None:
+    # A: 10 waiting x 5 ms each = 50 ms queued; B: 4 x 5 ms = 20 ms; compute of this request: 1 + 0.1*4 ms.
+    view = ArrayView([ws("A", queue_depth=10, ewma_service=5.0), ws("B", queue_depth=4, ewma_service=5.0)])
+    router = Router(Policy.JOINT, rng_seed=0)
+    r = req("u", range(4))
+    d = router.route(view, r, now=0.0, budget_ms=25.0)
+    assert d.best.worker_id == "B" and d.best.queue_ms == pytest.approx(20.0)
+    assert d.best.total_ms > 20.0
+    with pytest.raises(Saturated) as over:  # the queue alone is over: refused before the EMB term
+        router.route(view, r, now=0.0, budget_ms=19.0)
+    assert "queued" in over.value.message
+    with pytest.raises(Saturated):  # queue within, queue + compute over
+        router.route(view, r, now=0.0, budget_ms=20.5)
+    assert router.route(view, r, now=0.0).best.worker_id == "B"  # no budget: never refused
+
+
+def test_the_reported_service_time_beats_the_latency_quotient() -> None:
+    # 300 ms of latency remembered from a queue that has drained (depth 1 now): the quotient would say 150 ms
+    # a request; the worker's own service time says 4.
+    view = ArrayView(
+        [ws("A", queue_depth=1, ewma=300.0, ewma_service=4.0), ws("B", queue_depth=1, ewma=300.0)]
+    )
+    scores = by_id(Router(Policy.LEAST_LOADED, rng_seed=0).route(view, req("u", range(4)), now=0.0))
+    assert scores["A"].queue_ms == pytest.approx(4.0)
+    assert scores["B"].queue_ms == pytest.approx(150.0)
+
+
+def test_answers_age_the_reported_queue_until_the_next_view() -> None:
+    view = ArrayView([ws("A", queue_depth=5, ewma_service=2.0), ws("B", queue_depth=0, ewma_service=30.0)])
+    router = Router(Policy.LEAST_LOADED, rng_seed=0)
+    r = req("u", range(4))
+    assert by_id(router.route(view, r, now=0.0))["A"].queue_ms == pytest.approx(10.0)
+    for _ in range(3):  # three of ours answered by A: its queue has moved on by at least three
+        router.on_dispatch("A", r, now=0.0)
+        router.on_done("A")
+    assert by_id(router.route(view, r, now=0.0))["A"].queue_ms == pytest.approx(4.0)
+    for _ in range(5):
+        router.on_dispatch("A", r, now=0.0)
+        router.on_done("A")
+    assert by_id(router.route(view, r, now=0.0))["A"].queue_ms == 0.0  # never below empty
+    view.version += 1  # a new view: its own depth counts again
+    assert by_id(router.route(view, r, now=0.0))["A"].queue_ms == pytest.approx(10.0)

@@ -16,8 +16,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
-from shared.bus import Bus, Message
-from shared.errors import BusClosed, BusError, BusTimeout, ErrorKind, NoResponders
+from shared import schemas as s
+from shared.bus import Bus, ConnectionState, Message
+from shared.errors import (
+    BusClosed,
+    BusDisconnected,
+    BusError,
+    BusTimeout,
+    ErrorKind,
+    NoResponders,
+    RemoteError,
+)
 from shared.telemetry import in_unsampled_trace
 from tests.helpers import eventually, free_port
 
@@ -47,6 +56,13 @@ def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
     return provider, exporter
 
 
+def _traceparent(span: ReadableSpan) -> str:
+    """The W3C traceparent header that names ``span`` as the message's parent."""
+    ctx = span.context
+    assert ctx.trace_flags.sampled
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
 def _one(finished: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
     found = [s for s in finished if s.name == name]
     assert len(found) == 1, [s.name for s in finished]
@@ -67,8 +83,7 @@ async def test_request_reply_round_trip(make_bus: MakeBus) -> None:
     assert await client.request("svc.echo", b"", timeout_s=2) == b"re:"
     [first, _] = seen
     assert isinstance(first, Message) and first.subject == "svc.echo" and first.data == b"hi"
-    assert first.reply  # a request carries its inbox
-    assert "traceparent" not in first.headers or len(first.headers["traceparent"]) == 55
+    assert first.reply  # a request carries its inbox (trace headers: see the traced tests below)
     with pytest.raises(dataclasses.FrozenInstanceError):
         first.data = b"x"  # type: ignore[misc]
     await eventually(lambda: sub.handled == 2)
@@ -112,11 +127,35 @@ async def test_handler_exception_is_counted_and_subscription_keeps_serving(make_
 
     sub = await server.subscribe("svc.picky", picky)
     await client.publish("svc.picky", b"bad")
-    with pytest.raises(BusTimeout):  # a failed handler sends no reply
-        await client.request("svc.picky", b"bad", timeout_s=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(RemoteError) as failed:  # a failed handler answers with an error reply, at once
+        await client.request("svc.picky", b"bad", timeout_s=30)
+    assert time.monotonic() - t0 < 5.0
+    assert (failed.value.code, failed.value.kind) == ("internal", ErrorKind.BUG)
     assert await client.request("svc.picky", b"good", timeout_s=2) == b"ok"
-    await eventually(lambda: sub.handled == 3)
-    assert sub.errors == 2
+    assert sub.handled == 3 and sub.errors == 2 and sub.rejected == 0
+
+
+async def test_a_bad_message_is_refused_with_an_error_reply_and_one_warning(
+    make_bus: MakeBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await make_bus("responder")
+    client = await make_bus("requester")
+
+    async def strict(msg: Message) -> bytes:
+        s.decode(s.decoder(s.SnapshotRequest), msg.data)  # raises DecodeError (the sender's fault)
+        return b"ok"
+
+    sub = await server.subscribe("svc.strict", strict)
+    not_utf8 = s.encode(s.SnapshotRequest(reason="MARK")).replace(b"MARK", b"\xff\xfe\xfd\xfc")
+    for garbage in (b"\x00not msgpack", not_utf8):
+        with pytest.raises(RemoteError) as refused:
+            await client.request("svc.strict", garbage, timeout_s=30)
+        assert (refused.value.code, refused.value.kind) == ("bad_message", ErrorKind.CLIENT)
+    await client.publish("svc.strict", b"\x00not msgpack")  # on a publish: counted, no reply to send
+    assert await client.request("svc.strict", s.encode(s.SnapshotRequest()), timeout_s=2) == b"ok"
+    await eventually(lambda: sub.handled == 4)
+    assert (sub.errors, sub.rejected) == (3, 3)
     assert sub.is_active and sub in server.subscriptions
 
 
@@ -125,17 +164,20 @@ async def test_concurrency_limit_is_honoured(make_bus: MakeBus) -> None:
     client = await make_bus("requester")
     active = 0
     peak = 0
+    gate = asyncio.Event()
 
     async def busy(msg: Message) -> None:
         nonlocal active, peak
         active += 1
         peak = max(peak, active)
-        await asyncio.sleep(0.05)
+        await gate.wait()
         active -= 1
 
     sub = await server.subscribe("svc.busy", busy, concurrency=3)
     for i in range(12):
         await client.publish("svc.busy", str(i).encode())
+    await eventually(lambda: active >= 3)  # the first three hold their slots until the gate opens
+    gate.set()
     await eventually(lambda: sub.handled == 12)
     assert peak == 3
     await eventually(lambda: sub.in_flight == 0)  # tasks leave the set right after they end
@@ -158,33 +200,58 @@ async def test_concurrency_one_keeps_order(make_bus: MakeBus) -> None:
     assert order == sent
 
 
-async def test_queue_group_shares_messages(make_bus: MakeBus) -> None:
+async def test_queue_group_gives_each_message_to_exactly_one_member(make_bus: MakeBus) -> None:
     a, b, client = await make_bus("a"), await make_bus("b"), await make_bus("client")
+    got: dict[str, list[bytes]] = {"a": [], "b": []}
 
-    async def noop(msg: Message) -> None:
-        return None
+    def member(name: str) -> Callable[[Message], Awaitable[bytes | None]]:
+        async def handle(msg: Message) -> bytes | None:
+            if msg.data == b"end":
+                return name.encode()  # the probe: answered with the member's name
+            got[name].append(msg.data)
+            return None
 
-    sub_a = await a.subscribe("svc.q", noop, queue="workers")
-    sub_b = await b.subscribe("svc.q", noop, queue="workers")
-    for _ in range(40):
-        await client.publish("svc.q", b"x")
-    await eventually(lambda: sub_a.handled + sub_b.handled == 40)  # each message to exactly one member
+        return handle
+
+    sub_a = await a.subscribe("svc.q", member("a"), queue="workers")
+    sub_b = await b.subscribe("svc.q", member("b"), queue="workers")
+    sent = [b"%d" % i for i in range(40)]
+    for data in sent:
+        await client.publish("svc.q", data)
+    # Nothing more is on its way to a member once it has answered a probe sent after the 40: the server
+    # delivers one client's messages in order and a member handles one at a time in arrival order.
+    answered: list[str] = []
+    for _ in range(100):  # the group picks a member at random for each probe
+        answered.append((await client.request("svc.q", b"end", timeout_s=2)).decode())
+        if {"a", "b"} <= set(answered):
+            break
+    assert {"a", "b"} <= set(answered), answered
+    assert sorted(got["a"] + got["b"], key=int) == sent  # every message once: none lost, none to both
+    assert got["a"] and got["b"]  # shared (all 40 to one member: chance 2**-39)
+    assert sub_a.handled == len(got["a"]) + answered.count("a")
+    assert sub_b.handled == len(got["b"]) + answered.count("b")
+    assert sub_a.errors == sub_b.errors == 0
 
 
 async def test_stop_with_drain_lets_in_flight_handlers_finish(make_bus: MakeBus) -> None:
     server = await make_bus("responder")
     client = await make_bus("requester")
     finished: list[bytes] = []
+    gate = asyncio.Event()
 
-    async def slowish(msg: Message) -> None:
-        await asyncio.sleep(0.2)
+    async def held(msg: Message) -> None:
+        await gate.wait()
         finished.append(msg.data)
 
-    sub = await server.subscribe("svc.drain", slowish, concurrency=2)
+    sub = await server.subscribe("svc.drain", held, concurrency=2)
     await client.publish("svc.drain", b"1")
     await client.publish("svc.drain", b"2")
     await eventually(lambda: sub.in_flight == 2)
-    await sub.stop(drain=True)
+    stopping = asyncio.create_task(sub.stop(drain=True))
+    await eventually(lambda: not sub.is_active)  # stop() is under way
+    assert not stopping.done() and finished == []  # ... and waits for the handlers
+    gate.set()
+    await stopping
     assert sorted(finished) == [b"1", b"2"] and sub.in_flight == 0
     assert not sub.is_active and sub not in server.subscriptions
     await sub.stop()  # idempotent
@@ -277,9 +344,11 @@ async def test_request_is_traced_and_context_reaches_the_responder(
     server = await make_bus("responder", tracer=tracer)
     client = await make_bus("requester", tracer=tracer)
     inside: list[trace.Span] = []
+    delivered: list[Message] = []
 
     async def handler(msg: Message) -> bytes:
         inside.append(trace.get_current_span())
+        delivered.append(msg)
         with tracer.start_as_current_span("handler work"):
             pass
         return b"done"
@@ -297,6 +366,9 @@ async def test_request_is_traced_and_context_reaches_the_responder(
 
     assert send.kind is SpanKind.PRODUCER
     assert send.parent is not None and send.parent.span_id == caller_ctx.span_id
+    # The delivered message carries the producer span as its W3C trace context.
+    [msg] = delivered
+    assert msg.headers.get("traceparent") == _traceparent(send)
     assert process.kind is SpanKind.CONSUMER
     assert process.context.trace_id == caller_ctx.trace_id == send.context.trace_id
     assert process.parent is not None and process.parent.span_id == send.context.span_id
@@ -364,8 +436,10 @@ async def test_publish_subscribe_carries_context(
     server = await make_bus("sub", tracer=tracer)
     client = await make_bus("pub", tracer=tracer)
 
+    delivered: list[Message] = []
+
     async def sink(msg: Message) -> None:
-        return None
+        delivered.append(msg)
 
     sub = await server.subscribe("events.>", sink)
     with tracer.start_as_current_span("emitter") as emitter:
@@ -379,7 +453,10 @@ async def test_publish_subscribe_carries_context(
     assert publish.kind is SpanKind.PRODUCER and process.kind is SpanKind.CONSUMER
     assert publish.parent is not None and publish.parent.span_id == emitter.get_span_context().span_id
     assert process.parent is not None and process.parent.span_id == publish.context.span_id
+    assert [link.context.span_id for link in process.links] == [publish.context.span_id]
     assert process.context.trace_id == emitter.get_span_context().trace_id
+    [msg] = delivered
+    assert msg.headers.get("traceparent") == _traceparent(publish)
     assert publish.attributes is not None and process.attributes is not None
     assert publish.attributes["messaging.operation.name"] == "publish"
     assert publish.attributes["messaging.operation.type"] == "send"
@@ -432,14 +509,16 @@ async def test_cancelled_request_is_reraised_and_recorded(
     provider, exporter = spans
     server = await make_bus("responder")
     client = await make_bus("requester", tracer=provider.get_tracer("test"))
+    arrived = asyncio.Event()
 
-    async def slow(msg: Message) -> bytes:
-        await asyncio.sleep(5)
+    async def never(msg: Message) -> bytes:
+        arrived.set()
+        await asyncio.Event().wait()
         return b""
 
-    await server.subscribe("svc.slow", slow)
+    await server.subscribe("svc.slow", never)
     task = asyncio.create_task(client.request("svc.slow", b"x", timeout_s=10))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(arrived.wait(), 5)  # the request is out and waiting for its reply
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -452,11 +531,33 @@ async def test_timeout_is_recorded_with_error_type(
     make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
     provider, exporter = spans
+    server = await make_bus("responder")  # untraced: the requester's span is the only one
+    client = await make_bus("requester", tracer=provider.get_tracer("test"))
+    arrived = asyncio.Event()
+
+    async def silent(msg: Message) -> None:  # takes the request and never answers it
+        arrived.set()
+
+    sub = await server.subscribe("svc.silent", silent)
+    with pytest.raises(BusTimeout) as info:
+        await client.request("svc.silent", b"x", timeout_s=0.2)
+    assert arrived.is_set() and sub.handled == 1  # a subscriber was there: a timeout, not "no responders"
+    assert info.value.subject == "svc.silent" and info.value.timeout_s == 0.2
+    [send] = exporter.get_finished_spans()
+    assert send.name == "send svc.silent" and send.status.status_code is StatusCode.ERROR
+    assert send.attributes is not None and send.attributes["error.type"] == "bus_timeout"
+    assert [e.name for e in send.events] == ["exception"]
+
+
+async def test_no_responders_is_recorded_with_error_type(
+    make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
     client = await make_bus("requester", tracer=provider.get_tracer("test"))
     with pytest.raises(NoResponders):
-        await client.request("svc.none", b"x", timeout_s=1)
+        await client.request("svc.none", b"x", timeout_s=5)
     [send] = exporter.get_finished_spans()
-    assert send.status.status_code is StatusCode.ERROR
+    assert send.name == "send svc.none" and send.status.status_code is StatusCode.ERROR
     assert send.attributes is not None and send.attributes["error.type"] == "no_responders"
 
 
@@ -467,16 +568,37 @@ async def test_reconnects_after_server_restart(make_bus: MakeBus, nats_server: A
     async def echo(msg: Message) -> bytes:
         return msg.data
 
-    await server.subscribe("svc.echo", echo)
-    assert await client.request("svc.echo", b"before", timeout_s=2) == b"before"
+    arrived = asyncio.Event()
 
+    async def never(msg: Message) -> bytes:
+        arrived.set()
+        await asyncio.sleep(60)
+        return b"too late"
+
+    await server.subscribe("svc.echo", echo)
+    await server.subscribe("svc.never", never)
+    states: list[ConnectionState] = []
+    client.add_state_listener(states.append)
+    assert await client.request("svc.echo", b"before", timeout_s=2) == b"before"
+    waiting = asyncio.create_task(client.request("svc.never", b"x", timeout_s=30))
+    await arrived.wait()
+
+    t0 = time.monotonic()
     nats_server.stop()
+    # a request waiting for a reply fails as soon as the connection is lost: its reply cannot come
+    with pytest.raises(BusDisconnected):
+        await waiting
+    assert time.monotonic() - t0 < 5.0
     await eventually(lambda: not server.is_connected and not client.is_connected)
-    with pytest.raises((BusTimeout, BusError)):  # while down: a RETRY-kind error, not a hang
-        await client.request("svc.echo", b"down", timeout_s=0.2)
+    assert client.state is ConnectionState.DISCONNECTED and states == [ConnectionState.DISCONNECTED]
+    t0 = time.monotonic()
+    with pytest.raises(BusDisconnected):  # while down: at once, not after the timeout
+        await client.request("svc.echo", b"down", timeout_s=30)
+    assert time.monotonic() - t0 < 1.0
 
     nats_server.start()
     await eventually(lambda: server.is_connected and client.is_connected, timeout_s=10)
+    await eventually(lambda: states == [ConnectionState.DISCONNECTED, ConnectionState.CONNECTED])
     # The responder re-subscribes on reconnect; retry the RETRY-kind errors until it has.
     deadline = time.monotonic() + 5
     while True:
@@ -507,31 +629,41 @@ async def test_a_late_reply_is_dropped_and_the_next_request_gets_its_own(make_bu
     server = await make_bus("responder")
     client = await make_bus("requester")
 
-    async def slow_first(msg: Message) -> bytes:
-        if msg.data == b"first":
-            await asyncio.sleep(0.3)
+    gates = {b"first": asyncio.Event(), b"second": asyncio.Event()}
+    arrived: list[bytes] = []
+
+    async def held(msg: Message) -> bytes:
+        arrived.append(msg.data)
+        await gates[msg.data].wait()
         return msg.data
 
-    await server.subscribe("svc.late", slow_first, concurrency=4)
+    sub = await server.subscribe("svc.late", held, concurrency=4)
     with pytest.raises(BusTimeout):
         await client.request("svc.late", b"first", timeout_s=0.1)
     assert client._waiting == {}
-    second = asyncio.create_task(client.request("svc.late", b"second", timeout_s=2))
-    await asyncio.sleep(0.4)  # the first reply arrives meanwhile: it must not answer the second request
+    second = asyncio.create_task(client.request("svc.late", b"second", timeout_s=5))
+    await eventually(lambda: arrived == [b"first", b"second"])
+    gates[b"first"].set()
+    await eventually(lambda: sub.handled == 1)  # the late reply has left the responder ...
+    gates[b"second"].set()  # ... before this one, on the same connection: it reaches the requester first
     assert await second == b"second"
+    assert client._waiting == {}
 
 
 async def test_requests_waiting_when_the_bus_closes_fail_at_once(make_bus: MakeBus) -> None:
     server = await make_bus("responder")
     client = await make_bus("requester")
 
+    arrived = asyncio.Event()
+
     async def never(msg: Message) -> bytes:
-        await asyncio.sleep(30)
+        arrived.set()
+        await asyncio.Event().wait()
         return b""
 
     await server.subscribe("svc.never", never)
     waiting = asyncio.create_task(client.request("svc.never", b"x", timeout_s=30))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(arrived.wait(), 5)  # the request is out and waiting for its reply
     started = time.monotonic()
     await client.close(drain=False)
     with pytest.raises(BusClosed):

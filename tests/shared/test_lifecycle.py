@@ -7,13 +7,16 @@ import signal
 import pytest
 
 from shared.lifecycle import ForcedShutdown, TaskOwner, run, run_until_signalled
+from tests.helpers import eventually
 
 
 async def test_task_owner_cancels_and_awaits_everything() -> None:
     owner = TaskOwner("test")
     cancelled: list[str] = []
+    started: list[str] = []
 
     async def forever(name: str) -> None:
+        started.append(name)
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -22,7 +25,7 @@ async def test_task_owner_cancels_and_awaits_everything() -> None:
             raise
 
     tasks = [owner.spawn(forever(f"t{i}"), name=f"t{i}") for i in range(3)]
-    await asyncio.sleep(0)
+    await eventually(lambda: len(started) == 3)  # each is inside its try when cancelled
     assert len(owner) == 3 and owner.tasks == frozenset(tasks)
     await owner.close(timeout_s=2)
     assert sorted(cancelled) == ["t0", "t1", "t2"]
@@ -45,7 +48,7 @@ async def test_task_owner_keeps_and_exposes_failures() -> None:
     failing = owner.spawn(boom(), name="boom")
     ok = owner.spawn(fine(), name="fine")
     await asyncio.wait([failing, ok])
-    await asyncio.sleep(0)  # done callbacks run on the next loop turn
+    await eventually(lambda: len(owner) == 0)  # the owner's done callbacks have run
     [(name, exc)] = owner.failures
     assert name == "boom" and isinstance(exc, ValueError)
     assert ok.result() == 1 and len(owner) == 0
@@ -55,8 +58,10 @@ async def test_task_owner_keeps_and_exposes_failures() -> None:
 async def test_task_owner_close_is_bounded_for_stubborn_tasks() -> None:
     owner = TaskOwner("test")
     release = asyncio.Event()
+    running = asyncio.Event()
 
     async def stubborn() -> None:
+        running.set()
         while not release.is_set():
             try:
                 await asyncio.sleep(60)
@@ -64,7 +69,7 @@ async def test_task_owner_close_is_bounded_for_stubborn_tasks() -> None:
                 continue  # ignores cancellation until released
 
     task = owner.spawn(stubborn(), name="stubborn")
-    await asyncio.sleep(0)
+    await asyncio.wait_for(running.wait(), 5)  # inside its loop, where it shrugs off cancellation
     await owner.close(timeout_s=0.05)
     assert not task.done()
     release.set()
@@ -117,8 +122,10 @@ async def test_run_until_signalled_propagates_main_errors_and_outer_cancellation
         await run_until_signalled(failing)
 
     inner_cancelled = asyncio.Event()
+    inner_running = asyncio.Event()
 
     async def waits(stop: asyncio.Event) -> None:
+        inner_running.set()
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -126,7 +133,7 @@ async def test_run_until_signalled_propagates_main_errors_and_outer_cancellation
             raise
 
     outer = asyncio.create_task(run_until_signalled(waits))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(inner_running.wait(), 5)  # main is running under run_until_signalled
     outer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await outer

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,6 +52,18 @@ class Running:
             s.infer_subject(self.service.worker_id), msgspec.msgpack.encode(body), timeout_s=10
         )
         return s.decode(s.decoder(s.InferenceReply), raw)
+
+    @contextlib.contextmanager
+    def engine_held(self) -> Iterator[threading.Event]:
+        """Occupy the model thread until the yielded event is set (at the latest when the block ends):
+        requests received meanwhile wait in the engine's queue, in flight, for as long as the test says."""
+        release = threading.Event()
+        held = self.engine.call(release.wait)
+        try:
+            yield release
+        finally:
+            release.set()
+            held.result(timeout=10)
 
     async def wait_digest(self, pred: Any, timeout_s: float = 5.0) -> s.WorkerDigest:
         deadline = time.monotonic() + timeout_s

@@ -22,6 +22,7 @@ from services.worker.service import (
 )
 from shared import schemas as s
 from shared.bus import Bus
+from shared.errors import BusError
 from tests.helpers import eventually
 from tests.worker.harness import SETTINGS, Running, running_worker
 
@@ -167,21 +168,27 @@ async def test_missing_field_is_named(worker: Running) -> None:
 
 
 async def test_deadline_exceeded_while_queued(worker: Running) -> None:
-    blocker = worker.engine.call(lambda: time.sleep(0.3))
-    reply = await worker.infer(deadline_ms=50.0)
-    blocker.result()
+    with worker.engine_held() as release:
+        pending = asyncio.create_task(worker.infer(deadline_ms=50.0))
+        await eventually(lambda: worker.service.in_flight == 1)  # received: queued behind the held thread
+        queued_by = time.perf_counter()
+        # Real time that must pass (not a stand-in for an event): the deadline runs out while it waits.
+        await eventually(lambda: time.perf_counter() > queued_by + 0.05)
+        release.set()
+        reply = await pending
     assert reply.error is not None and (reply.error.code, reply.error.kind) == ("deadline_exceeded", "retry")
 
 
 async def test_overload_is_refused_with_a_retryable_error(nats_server: Any) -> None:
     async with running_worker(nats_server.url, replace(SETTINGS, max_queue=1)) as w:
-        blocker = w.engine.call(lambda: time.sleep(0.5))
-        first = asyncio.create_task(w.infer(request_id="a"))
-        await asyncio.sleep(0.1)
-        second = await w.infer(request_id="b")
-        blocker.result()
+        with w.engine_held() as release:
+            first = asyncio.create_task(w.infer(request_id="a"))
+            await eventually(lambda: w.service.in_flight == 1)  # "a" holds the only place
+            second = await w.infer(request_id="b")
+            assert not first.done()
+            release.set()
+            assert (await first).ok is not None
         assert second.error is not None and (second.error.code, second.error.kind) == ("overloaded", "retry")
-        assert (await first).ok is not None
 
 
 async def test_snapshot_on_request(worker: Running) -> None:
@@ -200,13 +207,38 @@ async def test_snapshot_on_request(worker: Running) -> None:
 
 async def test_stop_lets_in_flight_requests_finish(nats_server: Any) -> None:
     async with running_worker(nats_server.url) as w:
-        blocker = w.engine.call(lambda: time.sleep(0.3))
-        pending = asyncio.create_task(w.infer(request_id="late"))
-        await asyncio.sleep(0.05)
-        await w.service.stop()
-        reply = await pending
-        blocker.result()
+        infer_subject = s.infer_subject(w.service.worker_id)
+        with w.engine_held() as release:
+            pending = asyncio.create_task(w.infer(request_id="late"))
+            await eventually(lambda: w.service.in_flight == 1)
+            stopping = asyncio.create_task(w.service.stop())
+            # stop() has begun: the request subscription is being drained ...
+            await eventually(lambda: all(sub.subject != infer_subject for sub in w.bus.subscriptions))
+            assert not stopping.done() and not pending.done()  # ... and waits for the request in flight
+            release.set()
+            reply = await pending
+            await stopping
         assert reply.ok is not None and reply.request_id == "late"
+        goodbye = await w.wait_digest(lambda d: d.draining)
+        assert goodbye.load.requests_total == 1 and goodbye.load.in_flight == 0
+
+
+async def test_a_request_arriving_while_the_worker_drains_is_refused_with_draining(worker: Running) -> None:
+    body = {"request_id": "during-drain", "user_id": "u1", "history": [1, 2, 3], "candidates": [4, 5, 6]}
+    # Sent on the worker's own connection, then stop() begins at once: on that one connection the request
+    # goes out before the UNSUB of the request subscription, so the server still delivers it, and it
+    # arrives while the worker drains (stop() sets that before its first await).
+    sent = asyncio.create_task(
+        worker.bus.request(s.infer_subject("wtest"), msgspec.msgpack.encode(body), timeout_s=10)
+    )
+    stopping = asyncio.create_task(worker.service.stop())
+    raw = await sent
+    await stopping
+    reply = s.decode(s.decoder(s.InferenceReply), raw)
+    assert reply.ok is None and reply.error is not None, reply
+    assert (reply.error.code, reply.error.kind) == ("draining", "retry")
+    assert reply.request_id == "during-drain" and reply.worker_id == "wtest"
+    assert worker.service.counters.errors_total == 1
 
 
 async def test_request_trace_crosses_nats_into_the_worker(nats_server: Any) -> None:
@@ -287,3 +319,59 @@ async def test_digest_window_reports_what_was_served(worker: Running) -> None:
     assert sum(w.new_tokens for w in windows) == 4 + 2 and sum(w.cached_tokens for w in windows) == 4
     assert max(w.max_history_tokens for w in windows) == 6
     assert all(w.latency_p99_ms >= w.latency_p50_ms > 0 and w.slo_ms == SETTINGS.slo_ms for w in windows)
+
+
+async def test_digest_window_counts_requests_slower_than_the_slo(nats_server: Any) -> None:
+    slo_ms = 250.0
+    async with running_worker(nats_server.url, replace(SETTINGS, slo_ms=slo_ms)) as w:
+        await w.wait_digest(lambda d: d.seq >= 1)  # start from a fresh window
+        mark = len(w.digests)
+        fast = [await w.infer(request_id=f"fast-{i}", user_id=f"f{i}") for i in range(2)]
+        with w.engine_held() as release:
+            pending = asyncio.create_task(w.infer(request_id="slow", user_id="s"))
+            await eventually(lambda: w.service.in_flight == 1)  # received before this moment
+            received_by = time.perf_counter()
+            # Real time that must pass (not a stand-in for an event): held this long, it misses the SLO.
+            await eventually(lambda: time.perf_counter() > received_by + slo_ms / 1e3)
+            release.set()
+            slow = await pending
+        await eventually(lambda: sum(d.window.requests for d in w.digests[mark:]) >= 3)
+        windows = [d.window for d in w.digests[mark:] if d.part == 0]
+    oks = [r.ok for r in (*fast, slow)]
+    assert all(ok is not None for ok in oks), (fast, slow)
+    totals = [ok.total_ms for ok in oks if ok is not None]  # the worker's own measure, as in its window
+    assert totals[-1] > slo_ms
+    assert all(t <= slo_ms for t in totals[:-1]), f"a fast request took {totals} ms: machine overloaded?"
+    assert sum(w.requests for w in windows) == 3
+    assert sum(w.slo_violations for w in windows) == 1  # the slow one; the fast ones do not count
+    assert all(w.slo_ms == slo_ms for w in windows)
+
+
+async def test_a_digest_that_cannot_be_published_leaves_a_gap_and_the_loop_goes_on(
+    worker: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await worker.wait_digest(lambda d: d.seq >= 1)
+    subject = s.digest_subject("wtest")
+    publish = worker.bus.publish
+    dec = s.decoder(s.WorkerDigest)
+    lost: list[s.WorkerDigest] = []
+
+    async def publish_losing_one_digest(subj: str, payload: bytes) -> None:
+        if subj == subject and not lost:
+            lost.append(s.decode(dec, payload))
+            raise BusError("simulated network failure", subject=subj)  # what Bus.publish raises then
+        await publish(subj, payload)
+
+    # Patched on this one Bus object, and failing once: it stands for the network dropping one publish;
+    # everything else, the worker's digest loop included, is the real thing.
+    monkeypatch.setattr(worker.bus, "publish", publish_losing_one_digest)
+    await eventually(lambda: lost)
+    gap = lost[0].seq
+    assert lost[0].kind == "delta"
+    await worker.wait_digest(lambda d: d.seq == gap + 2)  # the loop carried on: two more after the failure
+    seqs = [d.seq for d in worker.digests]
+    assert gap not in seqs
+    after = seqs.index(gap - 1) + 1
+    assert seqs[after] == gap + 1  # the receiver sees the next digest skip one: a gap, not a renumbering
+    assert seqs == [n for n in range(seqs[-1] + 1) if n != gap]
+    assert {d.incarnation for d in worker.digests} == {worker.service.incarnation}

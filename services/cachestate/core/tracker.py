@@ -1,23 +1,33 @@
 """Digest tracking: per-worker sequence, incarnation, snapshot assembly and liveness over a ResidencyIndex.
 
 Rules (per worker):
-* A digest of an unknown worker or of a new incarnation registers the worker (it is alive and routable by
-  load) with no residency; the old incarnation's residency is dropped. If the digest starts a snapshot
-  (part 0) its collection begins; a delta's residency cannot be applied to an unknown base: it is dropped
-  and the outcome says ``need_snapshot``.
-* Within an incarnation ``seq`` must be consecutive. An older ``seq`` is a duplicate and ignored. A gap
-  means a lost digest: the worker's residency is dropped at once (stale affinity is worse than none: the
-  router falls back to load for that worker) and ``need_snapshot`` is set until a snapshot completes.
+* A digest of an unknown worker or of a new incarnation registers the worker with no residency; the old
+  incarnation's residency is dropped. If the digest starts a snapshot (part 0) its collection begins; a
+  delta's residency cannot be applied to an unknown base: it is dropped and the outcome says
+  ``need_snapshot``.
+* Verification: a digest is only a claim (anyone on the bus can publish one). A registered worker is
+  *unverified*, and not in the routing view (``worker_states``), until ``verify`` is called with the ack
+  of a snapshot request sent to the worker's own subject: a worker id nobody answers for never becomes
+  routable. The ack names the incarnation of the process that answered; if it differs from the record's,
+  that process wins (a forged "new incarnation" of a real worker costs it one round trip, not its place).
+* Within an incarnation ``seq`` follows ``shared.sequence``: a duplicate is ignored; a gap (lost digest)
+  or a restart of the numbering (a jump beyond the window either way) drops the worker's residency at once
+  (stale affinity is worse than none: the router falls back to load for that worker), continues from that
+  seq, and sets ``need_snapshot`` until a snapshot completes.
+* ``period_ms`` is believed only within ``[MIN_PERIOD_S, max_period_s]``: a digest cannot buy itself a
+  longer life than the configured bound.
 * A snapshot of N parts (consecutive seq, parts 0..N-1) replaces the worker's residency when complete;
   a missing or out-of-order part abandons it and needs another snapshot.
 * Deltas apply while the worker is in sync; while it is not, their residency is dropped (the snapshot to
   come supersedes them) but their load/alpha/cost/window still count.
 * ``expire(now)``: a worker silent for more than ``dead_after_periods`` of its own digest period is dead:
-  removed from the view and purged from the index.
+  removed from the view and purged from the index. ``refresh(now)`` gives every worker a fresh period: the
+  shell calls it when its own bus connection comes back, so that the silence its disconnection caused is
+  not taken for deaths.
 
-``need_snapshot`` is level-triggered: it is True for every digest after which the worker is out of sync
-and no snapshot is being collected. The shell keeps at most one snapshot request in flight per worker and
-asks ``needs_snapshot(worker_id)`` whether it is still needed.
+``need_snapshot`` is level-triggered: it is True for every digest after which the worker is unverified,
+or out of sync with no snapshot being collected. The shell keeps at most one snapshot request in flight
+per worker and asks ``needs_snapshot(worker_id)`` whether it is still needed.
 """
 
 from __future__ import annotations
@@ -28,10 +38,12 @@ from dataclasses import dataclass, field
 from services.cachestate.core.changes import ViewChanges
 from services.cachestate.core.residency import ResidencyIndex
 from shared import schemas as s
+from shared.sequence import SeqOrder, classify
 
 __all__ = ["DigestOutcome", "DigestTracker", "LiveWorker", "TrackerCounters"]
 
 MIN_PERIOD_S = 0.01  # a digest period of 0 (misconfigured worker) is judged as 10 ms
+DEFAULT_MAX_PERIOD_S = 5.0  # the longest digest period believed (the service's setting overrides it)
 RETIRED_INCARNATIONS = 4  # per worker, remembered so a late digest of a dead process cannot reset it
 
 
@@ -67,6 +79,10 @@ class TrackerCounters:
     digests_ignored: int = 0  # duplicates/old seq or retired incarnations
     digests_dropped: int = 0  # live, but residency dropped (out of sync)
     gaps: int = 0
+    seq_restarts: int = 0  # a seq beyond the window either way: numbering restarted (or forged)
+    periods_clamped: int = 0  # digests whose period_ms was outside the believed range
+    verified: int = 0  # workers (incarnations) confirmed by a snapshot ack from their own subject
+    incarnations_corrected: int = 0  # an ack named another incarnation than the digests did
     new_workers: int = 0
     new_incarnations: int = 0
     snapshots_applied: int = 0
@@ -93,24 +109,39 @@ class _Worker:
     period_s: float
     in_sync: bool = False
     ever_synced: bool = False
+    verified: bool = False
     assembly: _Assembly | None = None
     retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_INCARNATIONS))
     last: s.WorkerDigest | None = None
 
 
 class DigestTracker:
-    def __init__(self, index: ResidencyIndex, *, dead_after_periods: float = 3.0) -> None:
+    def __init__(
+        self,
+        index: ResidencyIndex,
+        *,
+        dead_after_periods: float = 3.0,
+        max_period_s: float = DEFAULT_MAX_PERIOD_S,
+    ) -> None:
         if dead_after_periods <= 0:
             raise ValueError(f"dead_after_periods must be > 0, got {dead_after_periods}")
+        if max_period_s < MIN_PERIOD_S:
+            raise ValueError(f"max_period_s must be >= {MIN_PERIOD_S}, got {max_period_s}")
         self.index = index
         self.dead_after_periods = dead_after_periods
+        self.max_period_s = max_period_s
         self.counters = TrackerCounters()
         self._workers: dict[str, _Worker] = {}
 
     # ---- queries --------------------------------------------------------------------------------------
     def needs_snapshot(self, worker_id: str) -> bool:
+        """Ask the worker for a snapshot: to learn its residency, or to verify that it answers at all."""
         rec = self._workers.get(worker_id)
-        return rec is not None and not rec.in_sync
+        return rec is not None and not (rec.in_sync and rec.verified)
+
+    def is_verified(self, worker_id: str) -> bool:
+        rec = self._workers.get(worker_id)
+        return rec is not None and rec.verified
 
     def snapshot_parts_received(self, worker_id: str) -> int | None:
         """How many parts of the worker's snapshot now being assembled have arrived (None: no assembly)."""
@@ -123,10 +154,15 @@ class DigestTracker:
         return worker_id in self._workers
 
     def live_workers(self) -> list[LiveWorker]:
-        return [self._live(rec) for rec in self._workers.values() if rec.last is not None]
+        """Verified workers heard from (those in the routing view)."""
+        return [self._live(rec) for rec in self._workers.values() if rec.last is not None and rec.verified]
 
     def worker_states(self) -> list[s.WorkerState]:
-        return [self._state(rec) for rec in self._workers.values() if rec.last is not None]
+        """The routing view's worker records: verified workers heard from."""
+        return [self._state(rec) for rec in self._workers.values() if rec.last is not None and rec.verified]
+
+    def unverified(self) -> list[str]:
+        return [w for w, rec in self._workers.items() if not rec.verified]
 
     def staleness(self, now: float) -> dict[str, float]:
         """Seconds since each live worker's last digest."""
@@ -144,16 +180,23 @@ class DigestTracker:
         if rec is None or digest.incarnation != rec.incarnation:
             notes.append("new worker" if rec is None else "new incarnation")
             rec = self._register(digest, rec, now, changes)
-        elif digest.seq < rec.next_seq:
-            self.counters.digests_ignored += 1
-            return DigestOutcome(False, False, f"old seq {digest.seq} < {rec.next_seq}", changes, live=False)
-        elif digest.seq > rec.next_seq:
-            self.counters.gaps += 1
-            notes.append(f"seq gap: expected {rec.next_seq}, got {digest.seq}")
-            self._desync(rec, changes)
+        else:
+            order = classify(digest.seq, rec.next_seq)
+            if order is SeqOrder.DUPLICATE:
+                self.counters.digests_ignored += 1
+                reason = f"old seq {digest.seq} < {rec.next_seq}"
+                return DigestOutcome(False, False, reason, changes, live=False)
+            if order is SeqOrder.GAP:
+                self.counters.gaps += 1
+                notes.append(f"seq gap: expected {rec.next_seq}, got {digest.seq}")
+                self._desync(rec, changes)
+            elif order is SeqOrder.RESTART:
+                self.counters.seq_restarts += 1
+                notes.append(f"seq restart: expected {rec.next_seq}, got {digest.seq}")
+                self._desync(rec, changes)
         rec.next_seq = digest.seq + 1
         rec.last_seen = now
-        rec.period_s = max(digest.period_ms / 1e3, MIN_PERIOD_S)
+        rec.period_s = self._period(digest.period_ms)
         rec.last = digest
 
         snapshots_before = self.counters.snapshots_applied
@@ -167,12 +210,51 @@ class DigestTracker:
         else:
             self.counters.digests_dropped += 1
             notes.append(f"{digest.kind} residency dropped: out of sync")
-        changes.upsert_worker(self._state(rec))
+        if rec.verified:
+            changes.upsert_worker(self._state(rec))
         self._forward_evictions(changes)
-        need = not rec.in_sync and rec.assembly is None
+        need = not rec.verified or (not rec.in_sync and rec.assembly is None)
         if need:
-            notes.append("needs a snapshot")
-        return DigestOutcome(accepted, need, "; ".join(notes), changes)
+            notes.append(
+                "needs a snapshot" if rec.verified else "unverified: needs a snapshot request answered"
+            )
+        return DigestOutcome(accepted, need, "; ".join(notes), changes, live=rec.verified)
+
+    def verify(self, worker_id: str, incarnation: str, seq: int, now: float) -> ViewChanges:
+        """The worker answered a snapshot request on its own subject: the process behind `incarnation` is
+        real. Its snapshot (first seq `seq`) is on its way, or has arrived. Returns the view changes."""
+        changes = ViewChanges()
+        rec = self._workers.get(worker_id)
+        if rec is None:
+            return changes  # expired meanwhile: its next digest registers it again
+        if incarnation != rec.incarnation:
+            # Digests claimed another incarnation (a stale record, or a forged one): believe the answer.
+            self.counters.incarnations_corrected += 1
+            old = rec
+            rec = _Worker(
+                worker_id=worker_id,
+                incarnation=incarnation,
+                next_seq=seq,
+                last_seen=now,
+                period_s=old.period_s,
+            )
+            rec.retired.extend(i for i in old.retired if i != incarnation)
+            rec.retired.append(old.incarnation)
+            self.index.clear_worker(worker_id)
+            changes.remove_worker(worker_id)
+            self._workers[worker_id] = rec
+        if not rec.verified:
+            rec.verified = True
+            self.counters.verified += 1
+            if rec.last is not None:
+                changes.upsert_worker(self._state(rec))
+        return changes
+
+    def _period(self, period_ms: float) -> float:
+        period_s = period_ms / 1e3
+        if not MIN_PERIOD_S <= period_s <= self.max_period_s:
+            self.counters.periods_clamped += 1
+        return min(max(period_s, MIN_PERIOD_S), self.max_period_s)
 
     def _register(
         self, digest: s.WorkerDigest, old: _Worker | None, now: float, changes: ViewChanges
@@ -182,7 +264,7 @@ class DigestTracker:
             incarnation=digest.incarnation,
             next_seq=digest.seq,
             last_seen=now,
-            period_s=max(digest.period_ms / 1e3, MIN_PERIOD_S),
+            period_s=MIN_PERIOD_S,  # set (and counted if clamped) by apply(), like every digest's
         )
         if old is None:
             self.counters.new_workers += 1
@@ -272,6 +354,12 @@ class DigestTracker:
             self.remove(wid)
             self.counters.workers_dead += 1
         return dead
+
+    def refresh(self, now: float) -> None:
+        """Every worker's silence starts now (after the observer's own outage: it heard nothing, which says
+        nothing about the workers)."""
+        for rec in self._workers.values():
+            rec.last_seen = max(rec.last_seen, now)
 
     def remove(self, worker_id: str) -> bool:
         """Forget a worker and purge its residency (expiry, or an operator's decision)."""

@@ -15,19 +15,36 @@ digest (no hand-tuned weights):
   included, since every candidate is scored).
 - ``queue_ms = ahead * service_ms`` (anti-herding):
     ahead      = max(view queue_depth, this gateway's own in-flight count to the worker)
-    service_ms = ewma_latency_ms / (1 + queue_depth)   if the worker reports a latency,
+    service_ms = ewma_service_ms                        if the worker reports it (model time per request),
+                 else ewma_latency_ms / (1 + queue_depth)   if the worker reports a latency,
                  else the request's compute_ms on that worker with no KV credit (fixed + new-token cost of
                  the whole history + candidates).
   The view's ``queue_depth`` (requests waiting at the worker, from every gateway) lags by up to one digest;
+  each of this gateway's requests answered by the worker since the view changed counts one off it (the queue
+  has moved on by at least that much), so a queue that drains is seen draining before the next digest;
   its ``in_flight`` is not used because it also counts the request running when the digest was cut, often
   one of ours long finished, and that stale count flips users away from their KV. The own count is exact
   now but covers this gateway only: their maximum is a lower bound of the work ahead. The worker's
-  ``ewma_latency_ms`` is receipt-to-reply, queueing included; dividing by ``1 + queue_depth`` turns it
-  back into a per-request service time (a FIFO arrival that found ``q`` waiting spends about
-  ``(q + 1) * service``). The fallback uses the no-cache compute on purpose: requests ahead of us are
-  other users', so this user's KV credit must not shrink the wait (that would herd a hot user's burst).
-- Hard overload guard: a worker with ``ahead >= overload_queue`` is ranked after every other worker
-  (still ranked, by cost among the overloaded ones), whatever the policy.
+  ``ewma_service_ms`` is the service time itself. Without it, ``ewma_latency_ms`` (receipt-to-reply,
+  queueing included) divided by ``1 + queue_depth`` stands for it (a FIFO arrival that found ``q`` waiting
+  spends about ``(q + 1) * service``), but only in a steady state: when a long queue has just drained, the
+  latency still remembers the queue while the depth does not, and the quotient overestimates the service
+  time many times over (an admission rule built on it sheds everything until the next digest). The
+  fallback uses the no-cache compute on purpose: requests ahead of us are other users', so this user's KV
+  credit must not shrink the wait (that would herd a hot user's burst).
+- Hard overload guard: a worker with ``ahead >= max_queue``, the limit it reports itself
+  (``LoadInfo.max_queue``; 0: none known), is *full*: ranked after every other worker (still ranked, by
+  cost among the full ones), whatever the policy. When every routable worker is full, ``route`` raises
+  ``Saturated``: the gateway sheds the request at its door instead of sending it to a worker that would
+  refuse it.
+- Budget: ``route(..., budget_ms=B)`` raises ``Saturated`` when even the first-ranked worker's estimate
+  exceeds B: under overload queues grow until the estimate passes the deadline, and from then on the excess
+  is refused at once instead of being queued to time out (which would also waste the worker's time).
+- Demotion: a worker that failed to answer (no responders, timeout: ``on_failure``) is ranked after every
+  healthy and every full worker for a back-off that starts at ``DEMOTE_BASE_S`` and doubles on each further
+  failure up to ``DEMOTE_MAX_S``; an answer (``on_success``) ends it. The gateway learns of a dead worker
+  from its own attempts at once, without waiting for cachestate to fence it. A demoted worker is still
+  tried, last: when every worker is demoted, the best of them is still the best there is.
 
 Policies are variants of this one scorer:
     JOINT         queue + compute + emb
@@ -77,8 +94,12 @@ I64 = npt.NDArray[np.int64]
 
 TIE_ABS_MS: Final = 1e-9
 TIE_REL: Final = 0.01
-OVERLOAD_PENALTY_MS: Final = 1e15  # added to the sort key of an overloaded worker: ranked after the others
-DEFAULT_OVERLOAD_QUEUE: Final = 256  # the worker's default max_queue: beyond it the worker rejects anyway
+OVERLOAD_PENALTY_MS: Final = 1e15  # added to the sort key of a full worker: ranked after the others
+DEMOTED_PENALTY_MS: Final = 2e15  # added to the sort key of a demoted worker: ranked after full ones too
+# Demotion back-off: long enough that a burst of requests does not each pay a dead worker's timeout, short
+# enough that a worker back from a pause (GC, SIGSTOP, a slow start) is tried again within seconds.
+DEMOTE_BASE_S: Final = 0.25
+DEMOTE_MAX_S: Final = 8.0
 _MASK64: Final = (1 << 64) - 1
 _U_BATCH: Final = 256  # tie-break draws per call of the generator
 
@@ -90,6 +111,16 @@ class NoWorkers(OnepoolError):
     kind = ErrorKind.RETRY
 
     def __init__(self, message: str = "no routable worker") -> None:
+        super().__init__(message)
+
+
+class Saturated(NoWorkers):
+    """Every routable worker is at the queue limit it reports, or even the best one would not answer within
+    the request's budget: shed the request now, retry later."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str) -> None:
         super().__init__(message)
 
 
@@ -313,6 +344,7 @@ class _Table:
         "full_key",
         "ids",
         "index",
+        "limit",
         "mcached_minus_new",
         "mcand",
         "miss",
@@ -321,7 +353,6 @@ class _Table:
         "n_over",
         "no_ewma",
         "over",
-        "overload_queue",
         "own",
         "q0",
         "rr_order",
@@ -332,12 +363,9 @@ class _Table:
         "zeros",
     )
 
-    def __init__(
-        self, view: RoutingView, version: int | None, own: Mapping[str, int], overload_queue: int
-    ) -> None:
+    def __init__(self, view: RoutingView, version: int | None, own: Mapping[str, int]) -> None:
         self.view = view
         self.version = version
-        self.overload_queue = overload_queue
         ids: list[str] = []
         index: dict[str, int] = {}
         rows: list[WorkerState] = []
@@ -363,29 +391,33 @@ class _Table:
                     ld.queue_depth,
                     ld.ewma_latency_ms,
                     own.get(w.worker_id, 0),
+                    ld.max_queue if ld.max_queue > 0 else math.inf,
+                    ld.ewma_service_ms,
                 )
                 for w in rows
                 for c, ld in ((w.cost, w.load),)
             ],
             dtype=np.float64,
-        ).reshape(n, 9)
+        ).reshape(n, 11)
         cols = np.ascontiguousarray(m.T)
         self.fixed, self.mnew, self.mcand = cols[0], cols[1], cols[2]
         self.mcached_minus_new = (cols[3] - cols[1]).tolist()
         self.miss = cols[4]
-        ewma = cols[7]
+        # service time per request: reported, else latency / (1 + depth), else 0 (then: own compute)
+        svc = np.where(cols[10] > 0.0, cols[10], cols[7] / (1.0 + cols[6]))
         # What the view says is ahead: requests *waiting* at the worker (all gateways). Not its in_flight:
         # that also counts the request running when the digest was cut, often one of ours that has long
         # finished, and a stale "1 running" would be enough to flip a user away from the worker holding
         # its KV. Our own in-flight requests are counted exactly below.
         self.view_inflight: list[float] = cols[6].tolist()
-        self.svc_known: list[float] = (ewma / (1.0 + cols[6])).tolist()
-        self.no_ewma: list[float] = (ewma <= 0.0).astype(np.float64).tolist()
+        self.svc_known: list[float] = svc.tolist()
+        self.no_ewma: list[float] = (svc <= 0.0).astype(np.float64).tolist()
         self.own: list[float] = cols[8].tolist()
         self.ahead = np.maximum(cols[6], cols[8])
-        self.q0 = self.ahead * (ewma / (1.0 + cols[6]))  # ahead * known service time
-        self.a0 = self.ahead * (ewma <= 0.0)  # ahead where the service time falls back to compute
-        self.over = self.ahead >= overload_queue
+        self.q0 = self.ahead * svc  # ahead * known service time
+        self.a0 = self.ahead * (svc <= 0.0)  # ahead where the service time falls back to compute
+        self.limit: list[float] = cols[9].tolist()  # each worker's own queue limit (inf: none reported)
+        self.over = self.ahead >= cols[9]
         self.n_over = int(np.count_nonzero(self.over))
         bits = [view.worker_bit(i) for i in ids]
         known = [b for b in bits if b is not None and b >= 0]
@@ -403,13 +435,17 @@ class _Table:
         self.full_key = (-1, -1)
         self.full = self.zeros
 
-    def set_own(self, i: int, own: float) -> None:
+    def set_own(self, i: int, own: float, *, completed: bool = False) -> None:
+        """This gateway's in-flight count to worker i is now `own`; `completed`: one of its requests there
+        was answered, so the queue the view reported has moved on by at least one."""
         self.own[i] = own
+        if completed and self.view_inflight[i] > 0:
+            self.view_inflight[i] -= 1.0
         ahead = max(self.view_inflight[i], own)
         self.ahead[i] = ahead
         self.q0[i] = ahead * self.svc_known[i]
         self.a0[i] = ahead * self.no_ewma[i]
-        over = ahead >= self.overload_queue
+        over = ahead >= self.limit[i]
         if over != self.over[i]:
             self.over[i] = over
             self.n_over += 1 if over else -1
@@ -460,20 +496,18 @@ class Router:
         rng_seed: int | None = None,
         predict_ttl_s: float = 5.0,
         max_predictions: int = 100_000,
-        overload_queue: int = DEFAULT_OVERLOAD_QUEUE,
     ) -> None:
         if predict_ttl_s < 0:
             raise ValueError("predict_ttl_s must be >= 0")
         if max_predictions < 0:
             raise ValueError("max_predictions must be >= 0")
-        if overload_queue < 1:
-            raise ValueError("overload_queue must be >= 1")
         self.policy = Policy(policy)
         self.predict_ttl_s = float(predict_ttl_s)
         self.max_predictions = int(max_predictions)
-        self.overload_queue = int(overload_queue)
         self._rng = np.random.default_rng(rng_seed)
         self._own: dict[str, int] = {}
+        # worker -> (demoted until, current back-off); entries outlive their `until` to remember the back-off
+        self._demoted: dict[str, tuple[float, float]] = {}
         # user -> (worker_id, history length, dispatch time); insertion order = dispatch order (LRU)
         self._predictions: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
         self._table: _Table | None = None
@@ -496,14 +530,14 @@ class Router:
         """How many (user -> worker) predictions are remembered (expired ones may linger until swept)."""
         return len(self._predictions)
 
-    def _set_own(self, worker_id: str, count: int) -> None:
+    def _set_own(self, worker_id: str, count: int, *, completed: bool = False) -> None:
         if count > 0:
             self._own[worker_id] = count
         else:
             self._own.pop(worker_id, None)
         t = self._table
         if t is not None and (i := t.index.get(worker_id)) is not None:
-            t.set_own(i, float(count))
+            t.set_own(i, float(count), completed=completed)
 
     def on_dispatch(self, worker_id: str, req: RouteRequest, now: float) -> None:
         self._set_own(worker_id, self._own.get(worker_id, 0) + 1)
@@ -525,11 +559,30 @@ class Router:
     def on_done(self, worker_id: str) -> None:
         count = self._own.get(worker_id, 0)
         if count > 0:
-            self._set_own(worker_id, count - 1)
+            self._set_own(worker_id, count - 1, completed=True)
+
+    def on_failure(self, worker_id: str, now: float) -> float:
+        """The worker did not answer (no responders, timeout): demote it; returns the back-off in seconds."""
+        prev = self._demoted.get(worker_id)
+        backoff = DEMOTE_BASE_S if prev is None else min(prev[1] * 2.0, DEMOTE_MAX_S)
+        self._demoted[worker_id] = (now + backoff, backoff)
+        return backoff
+
+    def on_success(self, worker_id: str) -> None:
+        """The worker answered: no longer demoted, and its next failure starts the back-off afresh."""
+        if self._demoted:
+            self._demoted.pop(worker_id, None)
+
+    def demoted_until(self, worker_id: str) -> float | None:
+        """When the worker's demotion ends (None: it was never demoted, or it answered since)."""
+        entry = self._demoted.get(worker_id)
+        return None if entry is None else entry[0]
 
     def forget_worker(self, worker_id: str) -> None:
-        """The worker is gone (or restarted): drop its in-flight count and the predictions pointing at it."""
+        """The worker is gone (or restarted): drop its in-flight count, demotion and the predictions
+        pointing at it."""
         self._own.pop(worker_id, None)
+        self._demoted.pop(worker_id, None)
         stale = [u for u, p in self._predictions.items() if p[0] == worker_id]
         for u in stale:
             del self._predictions[u]
@@ -545,7 +598,7 @@ class Router:
         t = self._table
         if version is not None and t is not None and t.view is view and t.version == version:
             return t
-        t = _Table(view, version if isinstance(version, int) else None, self._own, self.overload_queue)
+        t = _Table(view, version if isinstance(version, int) else None, self._own)
         # without a version the arrays cannot be trusted past this call: rebuilt on the next one
         self._table = t if t.version is not None else None
         return t
@@ -630,11 +683,18 @@ class Router:
             misses[i] = (u - f) - (int(np.count_nonzero(bits[f:, b])) if b < cols else 0)
         return misses
 
-    def route(self, view: RoutingView, req: RouteRequest, now: float) -> RouteDecision:
+    def route(
+        self, view: RoutingView, req: RouteRequest, now: float, *, budget_ms: float = math.inf
+    ) -> RouteDecision:
+        """Rank every routable worker for `req`. Raises NoWorkers when there is none, Saturated when every
+        one is full or when the best estimate exceeds `budget_ms` (the wait the caller can afford: a request
+        that would miss its deadline anyway is better refused now than queued)."""
         t = self._table_for(view)
         n = t.n
         if n == 0:
             raise NoWorkers()
+        if t.n_over == n:
+            raise Saturated(f"all {n} routable workers are at their queue limit")
         policy = self.policy
         hist_len = len(req.history)
         k = len(req.candidates)
@@ -649,6 +709,11 @@ class Router:
             t.full = full
         queue = t.a0 * full
         queue += t.q0
+        if budget_ms < math.inf and (least := float(queue.min())) > budget_ms:
+            # every worker's queue alone is over budget: refused before the costlier KV and EMB terms
+            raise Saturated(
+                f"the least busy worker has ~{least:.0f} ms queued, more than the {budget_ms:.0f} ms left"
+            )
 
         cached: dict[int, int] = {}
         misses: F64 | None = None
@@ -696,7 +761,17 @@ class Router:
                 key[start] = -math.inf
         if t.n_over:
             key[t.over] += OVERLOAD_PENALTY_MS
+        if self._demoted:
+            index = t.index
+            for wid, (until, _) in self._demoted.items():
+                if until > now and (d := index.get(wid)) is not None:
+                    key[d] += DEMOTED_PENALTY_MS
         order: list[int] = np.argsort(key).tolist()
+        best_ms = total.item(order[0])
+        if best_ms > budget_ms:
+            raise Saturated(
+                f"the best worker would take ~{best_ms:.0f} ms, more than the {budget_ms:.0f} ms left"
+            )
         scores = _Scores(
             ids=t.ids,
             total=total,

@@ -1,9 +1,11 @@
 """A gateway's replica of cachestate's routing view, kept from the ViewUpdate stream.
 
 Rules:
-* Updates carry (source, seq): seq is consecutive per source, snapshot parts included. An older seq is a
-  duplicate and ignored.
-* A new source (cachestate restarted) or a seq gap puts the replica out of sync: deltas are ignored until
+* Updates carry (source, seq): seq is consecutive per source, snapshot parts included, and is judged by
+  ``shared.sequence``: a duplicate (just behind) is ignored; a gap or a restart of the numbering (a jump
+  beyond the window either way) is a loss of sync.
+* A new source (cachestate restarted), a seq gap or a seq restart puts the replica out of sync: deltas are
+  ignored until
   a snapshot's parts have all arrived (consecutive seq, parts 0..N-1), which replaces everything. Until
   then the last good view stays in place (a brief stale view beats no view) and ``ready`` is unchanged.
 * A snapshot reaching a replica that is in sync (another gateway asked for it) only advances seq: its
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 from services.cachestate.core.residency import ResidencyIndex
 from shared import schemas as s
+from shared.sequence import SeqOrder, classify
 
 __all__ = ["ReplicaOutcome", "ViewReplica"]
 
@@ -62,14 +65,15 @@ class ViewReplica:
         return self.snapshots_applied > 0 and any(not w.draining for w in self.workers.values())
 
     def apply(self, update: s.ViewUpdate) -> ReplicaOutcome:
-        if update.source == self.source and update.seq <= self.seq:
-            return ReplicaOutcome(False, f"duplicate seq {update.seq} <= {self.seq}")
         if update.source != self.source:
             reason = "new source"
-        elif update.seq != self.seq + 1:
-            reason = f"seq gap: expected {self.seq + 1}, got {update.seq}"
         else:
-            reason = ""
+            order = classify(update.seq, self.seq + 1)
+            if order is SeqOrder.DUPLICATE:
+                return ReplicaOutcome(False, f"duplicate seq {update.seq} <= {self.seq}")
+            reason = (
+                "" if order is SeqOrder.NEXT else f"seq {order}: expected {self.seq + 1}, got {update.seq}"
+            )
         if reason:
             self._desync()
         if update.kind == "snapshot":

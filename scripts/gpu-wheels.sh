@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Download the wheels that scripts/gpu-check.sh installs on a GPU host, on any machine with PyPI access (no
+# GPU needed): every dependency of the project and of its dev extra EXCEPT torch (the GPU host brings its own
+# CUDA build), plus the build backend, for Linux x86_64 / CPython 3.11, binary wheels only.
+#
+#   scripts/gpu-wheels.sh [DIR]      DIR: $ONEPOOL_WHEELS, else scripts/gpu-wheels/
+#
+# PYTHON: a Python >= 3.11 with pip (default python3; it only reads pyproject.toml and downloads).
+# ONEPOOL_WHEEL_PLATFORMS: the wheel platform tags accepted, space-separated (default: manylinux2014 and
+# manylinux_2_28 x86_64, i.e. a host with glibc >= 2.28). pip does not expand manylinux_2_X tags downwards, so
+# every tag a wanted wheel may carry is named.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEST=${1:-${ONEPOOL_WHEELS:-$REPO/scripts/gpu-wheels}}
+PY=${PYTHON:-python3}
+read -r -a PLATFORMS <<<"${ONEPOOL_WHEEL_PLATFORMS:-manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64}"
+
+mkdir -p "$DEST"
+REQS="$DEST/requirements.txt"
+"$PY" "$REPO/scripts/gpu_check.py" requirements --pyproject "$REPO/pyproject.toml" --extra dev --build-system >"$REQS"
+{
+    echo "# onepool $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "# platforms: ${PLATFORMS[*]}; CPython 3.11; torch left out"
+} >>"$REQS"
+
+platform_args=()
+for p in "${PLATFORMS[@]}"; do
+    platform_args+=(--platform "$p")
+done
+
+echo "downloading into $DEST:"
+grep -v '^#' "$REQS" | sed 's/^/  /'
+start=$SECONDS
+"$PY" -m pip download --disable-pip-version-check --no-input \
+    --only-binary=:all: "${platform_args[@]}" --python-version 3.11 --implementation cp \
+    --dest "$DEST" -r "$REQS"
+
+if compgen -G "$DEST/torch-*.whl" >/dev/null; then
+    echo "FAIL: a torch wheel landed in $DEST (a dependency asked for it); remove it and find out why" >&2
+    exit 1
+fi
+count=$(find "$DEST" -maxdepth 1 -name '*.whl' | wc -l)
+echo "done in $((SECONDS - start)) s: $count wheels, $(du -sh "$DEST" | cut -f1) in $DEST"
