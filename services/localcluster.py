@@ -549,7 +549,8 @@ class LocalCluster:
                 return
 
     async def _wait_ready(self) -> None:
-        """Ready: every worker has published a digest, and every gateway's /readyz says 200."""
+        """Ready: every worker has published a digest, and every gateway's /readyz says 200 with every worker
+        routable."""
         missing = set(self.settings.worker_ids)
         heard = asyncio.Event()
         dec = s.decoder(s.WorkerDigest)
@@ -574,9 +575,10 @@ class LocalCluster:
                 url = f"http://{self.settings.host}:{spec.port}/readyz"
                 while True:
                     self._check_start_up()
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
                         async with session.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
-                            if resp.status == 200:
+                            body = await resp.json()
+                            if resp.status == 200 and body.get("routable_workers") == self.settings.workers:
                                 break
                     await asyncio.sleep(0.1)
 

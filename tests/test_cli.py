@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +57,14 @@ def test_configuration_doc_is_current() -> None:
         assert f"`ONEPOOL_WORKER_{name.upper()}`" in DOC.read_text(), name
 
 
-def _start_cluster(port: int, workers: int) -> tuple[subprocess.Popen[str], list[str]]:
-    """`onepool up` as a child; returns once it printed its banner (the lines read so far)."""
+def _start_cluster(port: int, workers: int, *extra: str) -> tuple[subprocess.Popen[str], list[str], int]:
+    """`onepool up` as a child; returns once it printed its banner (the lines read so far) and its gateway
+    port. Its output keeps flowing into `lines` from a reader thread."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    http_port = free_port()
     launcher = subprocess.Popen(
-        [*ONEPOOL, "up", "--workers", str(workers), "--nats-port", str(port), "--port", str(free_port())]
-        + ["--worker-env", "ONEPOOL_WORKER_BUDGET_MIB=4"],
+        [*ONEPOOL, "up", "--workers", str(workers), "--nats-port", str(port), "--port", str(http_port)]
+        + ["--worker-env", "ONEPOOL_WORKER_BUDGET_MIB=4", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,19 +72,68 @@ def _start_cluster(port: int, workers: int) -> tuple[subprocess.Popen[str], list
         cwd=ROOT,
     )
     lines: list[str] = []
+    banner = threading.Event()
     assert launcher.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = launcher.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "local cluster is up" in line:
-            return launcher, lines
-    launcher.kill()
-    launcher.wait()
-    launcher.stdout.close()
-    raise AssertionError("no banner from `onepool up`:\n" + "".join(lines[-40:]))
+    out = launcher.stdout
+
+    def read() -> None:
+        for line in iter(out.readline, ""):
+            lines.append(line)
+            if "local cluster is up" in line:
+                banner.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not banner.wait(120):
+        launcher.kill()
+        launcher.wait()
+        raise AssertionError("no banner from `onepool up`:\n" + "".join(lines[-40:]))
+    return launcher, lines, http_port
+
+
+def _wait_for(lines: list[str], text: str, timeout_s: float = 60.0, count: int = 1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(text in line for line in list(lines)) < count:
+        assert time.monotonic() < deadline, f"{text!r} x{count} not in the output:\n" + "".join(lines[-60:])
+        time.sleep(0.05)
+
+
+def _stop(launcher: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+    launcher.send_signal(sig)
+    try:
+        return launcher.wait(timeout_s)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        if launcher.stdout is not None:
+            launcher.stdout.close()
+
+
+def _recommend(http_port: int, user: str, history: list[int]) -> dict[str, Any]:
+    body = json.dumps({"user_id": user, "history": history, "candidates": [7, 8, 9], "k": 2}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/v1/recommend", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        answer: dict[str, Any] = json.loads(resp.read())
+        assert resp.status == 200
+    return answer
+
+
+def _child_pid(port: int, worker_id: str) -> int:
+    """The pid of the cluster's worker `worker_id` (its environment names it and the cluster's NATS)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"ONEPOOL_WORKER_ID={worker_id}".encode() in environ and any(
+            e.endswith(f"NATS_URL=nats://127.0.0.1:{port}".encode()) for e in environ
+        ):
+            return int(entry.name)
+    raise AssertionError(f"no process for {worker_id}")
 
 
 def assert_nothing_left(port: int, timeout_s: float = 10.0) -> None:
@@ -92,75 +145,123 @@ def assert_nothing_left(port: int, timeout_s: float = 10.0) -> None:
 
 
 def _leftovers(port: int) -> list[str]:
-    return [
-        p[:200]
-        for p in _processes()
-        if f"-p {port} " in p or f"ONEPOOL_WORKER_NATS_URL=nats://127.0.0.1:{port} " in p
-    ]
+    """Every child of the cluster on that NATS port: nats-server by its command line, each service (worker,
+    gateway, cachestate, controller) by the NATS URL in its environment."""
+    return [p[:200] for p in _processes() if f"-p {port} " in p or f"_NATS_URL=nats://127.0.0.1:{port} " in p]
 
 
 @pytest.mark.slow
-def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+def test_up_serves_through_its_gateway_with_the_flags_given_and_stops_cleanly() -> None:
     port = free_port()
-    launcher, lines = _start_cluster(port, workers=2)
+    launcher, lines, http_port = _start_cluster(
+        port, 2, "--routing", "round-robin", "--alpha-policy", "static:0.6"
+    )
     try:
-        assert any(line.startswith("[w0] ") for line in lines) and any(
-            line.startswith("[w1] ") for line in lines
-        )
-        for worker in ("w0", "w1"):
-            reply = subprocess.run(
-                [*ONEPOOL, "infer", "--nats-url", f"nats://127.0.0.1:{port}", "--worker", worker]
-                + ["--history", "1,2,3", "--candidates", "7,8,9", "--k", "2"],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-                timeout=60,
-            )
-            assert reply.returncode == 0, reply.stderr
-            body = json.loads(reply.stdout)
-            assert body["worker_id"] == worker and len(body["ok"]["items"]) == 2
-        launcher.send_signal(signal.SIGTERM)
-        rest, _ = launcher.communicate(timeout=60)
-        lines.append(rest)
-        assert launcher.returncode == 0, "".join(lines[-40:])
+        assert len(_leftovers(port)) == 6  # nats, cachestate, controller, w0, w1, gateway: the check sees all
+        for name in ("nats", "cachestate", "controller", "w0", "w1", "gateway"):
+            assert any(line.startswith(f"[{name}] ") for line in lines), name
+        # --routing reached the gateway: one user's visits go round the workers instead of sticking.
+        workers = [_recommend(http_port, "rr-user", [1, 2, 3, i])["worker"] for i in range(4)]
+        assert set(workers) == {"w0", "w1"}, workers
+        # --alpha-policy reached the controller: it moves both workers' split to 0.6.
+        _wait_for(lines, "alpha target set", count=2)
+        assert sum('"target_alpha": 0.6' in line for line in lines if "alpha target set" in line) == 2
+        code = _stop(launcher)
+        assert code == 0, "".join(lines[-40:])
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-        if launcher.stdout is not None:
-            launcher.stdout.close()
-    assert _leftovers(port) == []
+    assert_nothing_left(port)
     # The workers drained: each said goodbye before NATS went away.
-    assert "worker stopping" in "".join(lines)
+    assert sum("worker stopping" in line for line in lines) == 2
+
+
+@pytest.mark.slow
+def test_up_restarts_a_dead_worker_and_gives_up_on_a_crash_loop() -> None:
+    port = free_port()
+    launcher, lines, http_port = _start_cluster(port, 2)
+    try:
+        first = _child_pid(port, "w1")
+        os.kill(first, signal.SIGKILL)
+        _wait_for(lines, "child restarted")
+        assert any("child exited unexpectedly" in line and "killed by SIGKILL" in line for line in lines)
+        # It is back with a new process and the cluster serves on.
+        _wait_for(lines, "worker ready", count=3)
+        assert _child_pid(port, "w1") != first
+        assert _recommend(http_port, "after-restart", [1, 2])["worker"] in {"w0", "w1"}
+        # Four more deaths within a minute: a crash loop, given up; the rest keeps serving.
+        for n in range(2, 6):
+            _wait_for(lines, "worker ready", count=n + 1)
+            os.kill(_child_pid(port, "w1"), signal.SIGKILL)
+            _wait_for(lines, "child exited unexpectedly", count=n)
+        _wait_for(lines, "child given up")
+        assert any("crash-looping: 5 exits within 60 s" in line for line in lines)
+        assert _recommend(http_port, "after-give-up", [3, 4])["worker"] == "w0"
+        code = _stop(launcher)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert code == 3, "".join(lines[-40:])  # stopped cleanly, but a child had been given up: it says so
+    assert any("had been given up: w1" in line for line in lines)
+    assert_nothing_left(port)
 
 
 @pytest.mark.slow
 def test_a_second_signal_stops_everything_at_once() -> None:
     port = free_port()
-    launcher, _ = _start_cluster(port, workers=1)
-    try:
-        launcher.send_signal(signal.SIGINT)
-        time.sleep(0.05)
-        launcher.send_signal(signal.SIGINT)
-        launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-        if launcher.stdout is not None:
-            launcher.stdout.close()
+    launcher, lines, _ = _start_cluster(port, 1)
+    launcher.send_signal(signal.SIGINT)
+    _wait_for(lines, "stop signal received", timeout_s=10)
+    t0 = time.monotonic()
+    code = _stop(launcher, signal.SIGINT, timeout_s=30)
+    assert time.monotonic() - t0 < 10.0  # no draining waited for
+    assert code == 1  # forced: says it did not stop cleanly
     assert_nothing_left(port)
 
 
 @pytest.mark.slow
 def test_killed_launcher_takes_its_children_along() -> None:
     port = free_port()
-    launcher, _ = _start_cluster(port, workers=1)
+    launcher, _, _ = _start_cluster(port, 1)
     launcher.kill()  # SIGKILL: no handler runs; the children's parent-death signal must do the job
     launcher.wait()
     if launcher.stdout is not None:
         launcher.stdout.close()
     assert_nothing_left(port)
+
+
+@pytest.mark.slow
+def test_up_with_a_bad_worker_setting_fails_fast_and_says_why() -> None:
+    port = free_port()
+    t0 = time.monotonic()
+    run = subprocess.run(
+        [*ONEPOOL, "up", "--workers", "1", "--nats-port", str(port), "--port", str(free_port())]
+        + ["--worker-env", "ONEPOOL_WORKER_BUDGET_MIB=lots"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert run.returncode == 1, run.stdout[-3000:]
+    assert "w0 exited with code 2 (bad settings" in run.stdout
+    assert "ONEPOOL_WORKER_BUDGET_MIB" in run.stdout  # the worker's own message, in its prefixed lines
+    assert time.monotonic() - t0 < 60  # not restarted over and over
+    assert_nothing_left(port)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--workers", "0"], "--workers"),
+        (["--port", "70000"], "--port"),
+        (["--nats-port", "x"], "--nats-port"),
+    ],
+)
+def test_up_arguments_are_checked_before_anything_starts(args: list[str], named: str) -> None:
+    run = subprocess.run([*ONEPOOL, "up", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 2 and named in run.stderr, run.stderr
 
 
 def _quick_bench(name: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
@@ -208,10 +309,40 @@ def test_bench_routing_quick_writes_every_key(tmp_path: Path) -> None:
     assert "gateway_overhead_p99_ms" in stdout
 
 
+@pytest.mark.slow
+def test_bench_faults_quick_writes_every_key(tmp_path: Path) -> None:
+    out = tmp_path / "faults.json"
+    run = subprocess.run(
+        [*ONEPOOL, "bench", "faults", "--quick", "--scenarios", "worker_kill,overload", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    kill = report["scenarios"]["worker_kill"]
+    assert set(kill) >= {"failed_requests", "total_requests", "recovery_s", "p99_ms_during"}
+    assert kill["total_requests"] > 20 and kill["failed_requests"] == 0 and kill["recovery_s"] == 0.0
+    overload = report["scenarios"]["overload"]
+    assert set(overload) >= {"shed_p99_ms", "goodput_ratio", "healthz_p99_ms", "capacity_per_s"}
+    assert overload["shed_requests"] > 0 and overload["goodput_ratio"] > 0 and overload["healthz_p99_ms"] > 0
+    assert overload["offered_per_s"] == pytest.approx(3 * overload["capacity_per_s"], rel=0.01)
+    assert set(report["scenarios"]) == {"worker_kill", "overload"}
+    assert "np_unique_600_us" in report["machine_ref"] or "unavailable" in report["machine_ref"]
+    assert "overload: capacity" in run.stdout and "worker_kill: 0 failed" in run.stdout
+
+
 def test_bench_arguments_are_checked_before_anything_starts() -> None:
-    for bad in (["--requests", "5"], ["--repeats", "0"], ["--rate", "fast"]):
+    for bench, bad in (
+        ("routing", ["--requests", "5"]),
+        ("routing", ["--repeats", "0"]),
+        ("routing", ["--rate", "fast"]),
+        ("faults", ["--scenarios", "worker_kill,meteor"]),
+        ("faults", ["--rate", "0"]),
+    ):
         run = subprocess.run(
-            [*ONEPOOL, "bench", "routing", "--json", "unused.json", *bad],
+            [*ONEPOOL, "bench", bench, "--json", "unused.json", *bad],
             capture_output=True,
             text=True,
             cwd=ROOT,

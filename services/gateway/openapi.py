@@ -52,10 +52,22 @@ def openapi_document(max_history: int, max_candidates: int) -> dict[str, Any]:
                                 }
                             },
                         },
-                        "400": {"description": "invalid request (the field is named)", **error_response},
+                        "400": {
+                            "description": "invalid request, a string not in UTF-8 included (field named)",
+                            **error_response,
+                        },
+                        "408": {
+                            "description": "the body did not arrive in time (body_timeout)",
+                            **error_response,
+                        },
                         "413": {"description": "body too large", **error_response},
+                        "415": {
+                            "description": "not JSON in UTF-8: send Content-Type application/json",
+                            **error_response,
+                        },
                         "503": {
-                            "description": "no worker could serve it; retry after Retry-After seconds",
+                            "description": "not served now, retry after Retry-After seconds: overloaded "
+                            "(shed at the door), bus_unavailable, no_worker, upstream_failed",
                             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                             **error_response,
                         },
@@ -66,8 +78,11 @@ def openapi_document(max_history: int, max_candidates: int) -> dict[str, Any]:
             "/healthz": {"get": {"summary": "process alive", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {
                 "get": {
-                    "summary": "has a routing view and at least one live worker",
-                    "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
+                    "summary": "connected to the bus, with a fresh routing view listing a routable worker",
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "not ready; `reasons` says why"},
+                    },
                 }
             },
             "/metrics": {
