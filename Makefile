@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint typecheck bench-worker bench-routing clean
+.PHONY: venv run test lint typecheck bench-worker bench-routing bench-faults gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,17 @@ bench-worker: venv
 
 bench-routing: venv
 	$(BIN)/onepool bench routing --json out/bench-routing.json
+
+bench-faults: venv
+	$(BIN)/onepool bench faults --json out/bench-faults.json
+
+# On a machine without a GPU: the wheels of every dependency but torch, for the GPU host (docs/gpu-check.md).
+gpu-wheels:
+	scripts/gpu-wheels.sh
+
+# On a GPU host whose system Python has a CUDA build of torch: the CUDA tests and checks, one JSON.
+gpu-check:
+	scripts/gpu-check.sh out/gpu-check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -37,7 +37,7 @@ import aiohttp
 
 from bench.loadgen import OpenLoop, Record, percentile, recovery_s, returning_users, summarise
 from bench.report import write_report
-from services.localcluster import ChildState, ClusterSettings, GatewaySpec, LocalCluster
+from services.localcluster import ChildState, ClusterSettings, GatewaySpec, LocalCluster, free_port
 
 SCENARIOS = ("worker_kill", "controller_kill", "cachestate_kill", "nats_restart", "worker_pause", "overload")
 TARGETS = {
@@ -64,14 +64,6 @@ class FaultBenchOptions:
     outage_s: float = 3.0
     overload_s: float = 5.0
     quick: bool = False
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _rss_mib(pid: int | None) -> float:
@@ -237,8 +229,8 @@ async def _measure(opts: FaultBenchOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="onepool-bench-faults-") as logs:
         settings = ClusterSettings(
             workers=2,
-            nats_port=_free_port(),
-            gateways=(GatewaySpec(port=_free_port()),),
+            nats_port=free_port(),
+            gateways=(GatewaySpec(port=free_port()),),
             alpha_policy="static:0.5",
             worker_env=WORKER_ENV,
             log_dir=Path(logs),

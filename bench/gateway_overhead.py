@@ -1,8 +1,8 @@
 """What the gateway adds: P99 through HTTP + routing + NATS minus P99 straight to the worker over NATS.
 
-Both arms send the same shapes of request to one worker of a real local cluster (`onepool up --workers 1`
-as a child process: nats-server, cachestate, controller, worker, gateway), their requests dealt in turn
-from one open-loop Poisson stream: the worker sees the stated rate, and both arms the same moments.
+Both arms send the same shapes of request to one worker of a real local cluster (`LocalCluster`, as
+`onepool up` runs it, with one worker), their requests dealt in turn from one open-loop Poisson stream:
+the worker sees the stated rate, and both arms the same moments.
 Latency is measured from the scheduled send time (no coordinated omission). The load generator runs on
 uvloop, encodes every request before the stream starts, and by default sends HTTP with a minimal
 keep-alive client (`bench.http_client`), so that the figure is what the gateway adds, not what a Python
@@ -14,29 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
 import numpy as np
 
 from bench.http_client import KeepAliveHttpClient
+from services.localcluster import ClusterSettings, GatewaySpec, LocalCluster, free_port
 from shared import schemas as s
 from shared.bus import Bus
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _bodies(n: int, prefix: str, seed: int) -> list[dict[str, Any]]:
@@ -174,46 +164,28 @@ def _run(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
 def measure_gateway_overhead(
     *, rate: float, requests: int, repeats: int, client: HttpClientKind = "lean"
 ) -> dict[str, Any]:
-    port, nats_port = _free_port(), _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "services.cli", "up", "--workers", "1", "--port", str(port)]
-    argv += ["--nats-port", str(nats_port), "--alpha-policy", "static:0.5"]
-    argv += ["--worker-env", "ONEPOOL_WORKER_NUM_ITEMS=20000", "--worker-env", "ONEPOOL_WORKER_BUDGET_MIB=64"]
-    cluster = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    try:
-        assert cluster.stdout is not None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = cluster.stdout.readline()
-            if not line:
-                raise RuntimeError("the local cluster exited during start-up")
-            if "local cluster is up" in line:
-                break
-        else:
-            raise TimeoutError("the local cluster did not start")
-        # Keep reading its output so that it never blocks on a full pipe.
-        out = cluster.stdout
-        threading.Thread(target=lambda: [None for _ in iter(out.readline, "")], daemon=True).start()
-        return _run(
-            _measure(
-                port,
-                f"nats://127.0.0.1:{nats_port}",
-                rate=rate,
-                requests=requests,
-                repeats=repeats,
-                client=client,
+    async def main() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="onepool-bench-routing-") as logs:
+            settings = ClusterSettings(
+                workers=1,
+                nats_port=free_port(),
+                gateways=(GatewaySpec(port=free_port()),),
+                alpha_policy="static:0.5",
+                worker_env={"ONEPOOL_WORKER_NUM_ITEMS": "20000", "ONEPOOL_WORKER_BUDGET_MIB": "64"},
+                log_dir=Path(logs),
+                ready_timeout_s=180.0,
             )
-        )
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            cluster.send_signal(signal.SIGTERM)
-        try:
-            cluster.wait(60)
-        except subprocess.TimeoutExpired:
-            cluster.kill()
-            cluster.wait()
-        if cluster.stdout is not None:
-            cluster.stdout.close()
+            async with LocalCluster(settings) as cluster:
+                return await _measure(
+                    settings.gateways[0].port,
+                    cluster.nats_url,
+                    rate=rate,
+                    requests=requests,
+                    repeats=repeats,
+                    client=client,
+                )
+
+    return _run(main())
 
 
 if __name__ == "__main__":

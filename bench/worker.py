@@ -43,6 +43,7 @@ class BenchOptions:
     json_path: str
     quick: bool = False
     repeats: int = 3
+    device: str = "cpu"  # torch device of every engine: "cpu" (emulated host link) or "cuda[:N]" (real H2D)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ FULL = RegimeSizes(
 QUICK = replace(FULL, model="tiny", num_items=50_000, budget_mib=8, steady_s=1.0, warmup_s=0.5)
 
 
-def _engine(sizes: RegimeSizes, *, alpha: float, mode: RefillMode, model: HSTUConfig | None = None) -> Engine:
+def _engine(
+    sizes: RegimeSizes, *, alpha: float, mode: RefillMode, device: str, model: HSTUConfig | None = None
+) -> Engine:
     cfg = model or PRESETS[sizes.model]
     chunk_bytes = sizes.chunk_kib * 1024
     total_chunks = sizes.budget_mib * MIB // chunk_bytes
@@ -106,7 +109,7 @@ def _engine(sizes: RegimeSizes, *, alpha: float, mode: RefillMode, model: HSTUCo
             refill_mode=mode,
             prefetch_bytes_per_tick=64 * 1024 if mode == RefillMode.INCREMENTAL else 0,
             link=LinkSpec(),
-            device="cpu",
+            device=device,
         )
     )
 
@@ -126,13 +129,13 @@ def _timed(engine: Engine, req: PreparedRequest) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def measure_kv_speedup(quick: bool, repeats: int) -> dict[str, Any]:
+def measure_kv_speedup(quick: bool, repeats: int, device: str) -> dict[str, Any]:
     model = PRESETS["tiny" if quick else "bench"]
     history_len, new_tokens, n_cands = (256, 16, 64) if quick else (1024, 16, 64)
     if history_len > model.max_history:
         model = replace(model, max_history=history_len)
     sizes = replace(QUICK if quick else FULL, num_items=100_000, budget_mib=64)
-    engine = _engine(sizes, alpha=0.5, mode=RefillMode.INCREMENTAL, model=model)
+    engine = _engine(sizes, alpha=0.5, mode=RefillMode.INCREMENTAL, device=device, model=model)
     rng = np.random.default_rng(1)
     history = rng.integers(0, sizes.num_items, history_len).astype(np.int64)
     ts = np.cumsum(rng.integers(1, 3600, history_len)).astype(np.int64)
@@ -160,9 +163,9 @@ def measure_kv_speedup(quick: bool, repeats: int) -> dict[str, Any]:
     }
 
 
-def measure_emb_miss_cost(quick: bool, repeats: int) -> dict[str, Any]:
+def measure_emb_miss_cost(quick: bool, repeats: int, device: str) -> dict[str, Any]:
     sizes = replace(QUICK if quick else FULL, num_items=200_000, budget_mib=64)
-    engine = _engine(sizes, alpha=0.5, mode=RefillMode.INCREMENTAL)
+    engine = _engine(sizes, alpha=0.5, mode=RefillMode.INCREMENTAL, device=device)
     n_cands = 64
     empty = np.zeros(0, dtype=np.int64)
     hot = np.arange(n_cands, dtype=np.int64)
@@ -262,10 +265,10 @@ def _await(engine: Engine, fn: Any) -> Any:
 
 
 def run_realloc(
-    sizes: RegimeSizes, mode: RefillMode, seed: int, lo: float = 0.2, hi: float = 0.8
+    sizes: RegimeSizes, mode: RefillMode, seed: int, *, lo: float = 0.2, hi: float = 0.8, device: str = "cpu"
 ) -> dict[str, Any]:
     """Open-loop Poisson load through the engine thread; steady phase at `lo`, then a swing lo->hi->lo."""
-    engine = _engine(sizes, alpha=lo, mode=mode)
+    engine = _engine(sizes, alpha=lo, mode=mode, device=device)
     workload = Workload(sizes, seed)
     workload.prefill(engine)
     # Service time at this regime, to set the arrival rate for the wanted utilisation.
@@ -381,11 +384,11 @@ def run_realloc(
     }
 
 
-def measure_realloc(quick: bool, repeats: int) -> dict[str, Any]:
+def measure_realloc(quick: bool, repeats: int, device: str) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     out: dict[str, Any] = {"realloc_setup": asdict(sizes)}
     for mode, prefix in ((RefillMode.INCREMENTAL, ""), (RefillMode.NAIVE, "naive_")):
-        runs = [run_realloc(sizes, mode, seed=100 + r) for r in range(repeats)]
+        runs = [run_realloc(sizes, mode, seed=100 + r, device=device) for r in range(repeats)]
         out[f"{prefix}realloc_p99_ratio"] = statistics.median(r["p99_ratio"] for r in runs)
         out[f"{prefix}realloc_critical_path_refill_bytes"] = int(
             statistics.median(r["critical_path_refill_bytes"] for r in runs)
@@ -410,9 +413,13 @@ def run_bench(opts: BenchOptions) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "device": "cpu",
-        "host_link": f"emulated ({LinkSpec().bandwidth_gbps} GB/s, {LinkSpec().latency_us} us per transfer): "
-        "CPU mode, no HBM; misses spend this as real wall time",
+        "device": opts.device,
+        "host_link": (
+            f"emulated ({LinkSpec().bandwidth_gbps} GB/s, {LinkSpec().latency_us} us per transfer): "
+            "CPU mode, no HBM; misses spend this as real wall time"
+            if opts.device == "cpu"
+            else f"real H2D copies from a pinned host table to {opts.device}"
+        ),
     }
     steps = (
         ("KV reuse", measure_kv_speedup),
@@ -421,7 +428,7 @@ def run_bench(opts: BenchOptions) -> int:
     )
     for i, (name, fn) in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {name} ...", flush=True)
-        report.update(fn(opts.quick, repeats))
+        report.update(fn(opts.quick, repeats, opts.device))
     report["elapsed_s"] = time.time() - started
     write_report(opts.json_path, report, summary(report))
     return 0

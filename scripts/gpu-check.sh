@@ -11,8 +11,8 @@
 #   probe-venv       the same probe inside the venv (the venv must use the system torch)
 #   pytest           pytest -m cuda: every test marked cuda must pass; a skipped one fails the check
 #   cuda-paths       pool arena on the device, pinned host table, H2D timed with CUDA events, prefetch stream
-#   bench-cli        onepool bench worker --quick as shipped (it always runs on the CPU: no device option)
-#   bench-cuda       the same bench with its engines forced onto the device by scripts/gpu_check.py
+#   bench-cli        onepool bench worker --quick on the CPU (the emulated link: a baseline on this host)
+#   bench-cuda       onepool bench worker --quick --device $ONEPOOL_GPU_DEVICE, recording where engines ran
 # Then scripts/gpu_check.py report writes ONE JSON file (docs/gpu-check.md lists its keys).
 #
 # Environment: PYTHON (the system Python with torch, default python3; must be CPython 3.11),

@@ -1,5 +1,5 @@
 """Helper of `scripts/gpu-check.sh`: probes torch/CUDA, checks that the worker's CUDA paths really run, runs
-the worker bench with its engines forced onto the device, and assembles the one JSON report.
+the worker bench on the device, and assembles the one JSON report.
 
 Subcommands (the shell script calls each under `timeout`):
 
@@ -8,8 +8,8 @@ Subcommands (the shell script calls each under `timeout`):
 * ``probe`` - torch version, CUDA build, devices; exit 0 only when ``torch.cuda.is_available()``.
 * ``cuda-paths`` - the real classes on the device: `PoolStorage` arena on CUDA, `HostEmbeddingTable` pinned,
   `HostLink` H2D (timed with CUDA events), `PrefetchChannel` on its side stream, an `Engine` serving.
-* ``bench`` - `bench.worker.run_bench(quick=True)` with every `Engine` it builds forced onto ``--device``
-  (the bench itself hard-codes ``device="cpu"`` and has no flag for it).
+* ``bench`` - `onepool bench worker --quick --device D` in-process (`bench.worker.run_bench`), recording where
+  every `Engine` it builds put its pool, host table and link.
 * ``report`` - reads what the steps left in the work folder, decides pass/fail, writes the JSON.
 
 Module level imports are stdlib only, so ``requirements`` and ``report`` run with any Python 3.11, with or
@@ -36,7 +36,7 @@ from typing import Any
 
 SCHEMA = "onepool-gpu-check/1"
 DESCRIPTION = (
-    "GPU check helper: probe, CUDA path checks, forced bench, JSON report (see scripts/gpu-check.sh)"
+    "GPU check helper: probe, CUDA path checks, bench on the device, JSON report (see scripts/gpu-check.sh)"
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024**3
@@ -364,11 +364,11 @@ def build_report(work: Path, tests_dir: Path, dry_run: bool = False) -> dict[str
     if "bench-cuda" in by_name:
         engines = (bench_cuda_full or {}).get("engines") or []
         if not engines:
-            failures.append("the forced bench built no engine (did bench.worker stop using Engine?)")
+            failures.append("the bench on the device built no engine (did bench.worker stop using Engine?)")
         elif not all(
             e.get("arena") == "cuda" and e.get("pinned") and not e.get("emulated_link") for e in engines
         ):
-            failures.append("the forced bench ran engines off the device: " + json.dumps(engines))
+            failures.append("the bench ran engines off the device: " + json.dumps(engines))
 
     ran = {s["name"] for s in steps}
     probe_info = probe_venv or probe or {}
@@ -718,12 +718,9 @@ def cuda_paths(out: Path, device_name: str) -> int:
     return 0 if checks.ok else 1
 
 
-def bench_forced(json_path: Path, device_name: str) -> int:
-    """`onepool bench worker --quick` with every engine it builds moved onto `device_name`.
-
-    bench/worker.py builds its engines with ``device="cpu"`` and offers no option; this swaps the `Engine`
-    name the bench looks up for a subclass that replaces the device, records where each engine really put
-    its pool, and rewrites the report's CPU-only ``device``/``host_link`` lines."""
+def bench_on_device(json_path: Path, device_name: str) -> int:
+    """`onepool bench worker --quick --device <device_name>`, in-process, recording where each engine it
+    builds really put its pool, table and link (an `Engine` subclass in place of the bench's own)."""
     _use_this_checkout()
     import torch
 
@@ -732,9 +729,9 @@ def bench_forced(json_path: Path, device_name: str) -> int:
 
     engines: list[dict[str, Any]] = []
 
-    class ForcedEngine(Engine):
+    class RecordedEngine(Engine):
         def __init__(self, cfg: EngineConfig) -> None:
-            super().__init__(replace(cfg, device=device_name))
+            super().__init__(cfg)
             engines.append(
                 {
                     "device": str(self.device),
@@ -745,16 +742,16 @@ def bench_forced(json_path: Path, device_name: str) -> int:
             )
 
     original = bench_worker.Engine  # type: ignore[attr-defined]
-    bench_worker.Engine = ForcedEngine  # type: ignore[attr-defined]
+    bench_worker.Engine = RecordedEngine  # type: ignore[attr-defined]
     try:
-        rc = bench_worker.run_bench(bench_worker.BenchOptions(json_path=str(json_path), quick=True))
+        rc = bench_worker.run_bench(
+            bench_worker.BenchOptions(json_path=str(json_path), quick=True, device=device_name)
+        )
     finally:
         bench_worker.Engine = original  # type: ignore[attr-defined]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     report = read_json(json_path) or {}
-    report["device"] = device_name
-    report["host_link"] = f"{report.get('link', '?')}; engines forced onto {device_name} by gpu_check.py"
     report["engines"] = engines
     if torch.cuda.is_available():
         report["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -776,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = sub.add_parser("cuda-paths", help="check the worker's CUDA paths through its real classes")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--device", default="cuda:0")
-    b = sub.add_parser("bench", help="onepool bench worker --quick with its engines forced onto --device")
+    b = sub.add_parser("bench", help="onepool bench worker --quick --device D, recording where engines ran")
     b.add_argument("--json", type=Path, required=True)
     b.add_argument("--device", default="cuda:0")
     rep = sub.add_parser("report", help="assemble the JSON report from the work folder; exit 0 only if ok")
@@ -794,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "cuda-paths":
         return cuda_paths(args.out, args.device)
     if args.cmd == "bench":
-        return bench_forced(args.json, args.device)
+        return bench_on_device(args.json, args.device)
     report = build_report(args.work, args.tests, dry_run=args.dry_run)
     write_json(args.out, report)
     print(f"wrote {args.out}")

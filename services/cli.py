@@ -49,7 +49,9 @@ def _up(args: argparse.Namespace) -> int:
 def _bench_worker(args: argparse.Namespace) -> int:
     from bench.worker import BenchOptions, run_bench
 
-    return run_bench(BenchOptions(json_path=args.json, quick=args.quick, repeats=args.repeats))
+    return run_bench(
+        BenchOptions(json_path=args.json, quick=args.quick, repeats=args.repeats, device=args.device)
+    )
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -238,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bw.add_argument(
         "--repeats", type=_at_least(1), default=3, help="repeats per figure; the median is reported"
+    )
+    bw.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the engines: cpu (emulated host link, the default) or cuda / cuda:N (real H2D "
+        "from a pinned host table)",
     )
     bw.set_defaults(func=_bench_worker)
     br = bench_sub.add_parser(

@@ -1,5 +1,5 @@
-"""The common shapes of a service's entry: the `onepool <service>` command, and a bus-only service's main
-(telemetry, a NATS connection, start, wait, stop)."""
+"""The one shape of every service's entry: the `onepool <service>` command, and its main (telemetry, a NATS
+connection, build the service, start, wait for the stop signal, stop, close), shared by all four."""
 
 from __future__ import annotations
 
@@ -30,18 +30,20 @@ async def run_bus_service(
     *,
     instance_id: str,
     nats_url: str,
-    build: Callable[[Bus, Tracer], BusService],
+    build: Callable[[Bus, Tracer], Awaitable[BusService]],
     stop: asyncio.Event,
 ) -> None:
     """Run the service `build` makes until `stop` is set; everything is closed in reverse order, also on
-    failure. `name` is the short service name ("cachestate"): `onepool-<name>` in traces and on the bus."""
+    failure. `name` is the short service name ("cachestate"): `onepool-<name>` in traces and on the bus.
+    `build` may take its time (a worker builds and warms up its model): the bus is connected meanwhile,
+    but the service subscribes to nothing before its start()."""
     telemetry = setup_telemetry(f"onepool-{name}", service_instance_id=instance_id)
     log = structlog.get_logger(f"onepool.{name}")
     try:
         tracer = telemetry.tracer(f"onepool.{name}")
         bus = await Bus.connect(nats_url, name=f"onepool-{name}-{instance_id}", tracer=tracer)
         try:
-            service = build(bus, tracer)
+            service = await build(bus, tracer)
             try:
                 await service.start()
                 await stop.wait()

@@ -11,12 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from services.localcluster import free_port
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it; a race with other processes is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+__all__ = ["eventually", "find_nats_server", "free_port", "wait_for_port"]
 
 
 def find_nats_server() -> Path | None:

@@ -3,41 +3,51 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import structlog
+from opentelemetry.trace import Tracer
 
 from services.gateway.service import Gateway, build_app, serve_http
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
-from shared.telemetry import setup_telemetry
+from shared.runner import run_bus_service
 
 log = structlog.get_logger("onepool.gateway")
 
 
+class GatewayServer:
+    """The gateway and its HTTP server, started and stopped as one service (the app's start-up runs the
+    gateway's own start and stop)."""
+
+    def __init__(self, settings: GatewaySettings, bus: Bus, tracer: Tracer) -> None:
+        self.settings = settings
+        self.gateway = Gateway(settings, bus, tracer=tracer)
+        self._tracer = tracer
+        self._http = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        s = self.settings
+        await self._http.enter_async_context(
+            serve_http(
+                build_app(self.gateway, self._tracer),
+                s.host,
+                s.port,
+                max_connections=s.max_connections,
+                idle_timeout_s=s.idle_timeout_ms / 1e3,
+                retry_after_s=s.retry_after_s,
+            )
+        )
+        log.info("gateway listening", url=f"http://{s.host}:{s.port}", routing=s.routing, instance=s.instance)
+
+    async def stop(self) -> None:
+        await self._http.aclose()
+
+
 async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
-    telemetry = setup_telemetry("onepool-gateway", service_instance_id=settings.instance)
-    tracer = telemetry.tracer("onepool.gateway")
-    try:
-        bus = await Bus.connect(settings.nats_url, name=f"onepool-gateway-{settings.instance}", tracer=tracer)
-        try:
-            gateway = Gateway(settings, bus, tracer=tracer)
-            async with serve_http(
-                build_app(gateway, tracer),
-                settings.host,
-                settings.port,
-                max_connections=settings.max_connections,
-                idle_timeout_s=settings.idle_timeout_ms / 1e3,
-                retry_after_s=settings.retry_after_s,
-            ):
-                log.info(
-                    "gateway listening",
-                    url=f"http://{settings.host}:{settings.port}",
-                    routing=settings.routing,
-                    instance=settings.instance,
-                )
-                await stop.wait()
-                log.info("gateway stopping")
-        finally:
-            await bus.close()
-    finally:
-        telemetry.shutdown()
+    async def build(bus: Bus, tracer: Tracer) -> GatewayServer:
+        return GatewayServer(settings, bus, tracer)
+
+    await run_bus_service(
+        "gateway", instance_id=settings.instance, nats_url=settings.nats_url, build=build, stop=stop
+    )

@@ -179,6 +179,7 @@ class WorkerService:
         self._draining = True
         if not self._subs:  # start() never subscribed: nothing to drain
             await self._tasks.close(timeout_s=2.0)
+            await asyncio.to_thread(self.engine.stop)
             return
         infer_sub, *others = self._subs
         await infer_sub.stop(drain=True, timeout_s=self.settings.drain_s)
