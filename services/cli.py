@@ -23,13 +23,17 @@ def _up(args: argparse.Namespace) -> int:
     from services.localcluster import ClusterSettings, GatewaySpec, run_local_cluster
     from shared.lifecycle import run, run_until_signalled
 
-    settings = ClusterSettings(
-        workers=args.workers,
-        nats_port=args.nats_port,
-        gateways=(GatewaySpec(port=args.port, routing=args.routing),),
-        alpha_policy=args.alpha_policy,
-        worker_env=dict(pair.split("=", 1) for pair in args.worker_env),
-    )
+    try:
+        settings = ClusterSettings(
+            workers=args.workers,
+            nats_port=args.nats_port,
+            gateways=(GatewaySpec(port=args.port, routing=args.routing),),
+            alpha_policy=args.alpha_policy,
+            worker_env=dict(pair.split("=", 1) for pair in args.worker_env),
+        )
+    except ValueError as exc:  # arguments that are fine alone but not together (the same port twice)
+        print(f"onepool up: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         code = 0

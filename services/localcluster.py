@@ -601,32 +601,34 @@ async def _pump(name: str, stream: asyncio.StreamReader) -> None:
 
 async def run_local_cluster(settings: ClusterSettings, stop: asyncio.Event) -> int:
     """`onepool up`: start, print where the gateway listens, serve until `stop` (a signal) or until the
-    cluster fails, stop. Returns the exit code: 0, EXIT_DEGRADED (a child was given up) or 1 (it failed)."""
+    cluster fails, stop. Returns the exit code: 0; 1 when it could not start or lost nats-server;
+    EXIT_DEGRADED when it stopped cleanly but some child had been given up."""
     cluster = LocalCluster(settings)
     starting = asyncio.ensure_future(cluster.start())
     stopped = asyncio.ensure_future(stop.wait())
     failed = asyncio.ensure_future(cluster.failed.wait())
+    code = 0
     try:
         await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # Ctrl-C during start-up: stop what runs, start nothing more
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
-            return 0
-        starting.result()
-        gateways = ", ".join(f"{g.name} at {cluster.gateway_url(g.name)}" for g in settings.gateways)
-        print(
-            f"onepool local cluster is up: gateway {gateways} (POST /v1/recommend, routing "
-            f"{', '.join(g.routing for g in settings.gateways)}); NATS at {settings.nats_url}; "
-            f"workers {', '.join(settings.worker_ids)}. Ctrl-C stops everything.",
-            flush=True,
-        )
-        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
-        if cluster.failed.is_set() and not stop.is_set():
-            log.error("the local cluster failed; stopping it")
-            return 1
+        else:
+            starting.result()
+            gateways = ", ".join(f"{g.name} at {cluster.gateway_url(g.name)}" for g in settings.gateways)
+            print(
+                f"onepool local cluster is up: gateway {gateways} (POST /v1/recommend, routing "
+                f"{', '.join(g.routing for g in settings.gateways)}); NATS at {settings.nats_url}; "
+                f"workers {', '.join(settings.worker_ids)}. Ctrl-C stops everything.",
+                flush=True,
+            )
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+            if cluster.failed.is_set() and not stop.is_set():
+                log.error("the local cluster failed; stopping it")
+                code = 1
     except (ClusterError, TimeoutError) as exc:
         log.error("the local cluster did not start", reason=str(exc) or type(exc).__name__)
-        return 1
+        code = 1
     finally:
         for fut in (starting, stopped, failed):
             fut.cancel()
@@ -635,4 +637,4 @@ async def run_local_cluster(settings: ClusterSettings, stop: asyncio.Event) -> i
     if cluster.given_up:
         names = "; ".join(f"{c.name} ({c.given_up_reason})" for c in cluster.given_up)
         print(f"onepool: stopped; these children had been given up: {names}", file=sys.stderr, flush=True)
-    return cluster.exit_code
+    return code or cluster.exit_code

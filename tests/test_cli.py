@@ -257,6 +257,7 @@ def test_up_with_a_bad_worker_setting_fails_fast_and_says_why() -> None:
         (["--workers", "0"], "--workers"),
         (["--port", "70000"], "--port"),
         (["--nats-port", "x"], "--nats-port"),
+        (["--port", "4321", "--nats-port", "4321"], "ports"),
     ],
 )
 def test_up_arguments_are_checked_before_anything_starts(args: list[str], named: str) -> None:

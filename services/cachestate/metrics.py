@@ -80,8 +80,13 @@ class _Collector(Collector):
             "workers_verified", "workers confirmed by a snapshot ack on their own subject", t.verified
         )
         yield counter(
+            "incarnations_rejected",
+            "claimed new incarnations that the worker's own subject denied",
+            t.incarnations_rejected,
+        )
+        yield counter(
             "incarnations_corrected",
-            "snapshot acks naming another incarnation than the worker's digests did",
+            "snapshot acks naming an incarnation no digest had claimed",
             t.incarnations_corrected,
         )
         yield gauge(

@@ -138,7 +138,7 @@ class CacheStateService:
             event = self._synced.get(wid)
             if event is not None and not self.tracker.needs_snapshot(wid):
                 event.set()
-        if outcome.reason.startswith(("new", "seq gap")):
+        if outcome.reason.startswith(("new", "seq gap", "seq restart")):
             log.info(
                 "worker digest",
                 worker_id=wid,

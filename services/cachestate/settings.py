@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.cachestate.core.tracker import MIN_PERIOD_S
 from shared.settings import doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_CACHESTATE_"
@@ -100,6 +101,11 @@ class CacheStateSettings:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {value}")
+        if self.max_period_ms < MIN_PERIOD_S * 1e3:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_PERIOD_MS must be >= {MIN_PERIOD_S * 1e3:g} (the shortest period "
+                f"believed), got {self.max_period_ms}"
+            )
         for name, value in {
             "reconnect_grace_ms": self.reconnect_grace_ms,
             "view_snapshot_gather_ms": self.view_snapshot_gather_ms,

@@ -266,6 +266,7 @@ class ControllerService:
             decisions_sent=c.decisions_sent,
             bad_messages=c.bad_messages,
             stale_reports=c.stale_reports,
+            seq_restarts=c.seq_restarts,
             policy_errors=c.policy_errors,
             publish_errors=c.publish_errors,
             decide_p50_us=self.latency_p50_us,

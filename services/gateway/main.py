@@ -36,6 +36,7 @@ class GatewayServer:
                 max_connections=s.max_connections,
                 idle_timeout_s=s.idle_timeout_ms / 1e3,
                 retry_after_s=s.retry_after_s,
+                on_refuse=lambda: self.gateway.metrics.count_shed("connections"),
             )
         )
         log.info("gateway listening", url=f"http://{s.host}:{s.port}", routing=s.routing, instance=s.instance)

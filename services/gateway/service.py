@@ -4,11 +4,13 @@ State: a replica of cachestate's routing view (kept in sync from VIEW_SUBJECT, r
 a gap) and the router's own in-flight counts, demotions and recent decisions. Several replicas run side by
 side: they share nothing but the bus.
 
-At the door, cheapest first, each answered at once: over `max_concurrent` requests (or every worker at
-its reported queue limit) 503 `overloaded`; no bus connection 503 `bus_unavailable`; a media type other
-than JSON 415; a body slower than `body_timeout_ms` 408. Connections beyond `max_connections` get a canned
-503 from the listening socket itself (`BoundedTCPSite`). The deadline of a request runs from the moment
-its handler starts (right after its headers), the body read included. When cachestate is silent the
+At the door, cheapest first, each answered at once: over `max_concurrent` requests 503 `overloaded`; no bus
+connection 503 `bus_unavailable`; a media type other than JSON 415; a body slower than `body_timeout_ms`
+408. Then, once the body is read and parsed, routing sheds with 503 `overloaded` when every worker is at its
+reported queue limit or the best estimate exceeds `max_queue_wait_ms`. Connections beyond
+`max_connections` get a canned 503 from the listening socket itself (`BoundedTCPSite`). Every refusal is
+counted in `onepool_gateway_shed_total{reason}`. The deadline of a request runs from the moment its
+handler starts (right after its headers), the body read included. When cachestate is silent the
 gateway keeps routing on its last view (and says so on /readyz); a worker that does not answer is demoted
 by the router at once (see core/router.py).
 """
@@ -109,6 +111,14 @@ class GatewayMetrics:
         )
         self.bad_messages = Counter("onepool_gateway_bad_messages", "undecodable bus messages", registry=r)
         self.routable = Gauge("onepool_gateway_routable_workers", "workers the router may choose", registry=r)
+        self.shed = Counter(
+            "onepool_gateway_shed",
+            "requests and connections refused at once, by reason: concurrency (max_concurrent), saturated "
+            "(every worker full, or over max_queue_wait_ms), bus (no bus connection), connections "
+            "(max_connections)",
+            ["reason"],
+            registry=r,
+        )
         # labelled children, looked up once per label value (labels() takes a lock and builds a tuple)
         self._by_status: dict[int, Counter] = {}
         self._by_outcome: dict[str, Counter] = {}
@@ -118,6 +128,9 @@ class GatewayMetrics:
         if child is None:
             child = self._by_status[status] = self.requests.labels(str(status))
         child.inc()
+
+    def count_shed(self, reason: str) -> None:
+        self.shed.labels(reason).inc()
 
     def count_attempt(self, outcome: str) -> None:
         child = self._by_outcome.get(outcome)
@@ -224,7 +237,8 @@ class Gateway:
             return
         self._view_heard = time.monotonic()
         outcome = self.replica.apply(update)
-        self.view.version += 1
+        if outcome.workers_changed:
+            self.view.version += 1  # what the router keeps per worker may have changed
         self.metrics.view_updates.inc()
         # A removal that the same update undoes (cachestate repairing a worker's residency) is no goodbye:
         # the worker still serves our in-flight requests, and our recent choices for it still hold.
@@ -270,8 +284,10 @@ class Gateway:
         try:
             # Shedding first, and cheap: nothing is read or parsed for a request that cannot be served.
             if self._active >= self.settings.max_concurrent:
+                self.metrics.count_shed("concurrency")
                 raise Overloaded(f"the gateway is serving {self._active} requests, its limit")
             if not self.bus.is_connected:
+                self.metrics.count_shed("bus")
                 raise BusUnavailable()
             self._active += 1
             admitted = True
@@ -375,6 +391,7 @@ class Gateway:
                 decision = self.router.route(self.view, req, time.monotonic(), budget_ms=budget_ms)
             except Saturated as exc:
                 span.set_attribute("onepool.route.saturated", True)
+                self.metrics.count_shed("saturated")
                 raise Overloaded(exc.message) from None
             except NoWorkers:
                 span.set_attribute("onepool.route.workers", 0)
@@ -401,8 +418,10 @@ class Gateway:
         request = msgspec.structs.replace(wire, deadline_ms=timeout_s * 1e3)
         router = self.router
         router.on_dispatch(worker_id, route_req, time.monotonic())
+        answered = False
         try:
             raw = await self.bus.request(s.infer_subject(worker_id), s.encode(request), timeout_s=timeout_s)
+            answered = True
             reply = s.decode(self._dec_reply, raw)
         except BusDisconnected:
             raise BusUnavailable() from None  # no other worker can be reached either
@@ -424,7 +443,7 @@ class Gateway:
                 log.info("worker attempt failed; trying the next", worker=worker_id, error=exc.code)
             return None
         finally:
-            router.on_done(worker_id)
+            router.on_done(worker_id, answered=answered)
         if reply.ok is not None:
             router.on_success(worker_id)
             self.metrics.count_attempt("ok")
@@ -573,7 +592,14 @@ class BoundedTCPSite(web.BaseSite):
     a write, without an HTTP parser, a request object or a task."""
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int, retry_after_s: int
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        retry_after_s: int,
+        on_refuse: Callable[[], None] | None = None,
     ) -> None:
         # A listen backlog as deep as the connection limit: a burst of new connections waits in the kernel
         # for an accept() instead of having its SYNs dropped (a client retries a SYN after 1 s, 3 s, 7 s).
@@ -589,6 +615,7 @@ class BoundedTCPSite(web.BaseSite):
             f"Retry-After: {retry_after_s}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         self._refusal = head.encode() + body
+        self._on_refuse = on_refuse
         self.refused = 0
 
     @property
@@ -604,6 +631,8 @@ class BoundedTCPSite(web.BaseSite):
         def protocol() -> asyncio.BaseProtocol:
             if len(server.connections) >= limit:
                 self.refused += 1
+                if self._on_refuse is not None:
+                    self._on_refuse()
                 return _Refusal(self._refusal)
             return server()
 
@@ -649,6 +678,7 @@ async def serve_http(
     max_connections: int = 2048,
     idle_timeout_s: float = 15.0,
     retry_after_s: int = 1,
+    on_refuse: Callable[[], None] | None = None,
 ) -> AsyncIterator[web.AppRunner]:
     """Run `app` on host:port until the block exits; then stop accepting and close cleanly. Connections
     idle (or sending their headers) for `idle_timeout_s` are closed; beyond `max_connections` they are
@@ -657,7 +687,12 @@ async def serve_http(
     await runner.setup()
     try:
         site = BoundedTCPSite(
-            runner, host, port, max_connections=max_connections, retry_after_s=retry_after_s
+            runner,
+            host,
+            port,
+            max_connections=max_connections,
+            retry_after_s=retry_after_s,
+            on_refuse=on_refuse,
         )
         await site.start()
         yield runner

@@ -219,9 +219,11 @@ async def test_a_forged_incarnation_of_a_real_worker_loses_to_the_worker(nats_se
         await w.send_snapshot()
         await eventually(lambda: gw.replica.index.kv_workers("a") == {"w1": 1} and ranked(gw) == ["w1"])
         await forger.send_snapshot()  # same worker id, "new incarnation", no residency
-        # cachestate asks w1's own subject; the real worker answers with its incarnation, and wins.
-        await eventually(lambda: cs.tracker.counters.incarnations_corrected == 1)
-        await eventually(lambda: cs.index.kv_workers("a") == {"w1": 1} and cs.tracker.is_verified("w1"))
+        # cachestate asks w1's own subject; the real worker answers with its incarnation, and wins: the
+        # claim is retired, and the real worker never left the view nor lost its residency.
+        await eventually(lambda: cs.tracker.counters.incarnations_rejected == 1)
+        assert cs.index.kv_workers("a") == {"w1": 1} and gw.replica.index.kv_workers("a") == {"w1": 1}
+        assert ranked(gw) == ["w1"] and cs.tracker.unverified() == []
         await w.send(kv_upserts=[s.KvEntry("b", 2)])
         await eventually(lambda: gw.replica.index.kv_workers("b") == {"w1": 2})
         assert ranked(gw) == ["w1"] and gw.replica.workers["w1"].incarnation == "real"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from services.cachestate.core.changes import ViewChanges
 from services.cachestate.core.residency import ResidencyIndex
 from services.cachestate.core.tracker import DigestTracker
@@ -37,15 +39,14 @@ def test_join_snapshot_then_deltas() -> None:
     t = DigestTracker(idx)
     out = t.apply(digest(0, "snapshot", kv_upserts=kv(("a", 3)), emb_added=[1, 2]), now=1.0)
     assert (out.accepted, out.need_snapshot) == (True, True)
-    assert out.reason == f"new worker; snapshot applied; {UNVERIFIED}"
-    assert out.changes.kv == {("a", "w0"): 3}
-    assert out.changes.emb == {"w0": {1: True, 2: True}}
-    # A digest is a claim: the worker is not in the view until its own subject answers.
-    assert out.changes.workers == {} and out.changes.removed == set() and t.worker_states() == []
+    assert out.reason == f"new worker; snapshot kept until verified; {UNVERIFIED}"
+    # A digest is a claim: nothing of it reaches the view or the index until the worker's subject answers.
+    assert out.changes.empty and t.worker_states() == [] and idx.sizes() == (0, 0, 0, 0)
     assert not out.live and t.unverified() == ["w0"]
     changes = t.verify("w0", "i1", 0, now=1.0)
     assert list(changes.workers) == ["w0"] and [w.worker_id for w in t.worker_states()] == ["w0"]
-    assert t.counters.verified == 1 and t.unverified() == []
+    assert changes.kv == {("a", "w0"): 3} and changes.emb == {"w0": {1: True, 2: True}}  # the kept snapshot
+    assert t.counters.verified == 1 and t.unverified() == [] and not t.needs_snapshot("w0")
     out = t.apply(
         digest(1, kv_upserts=kv(("a", 5), ("b", 2)), kv_removed=[], emb_added=[3], emb_removed=[1]), 1.1
     )
@@ -110,11 +111,13 @@ def test_new_incarnation_resyncs_and_old_one_is_ignored_afterwards() -> None:
     synced(t, kv_upserts=kv(("a", 3)))
     out = t.apply(digest(0, inc="i2", kv_upserts=kv(("b", 1))), now=2.0)
     assert (out.accepted, out.need_snapshot) == (False, True)
-    assert out.reason.startswith("new incarnation;")
-    # the old process's residency goes at once; the new one is routable once verified
-    assert idx.kv_workers("a") == {} and out.changes.removed == {"w0"} and out.changes.workers == {}
-    assert t.verify("w0", "i2", 1, now=2.0).workers["w0"].incarnation == "i2"
-    assert t.counters.new_incarnations == 1
+    assert out.reason.startswith("new incarnation claimed")
+    # a claim: the verified i1 keeps its place and its residency until w0's own subject answers
+    assert idx.kv_workers("a") == {"w0": 3} and out.changes.empty and t.unverified() == ["w0"]
+    assert [w.incarnation for w in t.worker_states()] == ["i1"]
+    changes = t.verify("w0", "i2", 1, now=2.0)  # i2 answers: the restart is real
+    assert changes.removed == {"w0"} and changes.workers["w0"].incarnation == "i2"
+    assert idx.kv_workers("a") == {} and t.counters.new_incarnations == 1
     late = t.apply(digest(5, inc="i1", kv_upserts=kv(("z", 1))), now=2.1)  # from the dead process
     assert (late.accepted, late.need_snapshot, late.live) == (False, False, False)
     assert late.reason == "digest of a retired incarnation" and idx.kv_workers("z") == {}
@@ -123,13 +126,17 @@ def test_new_incarnation_resyncs_and_old_one_is_ignored_afterwards() -> None:
 
 
 def test_new_incarnation_starting_with_a_snapshot_needs_only_to_be_verified() -> None:
-    t = DigestTracker(ResidencyIndex())
-    synced(t)
-    out = t.apply(digest(0, "snapshot", inc="i2"), now=2.0)
+    idx = ResidencyIndex()
+    t = DigestTracker(idx)
+    synced(t, kv_upserts=kv(("a", 3)))
+    out = t.apply(digest(0, "snapshot", inc="i2", kv_upserts=kv(("b", 1))), now=2.0)
     assert (out.accepted, out.need_snapshot) == (True, True)
-    assert out.reason == f"new incarnation; snapshot applied; {UNVERIFIED}"
-    t.verify("w0", "i2", 0, now=2.0)
+    assert out.reason.startswith("new incarnation claimed (a candidate until its own subject answers); ")
+    assert out.reason.endswith(f"; snapshot kept until verified; {UNVERIFIED}")
+    changes = t.verify("w0", "i2", 0, now=2.0)
     assert not t.needs_snapshot("w0") and t.counters.verified == 2
+    assert idx.worker_kv("w0") == {"b": 1}
+    assert changes.removed == {"w0"} and changes.kv == {("b", "w0"): 1}  # i1's residency goes whole
 
 
 def test_multi_part_snapshot_applies_when_complete() -> None:
@@ -243,25 +250,54 @@ def test_view_changes_stay_canonical() -> None:
     assert c.emb == {"w1": {3: False}}
 
 
-def test_an_ack_from_another_incarnation_wins_over_the_digests() -> None:
+def test_a_forged_restart_costs_the_real_worker_nothing() -> None:
     idx = ResidencyIndex()
     t = DigestTracker(idx)
     synced(t, kv_upserts=kv(("a", 3)))
-    # Someone claims a new incarnation of w0 (a forged digest, or a stale record of a restart) ...
+    # Someone claims a new incarnation of w0 ...
     out = t.apply(digest(0, "snapshot", inc="forged"), now=2.0)
-    assert out.need_snapshot and out.changes.removed == {"w0"} and t.worker_states() == []
-    # ... the process answering on w0's own subject is i1, whose next snapshot starts at seq 4.
-    changes = t.verify("w0", "i1", 4, now=2.1)
-    assert t.counters.incarnations_corrected == 1 and t.is_verified("w0")
-    assert changes.removed == {"w0"} and changes.workers == {}  # its residency comes with that snapshot
-    assert t.needs_snapshot("w0")
-    out = t.apply(digest(4, "snapshot", kv_upserts=kv(("a", 3))), now=2.2)
-    assert (out.accepted, out.need_snapshot) == (True, False) and idx.kv_workers("a") == {"w0": 3}
-    assert [w.incarnation for w in t.worker_states()] == ["i1"]
-    # the forged incarnation is retired: its digests are ignored from now on
+    assert out.need_snapshot and out.changes.empty and t.needs_snapshot("w0")
+    # ... while the real i1 goes on, in the view, its deltas applied
+    out = t.apply(digest(1, kv_upserts=kv(("b", 1))), now=2.05)
+    assert out.accepted and list(out.changes.workers) == ["w0"] and idx.kv_workers("b") == {"w0": 1}
+    # w0's own subject answers: i1. The claim is retired; nothing of i1 was lost.
+    changes = t.verify("w0", "i1", 2, now=2.1)
+    assert t.counters.incarnations_rejected == 1 and changes.removed == set()
+    assert idx.worker_kv("w0") == {"a": 3, "b": 1} and not t.needs_snapshot("w0")
     assert t.apply(digest(1, inc="forged"), now=2.3).reason == "digest of a retired incarnation"
+    assert [w.incarnation for w in t.worker_states()] == ["i1"]
+
+
+def test_an_ack_naming_an_unseen_incarnation_replaces_the_record() -> None:
+    idx = ResidencyIndex()
+    t = DigestTracker(idx)
+    synced(t, kv_upserts=kv(("a", 3)))
+    # w0 restarted as i3, whose digests have not arrived; its ack does, with its snapshot's first seq 4.
+    changes = t.verify("w0", "i3", 4, now=2.1)
+    assert t.counters.incarnations_corrected == 1 and changes.removed == {"w0"} and idx.kv_workers("a") == {}
+    assert t.needs_snapshot("w0") and t.worker_states() == []  # listed again with its first digest
+    out = t.apply(digest(4, "snapshot", inc="i3", kv_upserts=kv(("c", 2))), now=2.2)
+    assert (out.accepted, out.need_snapshot) == (True, False) and idx.kv_workers("c") == {"w0": 2}
+    assert [w.incarnation for w in t.worker_states()] == ["i3"]
+    assert t.apply(digest(9, inc="i1"), now=2.3).reason == "digest of a retired incarnation"
     # an ack for a worker that has expired meanwhile changes nothing
     assert t.verify("gone", "x", 0, now=3.0).empty
+
+
+def test_a_candidate_takes_the_place_of_a_dead_worker_still_unverified() -> None:
+    idx = ResidencyIndex()
+    t = DigestTracker(idx, dead_after_periods=3.0)
+    synced(t, kv_upserts=kv(("a", 3)))  # period 100 ms, heard at 1.0
+    t.apply(digest(0, "snapshot", inc="i2", kv_upserts=kv(("b", 1))), now=1.25)  # a candidate i2
+    assert t.expire(1.31) == ["w0"]  # i1 silent for 3 periods: fenced and purged
+    assert idx.kv_workers("a") == {} and t.worker_states() == [] and t.unverified() == ["w0"]
+    t.verify("w0", "i2", 0, now=1.4)  # i2 answers: its kept snapshot is installed
+    assert idx.worker_kv("w0") == {"b": 1} and [w.incarnation for w in t.worker_states()] == ["i2"]
+    # and a silent candidate beside a live worker simply goes
+    t.apply(digest(1, "delta", inc="i2"), now=1.5)
+    t.apply(digest(0, "snapshot", inc="i4"), now=1.5)
+    t.apply(digest(2, "delta", inc="i2"), now=1.9)
+    assert t.expire(1.95) == [] and t.unverified() == [] and not t.needs_snapshot("w0")
 
 
 def test_a_seq_far_off_either_way_restarts_the_numbering() -> None:
@@ -294,4 +330,6 @@ def test_refresh_forgives_the_observers_own_silence() -> None:
     t = DigestTracker(ResidencyIndex(), dead_after_periods=3.0)
     synced(t)  # period 100 ms, heard at t=1.0
     t.refresh(5.0)  # the observer was cut off until now (plus its grace)
-    assert t.expire(5.3) == [] and t.expire(5.31) == ["w0"]
+    assert t.expire(5.3) == []
+    assert t.staleness(5.3) == {"w0": pytest.approx(4.3)}  # when it was really heard from
+    assert t.expire(5.31) == ["w0"]

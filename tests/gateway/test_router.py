@@ -625,6 +625,9 @@ def test_answers_age_the_reported_queue_until_the_next_view() -> None:
     router = Router(Policy.LEAST_LOADED, rng_seed=0)
     r = req("u", range(4))
     assert by_id(router.route(view, r, now=0.0))["A"].queue_ms == pytest.approx(10.0)
+    router.on_dispatch("A", r, now=0.0)
+    router.on_done("A", answered=False)  # a timeout says nothing about A's queue
+    assert by_id(router.route(view, r, now=0.0))["A"].queue_ms == pytest.approx(10.0)
     for _ in range(3):  # three of ours answered by A: its queue has moved on by at least three
         router.on_dispatch("A", r, now=0.0)
         router.on_done("A")

@@ -5,11 +5,16 @@ Rules (per worker):
   incarnation's residency is dropped. If the digest starts a snapshot (part 0) its collection begins; a
   delta's residency cannot be applied to an unknown base: it is dropped and the outcome says
   ``need_snapshot``.
-* Verification: a digest is only a claim (anyone on the bus can publish one). A registered worker is
-  *unverified*, and not in the routing view (``worker_states``), until ``verify`` is called with the ack
-  of a snapshot request sent to the worker's own subject: a worker id nobody answers for never becomes
-  routable. The ack names the incarnation of the process that answered; if it differs from the record's,
-  that process wins (a forged "new incarnation" of a real worker costs it one round trip, not its place).
+* Verification: a digest is only a claim (anyone on the bus can publish one). A record is *unverified*,
+  out of the routing view (``worker_states``) and out of the index (a complete snapshot it sends is kept
+  aside as ``pending``; deltas are dropped), until ``verify`` is called with the ack of a snapshot request
+  sent to the worker's own subject, naming the incarnation of the process that answered. Then its pending
+  snapshot is installed. A worker id nobody answers for never becomes routable, and never touches the index.
+* A new incarnation claimed for a verified worker is a *candidate* beside it: the verified record keeps
+  serving the view (and its digests keep applying) until the ack decides. An ack naming the candidate
+  promotes it (the old incarnation is retired, its residency dropped); one naming the verified record
+  retires the candidate (a forged restart costs the real worker nothing); one naming a third incarnation
+  replaces both (a restart whose digests have not arrived yet: its snapshot follows the ack).
 * Within an incarnation ``seq`` follows ``shared.sequence``: a duplicate is ignored; a gap (lost digest)
   or a restart of the numbering (a jump beyond the window either way) drops the worker's residency at once
   (stale affinity is worse than none: the router falls back to load for that worker), continues from that
@@ -21,9 +26,9 @@ Rules (per worker):
 * Deltas apply while the worker is in sync; while it is not, their residency is dropped (the snapshot to
   come supersedes them) but their load/alpha/cost/window still count.
 * ``expire(now)``: a worker silent for more than ``dead_after_periods`` of its own digest period is dead:
-  removed from the view and purged from the index. ``refresh(now)`` gives every worker a fresh period: the
-  shell calls it when its own bus connection comes back, so that the silence its disconnection caused is
-  not taken for deaths.
+  removed from the view and purged from the index (a silent candidate just goes). ``refresh(until)``: no
+  silence before `until` counts; the shell calls it when its own bus connection comes back (with a grace),
+  so that the silence its disconnection caused is not taken for deaths.
 
 ``need_snapshot`` is level-triggered: it is True for every digest after which the worker is unverified,
 or out of sync with no snapshot being collected. The shell keeps at most one snapshot request in flight
@@ -32,6 +37,7 @@ per worker and asks ``needs_snapshot(worker_id)`` whether it is still needed.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -82,7 +88,8 @@ class TrackerCounters:
     seq_restarts: int = 0  # a seq beyond the window either way: numbering restarted (or forged)
     periods_clamped: int = 0  # digests whose period_ms was outside the believed range
     verified: int = 0  # workers (incarnations) confirmed by a snapshot ack from their own subject
-    incarnations_corrected: int = 0  # an ack named another incarnation than the digests did
+    incarnations_rejected: int = 0  # a claimed new incarnation that the worker's own subject denied
+    incarnations_corrected: int = 0  # an ack named an incarnation no digest had claimed (it replaces both)
     new_workers: int = 0
     new_incarnations: int = 0
     snapshots_applied: int = 0
@@ -111,6 +118,7 @@ class _Worker:
     ever_synced: bool = False
     verified: bool = False
     assembly: _Assembly | None = None
+    pending: _Assembly | None = None  # a complete snapshot of an unverified record, installed on verify
     retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_INCARNATIONS))
     last: s.WorkerDigest | None = None
 
@@ -132,12 +140,15 @@ class DigestTracker:
         self.max_period_s = max_period_s
         self.counters = TrackerCounters()
         self._workers: dict[str, _Worker] = {}
+        self._candidates: dict[str, _Worker] = {}  # an unverified new incarnation beside a verified worker
+        self._judge_from = -math.inf  # silence before this moment does not count (refresh)
 
     # ---- queries --------------------------------------------------------------------------------------
     def needs_snapshot(self, worker_id: str) -> bool:
-        """Ask the worker for a snapshot: to learn its residency, or to verify that it answers at all."""
+        """Ask the worker for a snapshot: to learn its residency, or to verify that it answers at all (or
+        which of two incarnations does)."""
         rec = self._workers.get(worker_id)
-        return rec is not None and not (rec.in_sync and rec.verified)
+        return rec is not None and (not (rec.in_sync and rec.verified) or worker_id in self._candidates)
 
     def is_verified(self, worker_id: str) -> bool:
         rec = self._workers.get(worker_id)
@@ -162,7 +173,8 @@ class DigestTracker:
         return [self._state(rec) for rec in self._workers.values() if rec.last is not None and rec.verified]
 
     def unverified(self) -> list[str]:
-        return [w for w, rec in self._workers.items() if not rec.verified]
+        """Worker ids with a record or a candidate not (yet) confirmed by their own subject."""
+        return sorted({w for w, rec in self._workers.items() if not rec.verified} | set(self._candidates))
 
     def staleness(self, now: float) -> dict[str, float]:
         """Seconds since each live worker's last digest."""
@@ -177,10 +189,21 @@ class DigestTracker:
             self.counters.digests_ignored += 1
             return DigestOutcome(False, False, "digest of a retired incarnation", changes, live=False)
         notes: list[str] = []
-        if rec is None or digest.incarnation != rec.incarnation:
+        fresh = True  # a record made for this digest: its seq starts the numbering
+        if rec is not None and rec.verified and digest.incarnation != rec.incarnation:
+            cand = self._candidates.get(wid)
+            if cand is None or cand.incarnation != digest.incarnation:
+                notes.append("new incarnation claimed (a candidate until its own subject answers)")
+                cand = self._candidates[wid] = self._new_record(digest, now)
+            else:
+                fresh = False
+            rec = cand
+        elif rec is None or digest.incarnation != rec.incarnation:
             notes.append("new worker" if rec is None else "new incarnation")
             rec = self._register(digest, rec, now, changes)
         else:
+            fresh = False
+        if not fresh:
             order = classify(digest.seq, rec.next_seq)
             if order is SeqOrder.DUPLICATE:
                 self.counters.digests_ignored += 1
@@ -205,8 +228,11 @@ class DigestTracker:
             self.counters.digests_applied += 1
             if self.counters.snapshots_applied > snapshots_before:
                 notes.append("snapshot applied")
+            elif digest.kind == "snapshot":
+                complete = digest.part == digest.parts - 1
+                notes.append("snapshot kept until verified" if complete else "snapshot part collected")
             else:
-                notes.append("snapshot part collected" if digest.kind == "snapshot" else "delta applied")
+                notes.append("delta applied")
         else:
             self.counters.digests_dropped += 1
             notes.append(f"{digest.kind} residency dropped: out of sync")
@@ -227,27 +253,41 @@ class DigestTracker:
         rec = self._workers.get(worker_id)
         if rec is None:
             return changes  # expired meanwhile: its next digest registers it again
-        if incarnation != rec.incarnation:
-            # Digests claimed another incarnation (a stale record, or a forged one): believe the answer.
-            self.counters.incarnations_corrected += 1
-            old = rec
-            rec = _Worker(
-                worker_id=worker_id,
-                incarnation=incarnation,
-                next_seq=seq,
-                last_seen=now,
-                period_s=old.period_s,
-            )
-            rec.retired.extend(i for i in old.retired if i != incarnation)
-            rec.retired.append(old.incarnation)
+        cand = self._candidates.pop(worker_id, None)
+        if cand is not None and cand.incarnation == incarnation:
+            # The claimed restart is real: the old process is gone.
+            self.counters.new_incarnations += 1
+            cand.retired.extend(rec.retired)
+            cand.retired.append(rec.incarnation)
             self.index.clear_worker(worker_id)
             changes.remove_worker(worker_id)
-            self._workers[worker_id] = rec
+            self._workers[worker_id] = rec = cand
+        elif incarnation == rec.incarnation:
+            if cand is not None:  # the claimed restart was not the worker's
+                self.counters.incarnations_rejected += 1
+                rec.retired.append(cand.incarnation)
+        else:
+            # An incarnation no digest has named yet (a restart whose digests are still on their way): it is
+            # the worker now, and its residency comes with the snapshot that follows this ack.
+            self.counters.incarnations_corrected += 1
+            new = _Worker(worker_id, incarnation, next_seq=seq, last_seen=now, period_s=rec.period_s)
+            new.retired.extend(i for i in rec.retired if i != incarnation)
+            new.retired.append(rec.incarnation)
+            if cand is not None:
+                new.retired.append(cand.incarnation)
+            self.index.clear_worker(worker_id)
+            changes.remove_worker(worker_id)
+            self._workers[worker_id] = rec = new
         if not rec.verified:
             rec.verified = True
             self.counters.verified += 1
-            if rec.last is not None:
-                changes.upsert_worker(self._state(rec))
+            self.index.add_worker(worker_id)
+        if rec.pending is not None:
+            pending, rec.pending = rec.pending, None
+            self._install(rec, pending, changes)
+        if rec.last is not None:
+            changes.upsert_worker(self._state(rec))
+        self._forward_evictions(changes)
         return changes
 
     def _period(self, period_ms: float) -> float:
@@ -256,25 +296,26 @@ class DigestTracker:
             self.counters.periods_clamped += 1
         return min(max(period_s, MIN_PERIOD_S), self.max_period_s)
 
-    def _register(
-        self, digest: s.WorkerDigest, old: _Worker | None, now: float, changes: ViewChanges
-    ) -> _Worker:
-        rec = _Worker(
+    @staticmethod
+    def _new_record(digest: s.WorkerDigest, now: float) -> _Worker:
+        return _Worker(
             worker_id=digest.worker_id,
             incarnation=digest.incarnation,
             next_seq=digest.seq,
             last_seen=now,
             period_s=MIN_PERIOD_S,  # set (and counted if clamped) by apply(), like every digest's
         )
+
+    def _register(
+        self, digest: s.WorkerDigest, old: _Worker | None, now: float, changes: ViewChanges
+    ) -> _Worker:
+        """A record for a new worker id, or in place of an unverified one (which holds nothing)."""
+        rec = self._new_record(digest, now)
         if old is None:
             self.counters.new_workers += 1
         else:
-            self.counters.new_incarnations += 1
             rec.retired.extend(old.retired)
             rec.retired.append(old.incarnation)
-            self.index.clear_worker(digest.worker_id)
-            changes.remove_worker(digest.worker_id)
-        self.index.add_worker(digest.worker_id)
         self._workers[digest.worker_id] = rec
         return rec
 
@@ -293,7 +334,7 @@ class DigestTracker:
             self.counters.snapshots_abandoned += 1
             self._desync(rec, changes)
             return False
-        if not rec.in_sync:
+        if not rec.in_sync or not rec.verified:
             return False
         wid = rec.worker_id
         index = self.index
@@ -328,41 +369,54 @@ class DigestTracker:
         asm.emb.update(d.emb_added)
         if d.part == d.parts - 1:
             rec.assembly = None
-            diff = self.index.replace_worker(rec.worker_id, asm.kv, asm.emb)
-            wid = rec.worker_id
-            for user in diff.kv_removed:
-                changes.kv_remove(user, wid)
-            for user, length in diff.kv_upserts.items():
-                changes.kv_upsert(user, wid, length)
-            changes.emb_remove(wid, diff.emb_removed)
-            changes.emb_add(wid, diff.emb_added)
-            self.counters.snapshots_applied += 1
-            if rec.ever_synced and not rec.in_sync:
-                self.counters.repairs += 1
-            rec.in_sync = rec.ever_synced = True
+            if rec.verified:
+                self._install(rec, asm, changes)
+            else:
+                rec.pending = asm  # kept aside: nothing of an unverified record reaches the index
         return True
 
+    def _install(self, rec: _Worker, asm: _Assembly, changes: ViewChanges) -> None:
+        """A complete snapshot becomes the worker's residency, here and (as changes) at the gateways."""
+        diff = self.index.replace_worker(rec.worker_id, asm.kv, asm.emb)
+        wid = rec.worker_id
+        for user in diff.kv_removed:
+            changes.kv_remove(user, wid)
+        for user, length in diff.kv_upserts.items():
+            changes.kv_upsert(user, wid, length)
+        changes.emb_remove(wid, diff.emb_removed)
+        changes.emb_add(wid, diff.emb_added)
+        self.counters.snapshots_applied += 1
+        if rec.ever_synced and not rec.in_sync:
+            self.counters.repairs += 1
+        rec.in_sync = rec.ever_synced = True
+
     # ---- liveness -------------------------------------------------------------------------------------
+    def _silent(self, rec: _Worker, now: float) -> bool:
+        return now - max(rec.last_seen, self._judge_from) > self.dead_after_periods * rec.period_s
+
     def expire(self, now: float) -> list[str]:
-        """Fence and purge every worker silent for more than dead_after_periods of its period."""
-        dead = [
-            wid
-            for wid, rec in self._workers.items()
-            if now - rec.last_seen > self.dead_after_periods * rec.period_s
-        ]
+        """Fence and purge every worker silent for more than dead_after_periods of its period; returns their
+        ids. A silent candidate just goes; a candidate whose verified worker died takes its place (still to
+        be verified: the restart it claimed may be real)."""
+        for wid in [w for w, cand in self._candidates.items() if self._silent(cand, now)]:
+            del self._candidates[wid]
+        dead = [wid for wid, rec in self._workers.items() if self._silent(rec, now)]
         for wid in dead:
+            cand = self._candidates.pop(wid, None)
             self.remove(wid)
             self.counters.workers_dead += 1
+            if cand is not None:
+                self._workers[wid] = cand
         return dead
 
-    def refresh(self, now: float) -> None:
-        """Every worker's silence starts now (after the observer's own outage: it heard nothing, which says
-        nothing about the workers)."""
-        for rec in self._workers.values():
-            rec.last_seen = max(rec.last_seen, now)
+    def refresh(self, until: float) -> None:
+        """No silence before `until` counts (the observer was cut off: it heard nothing, which says nothing
+        about the workers). `last_seen` stays what it was: when each was really heard from."""
+        self._judge_from = max(self._judge_from, until)
 
     def remove(self, worker_id: str) -> bool:
-        """Forget a worker and purge its residency (expiry, or an operator's decision)."""
+        """Forget a worker (and any candidate incarnation of it) and purge its residency."""
+        self._candidates.pop(worker_id, None)
         if self._workers.pop(worker_id, None) is None:
             return False
         self.index.drop_worker(worker_id)

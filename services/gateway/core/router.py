@@ -556,10 +556,12 @@ class Router:
                 break
             preds.popitem(last=False)
 
-    def on_done(self, worker_id: str) -> None:
+    def on_done(self, worker_id: str, *, answered: bool = True) -> None:
+        """One of ours to that worker is over; `answered`: the worker replied (its queue moved on), rather
+        than the attempt timing out or finding nobody."""
         count = self._own.get(worker_id, 0)
         if count > 0:
-            self._set_own(worker_id, count - 1, completed=True)
+            self._set_own(worker_id, count - 1, completed=answered)
 
     def on_failure(self, worker_id: str, now: float) -> float:
         """The worker did not answer (no responders, timeout): demote it; returns the back-off in seconds."""

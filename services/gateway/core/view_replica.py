@@ -32,6 +32,7 @@ __all__ = ["ReplicaOutcome", "ViewReplica"]
 class ReplicaOutcome:
     need_snapshot: bool
     reason: str
+    workers_changed: bool = False  # the worker records (or their EMB bits) changed: routers must rebuild
 
 
 @dataclass(slots=True)
@@ -86,7 +87,9 @@ class ViewReplica:
             return self._need(reason or "out of sync: delta ignored")
         self._apply_delta(update)
         self.deltas_applied += 1
-        return ReplicaOutcome(False, "delta applied")
+        return ReplicaOutcome(
+            False, "delta applied", workers_changed=bool(update.workers or update.workers_removed)
+        )
 
     # ---- internals ------------------------------------------------------------------------------------
     def _advance(self, update: s.ViewUpdate) -> None:
@@ -119,7 +122,7 @@ class ViewReplica:
             return ReplicaOutcome(False, reason or "snapshot part collected")
         self._assembly = None
         self._replace(asm.updates)
-        return ReplicaOutcome(False, "snapshot applied")
+        return ReplicaOutcome(False, "snapshot applied", workers_changed=True)
 
     def _replace(self, parts: list[s.ViewUpdate]) -> None:
         index = self.index
