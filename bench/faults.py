@@ -7,8 +7,8 @@ workers). Scenarios, each under steady Poisson load at `rate` from this process 
 - worker_kill, controller_kill, cachestate_kill: SIGKILL that process; the supervisor restarts it;
 - nats_restart: nats-server stopped for `outage_s`, then started again (recovery is counted from then);
 - worker_pause: SIGSTOP a worker for 5 s, then SIGCONT;
-- overload: capacity first (closed loop, enough clients to saturate), then open loop at 3x it for 5 s while
-  /healthz is probed every 100 ms.
+- overload: capacity first (4 closed-loop clients per worker, after a 1 s warm-up), then open loop at 3x
+  it for 5 s while /healthz is probed every 100 ms, both on one stream of returning users.
 
 Per scenario: total_requests, failed_requests (anything but a 200), recovery_s (from the fault, or from
 nats-server's return, to the last failed request; 0 when none failed), p99_ms_during (requests sent from
@@ -16,7 +16,7 @@ the fault until the cluster was whole again). For overload: shed_p99_ms (the 503
 (200s per second during overload over the capacity), healthz_p99_ms, and the gateway's memory before and
 after.
 
-The workers stand for accelerators: most of a request's time is an emulated host-link transfer (8 ms),
+The workers stand for accelerators: most of a request's time is an emulated host-link transfer (20 ms),
 a wait that costs no CPU, so that two CPU workers do not take this machine's CPU from the gateway and the
 load generator (3x their capacity would otherwise measure the gateway's own limit, not its shedding).
 """
@@ -28,7 +28,7 @@ import json
 import signal
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ WORKER_ENV = {
     "ONEPOOL_WORKER_NUM_ITEMS": "20000",
     "ONEPOOL_WORKER_BUDGET_MIB": "8",
     "ONEPOOL_WORKER_CHUNK_KIB": "64",
-    "ONEPOOL_WORKER_LINK_LATENCY_US": "8000",
+    "ONEPOOL_WORKER_LINK_LATENCY_US": "20000",
 }
 JSON = {"Content-Type": "application/json"}
 
@@ -154,17 +154,21 @@ class Bench:
 
         return {**await self.under_load(f"pause-{name}", inject), "paused_s": seconds}
 
-    async def capacity(self, seconds: float, clients: int = 24) -> float:
-        bodies = returning_users("capacity", users=256)
+    async def capacity(self, bodies: Iterator[bytes], seconds: float, warmup_s: float) -> float:
+        """200s per second with 4 closed-loop clients per worker: enough that a worker never waits for work,
+        few enough that its queue stays well under the gateway's MAX_QUEUE_WAIT_MS (no request shed);
+        counted after `warmup_s` (the caches fill, the cost fits settle)."""
+        clients = 4 * len(self.cluster.settings.worker_ids)
         done = 0
-        stop = time.monotonic() + seconds
+        start = time.monotonic() + warmup_s
+        stop = start + seconds
 
         async def client() -> None:
             nonlocal done
-            while time.monotonic() < stop:
+            while (now := time.monotonic()) < stop:
                 async with self.http.post(self.url + "/v1/recommend", data=next(bodies), headers=JSON) as r:
                     await r.read()
-                    done += r.status == 200
+                    done += r.status == 200 and now >= start
 
         await asyncio.gather(*(client() for _ in range(clients)))
         return done / seconds
@@ -172,7 +176,10 @@ class Bench:
     async def overload(self) -> dict[str, Any]:
         await self.whole()
         pid = self.cluster.child(self.cluster.settings.gateways[0].name).pid
-        capacity = await self.capacity(2.0 if self.opts.quick else 3.0)
+        # One workload for both phases, its users returning throughout: the capacity is that of the
+        # workload the overload phase offers three times over.
+        bodies = returning_users("overload", users=512)
+        capacity = await self.capacity(bodies, 2.0 if self.opts.quick else 4.0, warmup_s=1.0)
         await asyncio.sleep(1.0)
         rss_before = _rss_mib(pid)
         health: list[float] = []
@@ -190,12 +197,7 @@ class Bench:
 
         prober = asyncio.create_task(probe())
         load = OpenLoop(
-            "127.0.0.1",
-            self.port,
-            3 * capacity,
-            returning_users("overload", users=512),
-            duration_s=self.opts.overload_s,
-            timeout_s=10,
+            "127.0.0.1", self.port, 3 * capacity, bodies, duration_s=self.opts.overload_s, timeout_s=10
         )
         try:
             records: list[Record] = await load.run()
@@ -261,7 +263,8 @@ async def _measure(opts: FaultBenchOptions) -> dict[str, Any]:
             "worker_env": WORKER_ENV,
             "rate_per_s": opts.rate,
             "load": "open-loop Poisson from the bench process (uvloop), returning users, 16 candidates",
-            "host_link": "emulated on CPU: 25 GB/s, 8000 us per transfer (workers stand for accelerators)",
+            "host_link": f"emulated on CPU: {WORKER_ENV['ONEPOOL_WORKER_LINK_LATENCY_US']} us per transfer "
+            "(the workers stand for accelerators)",
             "quick": opts.quick,
         },
         "targets": TARGETS,

@@ -4,10 +4,13 @@ Everything talks over a real nats-server (the ``nats_server`` fixture) and real 
 
 * the gateway is ``Gateway`` + ``build_app`` + ``serve_http`` on 127.0.0.1 and a free port, with its own
   ``Bus`` and small timeouts (``HARNESS_SETTINGS``), so a failure path takes a fraction of a second;
+  ``serve_http`` gets the settings' connection limit, idle timeout and Retry-After, as ``onepool gateway``
+  passes them (services/gateway/main.py);
 * ``ScriptedCachestate`` stands in for cachestate's view: it answers ``VIEW_SNAPSHOT_SUBJECT`` requests
   with a ``ViewSnapshotAck`` after publishing a one-part snapshot on ``VIEW_SUBJECT`` that lists the
   scripted workers, can ignore the first N requests (acked, but no snapshot follows: a lost snapshot) and
-  publishes deltas on demand;
+  publishes deltas on demand; it is silent otherwise, unless told to send heartbeats (empty deltas, as
+  cachestate does every ``CACHESTATE_VIEW_HEARTBEAT_MS``) until told to stop;
 * ``ScriptedWorker`` answers on its real subject (``infer_subject(id)``) as its ``behaviour`` says, and
   records what it got; every worker also appends its id to one shared list, so a test sees which workers
   were tried and in which order.
@@ -84,7 +87,8 @@ class ScriptedWorker:
     """A stand-in worker answering on ``infer_subject(worker_id)`` as ``behaviour`` says.
 
     ``rank`` sets the load it reports through the scripted view (see ``ranked_load``); change it and
-    publish a delta to re-rank it. ``requests`` holds every request it received, in order.
+    publish a delta to re-rank it. ``load``, when given, is reported instead (e.g. a ``max_queue``, an
+    ``ewma_service_ms``). ``requests`` holds every request it received, in order.
     """
 
     def __init__(
@@ -95,10 +99,12 @@ class ScriptedWorker:
         rank: int = 0,
         sleep_s: float = 5.0,
         client_field: str = "candidates[2]",
+        load: s.LoadInfo | None = None,
     ) -> None:
         self.worker_id = s.check_worker_id(worker_id)
         self.behaviour: Behaviour = behaviour
         self.rank = rank
+        self.load = load
         self.sleep_s = sleep_s
         self.client_field = client_field
         self.requests: list[s.InferenceRequest] = []
@@ -107,9 +113,8 @@ class ScriptedWorker:
 
     def state(self) -> s.WorkerState:
         """This worker's record in the scripted view."""
-        return s.WorkerState(
-            worker_id=self.worker_id, incarnation=f"inc-{self.worker_id}", load=ranked_load(self.rank)
-        )
+        load = ranked_load(self.rank) if self.load is None else self.load
+        return s.WorkerState(worker_id=self.worker_id, incarnation=f"inc-{self.worker_id}", load=load)
 
     def release(self) -> None:
         """End every sleep now (teardown)."""
@@ -174,7 +179,9 @@ class ScriptedCachestate:
         self.snapshot_requests = 0  # every request received, ignored ones included
         self.snapshots_published = 0
         self.seq = 0  # the next update's seq
+        self.heartbeats_published = 0
         self._decode_request = s.decoder(s.ViewSnapshotRequest)
+        self._heartbeats: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.bus.subscribe(s.VIEW_SNAPSHOT_SUBJECT, self._on_snapshot_request)
@@ -218,6 +225,32 @@ class ScriptedCachestate:
         await self.bus.publish(s.VIEW_SUBJECT, s.encode(delta))
         return seq
 
+    async def heartbeat(self) -> int:
+        """Publish one heartbeat (an empty delta, what cachestate sends when nothing changed); its seq."""
+        seq = await self.publish_delta()
+        self.heartbeats_published += 1
+        return seq
+
+    def start_heartbeats(self, period_s: float) -> None:
+        """Send a heartbeat every `period_s` until ``stop_heartbeats`` (or teardown)."""
+        if self._heartbeats is not None:
+            raise RuntimeError("heartbeats already running")
+
+        async def beat() -> None:
+            while True:
+                await self.heartbeat()
+                await asyncio.sleep(period_s)
+
+        self._heartbeats = asyncio.get_running_loop().create_task(beat(), name="scripted-heartbeats")
+
+    async def stop_heartbeats(self) -> None:
+        """No heartbeat is published after this returns (cachestate falls silent)."""
+        task, self._heartbeats = self._heartbeats, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -236,6 +269,15 @@ class Harness:
     tried: list[str]  # worker ids in the order their requests arrived (absent workers never appear)
     http: aiohttp.ClientSession
     base_url: str
+    cluster: Bus  # the scripted side's connection (workers, cachestate)
+    port: int  # the gateway's HTTP port on HOST (for raw connections)
+
+    async def attach(self, worker: ScriptedWorker) -> None:
+        """Subscribe `worker` on its subject now (an "absent" worker coming up; set its behaviour first).
+        It joins the shared `tried` log; the view is not changed (it may list the worker already)."""
+        worker.tried = self.tried
+        self.workers[worker.worker_id] = worker
+        await self.cluster.subscribe(s.infer_subject(worker.worker_id), worker.handle)
 
     async def recommend(self, body: dict[str, Any] | None = None, **kwargs: Any) -> Answer:
         """POST /v1/recommend (``DEFAULT_BODY`` unless given; extra kwargs go to aiohttp, e.g. ``data``)."""
@@ -291,8 +333,9 @@ async def scripted_gateway(
 ) -> AsyncIterator[Harness]:
     """The real gateway serving HTTP on a free port, a scripted view and scripted workers on the bus.
 
-    ``settings`` override ``HARNESS_SETTINGS`` (any ``GatewaySettings`` field). With ``wait_for_view``
-    the block starts once the gateway has applied the first snapshot.
+    ``settings`` override ``HARNESS_SETTINGS`` (any ``GatewaySettings`` field; ``max_connections``,
+    ``idle_timeout_ms`` and ``retry_after_s`` reach ``serve_http`` too). With ``wait_for_view`` the block
+    starts once the gateway has applied the first snapshot.
     """
     port = free_port(HOST)
     config = GatewaySettings(
@@ -301,6 +344,8 @@ async def scripted_gateway(
     tried: list[str] = []
     cluster = await Bus.connect(nats.url, name="scripted-cluster")
     gateway_bus: Bus | None = None
+    cachestate: ScriptedCachestate | None = None
+    harness: Harness | None = None
     try:
         for worker in workers:
             worker.tried = tried
@@ -311,7 +356,14 @@ async def scripted_gateway(
         gateway_bus = await Bus.connect(nats.url, name=config.instance)
         gateway = Gateway(config, gateway_bus)
         async with (
-            serve_http(build_app(gateway), HOST, port),
+            serve_http(
+                build_app(gateway),
+                HOST,
+                port,
+                max_connections=config.max_connections,
+                idle_timeout_s=config.idle_timeout_ms / 1e3,
+                retry_after_s=config.retry_after_s,
+            ),
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
         ):
             harness = Harness(
@@ -322,12 +374,16 @@ async def scripted_gateway(
                 tried=tried,
                 http=http,
                 base_url=f"http://{HOST}:{port}",
+                cluster=cluster,
+                port=port,
             )
             if wait_for_view:
                 await harness.wait_for_view()
             yield harness
     finally:
-        for worker in workers:
+        if cachestate is not None:
+            await cachestate.stop_heartbeats()
+        for worker in {*workers, *(harness.workers.values() if harness is not None else ())}:
             worker.release()
         await cluster.close()
         if gateway_bus is not None:
