@@ -388,3 +388,24 @@ async def scripted_gateway(
         await cluster.close()
         if gateway_bus is not None:
             await gateway_bus.close()
+
+
+def assert_error(answer: Answer, status: int, code: str, field: str | None = None) -> None:
+    """The documented error shape; every 503 carries Retry-After (the harness sets RETRY_AFTER_S=3)."""
+    assert answer.status == status, answer.body
+    assert isinstance(answer.body, dict) and set(answer.body) == {"error"}, answer.body
+    error = answer.body["error"]
+    assert set(error) == {"code", "message", "field"}, error
+    assert error["code"] == code, error
+    assert error["field"] == field, error
+    assert isinstance(error["message"], str) and error["message"], error
+    if status == 503:
+        assert answer.headers.get("Retry-After") == str(HARNESS_SETTINGS["retry_after_s"]), dict(
+            answer.headers
+        )
+
+
+def assert_served_by(answer: Answer, worker_id: str) -> None:
+    assert answer.status == 200, answer.body
+    assert answer.body["worker"] == worker_id
+    assert answer.body["items"] == DEFAULT_BODY["candidates"][: DEFAULT_BODY["k"]]
