@@ -71,7 +71,7 @@ KV_ONE, KV_TWO = 0.60, 0.15
 REQUESTS = 4096
 
 
-class SyntheticView:
+class SyntheticView(RoutingView):
     """A routing view held in numpy: EMB masks indexed by item id (uint64, bit b = worker b)."""
 
     version: int | None = 1  # never bumped: the cluster is fixed
@@ -99,14 +99,15 @@ class SyntheticView:
     def emb_masks(self, items: Sequence[int]) -> npt.NDArray[np.uint64]:
         return self._masks[np.asarray(items, dtype=np.int64)]
 
-    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
         return self._masks[items]
 
 
 class ListView(SyntheticView):
     """The same view without the optional ``emb_masks_array``: the router passes a list of ints."""
 
-    emb_masks_array = None  # type: ignore[assignment]
+    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
+        return None
 
 
 class UnversionedView(SyntheticView):
@@ -137,7 +138,8 @@ class DictPathReplicaView(ReplicaView):
     """The real view with ``emb_masks_array`` hidden: the router falls back to ``emb_masks`` (a list
     answered one dict lookup per item), as the gateway did before the dense mirror."""
 
-    emb_masks_array = None  # type: ignore[assignment]
+    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
+        return None
 
 
 def build_real_view(
@@ -170,7 +172,7 @@ def build_real_view(
         data = s.encode(update)
         wire_bytes += len(data)
         outcome = replica.apply(s.decode(dec, data))
-        view.version += 1  # as Gateway._on_view: every applied update
+        view.version += 1  # as Gateway._on_view: every update that changes worker records
         if outcome.need_snapshot:
             raise RuntimeError(f"bench view snapshot not applied: {outcome.reason}")
     build_s = time.perf_counter() - t0

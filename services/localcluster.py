@@ -300,6 +300,8 @@ class LocalCluster:
             # A child its supervisor was starting while its group stopped: stopped now.
             await asyncio.gather(*(self._terminate(c) for c in self.children.values() if c.alive))
         except BaseException:
+            for task in self._supervisors.values():  # none may start a child after the kill
+                task.cancel()
             self._kill_all()
             raise
         finally:
@@ -400,7 +402,16 @@ class LocalCluster:
         return children
 
     def _supervise(self, child: Child) -> None:
-        self._supervisors[child.name] = asyncio.create_task(self._run(child), name=f"supervise-{child.name}")
+        task = asyncio.create_task(self._run(child), name=f"supervise-{child.name}")
+        self._supervisors[child.name] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                # e.g. the program could not be started at all: nothing will restart it
+                log.error("supervisor failed", child=child.name, error=repr(exc))
+                self._give_up(child, f"its supervisor failed: {exc!r}")
+
+        task.add_done_callback(done)
 
     async def _run(self, child: Child) -> None:
         """Start the child, and again whenever it exits while the cluster runs (see RestartPolicy)."""

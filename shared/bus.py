@@ -93,9 +93,17 @@ class Subscription:
     """
 
     def __init__(
-        self, bus: Bus, subject: str, handler: Handler, *, queue: str | None, concurrency: int
+        self,
+        bus: Bus,
+        subject: str,
+        handler: Handler,
+        *,
+        queue: str | None,
+        concurrency: int,
+        traced: bool = True,
     ) -> None:
         self.subject = subject
+        self.traced = traced
         self.queue = queue
         self.concurrency = concurrency
         self.handled = 0
@@ -156,7 +164,12 @@ class Subscription:
         try:
             # Single-message push delivery: semconv allows the creation context as parent; we also link it.
             links = [Link(creation)] if creation.is_valid else None
-            with self._bus._span(name, SpanKind.CONSUMER, attrs, context=parent, links=links):
+            span_cm = (
+                self._bus._span(name, SpanKind.CONSUMER, attrs, context=parent, links=links)
+                if self.traced
+                else contextlib.nullcontext()
+            )
+            with span_cm:
                 try:
                     reply = await self._handler(msg)
                 except Exception as exc:
@@ -331,9 +344,16 @@ class Bus:
     def subscriptions(self) -> frozenset[Subscription]:
         return frozenset(self._subs)
 
-    async def publish(self, subject: str, payload: bytes) -> None:
-        """Fire and forget; raises BusClosed/BusError if the message cannot even be queued."""
+    async def publish(self, subject: str, payload: bytes, *, traced: bool = True) -> None:
+        """Fire and forget; raises BusClosed/BusError if the message cannot even be queued. `traced=False`:
+        no span and no trace context (housekeeping that would only clutter the traces, like an echo)."""
         self._check_open()
+        if not traced:
+            try:
+                await self._nc.publish(subject, payload)
+            except nats.errors.Error as e:
+                raise _map_error(e, subject) from e
+            return
         with self._send_span("publish", subject, len(payload)):
             headers: dict[str, str] = {}
             propagate.inject(headers)  # the publish span is the message's creation context
@@ -377,14 +397,21 @@ class Bus:
             return reply.data
 
     async def subscribe(
-        self, subject: str, handler: Handler, *, queue: str | None = None, concurrency: int = 1
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        queue: str | None = None,
+        concurrency: int = 1,
+        traced: bool = True,
     ) -> Subscription:
         """Run ``handler`` for each message on ``subject``; a returned ``bytes`` is sent as the reply
-        when the message has a reply subject. Returns once the server has registered the interest."""
+        when the message has a reply subject. Returns once the server has registered the interest.
+        ``traced=False``: no CONSUMER span per message."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self._check_open()
-        sub = Subscription(self, subject, handler, queue=queue, concurrency=concurrency)
+        sub = Subscription(self, subject, handler, queue=queue, concurrency=concurrency, traced=traced)
         try:
             sub._nsub = await self._nc.subscribe(subject, queue=queue or "", cb=sub._on_msg)
         except nats.errors.Error as e:
@@ -505,7 +532,9 @@ class Bus:
         _log.warning("bus error", client=self._name, url=self._url, error=repr(e))
 
     async def _on_disconnected(self) -> None:
-        if self._connected_once and self._close_task is None:
+        if self._close_task is not None or self._nc.is_closed:
+            return  # nats-py calls this on a close too: not a lost connection
+        if self._connected_once:
             _log.warning("bus disconnected", client=self._name, url=self._url)
         # Replies cannot reach us while the connection is down: those waiting fail now, not at their timeout.
         for waiter in self._waiting.values():

@@ -45,8 +45,9 @@ async def run_bus_service(
         try:
             service = await build(bus, tracer)
             try:
-                await service.start()
-                await stop.wait()
+                if not stop.is_set():  # a stop signal during a long build: never start serving
+                    await service.start()
+                    await stop.wait()
                 log.info(f"{name} stopping", instance=instance_id)
             finally:
                 await service.stop()

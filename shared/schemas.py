@@ -61,6 +61,14 @@ VIEW_SUBJECT: Final = f"{SUBJECT_PREFIX}.view"
 # gateway -> cachestate, request/reply: ViewSnapshotRequest -> ViewSnapshotAck; the snapshot itself is
 # published on VIEW_SUBJECT (so every gateway may use it).
 VIEW_SNAPSHOT_SUBJECT: Final = f"{SUBJECT_PREFIX}.view.snapshot"
+
+
+def echo_subject(token: str) -> str:
+    """Publish and subscribe by one process, to itself (an empty payload): its own round trip through the
+    server. cachestate judges workers' silence only while its echo comes back."""
+    return f"{SUBJECT_PREFIX}.echo.{token}"
+
+
 # cachestate -> controller: per-worker windowed workload features (FeatureReport).
 FEATURES_SUBJECT: Final = f"{SUBJECT_PREFIX}.features"
 

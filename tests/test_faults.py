@@ -168,8 +168,6 @@ async def test_killed_controller_and_cachestate_cost_no_request_and_come_back(fa
     await faulty.healthy()
     cluster = faulty.cluster
     starts = {n: cluster.child(n).starts for n in ("controller", "cachestate")}
-    restarts = await faulty.cachestate_metric("bus_reconnects_total")  # a fresh process: counters restart
-    assert restarts == 0
     async with faulty.load("kill-cs") as load:
         await asyncio.sleep(1.0)
         cluster.kill("controller")

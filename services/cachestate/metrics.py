@@ -31,7 +31,7 @@ class ServiceCounters:
     view_snapshots: int = 0  # view snapshots published on request
     view_snapshots_coalesced: int = 0  # snapshot requests answered by a snapshot another request caused
     feature_reports: int = 0
-    bus_reconnects: int = 0  # our own connection came back (liveness was suspended meanwhile)
+    liveness_suspensions: int = 0  # judging suspended: our own connection down, or our echo not heard
 
 
 class _Collector(Collector):
@@ -92,7 +92,11 @@ class _Collector(Collector):
         yield gauge(
             "workers_unverified", "workers heard from but not yet confirmed", len(svc.tracker.unverified())
         )
-        yield counter("bus_reconnects", "cachestate's own bus connection came back", c.bus_reconnects)
+        yield counter(
+            "liveness_suspensions",
+            "times liveness judging was suspended: cachestate's own connection down, or its echo not heard",
+            c.liveness_suspensions,
+        )
         yield counter("new_incarnations", "workers seen restarting (new incarnation)", t.new_incarnations)
         yield counter("snapshots_requested", "snapshot requests sent to workers", c.snapshot_requests)
         yield counter(

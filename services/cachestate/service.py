@@ -11,6 +11,7 @@ connection comes back every worker gets a fresh period plus a grace (the silence
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +33,10 @@ from shared.errors import OnepoolError
 from shared.lifecycle import TaskOwner
 
 log = structlog.get_logger("onepool.cachestate")
+
+# cachestate judges others' silence only while it hears itself: its echo (sent every expire check) must
+# have come back within this many checks (0.5 s by default: less than any worker's 3 x 500 ms).
+DEAF_AFTER_CHECKS = 5
 
 
 class CacheStateService:
@@ -65,7 +70,12 @@ class CacheStateService:
         self._pending = ViewChanges()
         self._view_seq = 0
         self._view_sent_at = clock()  # when the last view update went out (the heartbeat's reference)
-        self._bus_down = False  # our own connection is lost: nobody is judged meanwhile
+        self._bus_down = False  # our own connection is lost (the client says so)
+        # Our own round trip through the server: published and heard every expire check.
+        self._echo_subject = s.echo_subject(uuid.uuid4().hex)
+        self._heard_self = clock()
+        self._deaf_after_s = DEAF_AFTER_CHECKS * settings.expire_check_ms / 1e3
+        self._suspended = False  # liveness judging suspended: the silence would be ours
         self._view_lock = asyncio.Lock()  # view seq order == publish order
         # The view snapshot now gathering requests (set from the first request until it is built): the
         # requests that arrive meanwhile share it, so N gateways resyncing together cost one broadcast.
@@ -85,12 +95,15 @@ class CacheStateService:
     async def start(self) -> None:
         self._started_at = self._clock()
         self.bus.add_state_listener(self._on_bus_state)
+        self._heard_self = self._clock()
+        self._subs.append(await self.bus.subscribe(self._echo_subject, self._on_echo, traced=False))
         self._subs.append(await self.bus.subscribe(s.DIGEST_WILDCARD, self._on_digest))
         # Handlers start as requests arrive, so that those arriving while one gathers can ride along.
         self._subs.append(
             await self.bus.subscribe(s.VIEW_SNAPSHOT_SUBJECT, self._on_view_snapshot, concurrency=64)
         )
         self._tasks.spawn(self._view_loop(), name="view-deltas")
+        self._tasks.spawn(self._echo_loop(), name="echo")
         self._tasks.spawn(self._expire_loop(), name="expiry")
         self._tasks.spawn(self._features_loop(), name="features")
         if self.settings.metrics_port:
@@ -163,7 +176,7 @@ class CacheStateService:
     async def _resync(self, worker_id: str, reason: str) -> None:
         timeout_s = self.settings.snapshot_timeout_ms / 1e3
         pause = self.settings.snapshot_backoff_ms / 1e3
-        event = self._synced.setdefault(worker_id, asyncio.Event())
+        event = self._synced[worker_id] = asyncio.Event()  # this task's own (an older task may unwind)
         try:
             while self.tracker.needs_snapshot(worker_id):
                 event.clear()
@@ -221,23 +234,45 @@ class CacheStateService:
 
     # ---- expiry ---------------------------------------------------------------------------------------
     def _on_bus_state(self, state: ConnectionState) -> None:
-        if state is ConnectionState.DISCONNECTED:
-            if not self._bus_down:
-                log.warning("bus lost: liveness judging suspended until it is back")
-            self._bus_down = True
-        elif state is ConnectionState.CONNECTED and self._bus_down:
-            self._bus_down = False
-            grace_s = self.settings.reconnect_grace_ms / 1e3
-            self.tracker.refresh(self._clock() + grace_s)
-            self.counters.bus_reconnects += 1
-            log.info("bus back: every worker gets a fresh period", grace_s=grace_s)
+        self._bus_down = state is not ConnectionState.CONNECTED
+
+    def _may_judge(self, now: float) -> str | None:
+        """Why nobody may be judged by their silence now (None: they may): our own connection is down, or
+        our echo has not come back (a connection silently cut is noticed by the client only after its pings
+        time out, seconds later; the echo says at once that what we send, and so what we hear, is stuck)."""
+        if self._bus_down or not self.bus.is_connected:
+            return "cachestate's own bus connection is down"
+        if now - self._heard_self > self._deaf_after_s:
+            return f"cachestate has not heard its own echo for {now - self._heard_self:.1f} s"
+        return None
+
+    async def _echo_loop(self) -> None:
+        period = self.settings.expire_check_ms / 1e3
+        while True:
+            with contextlib.suppress(OnepoolError):  # a lost echo is what the echo is for
+                await self.bus.publish(self._echo_subject, b"", traced=False)
+            await asyncio.sleep(period)
+
+    async def _on_echo(self, _: Message) -> None:
+        self._heard_self = self._clock()
 
     async def _expire_loop(self) -> None:
         period = self.settings.expire_check_ms / 1e3
         while True:
             await asyncio.sleep(period)
-            if self._bus_down or not self.bus.is_connected:
-                continue  # the silence is ours: nobody is judged by it
+            now = self._clock()
+            why = self._may_judge(now)
+            if why is not None:
+                if not self._suspended:
+                    self._suspended = True
+                    self.counters.liveness_suspensions += 1
+                    log.warning("liveness judging suspended: the silence is ours", reason=why)
+                continue
+            if self._suspended:
+                self._suspended = False
+                grace_s = self.settings.reconnect_grace_ms / 1e3
+                self.tracker.refresh(now + grace_s)
+                log.info("liveness judging resumed: every worker gets a fresh period", grace_s=grace_s)
             dead = self.tracker.expire(self._clock())
             if not dead:
                 continue

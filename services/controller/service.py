@@ -24,7 +24,7 @@ from services.controller.settings import ControllerSettings
 from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.lifecycle import TaskOwner
-from shared.sequence import SeqOrder, classify
+from shared.sequence import SeqOrder, classify, gap_start
 
 log = structlog.get_logger("onepool.controller")
 
@@ -108,6 +108,7 @@ class ControllerService:
         self._tracer = tracer or trace.get_tracer("onepool.controller")
         self._decoder = s.decoder(s.FeatureReport)
         self._last_report: tuple[str, int] | None = None  # (source, seq)
+        self._gap_from: int | None = None  # where the last gap in that source's numbering began
         self._n = 0
         self._sub: Subscription | None = None
         self._tasks = TaskOwner("controller")
@@ -158,7 +159,8 @@ class ControllerService:
             return
         last = self._last_report
         if last is not None and last[0] == report.source:
-            order = classify(report.seq, last[1] + 1)
+            order = classify(report.seq, last[1] + 1, self._gap_from)
+            self._gap_from = gap_start(order, last[1] + 1, self._gap_from)
             if order is SeqOrder.DUPLICATE:
                 self.counters.stale_reports += 1
                 log.info(
@@ -168,6 +170,8 @@ class ControllerService:
             if order is SeqOrder.RESTART:  # far from the last seq either way: a new numbering, not a replay
                 self.counters.seq_restarts += 1
                 log.info("feature report numbering restarted", source=report.source, seq=report.seq)
+        if last is None or last[0] != report.source:
+            self._gap_from = None  # a new source: a new numbering
         self._last_report = (report.source, report.seq)
         self.counters.reports += 1
         for features in report.workers:

@@ -79,21 +79,26 @@ def _field_with_bad_utf8(raw: bytes) -> str | None:
     parses such a string, and the first key or value that holds one names the field."""
     try:
         doc = json.loads(raw.decode("utf-8", "surrogateescape"))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         return None
     return _find_bad_string(doc, "")
+
+
+_MAX_DEPTH = 64
 
 
 def _is_bad(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
-def _find_bad_string(node: Any, path: str) -> str | None:
+def _find_bad_string(node: Any, path: str, depth: int = 0) -> str | None:
     if isinstance(node, str):
         return path if _is_bad(node) else None
+    if depth > _MAX_DEPTH:  # a body this deep names no field a client could act on
+        return None
     if isinstance(node, list):
         for i, child in enumerate(node):
-            if (found := _find_bad_string(child, f"{path}[{i}]")) is not None:
+            if (found := _find_bad_string(child, f"{path}[{i}]", depth + 1)) is not None:
                 return found
     elif isinstance(node, dict):
         for key, child in node.items():
@@ -102,6 +107,6 @@ def _find_bad_string(node: Any, path: str) -> str | None:
             child_path = f"{path}.{name}" if path else name
             if _is_bad(key):
                 return child_path
-            if (found := _find_bad_string(child, child_path)) is not None:
+            if (found := _find_bad_string(child, child_path, depth + 1)) is not None:
                 return found
     return None

@@ -48,6 +48,7 @@ from services.gateway.core.router import (
     RouteDecision,
     Router,
     RouteRequest,
+    RoutingView,
     Saturated,
     ScoreBreakdown,
 )
@@ -139,14 +140,14 @@ class GatewayMetrics:
         child.inc()
 
 
-class ReplicaView:
+class ReplicaView(RoutingView):
     """The RoutingView the router reads, backed by the gateway's replica of the cluster view."""
 
     def __init__(self, replica: ViewReplica, index: ResidencyIndex) -> None:
         self._replica = replica
         self._index = index
-        # Bumped on every applied view update: the router rebuilds its per-worker arrays only then.
-        self.version = 0
+        # Bumped when an update changes worker records: the router rebuilds its per-worker arrays only then.
+        self.version: int = 0
 
     def routable_workers(self) -> Sequence[s.WorkerState]:
         return [w for w in self._replica.workers.values() if not w.draining]
@@ -160,7 +161,7 @@ class ReplicaView:
     def emb_masks(self, items: Sequence[int]) -> list[int]:
         return self._index.emb_masks(items)
 
-    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
         """The router's fast path (it calls this only while every routable worker's bit is < 64)."""
         return self._index.emb_masks_array(items)
 
@@ -236,15 +237,21 @@ class Gateway:
             log.warning("bad view update dropped", error=exc.message, field=exc.field)
             return
         self._view_heard = time.monotonic()
+        before = {
+            w: self.replica.workers[w].incarnation
+            for w in update.workers_removed
+            if w in self.replica.workers
+        }
         outcome = self.replica.apply(update)
         if outcome.workers_changed:
             self.view.version += 1  # what the router keeps per worker may have changed
         self.metrics.view_updates.inc()
         # A removal that the same update undoes (cachestate repairing a worker's residency) is no goodbye:
-        # the worker still serves our in-flight requests, and our recent choices for it still hold.
-        readded = {w.worker_id for w in update.workers}
+        # the worker still serves our in-flight requests, and our recent choices for it still hold. Unless
+        # it comes back as another incarnation: a new process holds none of what we predicted for it.
+        readded = {w.worker_id: w.incarnation for w in update.workers}
         for worker_id in update.workers_removed:
-            if worker_id not in readded:
+            if worker_id not in readded or readded[worker_id] != before.get(worker_id, readded[worker_id]):
                 self.router.forget_worker(worker_id)
         if outcome.need_snapshot:
             log.info("routing view out of sync; asking for a snapshot", reason=outcome.reason)

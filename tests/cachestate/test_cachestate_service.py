@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -580,7 +582,7 @@ async def test_liveness_is_suspended_while_cachestate_is_cut_off(nats_server: An
             await asyncio.sleep(0.6)  # the outage itself: 6 digest periods without a word
             nats_server.start()
             await eventually(lambda: bus.is_connected and w.bus.is_connected, timeout_s=10)
-            await eventually(lambda: cs.counters.bus_reconnects == 1)
+            await eventually(lambda: cs.counters.liveness_suspensions == 1 and not cs._suspended)
             for _ in range(5):  # the worker goes on digesting after the outage, as a live one does
                 await w.send()
                 await asyncio.sleep(0.05)
@@ -633,3 +635,26 @@ async def test_a_real_worker_answers_a_garbled_snapshot_request_with_an_error(na
             await client.bus.request(subject, s.encode(s.SnapshotRequest()), timeout_s=5),
         )
         assert ack.worker_id == "wtest"
+
+
+async def test_liveness_is_suspended_while_cachestate_cannot_hear_itself(nats_server: Any) -> None:
+    # nats-server frozen (SIGSTOP): nobody's connection drops, nobody hears anything. cachestate notices
+    # that its own echo does not come back and judges nobody until it does.
+    settings = replace(SETTINGS, reconnect_grace_ms=1000.0)
+    async with running_cachestate(nats_server.url, settings) as cs, fake_worker(nats_server.url) as w:
+        await w.send_snapshot()
+        await eventually(lambda: cs.tracker.is_verified("w1") and not cs.tracker.needs_snapshot("w1"))
+        assert nats_server._proc is not None
+        pid = nats_server._proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await eventually(lambda: cs._suspended, timeout_s=5)  # within DEAF_AFTER_CHECKS x 20 ms
+            await asyncio.sleep(0.5)  # frozen for well over 3 digest periods of 100 ms
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await eventually(lambda: not cs._suspended, timeout_s=5)
+        for _ in range(5):  # the worker goes on digesting, as a live one does
+            await w.send()
+            await asyncio.sleep(0.05)
+        assert cs.tracker.is_live("w1") and cs.tracker.counters.workers_dead == 0
+        assert cs.counters.liveness_suspensions == 1 and cs.bus.is_connected

@@ -333,3 +333,40 @@ def test_refresh_forgives_the_observers_own_silence() -> None:
     assert t.expire(5.3) == []
     assert t.staleness(5.3) == {"w0": pytest.approx(4.3)}  # when it was really heard from
     assert t.expire(5.31) == ["w0"]
+
+
+def test_a_kept_snapshot_is_installed_only_if_nothing_came_after_it() -> None:
+    idx = ResidencyIndex()
+    t = DigestTracker(idx)
+    t.apply(digest(0, "snapshot", kv_upserts=kv(("a", 4))), now=1.0)
+    t.apply(digest(1, kv_upserts=kv(("b", 2))), now=1.05)  # dropped: the worker is not verified yet
+    t.verify("w0", "i1", 0, now=1.1)
+    # the kept snapshot lacks b: not installed; the worker stays out of sync and is asked again
+    assert idx.kv_workers("a") == {} and t.needs_snapshot("w0") and t.is_verified("w0")
+    out = t.apply(digest(2, "snapshot", kv_upserts=kv(("a", 4), ("b", 2))), now=1.2)
+    assert (out.accepted, out.need_snapshot) == (True, False) and idx.worker_kv("w0") == {"a": 4, "b": 2}
+
+
+def test_an_abandoned_snapshot_drops_the_kept_one_too() -> None:
+    t = DigestTracker(ResidencyIndex())
+    t.apply(digest(0, "snapshot", kv_upserts=kv(("a", 4))), now=1.0)  # kept
+    t.apply(digest(1, "snapshot", part=0, parts=2), now=1.05)  # a newer one begins ...
+    t.apply(digest(3, "snapshot", part=1, parts=2), now=1.1)  # ... and loses a part: out of sync
+    t.verify("w0", "i1", 1, now=1.2)
+    assert t.index.kv_workers("a") == {} and t.needs_snapshot("w0")
+
+
+def test_a_forged_seq_just_ahead_does_not_silence_the_worker() -> None:
+    idx = ResidencyIndex()
+    t = DigestTracker(idx, dead_after_periods=3.0)
+    synced(t, kv_upserts=kv(("a", 3)))  # next seq 1
+    out = t.apply(digest(13), now=1.05)  # forged: 12 ahead, within the gap window
+    assert out.reason.startswith("seq gap") and t.counters.gaps == 1
+    # the genuine numbering goes on at 1: inside the gap the forgery opened, so a restart, never "old"
+    for i, seq in enumerate(range(1, 6)):
+        out = t.apply(digest(seq), now=1.1 + 0.1 * i)
+        assert out.live and out.reason != f"old seq {seq} < 14"
+    assert t.counters.digests_ignored == 0 and t.counters.seq_restarts == 1
+    assert t.expire(1.6) == []  # heard from all along: not fenced
+    # a replay just behind the genuine numbering is still a duplicate
+    assert t.apply(digest(4), now=1.7).reason == "old seq 4 < 6"

@@ -33,6 +33,22 @@ async def test_a_repaired_worker_keeps_its_in_flight_count_and_predictions(nats_
         gone = s.ViewUpdate(source="cs", seq=1, kind="delta", workers_removed=["w1"])
         await gateway._on_view(Message(subject=s.VIEW_SUBJECT, data=s.encode(gone)))
         assert gateway.router.in_flight("w1") == 0
+        # Removed and re-added as another incarnation (a restart): a new process, nothing of ours holds.
+        back = s.ViewUpdate(
+            source="cs", seq=2, kind="snapshot", workers=[s.WorkerState(worker_id="w1", incarnation="i1")]
+        )
+        await gateway._on_view(Message(subject=s.VIEW_SUBJECT, data=s.encode(back)))
+        gateway.router.on_dispatch("w1", req, now=0.0)
+        gateway.router.on_failure("w1", now=0.0)
+        restart = s.ViewUpdate(
+            source="cs",
+            seq=3,
+            kind="delta",
+            workers_removed=["w1"],
+            workers=[s.WorkerState(worker_id="w1", incarnation="i2")],
+        )
+        await gateway._on_view(Message(subject=s.VIEW_SUBJECT, data=s.encode(restart)))
+        assert gateway.router.in_flight("w1") == 0 and gateway.router.demoted_until("w1") is None
     finally:
         await bus.close()
 

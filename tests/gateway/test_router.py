@@ -65,7 +65,7 @@ def ws(
     )
 
 
-class DictView:
+class DictView(RoutingView):
     """Test double of the gateway's replica: plain dicts, no version (the router rebuilds every call)."""
 
     def __init__(
@@ -109,7 +109,7 @@ class ArrayView(DictView):
 
     version = 1
 
-    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
         return np.array(self.emb_masks(items.tolist()), dtype=np.uint64)
 
 
@@ -119,10 +119,6 @@ def req(user: str, history: Sequence[int], candidates: Sequence[int] = (100, 101
 
 def by_id(decision: RouteDecision) -> dict[str, ScoreBreakdown]:
     return {sb.worker_id: sb for sb in decision.ranked}
-
-
-def _view_protocol_check(v: DictView) -> RoutingView:
-    return v  # mypy: the test double satisfies the Protocol
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -638,3 +634,29 @@ def test_answers_age_the_reported_queue_until_the_next_view() -> None:
     assert by_id(router.route(view, r, now=0.0))["A"].queue_ms == 0.0  # never below empty
     view.version += 1  # a new view: its own depth counts again
     assert by_id(router.route(view, r, now=0.0))["A"].queue_ms == pytest.approx(10.0)
+
+
+def test_a_worker_full_by_the_view_alone_is_full() -> None:
+    # Another gateway filled w1: the view says 4 in flight (3 waiting + 1 running) of its limit of 4.
+    view = ArrayView([ws("w1", in_flight=4, queue_depth=3, max_queue=4), ws("w2", queue_depth=9, ewma=90.0)])
+    router = Router(Policy.JOINT, rng_seed=0)
+    assert router.route(view, req("u", range(4)), now=0.0).worker_ids == ["w2", "w1"]
+    view.workers = [ws("w1", in_flight=4, queue_depth=3, max_queue=4)]
+    view.version += 1
+    with pytest.raises(Saturated):
+        router.route(view, req("u", range(4)), now=0.0)
+    r = req("u", range(4))
+    router.on_dispatch("w1", r, now=0.0)
+    router.on_done("w1")  # one answered: the worker has room again until the next view says otherwise
+    assert router.route(view, r, now=0.0).worker_ids == ["w1"]
+
+
+def test_round_robin_does_not_give_its_turn_to_a_worker_over_the_budget() -> None:
+    view = ArrayView([ws("w1", queue_depth=100, ewma_service=5.0), ws("w2")])  # w1: 500 ms queued
+    router = Router(Policy.ROUND_ROBIN, rng_seed=0)
+    for _ in range(4):  # every turn: w2 serves; never shed while w2 is within the budget
+        assert router.route(view, req("u", range(4)), now=0.0, budget_ms=300.0).best.worker_id == "w2"
+    # the cheapest eligible worker decides the budget, not the first-ranked (a demoted one is not eligible)
+    router.on_failure("w2", now=0.0)
+    with pytest.raises(Saturated):
+        router.route(view, req("u", range(4)), now=0.0, budget_ms=300.0)

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from services.cachestate.core.changes import ViewChanges
 from services.cachestate.core.residency import ResidencyIndex
 from shared import schemas as s
-from shared.sequence import SeqOrder, classify
+from shared.sequence import SeqOrder, classify, gap_start
 
 __all__ = ["DigestOutcome", "DigestTracker", "LiveWorker", "TrackerCounters"]
 
@@ -119,6 +119,7 @@ class _Worker:
     verified: bool = False
     assembly: _Assembly | None = None
     pending: _Assembly | None = None  # a complete snapshot of an unverified record, installed on verify
+    gap_from: int | None = None  # where the last seq gap began (shared.sequence)
     retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_INCARNATIONS))
     last: s.WorkerDigest | None = None
 
@@ -204,7 +205,8 @@ class DigestTracker:
         else:
             fresh = False
         if not fresh:
-            order = classify(digest.seq, rec.next_seq)
+            order = classify(digest.seq, rec.next_seq, rec.gap_from)
+            rec.gap_from = gap_start(order, rec.next_seq, rec.gap_from)
             if order is SeqOrder.DUPLICATE:
                 self.counters.digests_ignored += 1
                 reason = f"old seq {digest.seq} < {rec.next_seq}"
@@ -284,7 +286,10 @@ class DigestTracker:
             self.index.add_worker(worker_id)
         if rec.pending is not None:
             pending, rec.pending = rec.pending, None
-            self._install(rec, pending, changes)
+            # Only if nothing came after it: deltas that arrived meanwhile were dropped (unverified), and
+            # the snapshot without them would be stale. Then the worker stays out of sync: asked again.
+            if rec.next_seq == pending.first_seq + pending.parts:
+                self._install(rec, pending, changes)
         if rec.last is not None:
             changes.upsert_worker(self._state(rec))
         self._forward_evictions(changes)
@@ -320,8 +325,9 @@ class DigestTracker:
         return rec
 
     def _desync(self, rec: _Worker, changes: ViewChanges) -> None:
-        """Residency unknown from now on: drop it here and at the gateways."""
+        """Residency unknown from now on: drop it here and at the gateways (and any snapshot kept aside)."""
         rec.assembly = None
+        rec.pending = None
         if rec.in_sync:  # otherwise it holds nothing already
             self.index.clear_worker(rec.worker_id)
             changes.remove_worker(rec.worker_id)

@@ -32,14 +32,16 @@ digest (no hand-tuned weights):
   time many times over (an admission rule built on it sheds everything until the next digest). The
   fallback uses the no-cache compute on purpose: requests ahead of us are other users', so this user's KV
   credit must not shrink the wait (that would herd a hot user's burst).
-- Hard overload guard: a worker with ``ahead >= max_queue``, the limit it reports itself
-  (``LoadInfo.max_queue``; 0: none known), is *full*: ranked after every other worker (still ranked, by
-  cost among the full ones), whatever the policy. When every routable worker is full, ``route`` raises
-  ``Saturated``: the gateway sheds the request at its door instead of sending it to a worker that would
-  refuse it.
-- Budget: ``route(..., budget_ms=B)`` raises ``Saturated`` when even the first-ranked worker's estimate
-  exceeds B: under overload queues grow until the estimate passes the deadline, and from then on the excess
-  is refused at once instead of being queued to time out (which would also waste the worker's time).
+- Hard overload guard: a worker with ``max(view in_flight, own in-flight) >= max_queue``, the limit it
+  reports itself on its in_flight (queued + running; ``LoadInfo.max_queue``; 0: none known), is *full*:
+  ranked after every other worker (still ranked, by cost among the full ones), whatever the policy. When
+  every routable worker is full, ``route`` raises ``Saturated``: the gateway sheds the request at its door
+  instead of sending it to a worker that would refuse it.
+- Budget: ``route(..., budget_ms=B)`` raises ``Saturated`` when even the cheapest worker that is neither
+  full nor demoted (the first-ranked when all are) has an estimate over B (round-robin's turn is skipped
+  for a worker over B): under overload queues grow until the estimate passes the budget, and from then on
+  the excess is refused at once instead of being queued to time out (which would also waste the worker's
+  time).
 - Demotion: a worker that failed to answer (no responders, timeout: ``on_failure``) is ranked after every
   healthy and every full worker for a back-off that starts at ``DEMOTE_BASE_S`` and doubles on each further
   failure up to ``DEMOTE_MAX_S``; an answer (``on_success``) ends it. The gateway learns of a dead worker
@@ -64,24 +66,23 @@ Predict-on-route: ``on_dispatch`` remembers (user -> worker, len(history), time)
 treats the worker as holding that prefix (``predicted`` in the breakdown), so a burst of one user sticks to
 one worker before any digest confirms it, until its queue outweighs the saved compute.
 
-Performance: per-worker arrays (coefficients, loads, EMB bits) are rebuilt only when the view changes. A
-view MAY expose an int attribute ``version`` (not part of the Protocol) that changes whenever
-``routable_workers()`` (the set or any field) or ``worker_bit()`` answers change; the router then reuses
-its arrays while the version holds. Without it they are rebuilt on every call. The EMB misses of all
-workers come from one sort of history + candidates (each distinct item kept at its last position), one
-``emb_masks`` call on the distinct items, a 0/1 bit matrix (items x worker bits, one table gather per mask
-byte) and one matrix-vector product for the per-bit counts; a worker with a cached prefix c then counts
-its own bit over the items whose last position is >= c (one count per such worker).
+Performance: per-worker arrays (coefficients, loads, EMB bits) are rebuilt only when the view's
+``version`` changes (see ``RoutingView``); an unversioned view has them rebuilt on every call. The EMB
+misses of all workers come from one sort of history + candidates (each distinct item kept at its last
+position), one ``emb_masks`` call on the distinct items, a 0/1 bit matrix (items x worker bits, one table
+gather per mask byte) and one matrix-vector product for the per-bit counts; a worker with a cached prefix c
+then counts its own bit over the items whose last position is >= c (one count per such worker).
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final, Protocol, overload
+from typing import Any, Final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -132,34 +133,42 @@ class Policy(StrEnum):
     ROUND_ROBIN = "round-robin"
 
 
-class RoutingView(Protocol):
-    """What the router reads of the cluster (the gateway's replica of the routing view).
+class RoutingView(ABC):
+    """What the router reads of the cluster (the gateway's replica of the routing view). Subclass it.
 
-    Optional, outside the Protocol (the router looks them up with getattr):
-    - ``version: int``, changed whenever ``routable_workers()`` (the set or any field) or ``worker_bit()``
-      answers change: the router then reuses its per-worker arrays while it holds;
-    - ``emb_masks_array(items: NDArray[int64]) -> NDArray[uint64]``, the same answer as ``emb_masks``
-      for a view that keeps masks in numpy (bit indices below 64): saves the list round trip (~10 us for
-      500 items).
+    Optional parts, with defaults:
+    - ``version``: an int changed whenever ``routable_workers()`` (the set or any field) or ``worker_bit()``
+      answers change: the router then reuses its per-worker arrays while it holds. None (the default): the
+      arrays are rebuilt on every call.
+    - ``emb_masks_array(items: NDArray[int64])``: the same answer as ``emb_masks``, as a uint64 array, for
+      a view that keeps masks in numpy (the router asks only while every bit index is below 64): saves the
+      list round trip (~10 us for 500 items). None (the default): not offered, the router asks
+      ``emb_masks``.
     ``emb_masks`` may also return a numpy uint64 array instead of a list when every bit index is below 64.
     Keeping ``emb_masks`` fast matters: one Python dict lookup per item costs more than the rest of route().
     """
 
+    version: int | None = None
+
+    @abstractmethod
     def routable_workers(self) -> Sequence[WorkerState]:
         """Live, not draining workers."""
-        ...
 
+    @abstractmethod
     def kv_workers(self, user_id: str) -> Mapping[str, int]:
         """worker_id -> history length that worker's KV of this user covers."""
-        ...
 
+    @abstractmethod
     def worker_bit(self, worker_id: str) -> int | None:
         """Bit index of that worker in EMB masks (None: it has none yet, it holds nothing)."""
-        ...
 
+    @abstractmethod
     def emb_masks(self, items: Sequence[int]) -> Sequence[int] | npt.NDArray[np.uint64]:
         """Per item: bitmask of the workers whose EMB holds it (0 if none)."""
-        ...
+
+    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
+        """The fast path of ``emb_masks`` (see the class docstring); None: not offered."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -359,6 +368,7 @@ class _Table:
         "svc_known",
         "version",
         "view",
+        "view_busy",
         "view_inflight",
         "zeros",
     )
@@ -417,7 +427,10 @@ class _Table:
         self.q0 = self.ahead * svc  # ahead * known service time
         self.a0 = self.ahead * (svc <= 0.0)  # ahead where the service time falls back to compute
         self.limit: list[float] = cols[9].tolist()  # each worker's own queue limit (inf: none reported)
-        self.over = self.ahead >= cols[9]
+        # Full: the worker's in_flight (queued + running, what its max_queue bounds) as the view reported it,
+        # or our own in-flight count to it, whichever is more, at its limit.
+        self.view_busy: list[float] = cols[5].tolist()
+        self.over = np.maximum(cols[5], cols[8]) >= cols[9]
         self.n_over = int(np.count_nonzero(self.over))
         bits = [view.worker_bit(i) for i in ids]
         known = [b for b in bits if b is not None and b >= 0]
@@ -439,13 +452,16 @@ class _Table:
         """This gateway's in-flight count to worker i is now `own`; `completed`: one of its requests there
         was answered, so the queue the view reported has moved on by at least one."""
         self.own[i] = own
-        if completed and self.view_inflight[i] > 0:
-            self.view_inflight[i] -= 1.0
+        if completed:
+            if self.view_inflight[i] > 0:
+                self.view_inflight[i] -= 1.0
+            if self.view_busy[i] > 0:
+                self.view_busy[i] -= 1.0
         ahead = max(self.view_inflight[i], own)
         self.ahead[i] = ahead
         self.q0[i] = ahead * self.svc_known[i]
         self.a0[i] = ahead * self.no_ewma[i]
-        over = ahead >= self.limit[i]
+        over = max(self.view_busy[i], own) >= self.limit[i]
         if over != self.over[i]:
             self.over[i] = over
             self.n_over += 1 if over else -1
@@ -596,11 +612,11 @@ class Router:
     # routing
     # ------------------------------------------------------------------------------------------------
     def _table_for(self, view: RoutingView) -> _Table:
-        version = getattr(view, "version", None)
+        version = view.version
         t = self._table
         if version is not None and t is not None and t.view is view and t.version == version:
             return t
-        t = _Table(view, version if isinstance(version, int) else None, self._own)
+        t = _Table(view, version, self._own)
         # without a version the arrays cannot be trusted past this call: rebuilt on the next one
         self._table = t if t.version is not None else None
         return t
@@ -667,8 +683,8 @@ class Router:
         items = allv[reps]
         u = len(items)
         cols = t.bit_cols
-        fast = getattr(view, "emb_masks_array", None) if cols <= 64 else None
-        masks = fast(items) if fast is not None else view.emb_masks(items.tolist())
+        fast = view.emb_masks_array(items) if cols <= 64 else None
+        masks = fast if fast is not None else view.emb_masks(items.tolist())
         bits = _bit_matrix(masks, cols)
         hits = self._ones(u) @ bits  # per bit: how many distinct items hold it (exact in float32)
         if t.bit_identity:
@@ -759,7 +775,7 @@ class Router:
         if policy is Policy.ROUND_ROBIN:
             start = t.rr_order[self._rr % n]
             self._rr += 1
-            if not t.over[start]:
+            if not t.over[start] and total.item(start) <= budget_ms:  # its turn, unless it is too busy
                 key[start] = -math.inf
         if t.n_over:
             key[t.over] += OVERLOAD_PENALTY_MS
@@ -769,11 +785,14 @@ class Router:
                 if until > now and (d := index.get(wid)) is not None:
                     key[d] += DEMOTED_PENALTY_MS
         order: list[int] = np.argsort(key).tolist()
-        best_ms = total.item(order[0])
-        if best_ms > budget_ms:
-            raise Saturated(
-                f"the best worker would take ~{best_ms:.0f} ms, more than the {budget_ms:.0f} ms left"
-            )
+        if budget_ms < math.inf:
+            # the cheapest worker that is neither full nor demoted decides (the first-ranked when all are)
+            eligible = key < OVERLOAD_PENALTY_MS / 2
+            best_ms = float(total[eligible].min()) if eligible.any() else total.item(order[0])
+            if best_ms > budget_ms:
+                raise Saturated(
+                    f"the best worker would take ~{best_ms:.0f} ms, more than the {budget_ms:.0f} ms budget"
+                )
         scores = _Scores(
             ids=t.ids,
             total=total,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from services.cachestate.core.residency import ResidencyIndex
 from shared import schemas as s
-from shared.sequence import SeqOrder, classify
+from shared.sequence import SeqOrder, classify, gap_start
 
 __all__ = ["ReplicaOutcome", "ViewReplica"]
 
@@ -55,6 +55,7 @@ class ViewReplica:
         self.resyncs_needed = 0
         self._in_sync = False
         self._assembly: _Assembly | None = None
+        self._gap_from: int | None = None  # where the last gap in the source's numbering began
 
     @property
     def in_sync(self) -> bool:
@@ -68,10 +69,12 @@ class ViewReplica:
     def apply(self, update: s.ViewUpdate) -> ReplicaOutcome:
         if update.source != self.source:
             reason = "new source"
+            self._gap_from = None
         else:
-            order = classify(update.seq, self.seq + 1)
+            order = classify(update.seq, self.seq + 1, self._gap_from)
             if order is SeqOrder.DUPLICATE:
                 return ReplicaOutcome(False, f"duplicate seq {update.seq} <= {self.seq}")
+            self._gap_from = gap_start(order, self.seq + 1, self._gap_from)
             reason = (
                 "" if order is SeqOrder.NEXT else f"seq {order}: expected {self.seq + 1}, got {update.seq}"
             )
