@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint typecheck bench-worker bench-routing bench-faults gpu-wheels gpu-check clean
+.PHONY: venv run test lint typecheck bench-worker bench-routing bench-faults mutation gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,14 @@ bench-routing: venv
 bench-faults: venv
 	$(BIN)/onepool bench faults --json out/bench-faults.json
 
+# Mutation testing of the pure cores and shared/ (~30 min on 2 cores; docs/testing.md); not part of `make test`.
+MUTMUT_SPEC ?= mutmut==3.8.1
+
+mutation: venv
+	$(BIN)/python -m pip install --quiet "$(MUTMUT_SPEC)"
+	nice -n 19 $(BIN)/mutmut run --max-children 2
+	$(BIN)/python scripts/mutation_scores.py
+
 # On a machine without a GPU: the wheels of every dependency but torch, for the GPU host (docs/gpu-check.md).
 gpu-wheels:
 	scripts/gpu-wheels.sh
@@ -51,4 +59,4 @@ gpu-check:
 	scripts/gpu-check.sh out/gpu-check.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants

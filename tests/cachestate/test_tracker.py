@@ -370,3 +370,26 @@ def test_a_forged_seq_just_ahead_does_not_silence_the_worker() -> None:
     assert t.expire(1.6) == []  # heard from all along: not fenced
     # a replay just behind the genuine numbering is still a duplicate
     assert t.apply(digest(4), now=1.7).reason == "old seq 4 < 6"
+
+
+def test_cap_evictions_of_embeddings_are_forwarded_as_removals() -> None:
+    idx = ResidencyIndex(max_entries=2, track_evictions=True)
+    t = DigestTracker(idx)
+    synced(t, emb_added=[1, 2])
+    out = t.apply(digest(1, emb_added=[3]), now=1.1)
+    # the gateways learn that item 1 left w0, not only that 3 arrived
+    assert out.changes.emb == {"w0": {3: True, 1: False}}
+    assert idx.emb_evictions == 1 and idx.worker_emb("w0") == [2, 3]
+
+
+def test_a_later_snapshot_forwards_what_it_removed() -> None:
+    idx = ResidencyIndex()
+    t = DigestTracker(idx)
+    synced(t, kv_upserts=kv(("a", 3), ("b", 2)), emb_added=[1, 2])
+    out = t.apply(digest(1, "snapshot", kv_upserts=kv(("a", 4), ("c", 1)), emb_added=[2, 5]), now=1.1)
+    assert (out.accepted, out.reason) == (True, "snapshot applied")
+    # b and item 1 are gone from w0: the gateways must drop them too, or they keep routing to stale affinity
+    assert out.changes.kv == {("b", "w0"): None, ("a", "w0"): 4, ("c", "w0"): 1}
+    assert out.changes.emb == {"w0": {1: False, 5: True}}
+    assert out.changes.removed == set()
+    assert idx.worker_kv("w0") == {"a": 4, "c": 1} and idx.worker_emb("w0") == [2, 5]

@@ -660,3 +660,40 @@ def test_round_robin_does_not_give_its_turn_to_a_worker_over_the_budget() -> Non
     router.on_failure("w2", now=0.0)
     with pytest.raises(Saturated):
         router.route(view, req("u", range(4)), now=0.0, budget_ms=300.0)
+
+
+def test_emb_policy_total_is_queue_plus_compute_plus_emb() -> None:
+    # A holds every item but has a queue; B holds none and is idle. EMB policy: the total is the sum of all
+    # three terms, so a long enough queue outweighs A's locality.
+    history = list(range(8))
+    emb = {i: {"A"} for i in [*history, 100, 101]}
+    view = DictView([ws("A", queue_depth=2, ewma_service=5.0), ws("B")], emb=emb)
+    d = Router(Policy.EMB, rng_seed=0).route(view, req("u", history), now=0.0)
+    s = by_id(d)
+    for sb in d.ranked:
+        assert sb.total_ms == pytest.approx(sb.queue_ms + sb.compute_ms + sb.emb_ms, abs=1e-9)
+    assert s["A"].queue_ms == pytest.approx(10.0) and s["A"].emb_ms == 0.0
+    assert s["B"].queue_ms == 0.0 and s["B"].emb_ms == pytest.approx(0.5 * 10, abs=1e-9)
+    compute = 1.0 + 0.1 * 8 + 0.02 * 2
+    assert s["A"].compute_ms == s["B"].compute_ms == pytest.approx(compute, abs=1e-9)
+    assert d.worker_ids == ["B", "A"]  # B: 1.84 + 5 ms; A: 10 + 1.84 ms
+
+
+def test_each_answer_frees_exactly_one_slot_and_a_refilled_worker_saturates_again() -> None:
+    view = ArrayView([ws("A", max_queue=3, queue_depth=2, ewma_service=5.0)])
+    router = Router(Policy.LEAST_LOADED, rng_seed=0)
+    r = req("u", range(4))
+    assert router.route(view, r, now=0.0).best.queue_ms == pytest.approx(10.0)
+    router.on_done("A")  # nothing of ours in flight: a stray answer neither frees a slot nor ages the queue
+    assert router.in_flight("A") == 0
+    assert router.route(view, r, now=0.0).best.queue_ms == pytest.approx(10.0)
+    for _ in range(3):
+        router.on_dispatch("A", r, now=0.0)
+    with pytest.raises(Saturated):  # 3 of ours ahead: at its limit
+        router.route(view, r, now=0.0)
+    router.on_done("A")
+    assert router.in_flight("A") == 2  # one answer frees one slot, not two
+    assert router.route(view, r, now=0.0).worker_ids == ["A"]  # below the limit again: routable
+    router.on_dispatch("A", r, now=0.0)  # full again: the only worker is full, so saturation
+    with pytest.raises(Saturated):
+        router.route(view, r, now=0.0)

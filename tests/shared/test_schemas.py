@@ -1,0 +1,63 @@
+"""The wire codec's edge: decode, the field named in an error, worker ids (shared/schemas.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared import schemas as s
+from shared.errors import ErrorKind, OnepoolError
+
+
+def test_decode_validates_and_names_the_field() -> None:
+    dec = s.decoder(s.InferenceRequest)
+    good = s.InferenceRequest(request_id="r", user_id="u", history=[1, 2], candidates=[3])
+    assert s.decode(dec, s.encode(good)) == good
+    bad = s.encode(s.InferenceRequest(request_id="r", user_id="u", history=[1, 2], candidates=[3])).replace(
+        b"\xa1u", b"\xa1\xff"
+    )
+    with pytest.raises(s.DecodeError) as not_utf8:
+        s.decode(dec, bad)
+    assert "UTF-8" in not_utf8.value.message
+    with pytest.raises(s.DecodeError) as garbage:
+        s.decode(dec, b"\xc1")  # a byte msgpack never uses
+    assert garbage.value.field is None and garbage.value.message.startswith("undecodable message")
+    wrong = s.encode(s.KvEntry("x", 1))  # another message type
+    with pytest.raises(s.DecodeError):
+        s.decode(dec, wrong)
+    # a DecodeError is the sender's fault, for every caller that classifies errors
+    assert isinstance(not_utf8.value, OnepoolError)
+    assert (not_utf8.value.code, not_utf8.value.kind) == ("bad_message", ErrorKind.CLIENT)
+
+
+def test_an_unknown_schema_version_is_refused_naming_v() -> None:
+    future = s.encode(s.SnapshotRequest(v=s.SCHEMA_VERSION + 1))
+    with pytest.raises(s.DecodeError) as err:
+        s.decode(s.decoder(s.SnapshotRequest), future)
+    assert err.value.field == "v" and str(s.SCHEMA_VERSION + 1) in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ("Expected `int`, got `str` - at `$.history[3]`", "history[3]"),
+        ("Object contains unknown field `surprise`", "surprise"),
+        ("Object contains unknown field `x` - at `$.load`", "load.x"),
+        ("Object missing required field `user_id`", "user_id"),
+        ("Expected `str`, got `int` - at `$.user_id`", "user_id"),
+        ("something else entirely", None),
+    ],
+)
+def test_field_from_error(message: str, field: str | None) -> None:
+    assert s.field_from_error(message) == field
+
+
+@pytest.mark.parametrize("worker_id", ["w0", "gpu-node_12", "a" * 64])
+def test_worker_ids_that_are_one_subject_token(worker_id: str) -> None:
+    assert s.check_worker_id(worker_id) == worker_id
+    assert s.infer_subject(worker_id) == f"onepool.worker.{worker_id}.infer"
+
+
+@pytest.mark.parametrize("worker_id", ["", "a.b", "a*", "w 0", "a" * 65, "w>"])
+def test_worker_ids_that_are_not(worker_id: str) -> None:
+    with pytest.raises(ValueError, match="NATS subject token"):
+        s.check_worker_id(worker_id)
