@@ -151,6 +151,9 @@ def _env_pair(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from services.localcluster import RestartPolicy
+
+    restart = RestartPolicy()
     from services.cachestate.cli import add_cachestate_command
     from services.controller.cli import add_controller_command
     from services.gateway.cli import add_gateway_command
@@ -184,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start an embedded nats-server, cachestate, the controller, N CPU workers and the "
         "gateway as supervised child processes, wait until the gateway is ready, print where it listens, and "
         "stop all of them on Ctrl-C or SIGTERM (a second signal kills them at once). A child that dies is "
-        "restarted with back-off; one that crash-loops (5 exits in 60 s) or exits with code 2 (bad "
-        "settings) is given up while the rest keeps serving. Exit code: 0, 3 when a child had been given "
-        "up, 1 when the cluster could not start or lost nats-server, 2 for bad arguments.",
+        f"restarted with back-off; one that crash-loops ({restart.crash_loop_exits} exits in "
+        f"{restart.crash_loop_window_s:g} s) or exits with code 2 (bad settings) is given up while the rest "
+        "keeps serving. Exit code: 0, 3 when a child had been given up, 1 when the cluster could not start "
+        "or lost nats-server, 2 for bad arguments.",
     )
     up.add_argument("--workers", type=_at_least(1), default=2, help="number of workers (default 2)")
     up.add_argument("--port", type=_port, default=8080, help="gateway HTTP port (default 8080)")

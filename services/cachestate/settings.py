@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.cachestate.core.tracker import MIN_PERIOD_S
+from services.cachestate.core.tracker import DEFAULT_DEAD_AFTER_PERIODS, DEFAULT_MAX_PERIOD_S, MIN_PERIOD_S
 from shared.settings import doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_CACHESTATE_"
@@ -18,11 +18,11 @@ class CacheStateSettings:
         metadata=doc("this instance's id, for logs and the view source (default: hostname-pid)"),
     )
     dead_after_periods: float = field(
-        default=3.0,
+        default=DEFAULT_DEAD_AFTER_PERIODS,
         metadata=doc("a worker silent for this many of its digest periods is fenced and purged"),
     )
     max_period_ms: float = field(
-        default=5000.0,
+        default=DEFAULT_MAX_PERIOD_S * 1e3,
         metadata=doc(
             "the longest digest period a worker may claim: a digest saying more is judged by this one, so no "
             "message can keep a silent worker in the view for longer than dead_after_periods of it"

@@ -31,11 +31,7 @@ class GatewayServer:
         await self._http.enter_async_context(
             serve_http(
                 build_app(self.gateway, self._tracer),
-                s.host,
-                s.port,
-                max_connections=s.max_connections,
-                idle_timeout_s=s.idle_timeout_ms / 1e3,
-                retry_after_s=s.retry_after_s,
+                s,
                 on_refuse=lambda: self.gateway.metrics.count_shed("connections"),
             )
         )

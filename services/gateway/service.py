@@ -679,26 +679,26 @@ class _Refusal(asyncio.Protocol):
 @contextlib.asynccontextmanager
 async def serve_http(
     app: web.Application,
-    host: str,
-    port: int,
+    settings: GatewaySettings,
     *,
-    max_connections: int = 2048,
-    idle_timeout_s: float = 15.0,
-    retry_after_s: int = 1,
+    port: int | None = None,
     on_refuse: Callable[[], None] | None = None,
 ) -> AsyncIterator[web.AppRunner]:
-    """Run `app` on host:port until the block exits; then stop accepting and close cleanly. Connections
-    idle (or sending their headers) for `idle_timeout_s` are closed; beyond `max_connections` they are
-    refused with a 503."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=idle_timeout_s)
+    """Run `app` on the settings' host and port (`port` overrides it: 0 for any free one) until the block
+    exits; then stop accepting and close cleanly. Connections idle (or sending their headers) for
+    `IDLE_TIMEOUT_MS` are closed; beyond `MAX_CONNECTIONS` they are refused with a 503 (and `on_refuse`
+    is called)."""
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=settings.idle_timeout_ms / 1e3
+    )
     await runner.setup()
     try:
         site = BoundedTCPSite(
             runner,
-            host,
-            port,
-            max_connections=max_connections,
-            retry_after_s=retry_after_s,
+            settings.host,
+            settings.port if port is None else port,
+            max_connections=settings.max_connections,
+            retry_after_s=settings.retry_after_s,
             on_refuse=on_refuse,
         )
         await site.start()

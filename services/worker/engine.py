@@ -37,6 +37,11 @@ R = TypeVar("R")
 SERVICE_EWMA = 0.1  # weight of the newest sample in `Engine.service_ms` (about the last 10-20 requests)
 
 
+def ewma(current: float, sample: float, weight: float) -> float:
+    """An exponentially weighted mean; the first sample (current 0: none yet) is taken as it is."""
+    return sample if current == 0.0 else weight * sample + (1.0 - weight) * current
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Plain numbers; the service builds this from its settings."""
@@ -354,10 +359,7 @@ class Engine:
         # it waited for the previous one: the whole interval since that one ended was spent on it
         sample = end - (self._last_job_end if self._last_job_end >= job.enqueued else start)
         self._last_job_end = end
-        ms = sample * 1e3
-        self.service_ms = (
-            ms if self.service_ms == 0.0 else SERVICE_EWMA * ms + (1 - SERVICE_EWMA) * self.service_ms
-        )
+        self.service_ms = ewma(self.service_ms, sample * 1e3, SERVICE_EWMA)
 
     def _safe_tick(self) -> None:
         try:

@@ -16,7 +16,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from services.worker.core.pool import RefillMode
-from services.worker.engine import Engine, EngineConfig, Job, ServeResult
+from services.worker.engine import Engine, EngineConfig, Job, ServeResult, ewma
 from services.worker.errors import Draining, InvalidRequest, Overloaded, WorkerError
 from services.worker.hstu import PRESETS
 from services.worker.settings import WorkerSettings
@@ -268,7 +268,7 @@ class WorkerService:
             span.set_attribute("onepool.compute_ms", result.compute_ms)
         self._window.record(len(req.history), result, total_ms)
         c = self.counters
-        c.ewma_latency_ms = _ewma(c.ewma_latency_ms, total_ms)
+        c.ewma_latency_ms = ewma(c.ewma_latency_ms, total_ms, EWMA_WEIGHT)
         ok = s.InferenceResult(
             items=result.items,
             scores=result.scores,
@@ -444,10 +444,6 @@ def split_residency(fields: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
-
-
-def _ewma(current: float, sample: float) -> float:
-    return sample if current == 0 else EWMA_WEIGHT * sample + (1 - EWMA_WEIGHT) * current
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:

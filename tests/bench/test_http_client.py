@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bench.http_client import HttpProtocolError, KeepAliveHttpClient
 from services.gateway.service import serve_http
+from services.gateway.settings import GatewaySettings
 from tests.helpers import eventually
 
 
@@ -56,7 +57,7 @@ async def server() -> AsyncIterator[EchoServer]:
     app.router.add_post("/close", close_after)
     app.router.add_post("/chunked", chunked)
     app.router.add_post("/hang-up", hang_up)
-    async with serve_http(app, "127.0.0.1", 0) as runner:
+    async with serve_http(app, GatewaySettings(), port=0) as runner:
         yield EchoServer(runner.addresses[0][1], release, held)
 
 

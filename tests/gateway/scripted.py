@@ -356,14 +356,7 @@ async def scripted_gateway(
         gateway_bus = await Bus.connect(nats.url, name=config.instance)
         gateway = Gateway(config, gateway_bus)
         async with (
-            serve_http(
-                build_app(gateway),
-                HOST,
-                port,
-                max_connections=config.max_connections,
-                idle_timeout_s=config.idle_timeout_ms / 1e3,
-                retry_after_s=config.retry_after_s,
-            ),
+            serve_http(build_app(gateway), config),
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
         ):
             harness = Harness(

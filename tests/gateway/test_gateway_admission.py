@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from services.gateway.core.router import DEMOTE_BASE_S
 from shared import schemas as s
 from tests.gateway.scripted import (
     DEFAULT_BODY,
@@ -304,10 +303,20 @@ async def test_the_queue_wait_budget_sheds_when_even_the_best_worker_is_too_late
 
 # w2's scripted load puts ~1000 ms in its queue (rank 1): a budget above it, so that only ranking counts
 NO_BUDGET_MS = 10_000.0
+# The demotion back-off in these tests: long enough that a few HTTP round trips on a loaded 2-core machine
+# fit well inside it (the router reads its module constant at each failure).
+BACK_OFF_S = 1.5
+
+
+@pytest.fixture
+def slow_back_off(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr("services.gateway.core.router.DEMOTE_BASE_S", BACK_OFF_S)
+    monkeypatch.setattr("services.gateway.core.router.DEMOTE_MAX_S", 8 * BACK_OFF_S)
+    return BACK_OFF_S
 
 
 async def test_a_worker_with_no_responders_is_demoted_for_the_back_off_then_tried_first_again(
-    nats_server: HasUrl,
+    nats_server: HasUrl, slow_back_off: float
 ) -> None:
     absent = ScriptedWorker("w1", "absent", rank=0)
     healthy = ScriptedWorker("w2", "ok", rank=1)
@@ -315,24 +324,26 @@ async def test_a_worker_with_no_responders_is_demoted_for_the_back_off_then_trie
         # absent workers record nothing: each try of w1 shows as one "no_responders" attempt
         start = time.monotonic()
         assert_served_by(await h.recommend(), "w2")
-        failed_by = time.monotonic()  # w1's demotion ends by failed_by + DEMOTE_BASE_S
+        failed_by = time.monotonic()  # w1's demotion ends by failed_by + slow_back_off
         assert await h.attempts("no_responders") == 1  # tried [w1, w2]
         assert_served_by(await h.recommend(), "w2")
-        assert time.monotonic() - start < DEMOTE_BASE_S, "too slow: the back-off ended before request 2"
+        assert time.monotonic() - start < slow_back_off, "too slow: the back-off ended before request 2"
         assert await h.attempts("no_responders") == 1  # request 2: w2 first, w1 not tried (demoted)
 
-        await asyncio.sleep(failed_by + DEMOTE_BASE_S + 0.02 - time.monotonic())  # the back-off passes
+        await asyncio.sleep(failed_by + slow_back_off + 0.02 - time.monotonic())  # the back-off passes
         start = time.monotonic()
         assert_served_by(await h.recommend(), "w2")
         assert await h.attempts("no_responders") == 2  # w1 first again, then w2
         # failed again: demoted again, for a back-off twice as long
         assert_served_by(await h.recommend(), "w2")
-        assert time.monotonic() - start < 2 * DEMOTE_BASE_S, "too slow: the back-off ended"
+        assert time.monotonic() - start < 2 * slow_back_off, "too slow: the back-off ended"
         assert await h.attempts("no_responders") == 2
         assert h.tried == ["w2"] * 4
 
 
-async def test_a_demoted_worker_that_answers_is_no_longer_demoted(nats_server: HasUrl) -> None:
+async def test_a_demoted_worker_that_answers_is_no_longer_demoted(
+    nats_server: HasUrl, slow_back_off: float
+) -> None:
     w1 = ScriptedWorker("w1", "absent", rank=0)
     w2 = ScriptedWorker("w2", "ok", rank=1)
     async with scripted_gateway(nats_server, [w1, w2], max_queue_wait_ms=NO_BUDGET_MS) as h:
@@ -347,7 +358,7 @@ async def test_a_demoted_worker_that_answers_is_no_longer_demoted(nats_server: H
         w2.behaviour = "ok"
         # w1 answered: no longer demoted, first by rank again (still within the first back-off)
         assert_served_by(await h.recommend(), "w1")
-        assert time.monotonic() - start < DEMOTE_BASE_S, "too slow: the back-off ended anyway"
+        assert time.monotonic() - start < slow_back_off, "too slow: the back-off ended anyway"
         assert h.tried == ["w2", "w2", "w1", "w1"]
         assert await h.attempts("no_responders") == 1
 

@@ -60,7 +60,7 @@ async def test_the_gateway_joins_a_callers_trace_and_starts_one_otherwise(nats_s
     settings = GatewaySettings(nats_url=nats_server.url, instance="gw-trace-test")
     try:
         app = build_app(Gateway(settings, bus, tracer=tracer), tracer)
-        async with serve_http(app, "127.0.0.1", 0) as runner:
+        async with serve_http(app, settings, port=0) as runner:
             port = runner.addresses[0][1]
             async with aiohttp.ClientSession() as http:
                 trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -49,7 +49,8 @@ from shared.sequence import SeqOrder, classify, gap_start
 __all__ = ["DigestOutcome", "DigestTracker", "LiveWorker", "TrackerCounters"]
 
 MIN_PERIOD_S = 0.01  # a digest period of 0 (misconfigured worker) is judged as 10 ms
-DEFAULT_MAX_PERIOD_S = 5.0  # the longest digest period believed (the service's setting overrides it)
+DEFAULT_MAX_PERIOD_S = 5.0  # the longest digest period believed (CACHESTATE_MAX_PERIOD_MS's default)
+DEFAULT_DEAD_AFTER_PERIODS = 3.0  # silent this many periods: dead (CACHESTATE_DEAD_AFTER_PERIODS's default)
 RETIRED_INCARNATIONS = 4  # per worker, remembered so a late digest of a dead process cannot reset it
 
 
@@ -129,7 +130,7 @@ class DigestTracker:
         self,
         index: ResidencyIndex,
         *,
-        dead_after_periods: float = 3.0,
+        dead_after_periods: float = DEFAULT_DEAD_AFTER_PERIODS,
         max_period_s: float = DEFAULT_MAX_PERIOD_S,
     ) -> None:
         if dead_after_periods <= 0:
