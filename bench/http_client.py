@@ -24,6 +24,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reusable = True
+        self.got_bytes = False  # anything read since the current exchange began
         self._buf = bytearray()
         self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
 
@@ -39,6 +40,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
+        self.got_bytes = True
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
@@ -81,6 +83,9 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
         assert self.transport is not None
+        if self.transport.is_closing():
+            raise HttpProtocolError("connection closed before the request was sent")
+        self.got_bytes = bool(self._buf)
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         try:
@@ -119,11 +124,31 @@ class KeepAliveHttpClient:
         )
         return head.encode("ascii") + body
 
+    def _reuse(self) -> _Connection | None:
+        """An idle connection still open (the server closes idle ones after its keep-alive timeout)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+            self._all.discard(conn)
+        return None
+
     async def send(self, request: bytes) -> tuple[int, bytes]:
-        """Send a request built by `request_bytes`; (status, body) of its answer."""
-        conn = self._idle.pop() if self._idle else await self._open()
+        """Send a request built by `request_bytes`; (status, body) of its answer. A kept-alive connection
+        that the server closed just as it was reused (no answer byte read) is retried once on a new one,
+        as HTTP clients do."""
+        conn = self._reuse()
+        reused = conn is not None
+        if conn is None:
+            conn = await self._open()
         try:
             answer = await conn.exchange(request)
+        except HttpProtocolError:
+            conn.close()
+            self._all.discard(conn)
+            if not reused or conn.got_bytes:
+                raise
+            return await self.send(request)
         except BaseException:
             conn.close()  # its state is unknown (cancelled mid-answer, or broken): never reuse it
             self._all.discard(conn)

@@ -57,7 +57,8 @@ async def server() -> AsyncIterator[EchoServer]:
     app.router.add_post("/close", close_after)
     app.router.add_post("/chunked", chunked)
     app.router.add_post("/hang-up", hang_up)
-    async with serve_http(app, GatewaySettings(), port=0) as runner:
+    # a short idle timeout: the server closes kept-alive connections that wait (as the gateway does)
+    async with serve_http(app, GatewaySettings(idle_timeout_ms=300.0), port=0) as runner:
         yield EchoServer(runner.addresses[0][1], release, held)
 
 
@@ -101,3 +102,15 @@ async def test_answers_it_cannot_read_raise(server: EchoServer) -> None:
         with pytest.raises(HttpProtocolError, match="closed before the response ended"):
             await client.send(client.request_bytes("/hang-up", b""))
         assert await client.send(client.request_bytes("/echo", b"still fine")) == (200, b"still fine")
+
+
+async def test_a_kept_alive_connection_the_server_closed_is_not_reused(server: EchoServer) -> None:
+    async with KeepAliveHttpClient("127.0.0.1", server.port) as client:
+        request = client.request_bytes("/echo", b"one")
+        assert await client.send(request) == (200, b"one")
+        idle = client._idle[0]
+        assert idle.transport is not None
+        transport = idle.transport
+        await eventually(transport.is_closing, timeout_s=5)  # the server's idle timeout passed
+        assert await client.send(request) == (200, b"one")
+        assert client.connections_opened == 2
