@@ -157,9 +157,33 @@ async def test_service_endpoints(cluster: LocalCluster, http: aiohttp.ClientSess
         assert r.status == 200
     async with http.get(cluster.gateway_url() + "/readyz") as r:
         assert r.status == 200 and (await r.json())["routable_workers"] == 2
-    async with http.get(cluster.gateway_url() + "/metrics") as r:
-        text = await r.text()
-        assert r.status == 200 and "onepool_gateway_requests_total" in text
+
+    async def metrics() -> dict[str, float]:
+        async with http.get(cluster.gateway_url() + "/metrics") as r:
+            assert r.status == 200
+            lines = [x for x in (await r.text()).splitlines() if x and not x.startswith("#")]
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+
+    before = await metrics()
+    for i in range(3):
+        status, _, _ = await post(
+            http, cluster.gateway_url(), {"user_id": f"m{i}", "history": [1], "candidates": [2]}
+        )
+        assert status == 200
+    status, _, _ = await post(
+        http, cluster.gateway_url(), {"user_id": "m", "history": [-1], "candidates": [2]}
+    )
+    assert status == 400
+    after = await metrics()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('onepool_gateway_requests_total{status="200"}') == 3
+    assert grew('onepool_gateway_requests_total{status="400"}') == 1
+    assert grew('onepool_gateway_attempts_total{outcome="ok"}') == 3
+    assert grew("onepool_gateway_route_seconds_count") == 3  # the 400 never reached the router
+    assert after["onepool_gateway_routable_workers"] == 2
     async with http.get(cluster.gateway_url() + "/openapi.json") as r:
         doc = await r.json()
         assert "/v1/recommend" in doc["paths"]
