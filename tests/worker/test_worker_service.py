@@ -69,6 +69,8 @@ async def test_digests_are_consecutive_and_start_with_a_snapshot(worker: Running
     last = worker.digests[-1]
     assert last.period_ms == SETTINGS.digest_ms and last.load.requests_total >= 1
     assert last.cost.fixed_ms >= 0 and last.cost.samples >= 1
+    # what a gateway needs to shed at its door: the worker's own queue limit and its service time
+    assert last.load.max_queue == SETTINGS.max_queue and last.load.ewma_service_ms > 0
 
 
 async def test_restart_gets_a_new_incarnation_and_starts_over(nats_server: Any) -> None:
