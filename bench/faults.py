@@ -24,6 +24,7 @@ load generator (3x their capacity would otherwise measure the gateway's own limi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import tempfile
@@ -37,7 +38,7 @@ import aiohttp
 
 from bench.loadgen import OpenLoop, Record, percentile, recovery_s, returning_users, summarise
 from bench.report import write_report
-from services.localcluster import ChildState, ClusterSettings, GatewaySpec, LocalCluster, free_port
+from services.localcluster import ClusterSettings, GatewaySpec, LocalCluster, free_port
 
 SCENARIOS = ("worker_kill", "controller_kill", "cachestate_kill", "nats_restart", "worker_pause", "overload")
 TARGETS = {
@@ -66,13 +67,41 @@ class FaultBenchOptions:
     quick: bool = False
 
 
-def _rss_mib(pid: int | None) -> float:
+def rss_mib(pid: int | None) -> float:
+    """The resident memory of a process, MiB (0 when it is gone)."""
     if pid is None:
         return 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
     return 0.0
+
+
+async def closed_loop_capacity(
+    http: aiohttp.ClientSession,
+    url: str,
+    bodies: Iterator[bytes],
+    *,
+    clients: int,
+    seconds: float,
+    warmup_s: float,
+) -> float:
+    """200s per second from `clients` closed-loop clients posting `bodies` to the gateway at `url`, counted
+    after `warmup_s` (the caches fill, the cost fits settle)."""
+    done = 0
+    start = time.monotonic() + warmup_s
+    stop = start + seconds
+
+    async def client() -> None:
+        nonlocal done
+        while (now := time.monotonic()) < stop:
+            async with http.post(url + "/v1/recommend", data=next(bodies), headers=JSON) as r:
+                await r.read()
+                done += r.status == 200 and now >= start
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done / seconds
 
 
 class Bench:
@@ -83,22 +112,8 @@ class Bench:
         self.url = cluster.gateway_url()
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
 
-    async def whole(self, timeout_s: float = 120.0) -> None:
-        """Every child running and the gateway ready with every worker."""
-        deadline = time.monotonic() + timeout_s
-        workers = len(self.cluster.settings.worker_ids)
-        while True:
-            if all(c.state is ChildState.RUNNING for c in self.cluster.children.values()):
-                try:
-                    async with self.http.get(self.url + "/readyz") as resp:
-                        body = await resp.json()
-                        if resp.status == 200 and body.get("routable_workers") == workers:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the cluster did not become whole again")
-            await asyncio.sleep(0.1)
+    async def whole(self) -> None:
+        await self.cluster.wait_whole(timeout_s=120.0)
 
     async def under_load(self, name: str, inject: Callable[[OpenLoop], Awaitable[float]]) -> dict[str, Any]:
         """Steady load; `inject` makes the fault and returns the moment recovery is counted from."""
@@ -155,23 +170,12 @@ class Bench:
         return {**await self.under_load(f"pause-{name}", inject), "paused_s": seconds}
 
     async def capacity(self, bodies: Iterator[bytes], seconds: float, warmup_s: float) -> float:
-        """200s per second with 4 closed-loop clients per worker: enough that a worker never waits for work,
-        few enough that its queue stays well under the gateway's MAX_QUEUE_WAIT_MS (no request shed);
-        counted after `warmup_s` (the caches fill, the cost fits settle)."""
+        """4 closed-loop clients per worker: enough that a worker never waits for work, few enough that its
+        queue stays well under the gateway's MAX_QUEUE_WAIT_MS (no request shed)."""
         clients = 4 * len(self.cluster.settings.worker_ids)
-        done = 0
-        start = time.monotonic() + warmup_s
-        stop = start + seconds
-
-        async def client() -> None:
-            nonlocal done
-            while (now := time.monotonic()) < stop:
-                async with self.http.post(self.url + "/v1/recommend", data=next(bodies), headers=JSON) as r:
-                    await r.read()
-                    done += r.status == 200 and now >= start
-
-        await asyncio.gather(*(client() for _ in range(clients)))
-        return done / seconds
+        return await closed_loop_capacity(
+            self.http, self.url, bodies, clients=clients, seconds=seconds, warmup_s=warmup_s
+        )
 
     async def overload(self) -> dict[str, Any]:
         await self.whole()
@@ -181,7 +185,7 @@ class Bench:
         bodies = returning_users("overload", users=512)
         capacity = await self.capacity(bodies, 2.0 if self.opts.quick else 4.0, warmup_s=1.0)
         await asyncio.sleep(1.0)
-        rss_before = _rss_mib(pid)
+        rss_before = rss_mib(pid)
         health: list[float] = []
 
         async def probe() -> None:
@@ -223,7 +227,7 @@ class Bench:
             "goodput_ratio": round(ok / self.opts.overload_s / capacity, 3) if capacity else 0.0,
             "healthz_p99_ms": round(percentile(health, 99), 2),
             "gateway_rss_mib_before": round(rss_before, 1),
-            "gateway_rss_mib_after": round(_rss_mib(pid), 1),
+            "gateway_rss_mib_after": round(rss_mib(pid), 1),
         }
 
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from shared.errors import SettingsError
+from shared.errors import EXIT_USAGE, SettingsError
 
 
 def _load_worker_main() -> Any:
@@ -33,7 +33,7 @@ def _up(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # arguments that are fine alone but not together (the same port twice)
         print(f"onepool up: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     async def main() -> None:
         code = 0
@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except SettingsError as exc:
         print(f"onepool: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     return code

@@ -31,7 +31,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -43,12 +44,12 @@ import structlog
 
 from shared import schemas as s
 from shared.bus import Bus, Message
-from shared.errors import OnepoolError
+from shared.errors import EXIT_USAGE, OnepoolError
 
 log = structlog.get_logger("onepool.up")
 
+EXIT_HISTORY: Final = 64  # exits remembered per child: enough for any crash-loop window
 EXIT_DEGRADED: Final = 3  # `onepool up` stopped cleanly, but some child had been given up
-EXIT_USAGE: Final = 2  # a child's exit code for bad settings (services/cli.py): restarting would not help
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -162,7 +163,7 @@ class Child:
         self.state = ChildState.STARTING
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
-        self.exits: list[ChildExit] = []
+        self.exits: deque[ChildExit] = deque(maxlen=EXIT_HISTORY)  # the latest exits (bounded)
         self.given_up_reason: str | None = None
         self.changed = asyncio.Event()  # set (and replaced) on every state change and start
         self._hold = False
@@ -271,7 +272,7 @@ class LocalCluster:
         is ready. Raises ClusterError if a child is given up meanwhile, TimeoutError after ready_timeout_s."""
         if self.settings.log_dir is not None:
             self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        order = [c for c in self.children.values()]
+        order = list(self.children.values())
         self._supervise(order[0])  # nats first: the others connect to it
         await self._wait_port(self.settings.host, self.settings.nats_port, 10.0)
         for child in order[1:]:
@@ -589,11 +590,25 @@ class LocalCluster:
                     await asyncio.wait_for(heard.wait(), 0.25)
         finally:
             await bus.close()
+        await self._gateways_ready(check=self._check_start_up)
+
+    async def wait_whole(self, timeout_s: float = 60.0) -> None:
+        """Wait until the cluster is whole again (after a fault): every child running, every gateway ready
+        and routing to every worker. TimeoutError after `timeout_s`."""
+        async with asyncio.timeout(timeout_s):
+            for child in self.children.values():
+                while child.state is not ChildState.RUNNING:
+                    await child.changed.wait()
+            await self._gateways_ready(check=lambda: None)
+
+    async def _gateways_ready(self, check: Callable[[], None]) -> None:
+        """Poll each gateway's /readyz until it says 200 with every worker routable; `check` runs between
+        polls (it may raise)."""
         async with aiohttp.ClientSession() as session:
             for spec in self.settings.gateways:
                 url = f"http://{self.settings.host}:{spec.port}/readyz"
                 while True:
-                    self._check_start_up()
+                    check()
                     with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
                         async with session.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
                             body = await resp.json()

@@ -15,7 +15,7 @@ timeout because the other side could not read its message. A handler of a publis
 ``OnepoolError`` of a non-bug kind (a bad message: ``DecodeError``) is counted and logged in one warning
 line; anything else is logged with its traceback.
 
-Connection state: ``state`` and ``add_state_listener``; while the client reconnects, ``request()`` fails
+Connection state: ``state``; while the client reconnects, ``request()`` fails
 at once with :class:`BusDisconnected` (and so do requests waiting for a reply when the connection drops),
 ``publish()`` still queues (nats-py sends it after the reconnect).
 """
@@ -253,7 +253,6 @@ class Bus:
         self._subs: set[Subscription] = set()
         self._peer: dict[str, AttributeValue] = {}
         self._close_task: asyncio.Task[None] | None = None
-        self._listeners: list[Callable[[ConnectionState], None]] = []
         self._connected_once = False  # no disconnect/close chatter for a connection that never came up
         # Requests: one wildcard inbox subscription, a counter token per request, a timer per wait.
         # (nats-py's request() costs ~40% more per call: a NUID and random bytes per token, a second
@@ -334,11 +333,6 @@ class Bus:
         if self._close_task is not None or self._nc.is_closed:
             return ConnectionState.CLOSED
         return ConnectionState.CONNECTED if self._nc.is_connected else ConnectionState.DISCONNECTED
-
-    def add_state_listener(self, listener: Callable[[ConnectionState], None]) -> None:
-        """Call ``listener(new_state)`` (synchronously, on the loop) whenever the connection is lost,
-        comes back or closes."""
-        self._listeners.append(listener)
 
     @property
     def subscriptions(self) -> frozenset[Subscription]:
@@ -540,24 +534,14 @@ class Bus:
         for waiter in self._waiting.values():
             if not waiter.done():
                 waiter.set_exception(_Disconnected())
-        self._notify(ConnectionState.DISCONNECTED)
 
     async def _on_reconnected(self) -> None:
         self._peer = self._peer_attributes()
         _log.info("bus reconnected", client=self._name, url=self._url)
-        self._notify(ConnectionState.CONNECTED)
 
     async def _on_closed(self) -> None:
         if self._connected_once:
             _log.info("bus connection closed", client=self._name, url=self._url)
-        self._notify(ConnectionState.CLOSED)
-
-    def _notify(self, state: ConnectionState) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(state)
-            except Exception:  # a listener's bug must not break the client's callbacks
-                _log.exception("bus state listener failed", state=str(state))
 
 
 class _Disconnected(Exception):

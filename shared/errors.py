@@ -8,6 +8,11 @@ handlers can decide to retry, reject or page without string matching.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final
+
+# The exit code of a process that refused its settings (a SettingsError) or its arguments (argparse's
+# too): restarting it would not help, and `onepool up` gives such a child up at once.
+EXIT_USAGE: Final = 2
 
 
 class ErrorKind(StrEnum):

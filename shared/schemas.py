@@ -106,6 +106,9 @@ class InferenceRequest(_Msg, kw_only=True):
 # What the caller does with an error, as a string so other languages can read it.
 ErrorClass = Literal["retry", "client", "bug"]
 
+# The error code of a worker that is shutting down: a gateway retries elsewhere and keeps off it.
+DRAINING: Final = "draining"
+
 
 class ErrorBody(_Msg, kw_only=True):
     code: str

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from services.localcluster import ClusterSettings, GatewaySpec, RestartPolicy
+from services.localcluster import ClusterSettings, GatewaySpec
 from tests.helpers import free_port
 
 # Small and quick: tiny model, small pool, fast digests so that liveness and affinity show within seconds.
@@ -27,35 +27,29 @@ CACHESTATE_ENV = {"ONEPOOL_CACHESTATE_DEAD_AFTER_PERIODS": "3"}
 def cluster_settings(
     workdir: Path,
     *,
-    workers: int = 2,
     gateways: Mapping[str, str] | None = None,
-    controller_policy: str | None = "static:0.5",
     env: Mapping[str, str] | None = None,
     worker_env: Mapping[str, str] | None = None,
     cachestate_env: Mapping[str, str] | None = None,
     controller_env: Mapping[str, str] | None = None,
-    gateway_env: Mapping[str, str] | None = None,
-    restart: RestartPolicy | None = None,
 ) -> ClusterSettings:
-    """A test cluster: `gateways` maps replica names to routing policies (default one joint "g0");
-    `controller_policy` None runs no controller."""
+    """A test cluster of 2 workers and a static:0.5 controller: `gateways` maps replica names to routing
+    policies (default one joint "g0"); the envs add to the children's environments."""
     specs = tuple(
-        GatewaySpec(name=name, port=free_port(), routing=routing, env=dict(gateway_env or {}))
+        GatewaySpec(name=name, port=free_port(), routing=routing)
         for name, routing in (gateways or {"g0": "joint"}).items()
     )
     return ClusterSettings(
-        workers=workers,
+        workers=2,
         nats_port=free_port(),
         gateways=specs,
-        controller=controller_policy is not None,
-        alpha_policy=controller_policy,
+        alpha_policy="static:0.5",
         env=dict(env or {}),
         worker_env={**WORKER_ENV, **(worker_env or {})},
         cachestate_env={**CACHESTATE_ENV, **(cachestate_env or {})},
         controller_env=dict(controller_env or {}),
         log_dir=workdir,
         ready_timeout_s=120.0,
-        restart=restart or RestartPolicy(),
     )
 
 
@@ -66,7 +60,3 @@ async def readyz(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, 
             return resp.status, await resp.json()
     except (aiohttp.ClientError, TimeoutError):
         return 0, {}
-
-
-async def routable(http: aiohttp.ClientSession, url: str) -> int:
-    return int((await readyz(http, url))[1].get("routable_workers", 0))

@@ -22,8 +22,9 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from bench.faults import closed_loop_capacity, rss_mib
 from bench.loadgen import OpenLoop, Record, percentile, read_records, recovery_s, returning_users
-from services.localcluster import ChildState, LocalCluster
+from services.localcluster import LocalCluster
 from shared import schemas as s
 from shared.bus import Bus, Message
 from shared.errors import RemoteError
@@ -63,18 +64,11 @@ class Faulty:
         return _metric(text, f"onepool_gateway_{name}")
 
     async def healthy(self, timeout_s: float = 60.0) -> None:
-        """Every child running; the gateway ready, with both workers routable and a fresh view."""
-
-        async def check() -> bool:
-            if any(c.state is not ChildState.RUNNING for c in self.cluster.children.values()):
-                return False
-            status, body = await readyz(self.http, self.url)
-            return status == 200 and body.get("routable_workers") == len(WORKERS)
-
-        deadline = time.monotonic() + timeout_s
-        while not await check():
-            assert time.monotonic() < deadline, self.cluster.logs()
-            await asyncio.sleep(0.1)
+        """Every child running; the gateway ready, routing to both workers (what `onepool up` waits for)."""
+        try:
+            await self.cluster.wait_whole(timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"the cluster is not whole again:\n{self.cluster.logs()}") from None
 
 
 def _metric(text: str, name: str) -> float:
@@ -386,39 +380,15 @@ async def test_invalid_utf8_is_answered_or_counted_and_nothing_stops(faulty: Fau
         await bus.close()
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-async def _capacity(faulty: Faulty, seconds: float = 3.0, concurrency: int = 24) -> float:
-    """200s per second with `concurrency` closed-loop clients: what the cluster serves at most."""
-    done = 0
-    stop = time.monotonic() + seconds
-    bodies = returning_users("cap", users=256)
-
-    async def client() -> None:
-        nonlocal done
-        while time.monotonic() < stop:
-            async with faulty.http.post(
-                faulty.url + "/v1/recommend", data=next(bodies), headers=JSON
-            ) as resp:
-                await resp.read()
-                done += resp.status == 200
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return done / seconds
-
-
 async def test_overload_is_shed_fast_and_health_answers(faulty: Faulty, tmp_path: Path) -> None:
     await faulty.healthy()
     pid = faulty.cluster.child("g0").pid
     assert pid is not None
-    capacity = await _capacity(faulty)
+    capacity = await closed_loop_capacity(
+        faulty.http, faulty.url, returning_users("cap", users=256), clients=8, seconds=3.0, warmup_s=0.5
+    )
     await asyncio.sleep(1.0)
-    rss_before = _rss_kib(pid)
+    rss_before = rss_mib(pid)
     health: list[float] = []
 
     async def probe() -> None:
@@ -475,4 +445,4 @@ async def test_overload_is_shed_fast_and_health_answers(faulty: Faulty, tmp_path
     # memory returns to its level once the burst is over
     await faulty.healthy()
     await asyncio.sleep(2.0)
-    assert _rss_kib(pid) <= rss_before * 1.25 + 20_000, (rss_before, _rss_kib(pid))
+    assert rss_mib(pid) <= rss_before * 1.25 + 20, (rss_before, rss_mib(pid))

@@ -4,8 +4,9 @@ Background tasks (all owned by one TaskOwner): the view delta batcher (with a he
 nothing to say), the expiry loop, the feature window and at most one snapshot-request task per worker that
 is out of sync or not yet verified (the ack of that request is what makes a worker routable).
 
-While its own bus connection is down, cachestate judges no worker: expiry is suspended, and when the
-connection comes back every worker gets a fresh period plus a grace (the silence was cachestate's).
+While cachestate cannot hear itself (its own bus connection is down, or its echo does not come back) it
+judges no worker: expiry is suspended, and when it hears again every worker gets a fresh period plus a
+grace (the silence was cachestate's).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from services.cachestate.core.tracker import DigestTracker
 from services.cachestate.metrics import ServiceCounters, build_registry, metrics_app
 from services.cachestate.settings import CacheStateSettings
 from shared import schemas as s
-from shared.bus import Bus, ConnectionState, Message, Subscription
+from shared.bus import Bus, Message, Subscription
 from shared.errors import OnepoolError
 from shared.lifecycle import TaskOwner
 
@@ -70,7 +71,6 @@ class CacheStateService:
         self._pending = ViewChanges()
         self._view_seq = 0
         self._view_sent_at = clock()  # when the last view update went out (the heartbeat's reference)
-        self._bus_down = False  # our own connection is lost (the client says so)
         # Our own round trip through the server: published and heard every expire check.
         self._echo_subject = s.echo_subject(uuid.uuid4().hex)
         self._heard_self = clock()
@@ -94,7 +94,6 @@ class CacheStateService:
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._started_at = self._clock()
-        self.bus.add_state_listener(self._on_bus_state)
         self._heard_self = self._clock()
         self._subs.append(await self.bus.subscribe(self._echo_subject, self._on_echo, traced=False))
         self._subs.append(await self.bus.subscribe(s.DIGEST_WILDCARD, self._on_digest))
@@ -233,14 +232,11 @@ class CacheStateService:
             self.counters.snapshot_waits_extended += 1
 
     # ---- expiry ---------------------------------------------------------------------------------------
-    def _on_bus_state(self, state: ConnectionState) -> None:
-        self._bus_down = state is not ConnectionState.CONNECTED
-
     def _may_judge(self, now: float) -> str | None:
         """Why nobody may be judged by their silence now (None: they may): our own connection is down, or
         our echo has not come back (a connection silently cut is noticed by the client only after its pings
         time out, seconds later; the echo says at once that what we send, and so what we hear, is stuck)."""
-        if self._bus_down or not self.bus.is_connected:
+        if not self.bus.is_connected:
             return "cachestate's own bus connection is down"
         if now - self._heard_self > self._deaf_after_s:
             return f"cachestate has not heard its own echo for {now - self._heard_self:.1f} s"
@@ -273,7 +269,7 @@ class CacheStateService:
                 grace_s = self.settings.reconnect_grace_ms / 1e3
                 self.tracker.refresh(now + grace_s)
                 log.info("liveness judging resumed: every worker gets a fresh period", grace_s=grace_s)
-            dead = self.tracker.expire(self._clock())
+            dead = self.tracker.expire(now)
             if not dead:
                 continue
             for wid in dead:

@@ -200,11 +200,6 @@ class Gateway:
             await sub.stop(drain=False)
         self._subs.clear()
 
-    @property
-    def active(self) -> int:
-        """Recommend requests admitted and not yet answered."""
-        return self._active
-
     def view_age_s(self, now: float) -> float | None:
         """Seconds since the last view message from cachestate (None: never heard from it)."""
         return None if self._view_heard is None else max(0.0, now - self._view_heard)
@@ -456,7 +451,7 @@ class Gateway:
             self.metrics.count_attempt("ok")
         else:
             code = reply.error.code if reply.error is not None else "?"
-            if code == "draining":
+            if code == s.DRAINING:
                 router.on_failure(worker_id, time.monotonic())
             else:
                 router.on_success(worker_id)  # it answered: alive, whatever it said

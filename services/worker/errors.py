@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.errors import ErrorKind, OnepoolError
-from shared.schemas import ErrorBody
+from shared.schemas import DRAINING, ErrorBody
 
 
 class WorkerError(OnepoolError):
@@ -44,7 +44,7 @@ class DeadlineExceeded(WorkerError):
 
 
 class Draining(WorkerError):
-    code = "draining"
+    code = DRAINING
     kind = ErrorKind.RETRY
 
     def __init__(self) -> None:
