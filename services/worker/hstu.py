@@ -44,6 +44,10 @@ The choices, and why each one keeps cross-request KV reuse exact:
   simple, cache-exact rule: no bias at all.)  Meta's newer ``STULayer`` also has no relative bias.
 * **Inference only.**  Eval mode, no dropout: the same inputs always give the same outputs.
 
+Batching: ``forward_batch`` scores several users at once. The row-wise parts of a layer run over all
+requests' rows together; attention is jagged (per request, over its own rows only), so nothing is
+padded and a request's result does not depend on its batch.
+
 Input token representation: ``x = item_proj(item_embedding) + pos_emb[pos] + time_emb[bucket]``.
 Item embeddings are not part of the model: the caller passes them (they come from the embedding
 cache of the pool).  Output: final LayerNorm on each candidate's last hidden state, then
@@ -60,6 +64,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,6 +74,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "HSTUConfig",
+    "HSTUInput",
     "HSTUOutput",
 ]
 
@@ -139,6 +145,93 @@ class HSTUOutput:
     new_v: list[Tensor]
 
 
+def time_buckets(timestamps: np.ndarray, start: int, n_buckets: int) -> np.ndarray:
+    """Bucket ``floor(log2(1 + max(0, ts[t] - ts[t-1])))`` (first token: gap 0), clamped to
+    ``n_buckets - 1``, of history tokens start..len(timestamps)-1 (int64)."""
+    n = timestamps.shape[0]
+    prev = (
+        timestamps[start - 1 : n - 1] if start > 0 else np.concatenate((timestamps[:1], timestamps[: n - 1]))
+    )
+    gap = np.maximum(timestamps[start:] - prev, 0)
+    bucket: np.ndarray = np.floor(np.log2(gap.astype(np.float64) + 1.0)).astype(np.int64)
+    out: np.ndarray = np.minimum(bucket, n_buckets - 1)
+    return out
+
+
+def _host_int64(values: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, Tensor):
+        host: np.ndarray = values.detach().to("cpu", torch.int64).numpy()
+        return host
+    return np.asarray(values, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class HSTUInput:
+    """One request of a batch: the arguments of `HSTU.forward`."""
+
+    hist_emb: Tensor
+    timestamps: Tensor | np.ndarray
+    cached_len: int
+    cand_emb: Tensor
+    past_k: Sequence[Tensor] | None
+    past_v: Sequence[Tensor] | None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    hist_emb: Tensor
+    cand_emb: Tensor
+    timestamps: np.ndarray
+    cached_len: int
+    n_new: int
+    m: int
+    past_k: list[Tensor]
+    past_v: list[Tensor]
+
+    @property
+    def queries(self) -> int:
+        return self.n_new + self.m
+
+    @property
+    def keys(self) -> int:
+        return self.cached_len + self.n_new + self.m
+
+
+@dataclass(frozen=True)
+class _Part:
+    rows: slice  # the request's query rows in x
+    past: slice  # its cached rows in the concatenated past K/V
+    weight: Tensor  # [n_q, n_k]: the target-aware mask times 1 / max_history
+
+
+@dataclass(frozen=True)
+class _BatchPlan:
+    """Where each request's rows are in one pass; built once, used by every layer."""
+
+    requests: list[_Part]
+    candidate_rows: Tensor  # rows of x that are candidates, request after request
+
+    @classmethod
+    def build(cls, group: Sequence[_Checked], max_history: int, dev: torch.device) -> _BatchPlan:
+        parts: list[_Part] = []
+        candidate_rows: list[np.ndarray] = []
+        row = past = 0
+        scale = np.float32(1.0 / max_history)
+        for r in group:
+            weight = HSTU.attention_mask(r.cached_len, r.n_new, r.m).astype(np.float32) * scale
+            parts.append(
+                _Part(
+                    slice(row, row + r.queries),
+                    slice(past, past + r.cached_len),
+                    torch.from_numpy(weight).to(dev),
+                )
+            )
+            candidate_rows.append(np.arange(row + r.n_new, row + r.queries))
+            row += r.queries
+            past += r.cached_len
+        return cls(parts, torch.from_numpy(np.concatenate(candidate_rows)).to(dev))
+
+
 class _HSTULayer(nn.Module):
     def __init__(self, cfg: HSTUConfig) -> None:
         super().__init__()
@@ -152,27 +245,32 @@ class _HSTULayer(nn.Module):
         self.out = nn.Linear(w, cfg.d_model)  # f2
 
     def forward(
-        self, x: Tensor, past_k: Tensor, past_v: Tensor, weight: Tensor, n_hist: int
+        self, x: Tensor, past_k: Tensor, past_v: Tensor, plan: _BatchPlan
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [n_q, d_model] (new history rows then candidate rows); past_k/v: [c, kv_width];
-        weight: float [n_q, c + n_q], the attention mask times 1 / max_history (0 where masked).
-        Returns (y, k of the new history rows, v of the new history rows)."""
+        """x: [N, d_model], every request's query rows (its new history rows, then its candidate rows),
+        request after request; past_k/v: [C, kv_width], every request's cached rows, request after
+        request. Returns (y, k, v) with k and v [N, kv_width] for every query row."""
         h = F.silu(self.uvqk(self.norm_in(x)))
         u, v, q, k = torch.chunk(h, 4, dim=-1)
-        keys = torch.cat((past_k, k), dim=0)
-        values = torch.cat((past_v, v), dim=0)
-        n_q, n_k = q.shape[0], keys.shape[0]
         nh, hd = self.n_heads, self.head_dim
-        qh = q.reshape(n_q, nh, hd).transpose(0, 1)  # [H, n_q, D]
-        kh = keys.reshape(n_k, nh, hd).permute(1, 2, 0)  # [H, D, n_k]
-        vh = values.reshape(n_k, nh, hd).transpose(0, 1)  # [H, n_k, D]
-        logits = torch.bmm(qh * self.scale, kh)
-        # Masking by multiplication (one pass instead of scale + masked_fill): exact as long as the
-        # logits are finite, which they are for finite inputs (an fp32 overflow would need |q.k| ~ 1e38).
-        attn = F.silu(logits, inplace=True).mul_(weight)
-        o = torch.bmm(attn, vh).transpose(0, 1).reshape(n_q, nh * hd)
+        outs = []
+        for r in plan.requests:
+            rows, past = r.rows, r.past
+            keys = torch.cat((past_k[past], k[rows]), dim=0)
+            values = torch.cat((past_v[past], v[rows]), dim=0)
+            qr = q[rows]
+            n_q, n_k = qr.shape[0], keys.shape[0]
+            qh = qr.reshape(n_q, nh, hd).transpose(0, 1)  # [H, n_q, D]
+            kh = keys.reshape(n_k, nh, hd).permute(1, 2, 0)  # [H, D, n_k]
+            vh = values.reshape(n_k, nh, hd).transpose(0, 1)  # [H, n_k, D]
+            logits = torch.bmm(qh * self.scale, kh)
+            # Masking by multiplication (one pass instead of scale + masked_fill): exact as long as the
+            # logits are finite, which they are for finite inputs (an fp32 overflow would need |q.k| ~ 1e38).
+            attn = F.silu(logits, inplace=True).mul_(r.weight)
+            outs.append(torch.bmm(attn, vh).transpose(0, 1).reshape(n_q, nh * hd))
+        o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         y = x + self.out(self.norm_attn(o) * u)
-        return y, k[:n_hist].contiguous(), v[:n_hist].contiguous()
+        return y, k, v
 
 
 class HSTU(nn.Module):
@@ -271,32 +369,27 @@ class HSTU(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    def time_buckets_for(self, timestamps: Tensor, start: int) -> Tensor:
+    def time_buckets_for(self, timestamps: Tensor | np.ndarray, start: int) -> np.ndarray:
         """Time buckets (int64) of history tokens start..len(timestamps)-1."""
-        ts = timestamps.to(torch.int64)
-        n = ts.shape[0]
-        prev = ts[start - 1 : n - 1] if start > 0 else torch.cat((ts[:1], ts[: n - 1]))
-        gap = (ts[start:] - prev).clamp_min(0)
-        bucket = torch.floor(torch.log2(gap.to(torch.float64) + 1.0)).to(torch.int64)
-        return bucket.clamp_(0, self.cfg.time_buckets - 1)
+        return time_buckets(_host_int64(timestamps), start, self.cfg.time_buckets)
 
     @staticmethod
-    def attention_mask(cached_len: int, n_new: int, m: int, device: torch.device) -> Tensor:
+    def attention_mask(cached_len: int, n_new: int, m: int) -> np.ndarray:
         """Bool [n_new + m, cached_len + n_new + m]: query rows = new history tokens then candidates;
         key columns = cached history, new history, candidates."""
         hist_len = cached_len + n_new
-        keys = torch.arange(hist_len + m, device=device)
-        q_pos = torch.arange(cached_len, hist_len, device=device)
-        hist_rows = keys.unsqueeze(0) <= q_pos.unsqueeze(1)  # causal (self included)
-        cand_self = hist_len + torch.arange(m, device=device)
-        cand_rows = (keys.unsqueeze(0) < hist_len) | (keys.unsqueeze(0) == cand_self.unsqueeze(1))
-        return torch.cat((hist_rows, cand_rows), dim=0)
+        mask = np.zeros((n_new + m, hist_len + m), dtype=np.bool_)
+        mask[:, :cached_len] = True  # every new row sees the whole cached history
+        mask[:n_new, cached_len:hist_len] = np.tri(n_new, dtype=np.bool_)  # causal, self included
+        mask[n_new:, cached_len:hist_len] = True  # candidates see the whole history ...
+        mask[n_new:, hist_len:] = np.eye(m, dtype=np.bool_)  # ... and themselves, no other candidate
+        return mask
 
     @torch.inference_mode()
     def forward(  # noqa: PLR0917 -- the argument order is the documented calling convention
         self,
         hist_emb: Tensor,
-        timestamps: Tensor,
+        timestamps: Tensor | np.ndarray,
         cached_len: int,
         cand_emb: Tensor,
         past_k: Sequence[Tensor] | None,
@@ -306,57 +399,95 @@ class HSTU(nn.Module):
         past_k/past_v (per layer [cached_len, kv_width]) and whose remaining tokens are `hist_emb`
         ([n_new, item_dim], positions cached_len..cached_len+n_new-1).  `timestamps` (int64) covers the
         whole history.  Returns candidate scores and the K/V of the new history tokens."""
+        request = HSTUInput(hist_emb, timestamps, cached_len, cand_emb, past_k, past_v)
+        return self.forward_batch([request])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, requests: Sequence[HSTUInput]) -> list[HSTUOutput]:
+        """Score several users' requests in one pass, results in request order. The row-wise parts of
+        every layer (LayerNorms, the linear maps, SiLU) run once over all requests' rows; attention runs
+        per request over its own rows (jagged: nothing is padded, and a request attends to nothing of
+        another's), so each request gets what `forward` gives it alone, up to float rounding."""
+        if not requests:
+            raise ValueError("forward_batch needs at least one request")
+        cfg = self.cfg
+        dev = self.device
+        name = len(requests) > 1
+        group = [self._checked(r, f" (batch index {i})" if name else "") for i, r in enumerate(requests)]
+        plan = _BatchPlan.build(group, cfg.max_history, dev)
+        positions: list[np.ndarray] = []
+        buckets: list[np.ndarray] = []
+        embeddings: list[Tensor] = []
+        for r in group:
+            hist_len = r.cached_len + r.n_new
+            positions += [np.arange(r.cached_len, hist_len), np.full(r.m, hist_len)]
+            buckets += [
+                time_buckets(r.timestamps, r.cached_len, cfg.time_buckets),
+                np.full(r.m, cfg.time_buckets),
+            ]
+            embeddings += [r.hist_emb, r.cand_emb]
+        index = torch.from_numpy(np.stack((np.concatenate(positions), np.concatenate(buckets)))).to(dev)
+        x = self.item_proj(torch.cat(embeddings, dim=0))
+        x = x + self.pos_emb(index[0]) + self.time_emb(index[1])
+
+        layer_k: list[Tensor] = []
+        layer_v: list[Tensor] = []
+        for i, layer in enumerate(self.layers):
+            past_k = torch.cat([r.past_k[i] for r in group]) if len(group) > 1 else group[0].past_k[i]
+            past_v = torch.cat([r.past_v[i] for r in group]) if len(group) > 1 else group[0].past_v[i]
+            x, k, v = layer(x, past_k, past_v, plan)
+            layer_k.append(k)
+            layer_v.append(v)
+        scores = self.score_head(self.final_norm(x.index_select(0, plan.candidate_rows))).squeeze(-1).float()
+        outputs = []
+        row = cand = 0
+        for r in group:
+            new = slice(row, row + r.n_new)
+            outputs.append(
+                HSTUOutput(
+                    scores=scores[cand : cand + r.m],
+                    new_k=[k[new] for k in layer_k],
+                    new_v=[v[new] for v in layer_v],
+                )
+            )
+            row += r.queries
+            cand += r.m
+        return outputs
+
+    def _checked(self, r: HSTUInput, where: str) -> _Checked:
         cfg = self.cfg
         dev = self.device
         w = cfg.kv_width
+        hist_emb, cand_emb, cached_len = r.hist_emb, r.cand_emb, r.cached_len
         if hist_emb.dim() != 2 or hist_emb.shape[1] != cfg.item_dim:
-            raise ValueError(f"hist_emb must be [n_new, {cfg.item_dim}], got {list(hist_emb.shape)}")
+            raise ValueError(f"hist_emb must be [n_new, {cfg.item_dim}], got {list(hist_emb.shape)}{where}")
         if cand_emb.dim() != 2 or cand_emb.shape[1] != cfg.item_dim or cand_emb.shape[0] < 1:
-            raise ValueError(f"cand_emb must be [m >= 1, {cfg.item_dim}], got {list(cand_emb.shape)}")
+            raise ValueError(f"cand_emb must be [m >= 1, {cfg.item_dim}], got {list(cand_emb.shape)}{where}")
         if cached_len < 0:
-            raise ValueError(f"cached_len must be >= 0, got {cached_len}")
+            raise ValueError(f"cached_len must be >= 0, got {cached_len}{where}")
         n_new, m = int(hist_emb.shape[0]), int(cand_emb.shape[0])
         hist_len = cached_len + n_new
         if hist_len > cfg.max_history:
             raise ValueError(
                 f"history of {hist_len} tokens (cached {cached_len} + new {n_new}) exceeds "
-                f"max_history={cfg.max_history}"
+                f"max_history={cfg.max_history}{where}"
             )
-        if timestamps.dim() != 1 or timestamps.shape[0] != hist_len:
+        timestamps = _host_int64(r.timestamps)
+        if timestamps.ndim != 1 or timestamps.shape[0] != hist_len:
             raise ValueError(
                 f"timestamps must be 1-D with one entry per history token ({hist_len}), "
-                f"got {list(timestamps.shape)}"
+                f"got {list(timestamps.shape)}{where}"
             )
-        pk = self._check_past("past_k", past_k, cached_len, w, dev)
-        pv = self._check_past("past_v", past_v, cached_len, w, dev)
-
-        hist_emb = hist_emb.to(dev, torch.float32)
-        cand_emb = cand_emb.to(dev, torch.float32)
-        positions = torch.cat(
-            (
-                torch.arange(cached_len, hist_len, device=dev),
-                torch.full((m,), hist_len, device=dev, dtype=torch.int64),
-            )
+        return _Checked(
+            hist_emb=hist_emb.to(dev, torch.float32),
+            cand_emb=cand_emb.to(dev, torch.float32),
+            timestamps=timestamps,
+            cached_len=cached_len,
+            n_new=n_new,
+            m=m,
+            past_k=self._check_past(f"past_k{where}", r.past_k, cached_len, w, dev),
+            past_v=self._check_past(f"past_v{where}", r.past_v, cached_len, w, dev),
         )
-        buckets = torch.cat(
-            (
-                self.time_buckets_for(timestamps.to(dev), cached_len),
-                torch.full((m,), cfg.time_buckets, device=dev, dtype=torch.int64),
-            )
-        )
-        x = self.item_proj(torch.cat((hist_emb, cand_emb), dim=0))
-        x = x + self.pos_emb(positions) + self.time_emb(buckets)
-        # mask and fixed normalisation folded into one multiplier shared by every layer and head
-        weight = self.attention_mask(cached_len, n_new, m, dev).to(torch.float32) / cfg.max_history
-
-        new_k: list[Tensor] = []
-        new_v: list[Tensor] = []
-        for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, pk[i], pv[i], weight, n_new)
-            new_k.append(k)
-            new_v.append(v)
-        scores = self.score_head(self.final_norm(x[n_new:])).squeeze(-1)
-        return HSTUOutput(scores=scores.float(), new_k=new_k, new_v=new_v)
 
     def _check_past(
         self,
