@@ -7,7 +7,7 @@ Subcommands (the shell script calls each under `timeout`):
   (the GPU host brings its own CUDA build); ``--build-system`` adds the build requirements.
 * ``probe`` - torch version, CUDA build, devices; exit 0 only when ``torch.cuda.is_available()``.
 * ``cuda-paths`` - the real classes on the device: `PoolStorage` arena on CUDA, `HostEmbeddingTable` pinned,
-  `HostLink` H2D (timed with CUDA events), `PrefetchChannel` on its side stream, an `Engine` serving.
+  `CudaLink` H2D (timed with CUDA events), `PrefetchChannel` on its side stream, an `Engine` serving.
 * ``bench`` - `onepool bench worker --quick --device D` in-process (`bench.worker.run_bench`), recording where
   every `Engine` it builds put its pool, host table and link.
 * ``report`` - reads what the steps left in the work folder, decides pass/fail, writes the JSON.
@@ -523,7 +523,14 @@ def cuda_paths(out: Path, device_name: str) -> int:
     from services.worker.core.pool import RefillMode
     from services.worker.engine import Engine, EngineConfig
     from services.worker.hstu import PRESETS
-    from services.worker.storage import HostEmbeddingTable, HostLink, LinkSpec, PoolStorage, PrefetchChannel
+    from services.worker.storage import (
+        CudaLink,
+        HostEmbeddingTable,
+        LinkSpec,
+        PoolStorage,
+        PrefetchChannel,
+        open_host_link,
+    )
     from services.worker.validation import PreparedRequest
 
     checks = Checks()
@@ -578,12 +585,13 @@ def cuda_paths(out: Path, device_name: str) -> int:
     checks.run("host_table_pinned", pinned_table)
     table = tables[0] if tables else None
     if table is not None:
-        link = HostLink(table, dev, LinkSpec())
+        link = open_host_link(table, dev, LinkSpec())
 
         def fetch_rows() -> tuple[bool, Any]:
             rows = link.fetch(list(range(100, 356)))
             equal = torch.equal(rows.cpu(), table.table[100:356])
-            return rows.is_cuda and not link.emulated and equal, {"describe": link.describe(), "equal": equal}
+            ok = rows.is_cuda and isinstance(link, CudaLink) and not link.emulated and equal
+            return ok, {"describe": link.describe(), "equal": equal}
 
         checks.run("host_link_fetch_h2d", fetch_rows)
 
@@ -605,7 +613,7 @@ def cuda_paths(out: Path, device_name: str) -> int:
         def prefetch_side_stream() -> tuple[bool, Any]:
             n = 100_000
             with PrefetchChannel(link) as chan:
-                side = chan._stream
+                side = link.side_stream if isinstance(link, CudaLink) else None
                 on_side = side is not None and side != torch.cuda.current_stream(dev)
                 start = _timing_event()
                 start.record(side)
@@ -689,7 +697,7 @@ def cuda_paths(out: Path, device_name: str) -> int:
                 "arena_device": str(engine.storage.arena.device),
                 "table_pinned": engine.table.table.is_pinned(),
                 "link": engine.link.describe(),
-                "prefetch_on_side_stream": prefetch is not None and prefetch._stream is not None,
+                "prefetch_on_side_stream": prefetch is not None and isinstance(prefetch.link, CudaLink),
                 "second_request_cached_tokens": again.cached_tokens,
                 "first_request_emb_misses": first.emb_misses,
                 "link_transfers": engine.link.transfers,

@@ -28,7 +28,7 @@ from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode, ResidencyDelta, ResidencySnapshot
 from services.worker.errors import DeadlineExceeded, Draining, InternalError, WorkerError
 from services.worker.hstu import HSTU, HSTUConfig
-from services.worker.storage import HostEmbeddingTable, HostLink, LinkSpec, PoolStorage, PrefetchChannel
+from services.worker.storage import HostEmbeddingTable, LinkSpec, PoolStorage, PrefetchChannel, open_host_link
 from services.worker.validation import PreparedRequest, RequestLimits
 
 log = structlog.get_logger("onepool.worker.engine")
@@ -171,7 +171,7 @@ class Engine:
         self.table = HostEmbeddingTable(
             cfg.num_items, cfg.model.item_dim, seed=cfg.seed, pin=self.device.type == "cuda"
         )
-        self.link = HostLink(self.table, self.device, cfg.link)
+        self.link = open_host_link(self.table, self.device, cfg.link)
         self._prefetch = (
             PrefetchChannel(self.link)
             if cfg.refill_mode == RefillMode.INCREMENTAL and cfg.prefetch_bytes_per_tick > 0

@@ -14,36 +14,55 @@ KV use without moving anything; here the whole arena is simply viewed, without c
 ``[budget // emb_entry_bytes, emb_dim]`` and as ``[budget // kv_page_bytes, n_layers, 2, page_tokens,
 kv_width]`` float32.
 
-Host side: `HostEmbeddingTable` holds the full item embedding table in host memory (pinned when the
-pool is on CUDA), `HostLink` moves rows to the pool device on the critical path, and
-`PrefetchChannel` moves them in the background.  When the pool device is the CPU there is no HBM and
-a "miss" would cost nothing, so `HostLink` emulates a PCIe link (`LinkSpec`) by spending the transfer
-time as real wall time.
+Host side:
 
-Nothing here uses asyncio; the prefetch worker is a plain thread (CPU) or a side CUDA stream.
+* `HostEmbeddingTable`: the full item embedding table in host memory (pinned when the pool is on CUDA);
+* `HostLink` (ABC, opened with `open_host_link`): moves rows to the pool device, `fetch` on the
+  critical path (one transfer per call) and `start_background` -> `BackgroundTransfer` off it;
+  - `EmulatedLink`, pool on the CPU: there is no HBM, so a "miss" would cost nothing; the link
+    emulates PCIe (`LinkSpec`) by spending the transfer time as real wall time; background transfers
+    run on one worker thread owned by the link;
+  - `CudaLink`, pool on CUDA: gathers into page-locked memory, non-blocking H2D copies (the current
+    stream for `fetch`, a side stream and an event for background transfers);
+* `PrefetchChannel`: at most `max_inflight` background transfers, polled without waiting.
+
+Ids (items, EMB slots) may be given as a sequence of ints, an integer numpy array (an int64 array is
+cheapest: it is used without a copy) or a tensor.  Nothing here uses asyncio.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 __all__ = [
+    "BackgroundTransfer",
+    "CudaLink",
+    "EmulatedLink",
     "HostEmbeddingTable",
     "HostLink",
+    "IntArray",
+    "ItemIds",
     "LinkSpec",
     "PoolStorage",
     "PrefetchChannel",
+    "open_host_link",
 ]
+
+IntArray: TypeAlias = npt.NDArray[np.integer[Any]]
+ItemIds: TypeAlias = Sequence[int] | IntArray | Tensor  # item ids or EMB slots
 
 _F32 = 4  # bytes per float32
 _SPIN_S = 200e-6  # busy-wait at most this long at the end of an emulated transfer
@@ -54,10 +73,20 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_ids(name: str, ids: Sequence[int] | Tensor, limit: int) -> None:
+def _int_array(ids: IntArray) -> None:
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"ids must be integers, got a numpy array of {ids.dtype}")
+
+
+def _check_ids(name: str, ids: ItemIds, limit: int) -> None:
     """Range-check ids on the host (a CUDA tensor of ids is trusted: checking it would synchronise)."""
     if isinstance(ids, Tensor):
         if ids.device.type == "cuda" or ids.numel() == 0:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+    elif isinstance(ids, np.ndarray):
+        _int_array(ids)
+        if ids.size == 0:
             return
         lo, hi = int(ids.min()), int(ids.max())
     else:
@@ -68,10 +97,17 @@ def _check_ids(name: str, ids: Sequence[int] | Tensor, limit: int) -> None:
         raise IndexError(f"{name} out of range: ids span [{lo}, {hi}], valid ids are 0..{limit - 1}")
 
 
-def _index(ids: Sequence[int] | Tensor, device: torch.device) -> Tensor:
+def _index(ids: ItemIds, device: torch.device) -> Tensor:
+    """Ids as a flat int64 tensor on `device`; a writable int64 numpy array is shared, not copied."""
     if isinstance(ids, Tensor):
         return ids.to(device=device, dtype=torch.int64).reshape(-1)
-    return torch.tensor(list(ids), dtype=torch.int64, device=device)
+    if isinstance(ids, np.ndarray):
+        _int_array(ids)
+        arr = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+        if not arr.flags.writeable:  # torch.from_numpy warns about read-only arrays
+            arr = arr.copy()
+        return torch.from_numpy(arr).to(device)
+    return torch.tensor(ids if isinstance(ids, list) else list(ids), dtype=torch.int64, device=device)
 
 
 def _batchable(relocations: Sequence[tuple[int, int]]) -> bool:
@@ -161,12 +197,12 @@ class PoolStorage:
 
     # ---------------------------------------------------------------- EMB slots
 
-    def read_emb(self, slots: Sequence[int] | Tensor) -> Tensor:
+    def read_emb(self, slots: ItemIds) -> Tensor:
         """Gathered copy [n, emb_dim] of the given slots."""
         _check_ids("EMB slots", slots, self.n_emb_slots)
         return self.emb_view.index_select(0, _index(slots, self.device))
 
-    def write_emb(self, slots: Sequence[int] | Tensor, rows: Tensor) -> None:
+    def write_emb(self, slots: ItemIds, rows: Tensor) -> None:
         """Write rows [n, emb_dim] into the given (distinct) slots."""
         idx = _index(slots, self.device)
         if rows.dim() != 2 or rows.shape[1] != self.emb_dim or rows.shape[0] != idx.shape[0]:
@@ -294,7 +330,7 @@ class HostEmbeddingTable:
     def row_bytes(self) -> int:
         return self.emb_dim * _F32
 
-    def gather(self, items: Sequence[int] | Tensor) -> Tensor:
+    def gather(self, items: ItemIds) -> Tensor:
         """Host rows [n, emb_dim] for `items` (a fresh tensor; page-locked when the table is pinned,
         taken from torch's caching host allocator, which does not reuse it while an async copy from it
         is still pending)."""
@@ -343,36 +379,120 @@ def _spend(seconds: float) -> None:
         pass
 
 
-class HostLink:
-    """Moves embedding rows from the host table to the pool device.
+class BackgroundTransfer(ABC):
+    """One host -> device transfer started by `HostLink.start_background`, finishing on its own."""
 
-    CUDA: rows are gathered into page-locked staging memory and copied with a non-blocking H2D copy on
-    the current stream, then that stream is synchronised.  CPU: rows are gathered and the `LinkSpec`
-    transfer time is spent as real wall time (emulated link).  One transfer per call.
+    @abstractmethod
+    def done(self) -> bool:
+        """True once the transfer has finished (or failed, or was cancelled); never waits."""
+
+    @abstractmethod
+    def result(self) -> Tensor:
+        """Rows [n, emb_dim] on the pool device, safe to use on the current stream.
+
+        Meant for a transfer that is `done`; otherwise it waits for it (CPU: the host waits; CUDA: only the
+        current stream does).  Re-raises the error of a failed transfer.
+        """
+
+    @abstractmethod
+    def cancel(self) -> bool:
+        """Cancel the transfer if it has not started; True when it will never run."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Block the host until the transfer has finished or was cancelled; never raises."""
+
+
+class _ThreadTransfer(BackgroundTransfer):
+    """A transfer running (or queued) on an `EmulatedLink`'s worker thread."""
+
+    def __init__(self, future: Future[Tensor]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> Tensor:
+        return self._future.result()
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+    def wait(self) -> None:
+        wait_futures((self._future,))
+
+
+class _StreamTransfer(BackgroundTransfer):
+    """A copy queued on a `CudaLink`'s side stream, with the event recorded after it."""
+
+    def __init__(self, rows: Tensor, event: torch.cuda.Event, device: torch.device) -> None:
+        self._rows = rows
+        self._event = event
+        self._device = device
+
+    def done(self) -> bool:
+        return bool(self._event.query())  # type: ignore[no-untyped-call]
+
+    def result(self) -> Tensor:
+        current = torch.cuda.current_stream(self._device)
+        current.wait_event(self._event)
+        # The rows were allocated on the side stream: keep the allocator from reusing them while the
+        # current stream may still read them.
+        self._rows.record_stream(current)
+        return self._rows
+
+    def cancel(self) -> bool:
+        return False  # already queued on the stream
+
+    def wait(self) -> None:
+        self._event.synchronize()
+
+
+class HostLink(ABC):
+    """Moves embedding rows from the host table to the pool device: `fetch` on the critical path (one
+    transfer per call, waited for), `start_background` off it.  Open one with `open_host_link`.
+
+    Shared here: the accounting (`transfers`, `bytes_moved`; updated under a lock, since background
+    transfers may finish on another thread) and the `LinkSpec` cost model.  `close` ends background
+    work (running transfers finish, queued ones are cancelled, later `start_background` calls raise);
+    `fetch` needs nothing that `close` releases and keeps working.
     """
+
+    device_type: ClassVar[str]
 
     def __init__(self, table: HostEmbeddingTable, device: torch.device | str, spec: LinkSpec) -> None:
         self.table = table
         self.device = torch.device(device)
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"unsupported pool device {self.device}: expected cpu or cuda")
+        if self.device.type != self.device_type:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.device_type} pool device, got {self.device}"
+            )
         self.spec = spec
         self._lock = threading.Lock()
+        self._closed = False
         self.transfers = 0
         self.bytes_moved = 0
 
     @property
+    @abstractmethod
     def emulated(self) -> bool:
-        return self.device.type == "cpu"
+        """True when the transfer time is spent as wall time rather than by a real copy."""
 
+    @abstractmethod
     def describe(self) -> str:
-        if self.emulated:
-            return (
-                f"emulated PCIe link: {self.spec.bandwidth_gbps:.1f} GB/s, "
-                f"{self.spec.latency_us:.1f} us per transfer (CPU mode, real wall time)"
-            )
-        kind = "pinned" if self.table.pin else "pageable"
-        return f"CUDA H2D ({kind} host table)"
+        """One line for logs: what kind of link this is."""
+
+    @abstractmethod
+    def _move(self, host: Tensor) -> Tensor:
+        """Critical path: gathered host rows (n > 0) on the pool device, the transfer finished."""
+
+    @abstractmethod
+    def _start(self, items: ItemIds) -> BackgroundTransfer:
+        """Off the critical path: start moving `items` (already range-checked) without waiting."""
+
+    @abstractmethod
+    def _release(self) -> None:
+        """End background work: let running transfers finish, cancel queued ones."""
 
     def transfer_seconds(self, n_rows: int) -> float:
         """Emulated cost of moving `n_rows` rows in one transfer."""
@@ -383,120 +503,198 @@ class HostLink:
             self.transfers += 1
             self.bytes_moved += n_rows * self.table.row_bytes
 
-    def fetch(self, items: Sequence[int] | Tensor) -> Tensor:
-        """Rows [n, emb_dim] for `items` on the pool device, waiting for the transfer to finish.
+    def fetch(self, items: ItemIds) -> Tensor:
+        """Rows [n, emb_dim] for `items` on the pool device, in ONE transfer, waiting for it to finish.
         An empty request returns an empty tensor without a transfer."""
         host = self.table.gather(items)
         n = int(host.shape[0])
         if n == 0:
             return host.to(self.device)
-        if self.emulated:
-            _spend(self.transfer_seconds(n))
-            rows = host
-        else:
-            rows = host.to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
+        rows = self._move(host)
         self._account(n)
         return rows
 
+    def start_background(self, items: ItemIds) -> BackgroundTransfer:
+        """Start moving `items` in one background transfer and return at once (bad ids raise here).
+        The caller must not change `items` until the transfer is done.  An empty request is not
+        counted as a transfer."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        _check_ids("items", items, self.table.num_items)
+        return self._start(items)
+
+    def close(self) -> None:
+        """End background work (see the class docstring).  Idempotent."""
+        self._closed = True
+        self._release()
+
+    def __enter__(self) -> HostLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EmulatedLink(HostLink):
+    """Pool on the CPU: there is no HBM, so a miss would cost nothing; the link emulates PCIe
+    (`LinkSpec`) by spending each transfer's time as real wall time.  Background transfers run on
+    one worker thread owned by the link (started on first use, joined by `close`)."""
+
+    device_type = "cpu"
+
+    def __init__(self, table: HostEmbeddingTable, device: torch.device | str, spec: LinkSpec) -> None:
+        super().__init__(table, device, spec)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onepool-prefetch")
+
+    @property
+    def emulated(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return (
+            f"emulated PCIe link: {self.spec.bandwidth_gbps:.1f} GB/s, "
+            f"{self.spec.latency_us:.1f} us per transfer (CPU mode, real wall time)"
+        )
+
+    def _move(self, host: Tensor) -> Tensor:
+        _spend(self.transfer_seconds(int(host.shape[0])))
+        return host
+
+    def _start(self, items: ItemIds) -> BackgroundTransfer:
+        return _ThreadTransfer(self._worker.submit(self._background, items))
+
+    def _background(self, items: ItemIds) -> Tensor:
+        rows = self.table.gather(items)
+        n = int(rows.shape[0])
+        if n:
+            _spend(self.transfer_seconds(n))
+            self._account(n)
+        return rows
+
+    def _release(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+class CudaLink(HostLink):
+    """Pool on a CUDA device: rows are gathered into page-locked staging memory (when the table is
+    pinned) and copied with a non-blocking H2D copy.  `fetch` copies on the current stream and
+    synchronises it; background transfers are queued on the link's `side_stream`, each followed by
+    an event."""
+
+    device_type = "cuda"
+
+    def __init__(self, table: HostEmbeddingTable, device: torch.device | str, spec: LinkSpec) -> None:
+        if not torch.cuda.is_available():
+            raise ValueError(f"pool device {device} needs CUDA, and torch.cuda.is_available() is False")
+        super().__init__(table, device, spec)
+        self.side_stream: torch.cuda.Stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+
+    @property
+    def emulated(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        kind = "pinned" if self.table.pin else "pageable"
+        return f"CUDA H2D ({kind} host table)"
+
+    def _move(self, host: Tensor) -> Tensor:
+        rows = host.to(self.device, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return rows
+
+    def _start(self, items: ItemIds) -> BackgroundTransfer:
+        host = self.table.gather(items)
+        with torch.cuda.stream(self.side_stream):
+            rows = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(self.side_stream)
+        if host.shape[0]:
+            self._account(int(host.shape[0]))
+        return _StreamTransfer(rows, event, self.device)
+
+    def _release(self) -> None:
+        self.side_stream.synchronize()
+
+
+def open_host_link(table: HostEmbeddingTable, device: torch.device | str, spec: LinkSpec) -> HostLink:
+    """The link for a pool on `device`: `EmulatedLink` for cpu, `CudaLink` for cuda."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return EmulatedLink(table, dev, spec)
+    if dev.type == "cuda":
+        return CudaLink(table, dev, spec)
+    raise ValueError(f"unsupported pool device {dev}: expected cpu or cuda")
+
 
 class PrefetchChannel:
-    """Background host -> device transfers that never block the submitter.
-
-    CUDA: `submit` gathers the rows into page-locked memory, queues the H2D copy on a dedicated side
-    stream and records an event; `poll` hands back batches whose event has completed (after making the
-    current stream wait for it).  CPU: one worker thread owned by the channel gathers the rows and
-    spends the emulated transfer time.  A batch occupies one of `max_inflight` slots from `submit`
-    until `poll` hands it back.
-    """
+    """Background host -> device transfers that never block the submitter, on `link`'s
+    `start_background`.  A batch occupies one of `max_inflight` slots from `submit` until `poll` hands
+    it back.  Closing the channel does not close the link."""
 
     def __init__(self, link: HostLink, max_inflight: int = 1) -> None:
         _positive("max_inflight", max_inflight)
         self.link = link
         self.max_inflight = max_inflight
         self._closed = False
-        self._inflight: list[tuple[list[int], Any]] = []
-        self._executor: ThreadPoolExecutor | None = None
-        self._stream: Any = None
-        if link.emulated:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onepool-prefetch")
-        else:
-            self._stream = torch.cuda.Stream(device=link.device)  # type: ignore[no-untyped-call]
+        self._inflight: list[tuple[list[int], BackgroundTransfer]] = []
+        # Finished batches not yet handed back because `poll` raised for a failed one.
+        self._ready: list[tuple[list[int], Tensor]] = []
 
     @property
     def busy(self) -> bool:
-        return len(self._inflight) >= self.max_inflight
+        return self.inflight >= self.max_inflight
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._inflight) + len(self._ready)
 
-    def submit(self, items: Sequence[int]) -> bool:
+    def submit(self, items: Sequence[int] | IntArray) -> bool:
         """Start moving `items`; False (nothing started) when `max_inflight` batches are outstanding."""
         if self._closed:
             raise RuntimeError("PrefetchChannel is closed")
         if self.busy:
             return False
-        batch = [int(i) for i in items]
-        if self._executor is not None:
-            _check_ids("items", batch, self.link.table.num_items)
-            self._inflight.append((batch, self._executor.submit(self._cpu_transfer, batch)))
-        else:
-            host = self.link.table.gather(batch)
-            with torch.cuda.stream(self._stream):
-                rows = host.to(self.link.device, non_blocking=True)
-                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                event.record(self._stream)
-            self.link._account(len(batch))
-            self._inflight.append((batch, (rows, event)))
+        batch = np.array(items, dtype=np.int64).reshape(-1)  # our own copy: the caller may reuse theirs
+        self._inflight.append((batch.tolist(), self.link.start_background(batch)))
         return True
 
-    def _cpu_transfer(self, batch: list[int]) -> Tensor:
-        rows = self.link.table.gather(batch)
-        if batch:
-            _spend(self.link.transfer_seconds(len(batch)))
-            self.link._account(len(batch))
-        return rows
-
     def poll(self) -> list[tuple[list[int], Tensor]]:
-        """Completed batches (items, rows on the pool device), oldest first; never waits.  Re-raises
-        the error of a failed CPU transfer."""
-        done: list[tuple[list[int], Tensor]] = []
-        pending: list[tuple[list[int], Any]] = []
-        failure: BaseException | None = None
-        for batch, handle in self._inflight:
-            if isinstance(handle, Future):
-                if not handle.done():
-                    pending.append((batch, handle))
-                elif handle.exception() is not None:
-                    failure = failure or handle.exception()  # dropped, not retried forever
-                else:
-                    done.append((batch, handle.result()))
-            else:
-                rows, event = handle
-                if event.query():
-                    current = torch.cuda.current_stream(self.link.device)
-                    current.wait_event(event)
-                    rows.record_stream(current)
-                    done.append((batch, rows))
-                else:
-                    pending.append((batch, handle))
+        """Completed batches (items, rows on the pool device), oldest first; never waits.
+
+        A failed transfer is dropped and its error re-raised; batches that completed alongside it are
+        handed back by the next call.
+        """
+        ready, self._ready = self._ready, []
+        pending: list[tuple[list[int], BackgroundTransfer]] = []
+        failure: Exception | None = None
+        for batch, transfer in self._inflight:
+            if not transfer.done():
+                pending.append((batch, transfer))
+                continue
+            try:
+                rows = transfer.result()
+            except Exception as exc:  # dropped, not retried forever
+                failure = failure or exc
+                continue
+            ready.append((batch, rows))
         self._inflight = pending
         if failure is not None:
+            self._ready = ready
             raise failure
-        return done
+        return ready
 
     def close(self) -> None:
-        """Wait for in-flight transfers (queued CPU ones are cancelled), drop their results and stop
-        the worker.  Idempotent."""
+        """Cancel queued transfers, wait for running ones and drop all results.  Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        elif self._stream is not None:
-            self._stream.synchronize()
+        transfers = [t for _, t in self._inflight]
+        for t in transfers:  # cancel every queued one before waiting for any, or the worker starts them
+            t.cancel()
+        for t in transfers:
+            t.wait()
         self._inflight = []
+        self._ready = []
 
     def __enter__(self) -> PrefetchChannel:
         return self

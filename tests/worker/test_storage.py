@@ -1,9 +1,10 @@
-"""Pool storage views, KV page layout, host table, emulated link and prefetch channel."""
+"""Pool storage views, KV page layout, host table, the host links (emulated, CUDA) and prefetch channel."""
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,14 @@ import pytest
 import torch
 
 from services.worker.storage import (
+    CudaLink,
+    EmulatedLink,
     HostEmbeddingTable,
     HostLink,
     LinkSpec,
     PoolStorage,
     PrefetchChannel,
+    open_host_link,
 )
 
 EMB_DIM = 8
@@ -103,6 +107,31 @@ def test_emb_round_trip() -> None:
         pool.read_emb([256])
     with pytest.raises(ValueError, match="rows must be"):
         pool.write_emb([1, 2], rows)
+
+
+def test_emb_ids_as_numpy_arrays() -> None:
+    pool = make_pool()
+    rows = torch.randn(4, EMB_DIM)
+    slots = np.array([7, 0, 255, 31], dtype=np.int64)
+    pool.write_emb(slots, rows)
+    assert torch.equal(pool.read_emb(slots), rows)
+    assert torch.equal(pool.read_emb([7, 0, 255, 31]), rows)  # the same slots as a list
+    # other integer dtypes, 2-D, strided and read-only arrays are accepted (read-only: copied, no warning)
+    assert torch.equal(pool.read_emb(np.array([31, 7], dtype=np.int32)), rows[[3, 0]])
+    assert torch.equal(pool.read_emb(np.array([[7], [0]])), rows[:2])
+    assert torch.equal(pool.read_emb(slots[::-1]), rows.flip(0))
+    frozen = slots.copy()
+    frozen.setflags(write=False)
+    assert torch.equal(pool.read_emb(frozen), rows)
+    assert pool.read_emb(np.array([], dtype=np.int64)).shape == (0, EMB_DIM)
+    with pytest.raises(IndexError, match=r"EMB slots out of range: ids span \[-1, 7\]"):
+        pool.read_emb(np.array([7, -1]))
+    with pytest.raises(IndexError, match="EMB slots"):
+        pool.write_emb(np.array([1, 256]), rows[:2])
+    with pytest.raises(TypeError, match="integers"):
+        pool.read_emb(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="rows must be"):
+        pool.write_emb(np.array([1, 2]), rows)
 
 
 def test_kv_write_read_spanning_pages_mid_page_start() -> None:
@@ -197,6 +226,11 @@ def test_host_table_seeded_and_from_files(tmp_path: Path) -> None:
     assert 0.05 < float(a.table.std()) < 0.2
     assert a.row_bytes == EMB_BYTES and a.num_items == 100 and a.emb_dim == EMB_DIM
     assert torch.equal(a.gather([5, 99, 5]), a.table[[5, 99, 5]])
+    assert torch.equal(a.gather(np.array([5, 99, 5])), a.table[[5, 99, 5]])
+    assert torch.equal(a.gather(torch.tensor([99, 0])), a.table[[99, 0]])
+    assert a.gather(np.array([], dtype=np.int64)).shape == (0, EMB_DIM)
+    with pytest.raises(IndexError, match="items"):
+        a.gather(np.array([0, 100]))
     with pytest.raises(IndexError, match="items"):
         a.gather([100])
     np.save(tmp_path / "t.npy", a.table.numpy().astype(np.float64))
@@ -221,8 +255,8 @@ def test_link_spec_defaults_and_validation() -> None:
 def test_emulated_link_spends_the_time_and_counts() -> None:
     table = HostEmbeddingTable(1000, EMB_DIM, seed=0, pin=False)
     # 64 rows x 32 B = 2048 B at 0.1 GB/s = 20.48 us, + 5 ms latency
-    link = HostLink(table, CPU, LinkSpec(bandwidth_gbps=0.1, latency_us=5000.0))
-    assert link.emulated
+    link = open_host_link(table, CPU, LinkSpec(bandwidth_gbps=0.1, latency_us=5000.0))
+    assert isinstance(link, EmulatedLink) and link.emulated
     assert (
         link.describe() == "emulated PCIe link: 0.1 GB/s, 5000.0 us per transfer (CPU mode, real wall time)"
     )
@@ -236,15 +270,79 @@ def test_emulated_link_spends_the_time_and_counts() -> None:
     assert link.transfers == 1 and link.bytes_moved == 64 * EMB_BYTES
     # a short transfer (below the spin threshold) still takes at least its time
     t0 = time.perf_counter()
-    HostLink(table, CPU, LinkSpec(latency_us=50.0)).fetch([1])
+    EmulatedLink(table, CPU, LinkSpec(latency_us=50.0)).fetch([1])
     assert time.perf_counter() - t0 >= 50e-6
     # an empty request is not a transfer
     assert link.fetch([]).shape == (0, EMB_DIM) and link.transfers == 1
+    assert link.fetch(np.array([], dtype=np.int64)).shape == (0, EMB_DIM) and link.transfers == 1
+
+
+def test_fetch_of_a_numpy_array_is_one_transfer() -> None:
+    table = HostEmbeddingTable(1000, EMB_DIM, seed=0, pin=False)
+    link = open_host_link(table, "cpu", LinkSpec(latency_us=1.0))
+    items = np.array([999, 3, 3, 500], dtype=np.int64)
+    rows = link.fetch(items)
+    assert torch.equal(rows, table.table[[999, 3, 3, 500]])
+    assert link.transfers == 1 and link.bytes_moved == 4 * EMB_BYTES
+    assert torch.equal(link.fetch(torch.tensor([1, 2])), table.table[1:3]) and link.transfers == 2
+    with pytest.raises(IndexError, match="items"):
+        link.fetch(np.array([1000]))
+    assert link.transfers == 2
+    link.close()
+    # fetch needs nothing that close releases; background transfers are refused
+    assert torch.equal(link.fetch(items[:1]), table.table[999:1000])
+    with pytest.raises(RuntimeError, match="EmulatedLink is closed"):
+        link.start_background([1])
+
+
+def test_open_host_link_picks_the_implementation() -> None:
+    table = HostEmbeddingTable(10, EMB_DIM, seed=0, pin=False)
+    spec = LinkSpec()
+    with open_host_link(table, torch.device("cpu"), spec) as link:
+        assert type(link) is EmulatedLink and isinstance(link, HostLink)
+        assert link.device == CPU and link.table is table and link.spec is spec
+    for device in ("meta", torch.device("meta"), "mps"):
+        with pytest.raises(ValueError, match=r"unsupported pool device .*: expected cpu or cuda"):
+            open_host_link(table, device, spec)
+    with pytest.raises(ValueError, match="EmulatedLink needs a cpu pool device"):
+        EmulatedLink(table, "meta", spec)
+    with pytest.raises(TypeError, match="abstract"):
+        HostLink(table, CPU, spec)  # type: ignore[abstract]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_open_host_link_for_cuda_without_cuda_says_so() -> None:
+    table = HostEmbeddingTable(10, EMB_DIM, seed=0, pin=False)
+    with pytest.raises(ValueError, match=r"needs CUDA, and torch.cuda.is_available\(\) is False"):
+        open_host_link(table, "cuda", LinkSpec())
+
+
+def test_background_transfer_on_the_links_worker() -> None:
+    table = HostEmbeddingTable(100, EMB_DIM, seed=0, pin=False)
+    link = open_host_link(table, CPU, LinkSpec(latency_us=200_000.0))
+    try:
+        items = np.array([4, 2, 42], dtype=np.int64)
+        first = link.start_background(items)
+        second = link.start_background([1])
+        assert second.cancel() and second.done()  # queued behind `first` (200 ms) on the one worker
+        second.wait()
+        with pytest.raises(CancelledError):
+            second.result()
+        assert torch.equal(first.result(), table.table[[4, 2, 42]])  # result waits
+        assert first.done() and not first.cancel()
+        first.wait()
+        with pytest.raises(IndexError, match="items"):
+            link.start_background(np.array([100]))
+        empty = link.start_background([])
+        assert empty.result().shape == (0, EMB_DIM)
+        assert link.transfers == 1  # the cancelled and the empty one are not transfers
+    finally:
+        link.close()
 
 
 def test_prefetch_does_not_block_and_returns_rows() -> None:
     table = HostEmbeddingTable(500, EMB_DIM, seed=3, pin=False)
-    link = HostLink(table, CPU, LinkSpec(bandwidth_gbps=25.0, latency_us=50_000.0))  # 50 ms per transfer
+    link = open_host_link(table, CPU, LinkSpec(bandwidth_gbps=25.0, latency_us=50_000.0))  # 50 ms each
     chan = PrefetchChannel(link, max_inflight=1)
     try:
         t0 = time.perf_counter()
@@ -265,30 +363,74 @@ def test_prefetch_does_not_block_and_returns_rows() -> None:
         assert torch.equal(rows, table.table[[3, 1, 4, 1, 5]])
         assert not chan.busy
         assert link.transfers == 1 and link.bytes_moved == 5 * EMB_BYTES
-        assert chan.submit([7])  # a slot is free again
+        assert chan.submit(np.array([7, 8]))  # a slot is free again; numpy items are fine
     finally:
         chan.close()
+        link.close()
     chan.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         chan.submit([1])
 
 
-def test_prefetch_close_joins_worker_thread() -> None:
+def test_prefetch_close_waits_and_link_close_joins_worker_thread() -> None:
     table = HostEmbeddingTable(10, EMB_DIM, seed=0, pin=False)
-    link = HostLink(table, CPU, LinkSpec(latency_us=20_000.0))
     before = {t.ident for t in threading.enumerate()}
-    with PrefetchChannel(link, max_inflight=2) as chan:
-        assert chan.submit([1]) and chan.submit([2])
-        assert not chan.submit([3])
+    with open_host_link(table, CPU, LinkSpec(latency_us=20_000.0)) as link:
+        with PrefetchChannel(link, max_inflight=2) as chan:
+            assert chan.submit([1]) and chan.submit([2])
+            assert not chan.submit([3])
+        # the running transfer finished, the queued one was cancelled (unless it had started already)
+        assert 1 <= link.transfers <= 2
+        assert chan.poll() == [] and chan.inflight == 0
+        # the link outlives the channel: a new channel uses the same worker
+        with PrefetchChannel(link) as again:
+            assert again.submit([3])
     extra = [t for t in threading.enumerate() if t.ident not in before]
     assert not extra, f"threads left running: {extra}"
-    assert chan.poll() == []
+
+
+def test_prefetch_failed_transfer_is_dropped_and_reraised(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = HostEmbeddingTable(10, EMB_DIM, seed=0, pin=False)
+    real_gather = table.gather
+
+    def gather(items: object) -> torch.Tensor:
+        rows = real_gather(items)  # type: ignore[arg-type]
+        if rows.shape[0] == 2:
+            raise RuntimeError("host memory on fire")
+        return rows
+
+    monkeypatch.setattr(table, "gather", gather)
+    with open_host_link(table, CPU, LinkSpec(latency_us=1.0)) as link:
+        chan = PrefetchChannel(link, max_inflight=3)
+        assert chan.submit([1]) and chan.submit([2, 3]) and chan.submit([4])
+        deadline = time.perf_counter() + 10.0
+        while chan.inflight and time.perf_counter() < deadline:
+            try:
+                done = chan.poll()
+            except RuntimeError as exc:
+                assert "on fire" in str(exc)
+                break
+            assert not done or done[0][0] == [1]  # batches that finished first may come back first
+            time.sleep(0.002)
+        else:
+            pytest.fail("the failed transfer was never reported")
+        # the failed batch is gone; the others come back (those polled already are not repeated)
+        got: list[list[int]] = []
+        while chan.inflight and time.perf_counter() < deadline:
+            got += [items for items, _ in chan.poll()]
+            time.sleep(0.002)
+        assert chan.inflight == 0 and [2, 3] not in got and [4] in got
+        chan.close()
 
 
 def test_prefetch_rejects_bad_items() -> None:
     table = HostEmbeddingTable(10, EMB_DIM, seed=0, pin=False)
-    with PrefetchChannel(HostLink(table, CPU, LinkSpec())) as chan, pytest.raises(IndexError):
-        chan.submit([10])
+    with open_host_link(table, CPU, LinkSpec()) as link, PrefetchChannel(link) as chan:
+        with pytest.raises(IndexError):
+            chan.submit([10])
+        with pytest.raises(IndexError):
+            chan.submit(np.array([-1]))
+        assert chan.inflight == 0
 
 
 @pytest.mark.cuda
@@ -303,10 +445,14 @@ def test_cuda_arena_pinned_table_fetch_and_prefetch() -> None:
     assert torch.equal(k2[0][1:].cpu(), k[0])
     table = HostEmbeddingTable(1000, EMB_DIM, seed=0, pin=True)
     assert table.table.is_pinned() and table.gather([1, 2]).is_pinned()
-    link = HostLink(table, dev, LinkSpec())
-    assert not link.emulated and link.describe() == "CUDA H2D (pinned host table)"
+    link = open_host_link(table, dev, LinkSpec())
+    assert isinstance(link, CudaLink) and not link.emulated
+    assert link.describe() == "CUDA H2D (pinned host table)"
     rows = link.fetch([5, 6, 7])
     assert rows.device.type == "cuda" and torch.equal(rows.cpu(), table.table[5:8])
+    rows = link.fetch(np.array([7, 5], dtype=np.int64))
+    assert rows.device.type == "cuda" and torch.equal(rows.cpu(), table.table[[7, 5]])
+    assert link.transfers == 2
     pool.write_emb([0, 1, 2], rows)
     assert torch.equal(pool.read_emb([2]).cpu(), table.table[7:8])
     with PrefetchChannel(link) as chan:
@@ -318,4 +464,14 @@ def test_cuda_arena_pinned_table_fetch_and_prefetch() -> None:
             done = chan.poll()
         assert len(done) == 1
         assert torch.equal(done[0][1].cpu(), table.table[:200])
-    assert link.transfers == 2
+    assert link.transfers == 3
+    background = link.start_background(np.arange(300, 310))
+    assert link.side_stream != torch.cuda.current_stream(dev)
+    background.wait()
+    assert background.done() and torch.equal(background.result().cpu(), table.table[300:310])
+    assert not background.cancel()
+    pool.write_emb(np.array([3, 4]), background.result()[:2])
+    assert torch.equal(pool.read_emb(np.array([4])).cpu(), table.table[301:302])
+    link.close()
+    with pytest.raises(RuntimeError, match="CudaLink is closed"):
+        link.start_background([1])
