@@ -27,11 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import emb_bookkeeping
 from bench.report import write_report
 from services.worker.core.pool import RefillMode
 from services.worker.engine import Engine, EngineConfig, Job, ServeResult
 from services.worker.errors import WorkerError
-from services.worker.hstu import PRESETS, HSTUConfig
+from services.worker.hstu import HSTU, PRESETS, AttentionLayout, HSTUConfig, HSTUInput
+from services.worker.settings import DEFAULT_MAX_BATCH
 from services.worker.storage import LinkSpec
 from services.worker.validation import PreparedRequest
 
@@ -224,7 +226,7 @@ class Workload:
         done = 0
         while done < lookups:
             items = np.unique(self._items(batch))
-            engine.embeddings(items.tolist())
+            engine.embeddings(items)
             done += batch
 
     def next(self) -> PreparedRequest:
@@ -252,16 +254,12 @@ class Workload:
 class Sample:
     arrival: float
     latency_ms: float
-    compute_ms: float  # model-thread time of this request (0 for a failed one)
+    compute_ms: float  # model-thread time of this request, its share of its batch (0 for a failed one)
     ok: bool
 
 
 def _p99(values: list[float]) -> float:
     return float(np.percentile(values, 99)) if values else float("nan")
-
-
-def _await(engine: Engine, fn: Any) -> Any:
-    return engine.call(fn).result(timeout=120)
 
 
 def run_realloc(
@@ -295,7 +293,8 @@ def run_realloc(
 
             def done(result: ServeResult | WorkerError, arrival: float = arrival) -> None:
                 latency = (time.perf_counter() - arrival) * 1e3
-                compute_ms = 0.0 if isinstance(result, WorkerError) else result.compute_ms
+                # its share of the batch it was served in
+                compute_ms = 0.0 if isinstance(result, WorkerError) else result.compute_ms / result.batch_size
                 with lock:
                     samples.append(Sample(arrival, latency, compute_ms, not isinstance(result, WorkerError)))
 
@@ -304,13 +303,11 @@ def run_realloc(
     window_s = sizes.steady_s
 
     def until_reached(target: float, not_before: float, trace: list[tuple[float, float]], t0: float) -> None:
-        _await(engine, lambda: engine.pool.set_target(target))
+        engine.set_alpha_target(target).result(timeout=120)
         while True:
-            alpha, reached = _await(
-                engine, lambda: (engine.pool.alpha, engine.pool.emb_chunks == engine.pool.target_emb_chunks)
-            )
-            trace.append((time.perf_counter() - t0, alpha))
-            if reached and time.perf_counter() >= not_before:
+            split = engine.split_state().result(timeout=120)
+            trace.append((time.perf_counter() - t0, split.alpha))
+            if split.settled and time.perf_counter() >= not_before:
                 return
             time.sleep(0.01)
 
@@ -324,12 +321,12 @@ def run_realloc(
         # The swing window has the same length whatever the mode: the pool holds `hi` until half of it
         # has passed and is back at `lo` at its end at the earliest (later if the move is slower).
         swing_from = time.perf_counter()
-        counters_before = _await(engine, lambda: (dict(engine.pool.counters.as_dict()), engine.tick_seconds))
+        counters_before = engine.report("delta").result(timeout=120)
         alphas: list[tuple[float, float]] = []
         until_reached(hi, swing_from + window_s / 2, alphas, swing_from)
         until_reached(lo, swing_from + window_s, alphas, swing_from)
         swing_to = time.perf_counter()
-        counters_after = _await(engine, lambda: (dict(engine.pool.counters.as_dict()), engine.tick_seconds))
+        counters_after = engine.report("delta").result(timeout=120)
         # Steady state again at `lo`, so that "steady" is not only the period right after warm-up.
         time.sleep(window_s)
         after_to = time.perf_counter()
@@ -349,9 +346,11 @@ def run_realloc(
         swing = [x.latency_ms for x in swing_samples]
         failed = sum(1 for x in samples if not x.ok)
     swing_s = swing_to - swing_from
-    moved = counters_after[0]["chunks_moved"] - counters_before[0]["chunks_moved"]
-    refill = counters_after[0]["critical_refill_bytes"] - counters_before[0]["critical_refill_bytes"]
-    busy_s = sum(x.compute_ms for x in swing_samples) / 1e3 + (counters_after[1] - counters_before[1])
+    moved = counters_after.counters.chunks_moved - counters_before.counters.chunks_moved
+    refill = counters_after.counters.critical_refill_bytes - counters_before.counters.critical_refill_bytes
+    busy_s = sum(x.compute_ms for x in swing_samples) / 1e3 + (
+        counters_after.tick_seconds - counters_before.tick_seconds
+    )
     geometry = engine.geometry
     kv_bytes_per_token = geometry.kv_page_bytes // geometry.kv_page_tokens
     mean_history = (sizes.base_history[0] + sizes.max_history) / 2
@@ -372,7 +371,7 @@ def run_realloc(
         "mean_service_ms": mean_service_ms,
         # Model-thread busy time during the swing (requests + ticks) over its length.
         "swing_utilisation": busy_s / max(swing_s, 1e-9),
-        "tick_seconds_in_swing": counters_after[1] - counters_before[1],
+        "tick_seconds_in_swing": counters_after.tick_seconds - counters_before.tick_seconds,
         "ratios": {
             "host_table_over_pool": sizes.num_items * geometry.emb_entry_bytes / geometry.budget_bytes,
             "mean_user_kv_over_kv_region_at_lo": mean_history
@@ -395,6 +394,213 @@ def measure_realloc(quick: bool, repeats: int, device: str) -> dict[str, Any]:
         )
         out[f"{prefix}realloc_runs"] = runs
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching across users. Many distinct returning users (so that a batch rarely holds one user twice), the
+# same request sequence for every variant.
+BATCH_SIZES = replace(
+    FULL,
+    num_items=100_000,
+    budget_mib=64,
+    users=5_000,
+    base_history=(32, 128),
+    max_history=256,
+    candidates=64,
+)
+
+
+def _batching_engine(preset: str, max_batch: int, device: str) -> Engine:
+    engine = _engine(
+        BATCH_SIZES, alpha=0.5, mode=RefillMode.INCREMENTAL, device=device, model=PRESETS[preset]
+    )
+    return Engine(replace(engine.cfg, max_batch=max_batch))
+
+
+def _saturated_rps(engine: Engine, requests: list[PreparedRequest]) -> tuple[float, float]:
+    """Every request queued at once (the worker saturated); requests per second until the last answer,
+    and the engine's mean batch size."""
+    finished = threading.Event()
+    left = [len(requests)]
+    lock = threading.Lock()
+
+    def done(_: ServeResult | WorkerError) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                finished.set()
+
+    engine.start()
+    try:
+        gate = threading.Event()
+        engine.pause_until(gate)
+        for req in requests:
+            engine.submit(Job(request=req, deadline=time.perf_counter() + 600, done=done))
+        t0 = time.perf_counter()
+        gate.set()
+        if not finished.wait(600):
+            raise RuntimeError("saturation run did not finish in 600 s")
+        elapsed = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    return len(requests) / elapsed, engine.mean_batch_size
+
+
+def _low_load_p99(engine: Engine, requests: list[PreparedRequest], rate: float, seed: int) -> float:
+    """Open-loop Poisson arrivals at `rate`; P99 of latency from the scheduled arrival."""
+    rng = np.random.default_rng(seed)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    engine.start()
+    try:
+        next_at = time.perf_counter()
+        for req in requests:
+            next_at += rng.exponential(1.0 / rate)
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+
+            def done(_: ServeResult | WorkerError, arrival: float = next_at) -> None:
+                with lock:
+                    latencies.append((time.perf_counter() - arrival) * 1e3)
+
+            engine.submit(Job(request=req, deadline=next_at + 60, done=done, enqueued=next_at))
+        time.sleep(0.5)
+    finally:
+        engine.stop()
+    return _p99(latencies)
+
+
+def measure_batching(quick: bool, repeats: int, device: str) -> dict[str, Any]:
+    """Saturation throughput with and without batching per model preset, P99 at light load, padding."""
+    out: dict[str, Any] = {
+        "throughput_rps_batched": {},
+        "throughput_rps_unbatched": {},
+        "mean_batch_size_saturated": {},
+        "batching_setup": {**asdict(BATCH_SIZES), "max_batch": DEFAULT_MAX_BATCH},
+    }
+    counts = {"tiny": 150 if quick else 800, "bench": 60 if quick else 300}
+    for preset, n in counts.items():
+        batched, unbatched, sizes = [], [], []
+        for r in range(repeats):
+            workload = Workload(BATCH_SIZES, seed=300 + r)
+            requests = [workload.next() for _ in range(n)]
+            for max_batch, into in ((1, unbatched), (DEFAULT_MAX_BATCH, batched)):
+                engine = _batching_engine(preset, max_batch, device)
+                engine.warm_up()
+                rps, mean_batch = _saturated_rps(engine, requests)
+                into.append(rps)
+                if max_batch > 1:
+                    sizes.append(mean_batch)
+        out["throughput_rps_batched"][preset] = statistics.median(batched)
+        out["throughput_rps_unbatched"][preset] = statistics.median(unbatched)
+        out["mean_batch_size_saturated"][preset] = statistics.median(sizes)
+    # Light load: a fifth of the unbatched capacity, where batches are mostly of one request.
+    rate = 0.2 * out["throughput_rps_unbatched"]["tiny"]
+    n = 150 if quick else 1000
+    p99s: dict[int, list[float]] = {1: [], DEFAULT_MAX_BATCH: []}
+    for r in range(repeats):
+        workload = Workload(BATCH_SIZES, seed=400 + r)
+        requests = [workload.next() for _ in range(n)]
+        for max_batch, into in p99s.items():
+            engine = _batching_engine("tiny", max_batch, device)
+            engine.warm_up()
+            into.append(_low_load_p99(engine, requests, rate, seed=500 + r))
+    out["p99_ms_low_load_unbatched"] = statistics.median(p99s[1])
+    out["p99_ms_low_load_batched"] = statistics.median(p99s[DEFAULT_MAX_BATCH])
+    out["p99_low_load_ratio"] = out["p99_ms_low_load_batched"] / out["p99_ms_low_load_unbatched"]
+    out["low_load_rps"] = rate
+    out.update(measure_padding_waste(device))
+    return out
+
+
+def measure_padding_waste(device: str) -> dict[str, Any]:
+    """Per batch size, for batches of the batching workload (bench preset; each returning user's previous
+    history cached, as when the KV region holds them all): the share of the attention elements that the
+    PADDED layout computes for padding (JAGGED computes none), and both layouts' forward times here."""
+    model = PRESETS["bench"]
+    hstu, _ = HSTU.create(model, checkpoint=None, seed=0, device=device)
+    workload = Workload(BATCH_SIZES, seed=600)
+    seen: dict[str, int] = {}
+    requests = []
+    for _ in range(400):  # past the first visits, so that batches mix new and returning users
+        req = workload.next()
+        cached = seen.get(req.user_id, 0)
+        seen[req.user_id] = len(req.history)
+        requests.append((req, cached))
+    g = torch.Generator().manual_seed(0)
+    waste: dict[str, float] = {}
+    timings: dict[str, dict[str, float]] = {}
+    for size in (1, 2, 4, 8):
+        batches = [requests[-size * (i + 1) : len(requests) - size * i] for i in range(8)]
+        wastes, times = [], {layout.value: 0.0 for layout in AttentionLayout}
+        for batch in batches:
+            inputs = []
+            for req, cached in batch:
+                n_new = len(req.history) - cached
+                past = [torch.randn(cached, model.kv_width, generator=g) for _ in range(model.n_layers)]
+                inputs.append(
+                    HSTUInput(
+                        torch.randn(n_new, model.item_dim, generator=g).to(device),
+                        req.timestamps,
+                        cached,
+                        torch.randn(len(req.candidates), model.item_dim, generator=g).to(device),
+                        [x.to(device) for x in past] if cached else None,
+                        [x.to(device) for x in past] if cached else None,
+                    )
+                )
+            for layout in AttentionLayout:
+                t0 = time.perf_counter()
+                out = hstu.forward_batch(inputs, layout)
+                times[layout.value] += time.perf_counter() - t0
+                if layout is AttentionLayout.PADDED:
+                    wastes.append(out.padding_waste)
+        waste[str(size)] = statistics.mean(wastes)
+        timings[str(size)] = {k: v / len(batches) * 1e3 for k, v in times.items()}
+    return {"padding_waste": waste, "padding_forward_ms": timings}
+
+
+def measure_serve_overhead(quick: bool, repeats: int, device: str) -> dict[str, Any]:
+    """Time in serve() outside the model over time in the model: bench preset, 2,048 candidates, a cached
+    1,000-token history extended by 16 tokens."""
+    preset, history_len, cached_len, n_cands = (
+        ("tiny", 256, 240, 512) if quick else ("bench", 1016, 1000, 2048)
+    )
+    sizes = replace(FULL, num_items=200_000, budget_mib=64)
+    engine = _engine(sizes, alpha=0.5, mode=RefillMode.INCREMENTAL, device=device, model=PRESETS[preset])
+    rng = np.random.default_rng(7)
+    ratios, serve_ms, model_ms = [], [], []
+    for i in range(max(5, repeats * 3)):
+        history = rng.integers(0, sizes.num_items, history_len).astype(np.int64)
+        ts = np.cumsum(rng.integers(1, 3600, history_len)).astype(np.int64)
+        cands = rng.choice(sizes.num_items, n_cands, replace=False).astype(np.int64)
+        user = f"user-{i}"
+        engine.serve(_request("p", user, history[:cached_len], ts[:cached_len], cands))
+        model_before = engine.model_seconds
+        t0 = time.perf_counter()
+        result = engine.serve(_request("r", user, history, ts, cands))
+        total = time.perf_counter() - t0
+        model = engine.model_seconds - model_before
+        assert result.cached_tokens == cached_len
+        ratios.append((total - model) / model)
+        serve_ms.append(total * 1e3)
+        model_ms.append(model * 1e3)
+    return {
+        "serve_overhead_ratio": statistics.median(ratios),
+        "serve_overhead_setup": {
+            "model": preset,
+            "history_len": history_len,
+            "cached_len": cached_len,
+            "candidates": n_cands,
+            "serve_ms": statistics.median(serve_ms),
+            "model_ms": statistics.median(model_ms),
+        },
+    }
+
+
+def measure_emb_bookkeeping_keys(quick: bool, repeats: int, device: str) -> dict[str, Any]:
+    del device  # pure bookkeeping: no device
+    return emb_bookkeeping.measure(repeats=5 if quick else 20 * repeats)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,8 +628,11 @@ def run_bench(opts: BenchOptions) -> int:
         ),
     }
     steps = (
+        ("EMB bookkeeping", measure_emb_bookkeeping_keys),
         ("KV reuse", measure_kv_speedup),
         ("EMB miss cost", measure_emb_miss_cost),
+        ("serve overhead", measure_serve_overhead),
+        ("batching across users", measure_batching),
         ("reallocation (incremental vs naive)", measure_realloc),
     )
     for i, (name, fn) in enumerate(steps, 1):
@@ -441,7 +650,21 @@ def summary(r: dict[str, Any]) -> str:
         f"  host link: {r['host_link']}",
         f"  kv_speedup                 {r['kv_speedup']:.2f}x  (uncached {r['kv_uncached_ms']:.2f} ms, "
         f"cached {r['kv_cached_ms']:.2f} ms; target >= 5)",
+        f"  emb_lookup_hit_us_per_item {r['emb_lookup_hit_us_per_item']:.3f} us  (512 hits; target <= 0.1)",
+        f"  emb_admit_us_per_item      {r['emb_admit_us_per_item']:.3f} us  (512 misses; target <= 0.3)",
         f"  emb_miss_cost_us           {r['emb_miss_cost_us']:.2f} us per missed row",
+        f"  serve_overhead_ratio       {r['serve_overhead_ratio']:.3f}  (outside / inside the model; <= 0.1)",
+        *(
+            f"  throughput_rps {preset:<6}      batched {r['throughput_rps_batched'][preset]:.1f}, "
+            f"unbatched {r['throughput_rps_unbatched'][preset]:.1f} "
+            f"({r['throughput_rps_batched'][preset] / r['throughput_rps_unbatched'][preset]:.2f}x; "
+            f"mean batch {r['mean_batch_size_saturated'][preset]:.1f})"
+            for preset in r["throughput_rps_batched"]
+        ),
+        f"  p99_ms_low_load            batched {r['p99_ms_low_load_batched']:.2f}, unbatched "
+        f"{r['p99_ms_low_load_unbatched']:.2f} (ratio {r['p99_low_load_ratio']:.3f}; target <= 1.05)",
+        "  padding_waste (padded layout; the CPU runs jagged, which pads nothing): "
+        + ", ".join(f"batch {k}: {v:.2f}" for k, v in r["padding_waste"].items()),
         "                              incremental   naive",
         f"  realloc_p99_ratio          {r['realloc_p99_ratio']:>11.3f}   {r['naive_realloc_p99_ratio']:.3f}"
         "   (target <= 1.10)",

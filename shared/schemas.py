@@ -126,8 +126,11 @@ class InferenceResult(_Msg, kw_only=True):
     emb_hits: NonNegInt
     emb_misses: NonNegInt
     queue_ms: NonNegFloat
-    compute_ms: NonNegFloat
+    compute_ms: NonNegFloat  # the batch the request was served in, start to end
     total_ms: NonNegFloat
+    batch_size: Annotated[int, Meta(ge=1, le=2**31 - 1)] = (
+        1  # requests served together with it, itself included
+    )
 
 
 class InferenceReply(_Msg, kw_only=True):
@@ -175,6 +178,8 @@ class LoadInfo(_Msg, kw_only=True):
     # The worker's own limit on in_flight (its max_queue setting): beyond it, it refuses with "overloaded".
     # Gateways shed at their door when every worker is at its limit. 0: not reported (no limit known).
     max_queue: NonNegInt = 0
+    # Requests its model serves together, on average (EWMA over batches; 0: none served yet).
+    mean_batch_size: NonNegFloat = 0.0
 
 
 class CostCoefficients(_Msg, kw_only=True):

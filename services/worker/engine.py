@@ -1,33 +1,42 @@
 """The worker's engine: HSTU + the partitioned pool, driven by one model thread.
 
 Everything that touches the pool (bookkeeping and bytes) runs on that thread, so the pure core needs no
-locks: requests, reallocation ticks, prefetch installs and digest snapshots are serialised there, and ticks
-run *between* requests. The asyncio shell talks to it through `submit()` (requests) and `call()` (control),
-both thread-safe and non-blocking, so the event loop never waits on the model.
+locks: batches of requests, reallocation ticks, prefetch installs and digest reports are serialised there,
+and ticks run *between* batches. The asyncio shell talks to it through thread-safe, non-blocking named
+methods (`submit`, `set_alpha_target`, `split_state`, `report`, `pause_until`, `check_pool`) that return
+futures, so the event loop never waits on the model.
+
+Batching: the model thread takes what is queued, up to `max_batch` requests (it never waits for more),
+and serves them together (`serve_batch`): one KV lookup per user, one EMB lookup, admission and host
+transfer for the union of the batch's items, one HSTU pass, one KV commit per user, one answer each. A
+user who appears twice is served in a later sub-batch, after its first request's KV is committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import structlog
 import torch
 
 from services.worker.core.costfit import CostEstimate, CostFitter
+from services.worker.core.counters import PoolCounters
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode, ResidencyDelta, ResidencySnapshot
 from services.worker.errors import DeadlineExceeded, Draining, InternalError, WorkerError
-from services.worker.hstu import HSTU, HSTUConfig
+from services.worker.hstu import HSTU, HSTUConfig, HSTUInput
+from services.worker.settings import DEFAULT_MAX_BATCH
 from services.worker.storage import HostEmbeddingTable, LinkSpec, PoolStorage, PrefetchChannel, open_host_link
 from services.worker.validation import PreparedRequest, RequestLimits
 
@@ -35,11 +44,16 @@ log = structlog.get_logger("onepool.worker.engine")
 
 R = TypeVar("R")
 SERVICE_EWMA = 0.1  # weight of the newest sample in `Engine.service_ms` (about the last 10-20 requests)
+BATCH_EWMA = 0.1  # weight of the newest batch in `Engine.mean_batch_size`
 
 
-def ewma(current: float, sample: float, weight: float) -> float:
-    """An exponentially weighted mean; the first sample (current 0: none yet) is taken as it is."""
-    return sample if current == 0.0 else weight * sample + (1.0 - weight) * current
+def ewma(current: float, sample: float, weight: float, count: int = 1) -> float:
+    """An exponentially weighted mean after `count` equal samples; the first sample (current 0: none yet)
+    is taken as it is."""
+    if current == 0.0:
+        return sample
+    keep = (1.0 - weight) ** count
+    return keep * current + (1.0 - keep) * sample
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,7 @@ class EngineConfig:
     seed: int = 0
     checkpoint: str | None = None
     max_candidates: int = 512
+    max_batch: int = DEFAULT_MAX_BATCH  # requests served together at most (1: no batching)
     # Prior of the cost fit, used until requests teach it better (rough CPU figures for the tiny model).
     cost_prior: CostEstimate = field(
         default_factory=lambda: CostEstimate(
@@ -84,7 +99,30 @@ class ServeResult:
     emb_hits: int
     emb_misses: int
     queue_ms: float
-    compute_ms: float
+    compute_ms: float  # the whole batch it was served in, start to end
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class SplitState:
+    alpha: float
+    target_alpha: float
+    settled: bool  # the split has reached its target (to the chunk)
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """One consistent cut of the engine's state, taken on the model thread for a digest."""
+
+    residency: ResidencyDelta | ResidencySnapshot
+    counters: PoolCounters  # a copy
+    alpha: float
+    alpha_target: float
+    emb_capacity: int
+    emb_size: int
+    kv_users: int
+    cost: CostEstimate
+    tick_seconds: float  # model-thread time spent in ticks so far
 
 
 @dataclass
@@ -139,6 +177,8 @@ class PrefixHasher:
 
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
+        if cfg.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {cfg.max_batch}")
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.model, self.model_source = HSTU.create(
@@ -154,12 +194,7 @@ class Engine:
             kv_page_bytes=kv_page_bytes,
             kv_page_tokens=cfg.page_tokens,
         )
-        self.pool = Pool(
-            self.geometry,
-            alpha=cfg.alpha,
-            max_chunks_per_tick=cfg.max_chunks_per_tick,
-            refill_mode=cfg.refill_mode,
-        )
+        self.pool = self._new_pool(cfg.alpha)
         self.storage = PoolStorage(
             budget_bytes=usable,
             emb_dim=cfg.model.item_dim,
@@ -192,11 +227,24 @@ class Engine:
         self._next_tick = 0.0
         self.ticks = 0
         self.tick_seconds = 0.0  # model-thread time spent in ticks (reallocation, refill, prefetch installs)
+        self.model_seconds = 0.0  # model-thread time spent in the HSTU forward passes
         # What each queued request costs the model thread, as an EWMA in ms: while requests wait, the time
-        # between two completions (everything the thread does per request: the model, the bookkeeping,
-        # waits for the GIL); for a request that found the thread idle, its own start to end.
+        # between two completed batches (everything the thread does for them: the model, the bookkeeping,
+        # waits for the GIL) divided among the batch; for a batch that found the thread idle, its own start
+        # to end. With batching this is a request's share of its batch, which is what a queued request
+        # ahead of a new one costs it.
         self.service_ms = 0.0
-        self._last_job_end = -math.inf
+        self.mean_batch_size = 0.0  # EWMA over batches (0: none served yet)
+        self.batches = 0
+        self._last_batch_end = -math.inf
+
+    def _new_pool(self, alpha: float) -> Pool:
+        return Pool(
+            self.geometry,
+            alpha=alpha,
+            max_chunks_per_tick=self.cfg.max_chunks_per_tick,
+            refill_mode=self.cfg.refill_mode,
+        )
 
     def warm_up(self) -> None:
         """Before serving: serve a few made-up requests end to end, then start from an empty pool.
@@ -220,15 +268,10 @@ class Engine:
                     self.serve(_request(user, history[:cached], timestamps[:cached], candidates))
                 self.serve(_request(user, history, timestamps, candidates))
         # What warm-up put in the caches is made up: start serving from an empty pool (same split).
-        self.pool = Pool(
-            self.geometry,
-            alpha=self.pool.target_alpha,
-            max_chunks_per_tick=self.cfg.max_chunks_per_tick,
-            refill_mode=self.cfg.refill_mode,
-        )
+        self.pool = self._new_pool(self.pool.target_alpha)
 
     # ---------------------------------------------------------------------------------------------------
-    # Thread-safe API for the shell.
+    # Thread-safe API for the shell: none of these waits for the model thread.
     # ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is not None:
@@ -237,10 +280,10 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Answer what is queued, stop the thread and release the prefetch side channel. Idempotent.
+        """Answer what is queued, stop the thread and release the host link's transfers. Idempotent.
 
-        Work submitted after this fails at once (`Draining` for jobs, RuntimeError for calls) instead of
-        waiting for a thread that is gone.
+        Work submitted after this fails at once (`Draining` for jobs, RuntimeError for the futures of the
+        other methods) instead of waiting for a thread that is gone.
         """
         thread = self._thread
         if thread is not None and thread.is_alive():
@@ -254,8 +297,10 @@ class Engine:
             self._fail_queued()
         if self._prefetch is not None:
             self._prefetch.close()
+        self.link.close()
 
     def submit(self, job: Job) -> None:
+        """Queue a request; `job.done` is called on the model thread with its result or error."""
         with self._accept_lock:
             if self._accepting:
                 self._jobs_queued += 1
@@ -263,8 +308,38 @@ class Engine:
                 return
         _finish(job, Draining())
 
-    def call(self, fn: Callable[[], R]) -> Future[R]:
-        """Run `fn` on the model thread between requests, before queued requests; returns its future."""
+    def set_alpha_target(self, alpha: float) -> Future[None]:
+        """Aim the split at `alpha` (ticks then move it there a bounded step at a time)."""
+        return self._call(lambda: self.pool.set_target(alpha))
+
+    def split_state(self) -> Future[SplitState]:
+        return self._call(
+            lambda: SplitState(
+                self.pool.alpha, self.pool.target_alpha, self.pool.emb_chunks == self.pool.target_emb_chunks
+            )
+        )
+
+    def check_pool(self) -> Future[None]:
+        """Check every invariant of the pool on the model thread (O(capacity); tests and debugging)."""
+        return self._call(self.pool.check_invariants)
+
+    def report(self, kind: Literal["delta", "snapshot"]) -> Future[EngineReport]:
+        """A consistent cut for a digest: residency changes since the last report (`delta`) or all of it
+        (`snapshot`, which also restarts the deltas), counters, the split and the cost fit."""
+        return self._call(lambda: self._report(kind))
+
+    def pause_until(self, release: threading.Event) -> Future[bool]:
+        """Occupy the model thread until `release` is set (requests meanwhile wait in the queue); for
+        maintenance and tests."""
+        return self._call(release.wait)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the model thread."""
+        return self._jobs_queued
+
+    def _call(self, fn: Callable[[], R]) -> Future[R]:
+        """Run `fn` on the model thread between batches, before queued requests; returns its future."""
         fut: Future[R] = Future()
         with self._accept_lock:
             if self._accepting:
@@ -273,17 +348,8 @@ class Engine:
         fut.set_exception(RuntimeError("the engine has stopped"))
         return fut
 
-    @property
-    def queue_depth(self) -> int:
-        """Requests waiting for the model thread."""
-        return self._jobs_queued
-
-    def _job_dequeued(self) -> None:
-        with self._accept_lock:
-            self._jobs_queued -= 1
-
-    def _put(self, priority: int, item: Job | _Call | None) -> None:
-        self._queue.put((priority, next(self._seq), item))
+    def _put(self, priority: int, item: Job | _Call | None, seq: int | None = None) -> None:
+        self._queue.put((priority, next(self._seq) if seq is None else seq, item))
 
     # ---------------------------------------------------------------------------------------------------
     # Model-thread side. Everything below runs on the model thread (or in tests/benchmarks that own it).
@@ -316,7 +382,30 @@ class Engine:
                 self._run_call(item)
             elif isinstance(item, Job):
                 self._job_dequeued()
-                self._run_job(item)
+                self._run_batch(self._take_batch(item))
+
+    def _take_batch(self, first: Job) -> list[Job]:
+        """`first` and what else is queued, up to `max_batch` jobs; never waits. Control calls found on
+        the way run at once (they go before requests); the stop marker is put back for the loop."""
+        jobs = [first]
+        while len(jobs) < self.cfg.max_batch:
+            try:
+                priority, seq, item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Job):
+                self._job_dequeued()
+                jobs.append(item)
+            elif isinstance(item, _Call):
+                self._run_call(item)
+            else:
+                self._put(priority, item, seq)
+                break
+        return jobs
+
+    def _job_dequeued(self) -> None:
+        with self._accept_lock:
+            self._jobs_queued -= 1
 
     def _fail_queued(self) -> None:
         while True:
@@ -340,26 +429,54 @@ class Engine:
         except BaseException as exc:  # handed to the caller, who decides
             call.future.set_exception(exc)
 
-    def _run_job(self, job: Job) -> None:
-        if job.cancelled:
-            return
+    def _run_batch(self, jobs: list[Job]) -> None:
         start = time.perf_counter()
-        if start > job.deadline:
-            _finish(job, DeadlineExceeded((start - job.enqueued) * 1e3, (job.deadline - job.enqueued) * 1e3))
+        live: list[Job] = []
+        for job in jobs:
+            if job.cancelled:
+                continue
+            if start > job.deadline:
+                waited, allowed = (start - job.enqueued) * 1e3, (job.deadline - job.enqueued) * 1e3
+                _finish(job, DeadlineExceeded(waited, allowed))
+                continue
+            live.append(job)
+        if not live:
             return
-        try:
-            result: ServeResult | WorkerError = self.serve(job.request, queue_ms=(start - job.enqueued) * 1e3)
-        except WorkerError as exc:
-            result = exc
-        except Exception as exc:
-            log.exception("inference failed", request_id=job.request.request_id)
-            result = InternalError(f"{type(exc).__name__}: {exc}")
-        _finish(job, result)
+        results = self._serve_jobs(live, start)
+        for job, result in zip(live, results, strict=True):
+            _finish(job, result)
         end = time.perf_counter()
-        # it waited for the previous one: the whole interval since that one ended was spent on it
-        sample = end - (self._last_job_end if self._last_job_end >= job.enqueued else start)
-        self._last_job_end = end
-        self.service_ms = ewma(self.service_ms, sample * 1e3, SERVICE_EWMA)
+        # The batch waited for the previous one: the whole interval since that one ended was spent on it.
+        earliest = min(job.enqueued for job in live)
+        sample = end - (self._last_batch_end if self._last_batch_end >= earliest else start)
+        self._last_batch_end = end
+        self.service_ms = ewma(self.service_ms, sample * 1e3 / len(live), SERVICE_EWMA, len(live))
+        self.mean_batch_size = ewma(self.mean_batch_size, float(len(live)), BATCH_EWMA)
+        self.batches += 1
+
+    def _serve_jobs(self, jobs: list[Job], start: float) -> list[ServeResult | WorkerError]:
+        """Serve the batch; if it fails as a whole, serve its requests one by one so that only the one at
+        fault gets the error (what the others committed meanwhile is reused: the pool stays consistent)."""
+        queue_ms = [(start - job.enqueued) * 1e3 for job in jobs]
+        try:
+            return list(self.serve_batch([job.request for job in jobs], queue_ms=queue_ms))
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [self._as_error(jobs[0], exc)]
+        results: list[ServeResult | WorkerError] = []
+        for job, waited in zip(jobs, queue_ms, strict=True):
+            try:
+                results.append(self.serve(job.request, queue_ms=waited))
+            except Exception as exc:
+                results.append(self._as_error(job, exc))
+        return results
+
+    @staticmethod
+    def _as_error(job: Job, exc: Exception) -> WorkerError:
+        if isinstance(exc, WorkerError):
+            return exc
+        log.exception("inference failed", request_id=job.request.request_id, exc_info=exc)
+        return InternalError(f"{type(exc).__name__}: {exc}")
 
     def _safe_tick(self) -> None:
         try:
@@ -368,7 +485,7 @@ class Engine:
             log.exception("reallocation tick failed")
 
     def tick(self) -> None:
-        """One reallocation step plus prefetch housekeeping. Runs between requests."""
+        """One reallocation step plus prefetch housekeeping. Runs between batches."""
         started = time.perf_counter()
         try:
             self._tick()
@@ -382,111 +499,176 @@ class Engine:
             self.storage.copy_emb([(r.src, r.dst) for r in plan.emb_relocations])
         if plan.kv_relocations:
             self.storage.copy_kv([(r.src, r.dst) for r in plan.kv_relocations])
-        if plan.refill:
+        if len(plan.refill):
             # Naive mode: a synchronous bulk refill of the grown region, in front of the next request.
-            items = [item for item, _ in plan.refill]
-            rows = self.link.fetch(items)
-            self.storage.write_emb([slot for _, slot in plan.refill], rows)
+            rows = self.link.fetch(plan.refill.items)
+            self.storage.write_emb(plan.refill.slots, rows)
         if self._prefetch is not None:
             self._install_prefetched()
             if not self._prefetch.busy:
                 wanted = self.pool.prefetch_plan(self.cfg.prefetch_bytes_per_tick)
-                if wanted:
+                if len(wanted):
                     self._prefetch.submit(wanted)
 
     def _install_prefetched(self) -> None:
         assert self._prefetch is not None
         for items, rows in self._prefetch.poll():
-            placed = self.pool.install_prefetched(items)
-            if not placed:
-                continue
-            index = {item: i for i, item in enumerate(items)}
-            picks = torch.tensor([index[item] for item, _ in placed], dtype=torch.long, device=rows.device)
-            self.storage.write_emb([slot for _, slot in placed], rows.index_select(0, picks))
+            placed = self.pool.install_prefetched(np.asarray(items, dtype=np.int64))
+            if len(placed):
+                picks = torch.from_numpy(placed.positions).to(rows.device)
+                self.storage.write_emb(placed.slots, rows.index_select(0, picks))
 
     def serve(self, req: PreparedRequest, *, queue_ms: float = 0.0) -> ServeResult:
         """Rank one request's candidates. Model thread only."""
+        return self.serve_batch([req], queue_ms=[queue_ms])[0]
+
+    def serve_batch(
+        self, reqs: Sequence[PreparedRequest], *, queue_ms: Sequence[float] = ()
+    ) -> list[ServeResult]:
+        """Rank several requests' candidates together (see the module docstring); results in order.
+        A user who appears again is served in a later sub-batch, after the first is committed. Model
+        thread only."""
+        waits = list(queue_ms) if queue_ms else [0.0] * len(reqs)
+        results: list[ServeResult] = []
+        start = 0
+        while start < len(reqs):
+            users: set[str] = set()
+            end = start
+            while end < len(reqs) and reqs[end].user_id not in users:
+                users.add(reqs[end].user_id)
+                end += 1
+            results += self._serve_distinct(reqs[start:end], waits[start:end])
+            start = end
+        return results
+
+    def _serve_distinct(
+        self, reqs: Sequence[PreparedRequest], queue_ms: Sequence[float]
+    ) -> list[ServeResult]:
         t0 = time.perf_counter()
-        n = int(req.history.shape[0])
-        hasher = PrefixHasher(req.history, req.timestamps)
-        hit = self.pool.kv_lookup(req.user_id, n, hasher)
-        cached = hit.cached_len
-        new_items = req.history[cached:]
-        n_new = int(new_items.shape[0])
+        hashers = [PrefixHasher(r.history, r.timestamps) for r in reqs]
+        cached: list[int] = []
+        past: list[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = []
+        for r, hasher in zip(reqs, hashers, strict=True):
+            hit = self.pool.kv_lookup(r.user_id, int(r.history.shape[0]), hasher)
+            cached.append(hit.cached_len)
+            # Read now, before any commit of this batch can evict or move these pages.
+            past.append(self.storage.read_kv(hit.pages, hit.cached_len) if hit.cached_len else None)
 
-        # Embeddings of the new history tokens and the candidates: hot cache first, host link for misses.
-        wanted = np.concatenate([new_items, req.candidates])
+        # Embeddings of every request's new history tokens and candidates: one lookup for the union.
+        pieces = []
+        for r, c in zip(reqs, cached, strict=True):
+            pieces += [r.history[c:], r.candidates]
+        wanted = np.concatenate(pieces)
         unique, inverse = np.unique(wanted, return_inverse=True)
-        emb, misses = self.embeddings(unique.tolist())
-        tokens = emb.index_select(0, torch.from_numpy(inverse.astype(np.int64)).to(emb.device))
-        hist_emb, cand_emb = tokens[:n_new], tokens[n_new:]
+        rows, missed = self.embeddings(unique)
+        tokens = rows.index_select(0, torch.from_numpy(inverse.astype(np.int64, copy=False)).to(rows.device))
 
-        past_k: list[torch.Tensor] | None = None
-        past_v: list[torch.Tensor] | None = None
-        if cached:
-            past_k, past_v = self.storage.read_kv(hit.pages, cached)
-        ts = torch.from_numpy(req.timestamps).to(self.device)
-        out = self.model(hist_emb, ts, cached, cand_emb, past_k, past_v)
+        inputs = []
+        bounds = []  # (first token, new history tokens, candidates) per request
+        offset = 0
+        for r, c, kv in zip(reqs, cached, past, strict=True):
+            n_new, m = int(r.history.shape[0]) - c, int(r.candidates.shape[0])
+            bounds.append((offset, n_new, m))
+            hist_emb = tokens[offset : offset + n_new]
+            cand_emb = tokens[offset + n_new : offset + n_new + m]
+            offset += n_new + m
+            inputs.append(
+                HSTUInput(hist_emb, r.timestamps, c, cand_emb, kv[0] if kv else None, kv[1] if kv else None)
+            )
+        t_model = time.perf_counter()
+        outputs = self.model.forward_batch(inputs).outputs
+        if self.device.type == "cuda":  # the scores are read right after: waiting here costs nothing
+            torch.cuda.synchronize(self.device)
+        self.model_seconds += time.perf_counter() - t_model
 
-        if n_new:
-            commit = self.pool.kv_commit(req.user_id, n, hasher(n))
-            if commit is not None:
-                if commit.write_from != cached:
-                    raise InternalError(f"KV commit writes from {commit.write_from}, expected {cached}")
-                self.storage.write_kv(commit.pages, cached, out.new_k, out.new_v)
+        for r, hasher, c, kv, out in zip(reqs, hashers, cached, past, outputs, strict=True):
+            n = int(r.history.shape[0])
+            if n == c:
+                continue
+            commit = self.pool.kv_commit(r.user_id, n, hasher(n))
+            if commit is None:
+                continue
+            if commit.write_from == c:
+                self.storage.write_kv(commit.pages, c, out.new_k, out.new_v)
+            elif commit.write_from < c and kv is not None:
+                # An earlier commit of this batch evicted the entry this request read: write it back whole.
+                w = commit.write_from
+                k = [torch.cat((p[w:], new)) for p, new in zip(kv[0], out.new_k, strict=True)]
+                v = [torch.cat((p[w:], new)) for p, new in zip(kv[1], out.new_v, strict=True)]
+                self.storage.write_kv(commit.pages, w, k, v)
+            else:
+                raise InternalError(f"KV commit writes from {commit.write_from}, expected {c}")
 
-        scores = out.scores
-        top = torch.topk(scores, req.k)
-        items = req.candidates[top.indices.cpu().numpy()].tolist()
-        top_scores = top.values.float().cpu().tolist()
+        ranked: list[tuple[list[int], list[float], int, int]] = []  # items, scores, hits, misses
+        totals = [0, 0, 0, 0]  # new tokens, cached tokens, candidates, misses
+        for r, c, out, (first, n_new, m) in zip(reqs, cached, outputs, bounds, strict=True):
+            own = np.unique(inverse[first : first + n_new + m])
+            misses = int(missed[own].sum())
+            top = torch.topk(out.scores, r.k)
+            items = r.candidates[top.indices.cpu().numpy()].tolist()
+            ranked.append((items, top.values.float().cpu().tolist(), int(own.shape[0]) - misses, misses))
+            for j, value in enumerate((n_new, c, m, misses)):
+                totals[j] += value
         compute_ms = (time.perf_counter() - t0) * 1e3
         self._costs.observe(
-            new_tokens=n_new,
-            cached_tokens=cached,
-            candidates=int(req.candidates.shape[0]),
-            emb_misses=misses,
+            requests=len(reqs),
+            new_tokens=totals[0],
+            cached_tokens=totals[1],
+            candidates=totals[2],
+            emb_misses=totals[3],
             ms=compute_ms,
         )
-        return ServeResult(
-            items=items,
-            scores=top_scores,
-            cached_tokens=cached,
-            computed_tokens=n_new + int(req.candidates.shape[0]),
-            emb_hits=int(unique.shape[0]) - misses,
-            emb_misses=misses,
-            queue_ms=queue_ms,
-            compute_ms=compute_ms,
-        )
+        return [
+            ServeResult(
+                items=items,
+                scores=scores,
+                cached_tokens=c,
+                computed_tokens=n_new + m,
+                emb_hits=hits,
+                emb_misses=misses,
+                queue_ms=waited,
+                compute_ms=compute_ms,
+                batch_size=len(reqs),
+            )
+            for (items, scores, hits, misses), c, (_, n_new, m), waited in zip(
+                ranked, cached, bounds, queue_ms, strict=True
+            )
+        ]
 
-    def embeddings(self, items: list[int]) -> tuple[torch.Tensor, int]:
-        """Rows for unique `items` and how many missed the hot cache (misses are fetched and offered to
-        the cache). Model thread only."""
+    def embeddings(self, items: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Rows for unique `items` and which of them missed the hot cache (misses are fetched in one
+        host transfer and offered to the cache). Model thread only."""
         lookup = self.pool.emb_lookup(items)
-        rows = torch.empty((len(items), self.cfg.model.item_dim), dtype=torch.float32, device=self.device)
-        if lookup.hit_slots:
-            pos = torch.tensor([p for p, _ in lookup.hit_slots], dtype=torch.long, device=self.device)
-            rows[pos] = self.storage.read_emb([s for _, s in lookup.hit_slots])
+        dev = self.device
+        rows = torch.empty((len(items), self.cfg.model.item_dim), dtype=torch.float32, device=dev)
+        if lookup.hits:
+            rows[torch.from_numpy(lookup.hit_positions).to(dev)] = self.storage.read_emb(lookup.hit_slots)
+        missed = np.zeros(len(items), dtype=np.bool_)
         if lookup.misses:
-            miss_items = [item for _, item in lookup.misses]
-            fetched = self.link.fetch(miss_items)
-            pos = torch.tensor([p for p, _ in lookup.misses], dtype=torch.long, device=self.device)
-            rows[pos] = fetched
-            # Admission runs after the hit rows were read: a victim may be one of this request's hits.
-            placed = self.pool.emb_admit(miss_items)
-            if placed:
-                index = {item: i for i, item in enumerate(miss_items)}
-                picks = torch.tensor(
-                    [index[item] for item, _ in placed], dtype=torch.long, device=self.device
-                )
-                self.storage.write_emb([slot for _, slot in placed], fetched.index_select(0, picks))
-        return rows, len(lookup.misses)
+            missed[lookup.miss_positions] = True
+            fetched = self.link.fetch(lookup.miss_items)
+            rows[torch.from_numpy(lookup.miss_positions).to(dev)] = fetched
+            # Admission runs after the hit rows were read: a victim may be one of this batch's hits.
+            placed = self.pool.emb_admit(lookup.miss_items)
+            if len(placed):
+                picks = torch.from_numpy(placed.positions).to(fetched.device)
+                self.storage.write_emb(placed.slots, fetched.index_select(0, picks))
+        return rows, missed
 
     # Digest material (model thread).
-    def drain_deltas(self) -> ResidencyDelta:
-        return self.pool.drain_deltas()
-
-    def snapshot(self) -> ResidencySnapshot:
-        return self.pool.snapshot()
+    def _report(self, kind: Literal["delta", "snapshot"]) -> EngineReport:
+        pool = self.pool
+        return EngineReport(
+            residency=pool.snapshot() if kind == "snapshot" else pool.drain_deltas(),
+            counters=dataclasses.replace(pool.counters),
+            alpha=pool.alpha,
+            alpha_target=pool.target_alpha,
+            emb_capacity=pool.emb.capacity,
+            emb_size=pool.emb.size,
+            kv_users=pool.kv.size,
+            cost=self._costs.estimate(),
+            tick_seconds=self.tick_seconds,
+        )
 
     def cost_estimate(self) -> CostEstimate:
         return self._costs.estimate()

@@ -45,8 +45,9 @@ The choices, and why each one keeps cross-request KV reuse exact:
 * **Inference only.**  Eval mode, no dropout: the same inputs always give the same outputs.
 
 Batching: ``forward_batch`` scores several users at once. The row-wise parts of a layer run over all
-requests' rows together; attention is jagged (per request, over its own rows only), so nothing is
-padded and a request's result does not depend on its batch.
+requests' rows together; attention is either jagged (per request, over its own rows) or padded (one
+batched matmul, padding masked out), see ``AttentionLayout``. Either way a request's result does not
+depend on its batch.
 
 Input token representation: ``x = item_proj(item_embedding) + pos_emb[pos] + time_emb[bucket]``.
 Item embeddings are not part of the model: the caller passes them (they come from the embedding
@@ -59,6 +60,7 @@ value dim on purpose, so one page layout holds both), laid out head after head.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -72,7 +74,9 @@ from torch import Tensor, nn
 __all__ = [
     "HSTU",
     "PRESETS",
+    "AttentionLayout",
     "CheckpointError",
+    "HSTUBatchOutput",
     "HSTUConfig",
     "HSTUInput",
     "HSTUOutput",
@@ -178,6 +182,21 @@ class HSTUInput:
 
 
 @dataclass(frozen=True)
+class HSTUBatchOutput:
+    """Results in request order, and the attention elements (per head) the requests needed and the
+    layout computed (more when padded)."""
+
+    outputs: list[HSTUOutput]
+    real_elements: int
+    computed_elements: int
+
+    @property
+    def padding_waste(self) -> float:
+        """Share of the computed attention elements that were padding."""
+        return 1.0 - self.real_elements / self.computed_elements
+
+
+@dataclass(frozen=True)
 class _Checked:
     hist_emb: Tensor
     cand_emb: Tensor
@@ -197,39 +216,103 @@ class _Checked:
         return self.cached_len + self.n_new + self.m
 
 
-@dataclass(frozen=True)
-class _Part:
-    rows: slice  # the request's query rows in x
-    past: slice  # its cached rows in the concatenated past K/V
-    weight: Tensor  # [n_q, n_k]: the target-aware mask times 1 / max_history
+class AttentionLayout(enum.StrEnum):
+    """How a batch's attention is laid out (the row-wise parts always run over all rows at once).
+
+    JAGGED: per request, over its own rows: nothing is padded, a few small ops per request and layer
+    (the cheaper layout on a CPU, where an op costs microseconds).
+    PADDED: every request padded to the batch's longest query and key lengths, one batched matmul for all
+    (the cheaper layout on a GPU, where each op is a kernel launch), at the cost of the padding.
+    """
+
+    JAGGED = "jagged"
+    PADDED = "padded"
+
+
+# PADDED is chosen (on CUDA) only while padding is at most this share of the attention elements, and while
+# the padded logits fit ATTENTION_BUDGET elements (2**26 float32: 256 MiB, and as much for their SiLU).
+MAX_PADDING_WASTE = 0.5
+ATTENTION_BUDGET = 1 << 26
 
 
 @dataclass(frozen=True)
-class _BatchPlan:
+class _Plan:
     """Where each request's rows are in one pass; built once, used by every layer."""
 
-    requests: list[_Part]
+    rows: list[slice]  # each request's query rows in x
+    past: list[slice]  # each request's cached rows in the concatenated past K/V
     candidate_rows: Tensor  # rows of x that are candidates, request after request
+    real_elements: int  # attention elements per head the requests need
+    computed_elements: int  # ... and that the layout computes (padding included)
 
-    @classmethod
-    def build(cls, group: Sequence[_Checked], max_history: int, dev: torch.device) -> _BatchPlan:
-        parts: list[_Part] = []
-        candidate_rows: list[np.ndarray] = []
-        row = past = 0
-        scale = np.float32(1.0 / max_history)
-        for r in group:
-            weight = HSTU.attention_mask(r.cached_len, r.n_new, r.m).astype(np.float32) * scale
-            parts.append(
-                _Part(
-                    slice(row, row + r.queries),
-                    slice(past, past + r.cached_len),
-                    torch.from_numpy(weight).to(dev),
-                )
-            )
-            candidate_rows.append(np.arange(row + r.n_new, row + r.queries))
-            row += r.queries
-            past += r.cached_len
-        return cls(parts, torch.from_numpy(np.concatenate(candidate_rows)).to(dev))
+
+@dataclass(frozen=True)
+class _JaggedPlan(_Plan):
+    weights: list[Tensor]  # per request [n_q, n_k]: the target-aware mask times 1 / max_history
+
+
+@dataclass(frozen=True)
+class _PaddedPlan(_Plan):
+    """Padded query rows of request b are b*max_q .., its key rows b*max_k .., cached rows first, then its
+    new rows (history, candidates) in query order."""
+
+    batch: int
+    max_q: int
+    max_k: int
+    q_rows: Tensor  # [N] padded query row of each real query row
+    past_rows: Tensor  # [C] padded key row of each cached row
+    new_rows: Tensor  # [N] padded key row of each real query row's own key
+    weight: Tensor  # [B, 1, max_q, max_k]: the mask times 1 / max_history, 0 on padding
+
+
+def _padded_elements(group: Sequence[_Checked]) -> int:
+    return len(group) * max(r.queries for r in group) * max(r.keys for r in group)
+
+
+def _plan(
+    group: Sequence[_Checked], layout: AttentionLayout, max_history: int, dev: torch.device
+) -> _JaggedPlan | _PaddedPlan:
+    scale = np.float32(1.0 / max_history)
+    rows, past, candidate_rows, masks = [], [], [], []
+    row = cached = real = 0
+    for r in group:
+        rows.append(slice(row, row + r.queries))
+        past.append(slice(cached, cached + r.cached_len))
+        candidate_rows.append(np.arange(row + r.n_new, row + r.queries))
+        masks.append(HSTU.attention_mask(r.cached_len, r.n_new, r.m).astype(np.float32) * scale)
+        row += r.queries
+        cached += r.cached_len
+        real += r.queries * r.keys
+    candidates = torch.from_numpy(np.concatenate(candidate_rows)).to(dev)
+    if layout is AttentionLayout.JAGGED:
+        weights = [torch.from_numpy(m).to(dev) for m in masks]
+        return _JaggedPlan(rows, past, candidates, real, real, weights)
+    b = len(group)
+    max_q = max(r.queries for r in group)
+    max_k = max(r.keys for r in group)
+    weight = np.zeros((b, 1, max_q, max_k), dtype=np.float32)
+    q_rows, past_rows, new_rows = [], [], []
+    for i, (r, mask) in enumerate(zip(group, masks, strict=True)):
+        weight[i, 0, : r.queries, : r.keys] = mask
+        q_rows.append(np.arange(i * max_q, i * max_q + r.queries))
+        past_rows.append(np.arange(i * max_k, i * max_k + r.cached_len))
+        new_rows.append(np.arange(i * max_k + r.cached_len, i * max_k + r.keys))
+    index = torch.from_numpy(np.concatenate([*q_rows, *past_rows, *new_rows])).to(dev)
+    n, c = row, cached
+    return _PaddedPlan(
+        rows,
+        past,
+        candidates,
+        real,
+        b * max_q * max_k,
+        batch=b,
+        max_q=max_q,
+        max_k=max_k,
+        q_rows=index[:n],
+        past_rows=index[n : n + c],
+        new_rows=index[n + c :],
+        weight=torch.from_numpy(weight).to(dev),
+    )
 
 
 class _HSTULayer(nn.Module):
@@ -245,32 +328,67 @@ class _HSTULayer(nn.Module):
         self.out = nn.Linear(w, cfg.d_model)  # f2
 
     def forward(
-        self, x: Tensor, past_k: Tensor, past_v: Tensor, plan: _BatchPlan
+        self, x: Tensor, past_k: Tensor, past_v: Tensor, plan: _JaggedPlan | _PaddedPlan
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x: [N, d_model], every request's query rows (its new history rows, then its candidate rows),
         request after request; past_k/v: [C, kv_width], every request's cached rows, request after
         request. Returns (y, k, v) with k and v [N, kv_width] for every query row."""
         h = F.silu(self.uvqk(self.norm_in(x)))
         u, v, q, k = torch.chunk(h, 4, dim=-1)
-        nh, hd = self.n_heads, self.head_dim
-        outs = []
-        for r in plan.requests:
-            rows, past = r.rows, r.past
-            keys = torch.cat((past_k[past], k[rows]), dim=0)
-            values = torch.cat((past_v[past], v[rows]), dim=0)
-            qr = q[rows]
-            n_q, n_k = qr.shape[0], keys.shape[0]
-            qh = qr.reshape(n_q, nh, hd).transpose(0, 1)  # [H, n_q, D]
-            kh = keys.reshape(n_k, nh, hd).permute(1, 2, 0)  # [H, D, n_k]
-            vh = values.reshape(n_k, nh, hd).transpose(0, 1)  # [H, n_k, D]
-            logits = torch.bmm(qh * self.scale, kh)
-            # Masking by multiplication (one pass instead of scale + masked_fill): exact as long as the
-            # logits are finite, which they are for finite inputs (an fp32 overflow would need |q.k| ~ 1e38).
-            attn = F.silu(logits, inplace=True).mul_(r.weight)
-            outs.append(torch.bmm(attn, vh).transpose(0, 1).reshape(n_q, nh * hd))
-        o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        if isinstance(plan, _PaddedPlan):
+            o = self._padded(q, k, v, past_k, past_v, plan)
+        else:
+            outs = [
+                self._attend(
+                    q[rows],
+                    torch.cat((past_k[past], k[rows]), dim=0),
+                    torch.cat((past_v[past], v[rows]), dim=0),
+                    weight,
+                )
+                for rows, past, weight in zip(plan.rows, plan.past, plan.weights, strict=True)
+            ]
+            o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         y = x + self.out(self.norm_attn(o) * u)
         return y, k, v
+
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, weight: Tensor) -> Tensor:
+        """One request: q [n_q, W], keys/values [n_k, W], weight [n_q, n_k] -> [n_q, W]."""
+        nh, hd = self.n_heads, self.head_dim
+        n_q, n_k = q.shape[0], keys.shape[0]
+        qh = q.reshape(n_q, nh, hd).transpose(0, 1)  # [H, n_q, D]
+        kh = keys.reshape(n_k, nh, hd).permute(1, 2, 0)  # [H, D, n_k]
+        vh = values.reshape(n_k, nh, hd).transpose(0, 1)  # [H, n_k, D]
+        logits = torch.bmm(qh * self.scale, kh)
+        # Masking by multiplication (one pass instead of scale + masked_fill): exact as long as the
+        # logits are finite, which they are for finite inputs (an fp32 overflow would need |q.k| ~ 1e38).
+        attn = F.silu(logits, inplace=True).mul_(weight)
+        return torch.bmm(attn, vh).transpose(0, 1).reshape(n_q, nh * hd)
+
+    def _padded(  # noqa: PLR0917 -- the layer's tensors, then the plan
+        self, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, plan: _PaddedPlan
+    ) -> Tensor:
+        """All requests at once, padded with zeros (masked out by the zero weight)."""
+        nh, hd = self.n_heads, self.head_dim
+        b, lq, lk = plan.batch, plan.max_q, plan.max_k
+        width = q.shape[1]
+        queries = q.new_zeros((b * lq, width)).index_copy_(0, plan.q_rows, q)
+        keys = (
+            k.new_zeros((b * lk, width))
+            .index_copy_(0, plan.past_rows, past_k)
+            .index_copy_(0, plan.new_rows, k)
+        )
+        values = (
+            v.new_zeros((b * lk, width))
+            .index_copy_(0, plan.past_rows, past_v)
+            .index_copy_(0, plan.new_rows, v)
+        )
+        qh = queries.reshape(b, lq, nh, hd).permute(0, 2, 1, 3).reshape(b * nh, lq, hd)
+        kh = keys.reshape(b, lk, nh, hd).permute(0, 2, 3, 1).reshape(b * nh, hd, lk)
+        vh = values.reshape(b, lk, nh, hd).permute(0, 2, 1, 3).reshape(b * nh, lk, hd)
+        logits = torch.bmm(qh * self.scale, kh)
+        attn = F.silu(logits, inplace=True).view(b, nh, lq, lk).mul_(plan.weight).view(b * nh, lq, lk)
+        o = torch.bmm(attn, vh).view(b, nh, lq, hd).permute(0, 2, 1, 3).reshape(b * lq, nh * hd)
+        return o.index_select(0, plan.q_rows)
 
 
 class HSTU(nn.Module):
@@ -400,21 +518,23 @@ class HSTU(nn.Module):
         ([n_new, item_dim], positions cached_len..cached_len+n_new-1).  `timestamps` (int64) covers the
         whole history.  Returns candidate scores and the K/V of the new history tokens."""
         request = HSTUInput(hist_emb, timestamps, cached_len, cand_emb, past_k, past_v)
-        return self.forward_batch([request])[0]
+        return self.forward_batch([request]).outputs[0]
 
     @torch.inference_mode()
-    def forward_batch(self, requests: Sequence[HSTUInput]) -> list[HSTUOutput]:
+    def forward_batch(
+        self, requests: Sequence[HSTUInput], layout: AttentionLayout | None = None
+    ) -> HSTUBatchOutput:
         """Score several users' requests in one pass, results in request order. The row-wise parts of
-        every layer (LayerNorms, the linear maps, SiLU) run once over all requests' rows; attention runs
-        per request over its own rows (jagged: nothing is padded, and a request attends to nothing of
-        another's), so each request gets what `forward` gives it alone, up to float rounding."""
+        every layer (LayerNorms, the linear maps, SiLU) run once over all requests' rows; attention is laid
+        out by `layout` (default: `choose_layout`). A request attends to nothing of another's, so each
+        gets what `forward` gives it alone, up to float rounding."""
         if not requests:
             raise ValueError("forward_batch needs at least one request")
         cfg = self.cfg
         dev = self.device
         name = len(requests) > 1
         group = [self._checked(r, f" (batch index {i})" if name else "") for i, r in enumerate(requests)]
-        plan = _BatchPlan.build(group, cfg.max_history, dev)
+        plan = _plan(group, layout or self.choose_layout(group), cfg.max_history, dev)
         positions: list[np.ndarray] = []
         buckets: list[np.ndarray] = []
         embeddings: list[Tensor] = []
@@ -440,9 +560,9 @@ class HSTU(nn.Module):
             layer_v.append(v)
         scores = self.score_head(self.final_norm(x.index_select(0, plan.candidate_rows))).squeeze(-1).float()
         outputs = []
-        row = cand = 0
-        for r in group:
-            new = slice(row, row + r.n_new)
+        cand = 0
+        for r, rows in zip(group, plan.rows, strict=True):
+            new = slice(rows.start, rows.start + r.n_new)
             outputs.append(
                 HSTUOutput(
                     scores=scores[cand : cand + r.m],
@@ -450,9 +570,19 @@ class HSTU(nn.Module):
                     new_v=[v[new] for v in layer_v],
                 )
             )
-            row += r.queries
             cand += r.m
-        return outputs
+        return HSTUBatchOutput(outputs, plan.real_elements, plan.computed_elements)
+
+    def choose_layout(self, group: Sequence[_Checked]) -> AttentionLayout:
+        """PADDED on CUDA for a batch whose padding is small and whose padded logits fit the budget;
+        JAGGED otherwise (always on the CPU, and for a single request, which has nothing to pad)."""
+        if self.device.type != "cuda" or len(group) == 1:
+            return AttentionLayout.JAGGED
+        padded = _padded_elements(group)
+        real = sum(r.queries * r.keys for r in group)
+        if padded * self.cfg.n_heads > ATTENTION_BUDGET or 1 - real / padded > MAX_PADDING_WASTE:
+            return AttentionLayout.JAGGED
+        return AttentionLayout.PADDED
 
     def _checked(self, r: HSTUInput, where: str) -> _Checked:
         cfg = self.cfg

@@ -6,17 +6,16 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import structlog
 import torch
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from services.worker.core.pool import RefillMode
-from services.worker.engine import Engine, EngineConfig, Job, ServeResult, ewma
+from services.worker.core.pool import RefillMode, ResidencySnapshot
+from services.worker.engine import Engine, EngineConfig, EngineReport, Job, ServeResult, ewma
 from services.worker.errors import Draining, InvalidRequest, Overloaded, WorkerError
 from services.worker.hstu import PRESETS
 from services.worker.settings import WorkerSettings
@@ -27,7 +26,6 @@ from shared.bus import Bus, Message, Subscription
 from shared.lifecycle import TaskOwner
 
 log = structlog.get_logger("onepool.worker")
-R = TypeVar("R")
 
 EWMA_WEIGHT = 0.2
 OVERLOAD_HEADROOM = 32  # weight of the newest latency sample in the load figure the router sees
@@ -55,6 +53,7 @@ def engine_config_from(settings: WorkerSettings) -> EngineConfig:
         seed=settings.seed,
         checkpoint=settings.checkpoint or None,
         max_candidates=settings.max_candidates,
+        max_batch=settings.max_batch,
     )
 
 
@@ -142,9 +141,6 @@ class WorkerService:
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def _on_engine(self, fn: Callable[[], R]) -> R:
-        return await asyncio.wrap_future(self.engine.call(fn))
-
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         wid = self.worker_id
@@ -158,7 +154,7 @@ class WorkerService:
         self._subs.append(await self.bus.subscribe(s.snapshot_request_subject(wid), self._handle_snapshot))
         # A joining worker announces its whole residency (empty at start) under its new incarnation.
         await self.publish_digest("snapshot")
-        alpha = await self._on_engine(lambda: self.engine.pool.alpha)
+        split = await asyncio.wrap_future(self.engine.split_state())
         self._tasks.spawn(self._digest_loop(), name="digest-loop")
         log.info(
             "worker ready",
@@ -169,7 +165,8 @@ class WorkerService:
             link=self.engine.link.describe(),
             model=self.engine.model_source,
             total_chunks=self.engine.geometry.total_chunks,
-            alpha=alpha,
+            alpha=split.alpha,
+            max_batch=self.engine.cfg.max_batch,
         )
 
     async def stop(self) -> None:
@@ -266,6 +263,7 @@ class WorkerService:
                 span.set_attribute(f"onepool.{key}", getattr(result, key))
             span.set_attribute("onepool.queue_ms", result.queue_ms)
             span.set_attribute("onepool.compute_ms", result.compute_ms)
+            span.set_attribute("onepool.batch_size", result.batch_size)
         self._window.record(len(req.history), result, total_ms)
         c = self.counters
         c.ewma_latency_ms = ewma(c.ewma_latency_ms, total_ms, EWMA_WEIGHT)
@@ -279,6 +277,7 @@ class WorkerService:
             queue_ms=result.queue_ms,
             compute_ms=result.compute_ms,
             total_ms=total_ms,
+            batch_size=result.batch_size,
         )
         return self._reply(req.request_id, ok=ok)
 
@@ -301,7 +300,7 @@ class WorkerService:
                 allowed=[lo, hi],
             )
             return
-        await self._on_engine(lambda: self.engine.pool.set_target(target))
+        await asyncio.wrap_future(self.engine.set_alpha_target(target))
         self._applied_decision = decision.decision_id
         log.info("alpha target set", decision_id=decision.decision_id, target_alpha=target)
 
@@ -326,24 +325,23 @@ class WorkerService:
             except Exception:
                 log.warning("digest publish failed", exc_info=True)
 
-    def _collect(self, kind: Literal["delta", "snapshot"]) -> dict[str, Any]:
-        """Model thread: one consistent cut of residency, counters, split and cost fit."""
-        pool = self.engine.pool
-        if kind == "snapshot":
-            snap = pool.snapshot()
+    @staticmethod
+    def _digest_fields(report: EngineReport) -> dict[str, Any]:
+        """The wire form of one engine report: residency lists, counters, split and cost fit."""
+        res = report.residency
+        if isinstance(res, ResidencySnapshot):
             residency: dict[str, Any] = {
-                "kv_upserts": [s.KvEntry(u, n) for u, n in sorted(snap.kv.items())],
-                "emb_added": list(snap.emb),
+                "kv_upserts": [s.KvEntry(u, n) for u, n in sorted(res.kv.items())],
+                "emb_added": list(res.emb),
             }
         else:
-            delta = pool.drain_deltas()
             residency = {
-                "kv_upserts": [s.KvEntry(u, n) for u, n in sorted(delta.kv_upserts.items())],
-                "kv_removed": list(delta.kv_removed),
-                "emb_added": list(delta.emb_added),
-                "emb_removed": list(delta.emb_removed),
+                "kv_upserts": [s.KvEntry(u, n) for u, n in sorted(res.kv_upserts.items())],
+                "kv_removed": list(res.kv_removed),
+                "emb_added": list(res.emb_added),
+                "emb_removed": list(res.emb_removed),
             }
-        c = pool.counters
+        c = report.counters
         stats = s.PoolStats(
             emb_hits=c.emb_hits,
             emb_misses=c.emb_misses,
@@ -355,15 +353,15 @@ class WorkerService:
             emb_miss_bytes=c.emb_miss_bytes,
             prefetch_bytes=c.prefetch_bytes,
             critical_refill_bytes=c.critical_refill_bytes,
-            emb_capacity=pool.emb.capacity,
-            emb_size=pool.emb.size,
-            kv_users=pool.kv.size,
+            emb_capacity=report.emb_capacity,
+            emb_size=report.emb_size,
+            kv_users=report.kv_users,
         )
-        cost = self.engine.cost_estimate()
+        cost = report.cost
         return {
             **residency,
-            "alpha": pool.alpha,
-            "alpha_target": pool.target_alpha,
+            "alpha": report.alpha,
+            "alpha_target": report.alpha_target,
             "stats": stats,
             "cost": s.CostCoefficients(
                 fixed_ms=cost.fixed_ms,
@@ -384,7 +382,7 @@ class WorkerService:
             # snapshot) rather than vanish.
             seq = self._seq
             self._seq += 1
-            fields = await self._on_engine(lambda: self._collect(kind))
+            fields = self._digest_fields(await asyncio.wrap_future(self.engine.report(kind)))
             parts = split_residency(fields)
             self._seq += len(parts) - 1
             window, self._window = self._window.close(), Window(self.settings.slo_ms)
@@ -394,6 +392,7 @@ class WorkerService:
                 queue_depth=self.engine.queue_depth,
                 ewma_latency_ms=c.ewma_latency_ms,
                 ewma_service_ms=self.engine.service_ms,
+                mean_batch_size=self.engine.mean_batch_size,
                 requests_total=c.requests_total,
                 errors_total=c.errors_total,
                 max_queue=self.settings.max_queue,

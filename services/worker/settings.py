@@ -10,6 +10,8 @@ from shared.schemas import check_worker_id
 from shared.settings import doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_WORKER_"
+# Requests the model serves together at most, by default: as NVIDIA's HSTU inference example batches.
+DEFAULT_MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class WorkerSettings:
     link_latency_us: float = field(default=10.0, metadata=doc("CPU mode: emulated per-transfer latency, us"))
     max_candidates: int = field(default=512, metadata=doc("largest candidate list accepted"))
     max_queue: int = field(default=256, metadata=doc("requests accepted and not yet answered, at most"))
+    max_batch: int = field(
+        default=DEFAULT_MAX_BATCH,
+        metadata=doc("requests the model serves together at most (1: one at a time); never waits to fill"),
+    )
     digest_ms: float = field(default=500.0, metadata=doc("digest period"))
     slo_ms: float = field(
         default=50.0, metadata=doc("latency SLO in ms (receipt to reply): digests count the requests slower")
@@ -78,6 +84,7 @@ class WorkerSettings:
             "link_gbps": self.link_gbps,
             "max_candidates": self.max_candidates,
             "max_queue": self.max_queue,
+            "max_batch": self.max_batch,
             "digest_ms": self.digest_ms,
             "slo_ms": self.slo_ms,
         }

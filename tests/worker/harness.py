@@ -58,7 +58,7 @@ class Running:
         """Occupy the model thread until the yielded event is set (at the latest when the block ends):
         requests received meanwhile wait in the engine's queue, in flight, for as long as the test says."""
         release = threading.Event()
-        held = self.engine.call(release.wait)
+        held = self.engine.pause_until(release)
         try:
             yield release
         finally:

@@ -36,6 +36,33 @@ def test_recovers_a_linear_cost_from_varied_samples() -> None:
     assert est.samples == 24
 
 
+def test_batches_teach_a_request_s_share_of_its_batch() -> None:
+    # Batches of 1..8 requests whose time is 2 ms per request plus the token and candidate costs: the fit
+    # prices one request as at batch size 1, and counts requests, not batches.
+    fit = CostFitter(PRIOR, prior_weight=1e-6)
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 3, 4, 8):
+        for _ in range(6):
+            new = rng.integers(0, 200, size)
+            cands = rng.integers(8, 64, size)
+            ms = float(2.0 * size + 0.05 * new.sum() + 0.02 * cands.sum())
+            fit.observe(
+                requests=size,
+                new_tokens=int(new.sum()),
+                cached_tokens=0,
+                candidates=int(cands.sum()),
+                emb_misses=0,
+                ms=ms,
+            )
+    est = fit.estimate()
+    assert est.fixed_ms == pytest.approx(2.0, rel=1e-3)
+    assert est.ms_per_new_token == pytest.approx(0.05, rel=1e-3)
+    assert est.ms_per_candidate == pytest.approx(0.02, rel=1e-3)
+    assert est.samples == 6 * (1 + 2 + 3 + 4 + 8)
+    with pytest.raises(ValueError, match="requests"):
+        fit.observe(requests=0, new_tokens=0, cached_tokens=0, candidates=0, emb_misses=0, ms=1.0)
+
+
 def test_a_cached_token_never_costs_more_than_a_new_one() -> None:
     fit = CostFitter(PRIOR, prior_weight=1e-6)
     for cached in (0, 100, 200, 300):  # data in which cached tokens look dearer than new ones

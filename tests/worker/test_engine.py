@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from services.worker.core.pool import RefillMode
-from services.worker.engine import Engine, EngineConfig, Job
-from services.worker.errors import Draining
+from services.worker.engine import Engine, EngineConfig, Job, ServeResult
+from services.worker.errors import Draining, InternalError, WorkerError
 from services.worker.hstu import PRESETS
 from services.worker.storage import LinkSpec
 from services.worker.validation import PreparedRequest
@@ -186,10 +186,12 @@ def test_naive_mode_refills_synchronously_and_counts_it() -> None:
 def test_work_after_stop_fails_at_once_instead_of_hanging() -> None:
     engine = make_engine()
     engine.start()
-    assert engine.call(lambda: 41 + 1).result(timeout=10) == 42
+    assert engine.split_state().result(timeout=10).alpha == 0.5
     engine.stop()
     with pytest.raises(RuntimeError, match="stopped"):
-        engine.call(lambda: 1).result(timeout=1)
+        engine.split_state().result(timeout=1)
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.set_alpha_target(0.7).result(timeout=1)
     results: list[object] = []
     engine.submit(
         Job(
@@ -207,7 +209,7 @@ def test_control_calls_overtake_queued_requests() -> None:
     gate = threading.Event()
     engine.start()
     try:
-        engine.call(gate.wait)  # hold the model thread while work queues up
+        engine.pause_until(gate)  # hold the model thread while work queues up
         history = np.arange(50, dtype=np.int64)
         for i in range(3):
             engine.submit(
@@ -217,7 +219,8 @@ def test_control_calls_overtake_queued_requests() -> None:
                     done=lambda r, i=i: order.append(f"job{i}"),
                 )
             )
-        digest = engine.call(lambda: order.append("control"))
+        digest = engine.report("delta")
+        digest.add_done_callback(lambda _: order.append("control"))  # runs on the model thread
         assert engine.queue_depth == 3
         gate.set()
         digest.result(timeout=10)
@@ -267,7 +270,7 @@ def test_service_time_counts_the_work_per_request_not_the_wait_in_the_queue() ->
     n = 6
     engine.start()
     try:
-        engine.call(gate.wait)  # the queue builds up behind a held model thread ...
+        engine.pause_until(gate)  # the queue builds up behind a held model thread ...
         for i in range(n):
             history = np.arange(100 * i, 100 * i + 20, dtype=np.int64)
 
@@ -292,3 +295,187 @@ def test_service_time_counts_the_work_per_request_not_the_wait_in_the_queue() ->
     per_request_ms = (finished[-1] - released) / n * 1e3
     assert 15.0 <= engine.service_ms <= 2 * per_request_ms, (engine.service_ms, per_request_ms)
     assert engine.service_ms < 200.0
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+def scores_of(result: ServeResult, cands: np.ndarray) -> np.ndarray:
+    order = {item: score for item, score in zip(result.items, result.scores, strict=True)}
+    return np.array([order[int(c)] for c in cands])
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-6)
+    assert rel.max() <= 1e-4, rel.max()
+
+
+def test_a_batch_gives_each_request_what_it_gets_alone() -> None:
+    rng = np.random.default_rng(11)
+    histories = {u: rng.integers(0, 5000, 150).astype(np.int64) for u in ("a", "b", "c", "d")}
+    cands = {u: rng.permutation(5000)[: 8 + 4 * i].astype(np.int64) for i, u in enumerate(histories)}
+    batched = make_engine()
+    # b and d come back with longer histories: their earlier requests leave KV to reuse.
+    batched.serve(req("b", histories["b"][:60], cands["b"], k=len(cands["b"])))
+    batched.serve(req("d", histories["d"][:149], cands["d"], k=len(cands["d"])))
+    lengths = {"a": 40, "b": 100, "c": 0, "d": 150}
+    batch = [req(u, histories[u][:n], cands[u], k=len(cands[u])) for u, n in lengths.items()]
+    results = batched.serve_batch(batch)
+    assert [r.batch_size for r in results] == [4, 4, 4, 4]
+    assert [r.cached_tokens for r in results] == [0, 60, 0, 149]
+    assert [r.computed_tokens for r in results] == [40 + 8, 40 + 12, 16, 1 + 20]
+    reference = make_engine()
+    for (user, n), result in zip(lengths.items(), results, strict=True):
+        alone = reference.serve(req(f"ref-{user}", histories[user][:n], cands[user], k=len(cands[user])))
+        assert alone.cached_tokens == 0
+        assert_close(scores_of(result, cands[user]), scores_of(alone, cands[user]))
+    # what the batch committed is reused, exactly
+    again = batched.serve(req("a", histories["a"][:90], cands["a"], k=len(cands["a"])))
+    assert again.cached_tokens == 40
+    fresh = reference.serve(req("ref-a2", histories["a"][:90], cands["a"], k=len(cands["a"])))
+    assert_close(scores_of(again, cands["a"]), scores_of(fresh, cands["a"]))
+    batched.pool.check_invariants()
+
+
+def test_the_same_user_twice_in_a_batch_is_served_in_order() -> None:
+    engine = make_engine()
+    history = np.arange(300, 400, dtype=np.int64)
+    cands = np.arange(6, dtype=np.int64)
+    first, other, second = engine.serve_batch(
+        [req("u", history[:50], cands), req("v", history[:10], cands), req("u", history, cands)]
+    )
+    assert (first.cached_tokens, other.cached_tokens, second.cached_tokens) == (0, 0, 50)
+    assert (first.batch_size, other.batch_size, second.batch_size) == (2, 2, 1)
+    assert engine.pool.kv.get("u").length == 100  # type: ignore[union-attr]
+
+
+def test_a_batch_fetches_its_misses_in_one_transfer() -> None:
+    engine = make_engine()
+    empty = np.zeros(0, dtype=np.int64)
+    before = engine.link.transfers
+    results = engine.serve_batch([req(f"u{i}", empty, np.arange(100 * i, 100 * i + 20)) for i in range(5)])
+    assert engine.link.transfers == before + 1
+    assert [(r.emb_hits, r.emb_misses) for r in results] == [(0, 20)] * 5
+    # shared items are counted for every request that uses them
+    results = engine.serve_batch([req("x", empty, np.arange(10, 30)), req("y", empty, np.arange(20, 40))])
+    assert [(r.emb_hits, r.emb_misses) for r in results] == [(20, 0), (10, 10)]
+
+
+def test_a_commit_that_evicts_a_batch_member_writes_its_entry_back_whole() -> None:
+    # A KV region of 4 pages of 16 tokens: a's 60 new tokens evict b, whose cached 30 tokens were read.
+    engine = make_engine(budget_bytes=512 * 1024, chunk_bytes=64 * 1024, alpha=0.875)
+    assert engine.pool.kv.capacity_pages == 4
+    rng = np.random.default_rng(4)
+    ha, hb = rng.integers(0, 5000, 60).astype(np.int64), rng.integers(0, 5000, 40).astype(np.int64)
+    cands = np.arange(5, dtype=np.int64)
+    engine.serve(req("b", hb[:30], cands))
+    a, b = engine.serve_batch([req("a", ha, cands), req("b", hb, cands)])
+    assert (a.cached_tokens, b.cached_tokens) == (0, 30)
+    entry = engine.pool.kv.get("b")
+    assert entry is not None and entry.length == 40
+    # b's entry, rewritten from token 0, serves b's next request exactly
+    again = engine.serve(req("b", np.concatenate([hb, [1, 2]]).astype(np.int64), cands, k=5))
+    fresh = make_engine().serve(req("fresh", np.concatenate([hb, [1, 2]]).astype(np.int64), cands, k=5))
+    assert again.cached_tokens == 40
+    assert_close(scores_of(again, cands), scores_of(fresh, cands))
+
+
+def run_held(engine: Engine, requests: list[PreparedRequest]) -> list[ServeResult]:
+    """Queue `requests` behind a held model thread, release it, and collect every result."""
+    results: dict[int, ServeResult] = {}
+    finished = threading.Event()
+
+    def record(i: int, result: ServeResult | WorkerError) -> None:
+        assert isinstance(result, ServeResult), result
+        results[i] = result
+        if len(results) == len(requests):
+            finished.set()
+
+    gate = threading.Event()
+    engine.start()
+    try:
+        engine.pause_until(gate)
+        for i, r in enumerate(requests):
+            engine.submit(Job(request=r, deadline=time.perf_counter() + 60, done=lambda x, i=i: record(i, x)))
+        gate.set()
+        assert finished.wait(30)
+    finally:
+        engine.stop()
+    return [results[i] for i in range(len(requests))]
+
+
+def test_the_model_thread_serves_what_is_queued_in_batches_of_at_most_max_batch() -> None:
+    requests = [req(f"u{i}", np.arange(i, i + 30, dtype=np.int64), np.arange(8)) for i in range(10)]
+    engine = make_engine(max_batch=4)
+    results = run_held(engine, requests)
+    assert [r.batch_size for r in results] == [4, 4, 4, 4, 4, 4, 4, 4, 2, 2]
+    assert engine.batches == 3 and 2.0 <= engine.mean_batch_size <= 4.0
+    assert engine.cost_estimate().samples == 10  # requests (in three batch samples); no warm-up ran
+    unbatched = make_engine(max_batch=1)
+    assert [r.batch_size for r in run_held(unbatched, requests)] == [1] * 10
+    assert unbatched.batches == 10 and unbatched.mean_batch_size == 1.0
+
+
+def test_a_lone_request_is_served_at_once_without_waiting_for_company() -> None:
+    engine = make_engine(max_batch=8)
+    engine.start()
+    try:
+        got: list[ServeResult | WorkerError] = []
+        done = threading.Event()
+        engine.submit(
+            Job(
+                request=req("u", np.arange(20, dtype=np.int64), np.arange(4)),
+                deadline=time.perf_counter() + 60,
+                done=lambda r: (got.append(r), done.set()),
+            )
+        )
+        assert done.wait(10)
+    finally:
+        engine.stop()
+    assert isinstance(got[0], ServeResult) and got[0].batch_size == 1
+
+
+def test_a_request_that_fails_in_a_batch_fails_alone() -> None:
+    engine = make_engine(max_batch=4)
+    good = [req(f"u{i}", np.arange(i, i + 30, dtype=np.int64), np.arange(8)) for i in range(3)]
+    # past max_history (the service's validation would refuse it; here it reaches the model)
+    bad = req("bad", np.arange(TINY.max_history + 1, dtype=np.int64), np.arange(8))
+    outcomes: dict[str, ServeResult | WorkerError] = {}
+    finished = threading.Event()
+    gate = threading.Event()
+    engine.start()
+    try:
+        engine.pause_until(gate)
+        for r in [good[0], bad, *good[1:]]:
+
+            def record(x: ServeResult | WorkerError, user: str = r.user_id) -> None:
+                outcomes[user] = x
+                if len(outcomes) == 4:
+                    finished.set()
+
+            engine.submit(Job(request=r, deadline=time.perf_counter() + 60, done=record))
+        gate.set()
+        assert finished.wait(30)
+    finally:
+        engine.stop()
+    assert isinstance(outcomes["bad"], InternalError) and "max_history" in outcomes["bad"].message
+    assert all(isinstance(outcomes[f"u{i}"], ServeResult) for i in range(3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batch_moves_its_misses_in_one_h2d_copy_and_matches_alone() -> None:
+    engine = make_engine(device="cuda")
+    rng = np.random.default_rng(8)
+    histories = [rng.integers(0, 5000, 60 + 10 * i).astype(np.int64) for i in range(6)]
+    cands = rng.permutation(5000)[:16].astype(np.int64)
+    before = engine.link.transfers
+    results = engine.serve_batch([req(f"u{i}", h, cands, k=16) for i, h in enumerate(histories)])
+    assert engine.link.transfers == before + 1
+    reference = make_engine()  # on the CPU
+    for i, (h, result) in enumerate(zip(histories, results, strict=True)):
+        alone = reference.serve(req(f"ref-{i}", h, cands, k=16))
+        # TF32 may be on for GPU matmuls: compare to the CPU loosely
+        got, want = scores_of(result, cands), scores_of(alone, cands)
+        assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-6)) <= 1e-2
+    engine.pool.check_invariants()

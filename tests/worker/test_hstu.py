@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from services.worker.hstu import HSTU, PRESETS, CheckpointError, HSTUConfig, HSTUInput, HSTUOutput
+from services.worker.hstu import (
+    HSTU,
+    PRESETS,
+    AttentionLayout,
+    CheckpointError,
+    HSTUConfig,
+    HSTUInput,
+    HSTUOutput,
+)
 
 TINY = PRESETS["tiny"]
 # Cached and uncached runs do the same arithmetic on differently shaped matmuls, so they may differ
@@ -106,11 +114,14 @@ def batch_requests(seed: int) -> tuple[list[HSTUInput], list[HSTUOutput]]:
     return requests, refs
 
 
-def test_a_batch_scores_each_request_as_it_would_alone(model: HSTU, seed: int) -> None:
+@pytest.mark.parametrize("layout", list(AttentionLayout))
+def test_a_batch_scores_each_request_as_it_would_alone(
+    model: HSTU, seed: int, layout: AttentionLayout
+) -> None:
     requests, refs = batch_requests(seed)
-    outputs = model.forward_batch(requests)
-    assert len(outputs) == len(requests)
-    for i, (request, out, ref) in enumerate(zip(requests, outputs, refs, strict=True)):
+    batch = model.forward_batch(requests, layout)
+    assert len(batch.outputs) == len(requests)
+    for i, (request, out, ref) in enumerate(zip(requests, batch.outputs, refs, strict=True)):
         assert out.scores.shape == (request.cand_emb.shape[0],)
         assert rel_err(out.scores, ref.scores) <= REL_TOL, f"request {i}"
         for layer in range(TINY.n_layers):
@@ -118,9 +129,28 @@ def test_a_batch_scores_each_request_as_it_would_alone(model: HSTU, seed: int) -
             torch.testing.assert_close(out.new_k[layer], ref.new_k[layer][new], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out.new_v[layer], ref.new_v[layer][new], rtol=1e-5, atol=1e-6)
     # and in another order, another company: the same
-    again = model.forward_batch([requests[3], requests[1]])
+    again = model.forward_batch([requests[3], requests[1]], layout).outputs
     assert rel_err(again[0].scores, refs[3].scores) <= REL_TOL
     assert rel_err(again[1].scores, refs[1].scores) <= REL_TOL
+
+
+def test_padding_is_counted_and_only_the_padded_layout_pays_it(model: HSTU) -> None:
+    requests, _ = batch_requests(0)
+    # (query rows, key rows) of each request: new + candidates, cached + new + candidates
+    shapes = [(40 + 5, 45), (30 + 12, 102), (3, 3), (0 + 7, 37), (65 + 1, 76)]
+    real = sum(q * k for q, k in shapes)
+    padded = model.forward_batch(requests, AttentionLayout.PADDED)
+    jagged = model.forward_batch(requests, AttentionLayout.JAGGED)
+    assert (padded.real_elements, padded.computed_elements) == (real, 5 * 66 * 102)
+    assert padded.padding_waste == pytest.approx(1 - real / (5 * 66 * 102))
+    assert (jagged.real_elements, jagged.computed_elements) == (real, real)
+    assert jagged.padding_waste == 0.0
+
+
+def test_the_cpu_lays_attention_out_jagged() -> None:
+    model, _ = HSTU.create(TINY, checkpoint=None, seed=0, device="cpu")
+    requests, _ = batch_requests(0)
+    assert model.forward_batch(requests).padding_waste == 0.0
 
 
 def test_a_bad_request_in_a_batch_is_named(model: HSTU) -> None:
@@ -304,3 +334,18 @@ def test_cuda_matches_cpu_and_cache() -> None:
     # TF32 may be enabled for matmuls on the GPU: compare to the CPU loosely, to itself tightly.
     assert rel_err(full.scores.cpu(), ref) <= 1e-2
     assert rel_err(ext.scores.cpu(), full.scores.cpu()) <= 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pads_a_batch_of_similar_requests_and_matches_jagged() -> None:
+    gpu, _ = HSTU.create(TINY, checkpoint=None, seed=0, device="cuda")
+    requests = []
+    for i in range(4):
+        emb, ts = make_user(TINY, 50 + i, i)
+        requests.append(HSTUInput(emb.cuda(), ts, 0, make_cands(TINY, 8, i).cuda(), None, None))
+    auto = gpu.forward_batch(requests)
+    assert 0.0 < auto.padding_waste <= 0.5  # chosen: PADDED
+    jagged = gpu.forward_batch(requests, AttentionLayout.JAGGED)
+    for a, b in zip(auto.outputs, jagged.outputs, strict=True):
+        assert rel_err(a.scores.cpu(), b.scores.cpu()) <= 1e-3

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 
 from services.worker.engine import Engine
@@ -111,7 +112,7 @@ async def test_alpha_moves_over_several_ticks_within_budget(worker: Running) -> 
     for (e0, _, t0), (e1, _, t1) in itertools.pairwise(trace):
         assert 0 <= e1 - e0 <= max(1, t1 - t0)
     assert len(set(emb_counts)) > 3  # it really moved through intermediate splits
-    await asyncio.wrap_future(engine.call(engine.pool.check_invariants))
+    await asyncio.wrap_future(engine.check_pool())
     ok = await worker.infer()
     assert ok.ok is not None
 
@@ -294,7 +295,8 @@ async def test_a_large_snapshot_travels_in_parts_that_fit_a_message(nats_server:
     settings = replace(SETTINGS, num_items=200_000, budget_mib=24.0)
     async with running_worker(nats_server.url, settings) as w:
         items = list(range(MAX_EMB_IDS_PER_DIGEST + 1000))
-        await asyncio.wrap_future(w.engine.call(lambda: w.engine.embeddings(items)))
+        with w.engine_held():  # the model thread is parked: this thread may use the pool
+            w.engine.embeddings(np.array(items, dtype=np.int64))
         raw = await w.client.request(
             s.snapshot_request_subject("wtest"), s.encode(s.SnapshotRequest()), timeout_s=10
         )

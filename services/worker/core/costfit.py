@@ -2,6 +2,10 @@
 
     compute_ms ~= fixed + a*new_tokens + b*cached_tokens + c*candidates + d*emb_misses
 
+per request. A batch of requests served together is one sample: its time against the sums of its
+requests' features, with the number of requests as the regressor of `fixed`, so the model predicts a
+request's share of the batch it is served in (at batch size 1, the request's own time).
+
 Ridge regression over a sliding window, shrunk toward a prior so that the estimate is usable from the
 first request and stays stable when the features are collinear (a new user has both many new tokens and
 many misses). Coefficients are clipped at zero: a negative cost would make the router prefer more work.
@@ -73,12 +77,29 @@ class CostFitter:
         self._total = 0
 
     def observe(
-        self, *, new_tokens: int, cached_tokens: int, candidates: int, emb_misses: int, ms: float
+        self,
+        *,
+        new_tokens: int,
+        cached_tokens: int,
+        candidates: int,
+        emb_misses: int,
+        ms: float,
+        requests: int = 1,
     ) -> None:
+        """One request, or a batch of `requests` served together in `ms` (features summed over it)."""
+        if requests < 1:
+            raise ValueError(f"requests must be >= 1, got {requests}")
         self._rows.append(
-            (1.0, float(new_tokens), float(cached_tokens), float(candidates), float(emb_misses), ms)
+            (
+                float(requests),
+                float(new_tokens),
+                float(cached_tokens),
+                float(candidates),
+                float(emb_misses),
+                ms,
+            )
         )
-        self._total += 1
+        self._total += requests
 
     def estimate(self) -> CostEstimate:
         coef = self._prior.copy()
