@@ -382,27 +382,25 @@ class Engine:
             self.storage.copy_emb([(r.src, r.dst) for r in plan.emb_relocations])
         if plan.kv_relocations:
             self.storage.copy_kv([(r.src, r.dst) for r in plan.kv_relocations])
-        if plan.refill:
+        if len(plan.refill):
             # Naive mode: a synchronous bulk refill of the grown region, in front of the next request.
-            items = [item for item, _ in plan.refill]
-            rows = self.link.fetch(items)
-            self.storage.write_emb([slot for _, slot in plan.refill], rows)
+            rows = self.link.fetch(torch.from_numpy(plan.refill.items))
+            self.storage.write_emb(torch.from_numpy(plan.refill.slots), rows)
         if self._prefetch is not None:
             self._install_prefetched()
             if not self._prefetch.busy:
                 wanted = self.pool.prefetch_plan(self.cfg.prefetch_bytes_per_tick)
-                if wanted:
-                    self._prefetch.submit(wanted)
+                if len(wanted):
+                    self._prefetch.submit(wanted.tolist())
 
     def _install_prefetched(self) -> None:
         assert self._prefetch is not None
         for items, rows in self._prefetch.poll():
             placed = self.pool.install_prefetched(items)
-            if not placed:
+            if not len(placed):
                 continue
-            index = {item: i for i, item in enumerate(items)}
-            picks = torch.tensor([index[item] for item, _ in placed], dtype=torch.long, device=rows.device)
-            self.storage.write_emb([slot for _, slot in placed], rows.index_select(0, picks))
+            picks = torch.from_numpy(placed.positions).to(rows.device)
+            self.storage.write_emb(torch.from_numpy(placed.slots), rows.index_select(0, picks))
 
     def serve(self, req: PreparedRequest, *, queue_ms: float = 0.0) -> ServeResult:
         """Rank one request's candidates. Model thread only."""
@@ -463,23 +461,19 @@ class Engine:
         the cache). Model thread only."""
         lookup = self.pool.emb_lookup(items)
         rows = torch.empty((len(items), self.cfg.model.item_dim), dtype=torch.float32, device=self.device)
-        if lookup.hit_slots:
-            pos = torch.tensor([p for p, _ in lookup.hit_slots], dtype=torch.long, device=self.device)
-            rows[pos] = self.storage.read_emb([s for _, s in lookup.hit_slots])
+        if lookup.hits:
+            pos = torch.from_numpy(lookup.hit_positions).to(self.device)
+            rows[pos] = self.storage.read_emb(torch.from_numpy(lookup.hit_slots))
         if lookup.misses:
-            miss_items = [item for _, item in lookup.misses]
-            fetched = self.link.fetch(miss_items)
-            pos = torch.tensor([p for p, _ in lookup.misses], dtype=torch.long, device=self.device)
-            rows[pos] = fetched
+            fetched = self.link.fetch(torch.from_numpy(lookup.miss_items))
+            rows[torch.from_numpy(lookup.miss_positions).to(self.device)] = fetched
             # Admission runs after the hit rows were read: a victim may be one of this request's hits.
-            placed = self.pool.emb_admit(miss_items)
-            if placed:
-                index = {item: i for i, item in enumerate(miss_items)}
-                picks = torch.tensor(
-                    [index[item] for item, _ in placed], dtype=torch.long, device=self.device
-                )
-                self.storage.write_emb([slot for _, slot in placed], fetched.index_select(0, picks))
-        return rows, len(lookup.misses)
+            # Handing over the lookup's own miss array lets the pool reuse the estimates it computed.
+            placed = self.pool.emb_admit(lookup.miss_items)
+            if len(placed):
+                picks = torch.from_numpy(placed.positions).to(fetched.device)
+                self.storage.write_emb(torch.from_numpy(placed.slots), fetched.index_select(0, picks))
+        return rows, lookup.misses
 
     # Digest material (model thread).
     def drain_deltas(self) -> ResidencyDelta:
