@@ -649,6 +649,7 @@ class Engine:
             fetched = self.link.fetch(lookup.miss_items)
             rows[torch.from_numpy(lookup.miss_positions).to(dev)] = fetched
             # Admission runs after the hit rows were read: a victim may be one of this batch's hits.
+            # Handing over the lookup's own miss array lets the pool reuse the estimates it computed.
             placed = self.pool.emb_admit(lookup.miss_items)
             if len(placed):
                 picks = torch.from_numpy(placed.positions).to(fetched.device)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from services.worker.core.emb_cache import EmbCache, Relocation
@@ -34,7 +35,7 @@ def fill(cache: EmbCache, items: list[int]) -> None:
     """Miss then admit each item in order (one sketch count each); they take the lowest free slots."""
     for item in items:
         touch(cache, item)
-        assert cache.admit([item]) == [(item, cache.slot_of(item))]
+        assert cache.admit([item]).pairs() == [(item, cache.slot_of(item))]
 
 
 # ---------------------------------------------------------------------------- sketch
@@ -102,9 +103,12 @@ def test_sketch_rejects_bad_sizes() -> None:
 def test_admit_fills_free_slots_lowest_first() -> None:
     cache = make_cache(chunks=2)
     lookup = cache.lookup([10, 11, 12])
-    assert lookup.hit_slots == []
-    assert lookup.misses == [(0, 10), (1, 11), (2, 12)]
-    assert cache.admit([10, 11, 12]) == [(10, 0), (11, 1), (12, 2)]
+    assert (lookup.hits, lookup.misses) == (0, 3)
+    assert lookup.miss_positions.tolist() == [0, 1, 2]
+    assert lookup.miss_items.tolist() == [10, 11, 12]
+    placed = cache.admit(lookup.miss_items)
+    assert placed.pairs() == [(10, 0), (11, 1), (12, 2)]
+    assert placed.positions.tolist() == [0, 1, 2]
     assert (cache.size, cache.capacity, cache.free_slots) == (3, 4, 1)
     assert cache.counters.emb_admits == 3
     assert cache.counters.emb_misses == 3
@@ -115,8 +119,11 @@ def test_lookup_reports_input_positions() -> None:
     cache = make_cache(chunks=2)
     fill(cache, [10, 11])
     lookup = cache.lookup([11, 99, 10])
-    assert lookup.hit_slots == [(0, 1), (2, 0)]
-    assert lookup.misses == [(1, 99)]
+    assert lookup.hit_positions.tolist() == [0, 2]
+    assert lookup.hit_slots.tolist() == [1, 0]
+    assert lookup.miss_positions.tolist() == [1]
+    assert lookup.miss_items.tolist() == [99]
+    assert all(a.dtype == np.int64 for a in (lookup.hit_positions, lookup.hit_slots, lookup.miss_items))
     assert cache.counters.emb_hits == 2
     assert list(cache.items()) == [11, 10]  # hits moved to the MRU end in input order
 
@@ -133,7 +140,9 @@ def test_lookup_rejects_duplicates_without_side_effects() -> None:
 def test_admit_skips_resident_and_repeated_items() -> None:
     cache = make_cache(chunks=2)
     fill(cache, [1])
-    assert cache.admit([1, 2, 2]) == [(2, 1)]
+    placed = cache.admit([1, 2, 2])
+    assert placed.pairs() == [(2, 1)]
+    assert placed.positions.tolist() == [1]  # first occurrence
     assert cache.counters.emb_admits == 2
 
 
@@ -142,7 +151,7 @@ def test_full_cache_evicts_lru_victim_for_hotter_candidate() -> None:
     fill(cache, [1, 2])
     touch(cache, 1)  # LRU order: 2, 1
     touch(cache, 3, times=3)  # est(3) = 3 > est(2) = 1
-    assert cache.admit([3]) == [(3, 1)]  # reuses 2's slot
+    assert cache.admit([3]).pairs() == [(3, 1)]  # reuses 2's slot
     assert cache.slot_of(2) is None
     assert list(cache.items()) == [1, 3]
     assert cache.counters.emb_evictions == 1
@@ -157,12 +166,12 @@ def test_tinylfu_rejects_candidates_not_hotter_than_the_victim() -> None:
     touch(cache, 2, times=3)  # est(2) = 4
     touch(cache, 1)  # est(1) = 6; LRU order: 2, 1 -> victim is 2 (est 4)
     touch(cache, 3, times=2)
-    assert cache.admit([3]) == []  # 2 < 4
+    assert len(cache.admit([3])) == 0  # 2 < 4
     touch(cache, 3, times=2)
-    assert cache.admit([3]) == []  # 4 == 4: ties keep the incumbent
+    assert len(cache.admit([3])) == 0  # 4 == 4: ties keep the incumbent
     assert cache.counters.emb_rejects == 2
     touch(cache, 3)
-    assert cache.admit([3]) == [(3, 1)]  # 5 > 4: evicts the LRU item 2, not a colder one
+    assert cache.admit([3]).pairs() == [(3, 1)]  # 5 > 4: evicts the LRU item 2, not a colder one
     assert cache.slot_of(2) is None
     assert cache.slot_of(1) == 0
 
@@ -173,16 +182,16 @@ def test_victim_is_lru_even_if_a_colder_item_exists() -> None:
     touch(cache, 1, times=3)  # est(1) = 4, est(2) = 1; LRU order: 2, 1
     touch(cache, 2)  # est(2) = 2; LRU order: 1, 2 -> victim is 1 (est 4)
     touch(cache, 3, times=3)
-    assert cache.admit([3]) == []  # 3 is hotter than 2 but not than the LRU victim 1
+    assert len(cache.admit([3])) == 0  # 3 is hotter than 2 but not than the LRU victim 1
     touch(cache, 3, times=2)
-    assert cache.admit([3]) == [(3, 0)]
+    assert cache.admit([3]).pairs() == [(3, 0)]
     assert cache.slot_of(1) is None
 
 
 def test_admit_without_capacity_rejects() -> None:
     cache = make_cache(owned=0)
     touch(cache, 1)
-    assert cache.admit([1]) == []
+    assert len(cache.admit([1])) == 0
     assert cache.counters.emb_rejects == 1
 
 
@@ -196,9 +205,9 @@ def test_ghost_is_bounded_and_ranks_hottest_then_most_recent() -> None:
     assert cache.ghost_items() == [6, 7, 8]  # 5 fell off
     touch(cache, 6, times=2)  # 6 becomes hottest and most recent
     assert cache.ghost_items() == [7, 8, 6]
-    assert cache.prefetch_candidates(10) == [6, 8, 7]
-    assert cache.prefetch_candidates(2) == [6, 8]
-    assert cache.prefetch_candidates(0) == []
+    assert cache.prefetch_candidates(10).tolist() == [6, 8, 7]
+    assert cache.prefetch_candidates(2).tolist() == [6, 8]
+    assert cache.prefetch_candidates(0).tolist() == []
 
 
 def test_evicted_items_enter_ghost_and_admitted_items_leave_it() -> None:
@@ -208,7 +217,7 @@ def test_evicted_items_enter_ghost_and_admitted_items_leave_it() -> None:
     assert cache.ghost_items() == [3]
     cache.admit([3])
     assert cache.ghost_items() == [1]
-    assert cache.prefetch_candidates(5) == [1]
+    assert cache.prefetch_candidates(5).tolist() == [1]
 
 
 def test_ghost_ranking_is_refreshed_when_the_sketch_ages() -> None:
@@ -218,11 +227,11 @@ def test_ghost_ranking_is_refreshed_when_the_sketch_ages() -> None:
     cache = EmbCache(geometry, ghost_capacity=4, sketch=FrequencySketch(1, sample_size=20))
     touch(cache, 1, times=3)
     touch(cache, 2, times=2)
-    assert cache.prefetch_candidates(2) == [1, 2]
+    assert cache.prefetch_candidates(2).tolist() == [1, 2]
     for _ in range(15):  # 20th increment halves everything: est(1) = est(2) = 1
         cache.sketch.increment(99)
     assert cache.sketch.generation == 1
-    assert cache.prefetch_candidates(2) == [2, 1]  # now a tie: most recent first
+    assert cache.prefetch_candidates(2).tolist() == [2, 1]  # now a tie: most recent first
     cache.check_invariants()
 
 
@@ -230,17 +239,19 @@ def test_zero_ghost_capacity_remembers_nothing() -> None:
     cache = make_cache(ghost=0)
     touch(cache, 1)
     assert cache.ghost_items() == []
-    assert cache.prefetch_candidates(3) == []
+    assert cache.prefetch_candidates(3).tolist() == []
 
 
 def test_install_prefetched_uses_only_free_slots() -> None:
     cache = make_cache()
     fill(cache, [1])
     touch(cache, 20, times=9)
-    assert cache.install_prefetched([1, 20, 21]) == [(20, 1)]
+    placed = cache.install_prefetched([1, 20, 21])
+    assert placed.pairs() == [(20, 1)]
+    assert placed.positions.tolist() == [1]
     assert cache.slot_of(21) is None
     assert cache.slot_of(1) == 0
-    assert cache.install_prefetched([22]) == []  # full: never evicts, however hot
+    assert len(cache.install_prefetched([22])) == 0  # full: never evicts, however hot
     assert cache.counters.emb_evictions == 0
     assert cache.counters.emb_admits == 1
     cache.check_invariants()
@@ -341,9 +352,9 @@ def test_admit_never_gives_one_slot_to_two_items_of_a_batch() -> None:
     for item in batch:
         touch(cache, item, times=3)  # all hotter than the residents
     accepted = cache.admit(batch)
-    slots = [slot for _, slot in accepted]
+    slots = accepted.slots.tolist()
     assert len(slots) == len(set(slots))
-    assert accepted == [(10, 0), (11, 1)]  # the two residents made room; then the batch stops
+    assert accepted.pairs() == [(10, 0), (11, 1)]  # the two residents made room; then the batch stops
     assert cache.counters.emb_rejects == 2 and cache.counters.emb_evictions == 2
     cache.check_invariants()
 
@@ -351,7 +362,7 @@ def test_admit_never_gives_one_slot_to_two_items_of_a_batch() -> None:
 def test_prefetched_items_enter_at_the_cold_end() -> None:
     cache = make_cache(chunks=2, slots_per_chunk=2, owned=2)
     fill(cache, [1, 2])
-    assert cache.install_prefetched([7]) == [(7, cache.slot_of(7))]
+    assert cache.install_prefetched([7]).pairs() == [(7, cache.slot_of(7))]
     assert next(iter(cache.items())) == 7  # first to be evicted
     touch(cache, 3)
     cache.admit([3])  # a free slot remains: no eviction yet

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from services.worker.core.geometry import Owner, PoolGeometry
-from services.worker.core.pool import Pool, RefillMode
+from services.worker.core.pool import EmbPlacement, Pool, RefillMode
 
 ITEMS = st.integers(min_value=0, max_value=40)
 USERS = st.sampled_from([f"u{i}" for i in range(8)])
@@ -90,25 +91,42 @@ class PoolMachine(RuleBasedStateMachine):
         pt = self.geometry.kv_page_tokens
         return (pages[t // pt], t % pt)
 
-    def write_emb(self, placed: list[tuple[int, int]]) -> None:
-        for item, slot in placed:
+    def write_emb(self, placed: EmbPlacement, offered: list[int]) -> None:
+        """Apply a placement as the engine does: row ``offered[positions[i]]`` into ``slots[i]``."""
+        assert placed.positions.dtype == placed.items.dtype == placed.slots.dtype == np.int64
+        assert [offered[p] for p in placed.positions.tolist()] == placed.items.tolist()
+        slots = placed.slots.tolist()
+        assert len(set(slots)) == len(slots)  # a slot is never handed to two items in one call
+        for item, slot in placed.pairs():
             self.emb_storage[slot] = item
 
     # ------------------------------------------------------------------ rules
-    @rule(items=st.lists(ITEMS, max_size=8, unique=True), admit=st.booleans())
-    def emb_request(self, items: list[int], admit: bool) -> None:
-        lookup = self.pool.emb_lookup(items)
-        positions = sorted([p for p, _ in lookup.hit_slots] + [p for p, _ in lookup.misses])
+    @rule(
+        items=st.lists(ITEMS, max_size=8, unique=True),
+        admit=st.booleans(),
+        form=st.sampled_from(["list", "array", "sorted"]),
+        same_array=st.booleans(),
+    )
+    def emb_request(self, items: list[int], admit: bool, form: str, same_array: bool) -> None:
+        if form == "sorted":
+            items = sorted(items)
+        offered: list[int] | np.ndarray = np.array(items, dtype=np.int64) if form != "list" else items
+        lookup = self.pool.emb_lookup(offered)
+        positions = sorted(lookup.hit_positions.tolist() + lookup.miss_positions.tolist())
         assert positions == list(range(len(items)))
-        for pos, slot in lookup.hit_slots:  # the engine gathers hit rows before writing new ones
+        assert (lookup.hits, lookup.misses) == (len(lookup.hit_slots), len(lookup.miss_items))
+        # the engine gathers hit rows before writing new ones
+        for pos, slot in zip(lookup.hit_positions.tolist(), lookup.hit_slots.tolist(), strict=True):
             assert self.emb_storage[slot] == items[pos]
-        for pos, item in lookup.misses:
+        for pos, item in zip(lookup.miss_positions.tolist(), lookup.miss_items.tolist(), strict=True):
             assert items[pos] == item
             assert self.pool.emb.slot_of(item) is None
         if admit:
-            accepted = self.pool.emb_admit([item for _, item in lookup.misses])
-            assert {item for item, _ in accepted} <= {item for _, item in lookup.misses}
-            self.write_emb(accepted)
+            # the lookup's own array (estimates reused) or an equal one (recomputed)
+            misses = lookup.miss_items if same_array else lookup.miss_items.tolist()
+            accepted = self.pool.emb_admit(misses)
+            assert set(accepted.items.tolist()) <= set(lookup.miss_items.tolist())
+            self.write_emb(accepted, lookup.miss_items.tolist())
 
     @rule(user=USERS, rewrite=st.booleans(), tokens=TOKENS, commit=st.booleans())
     def kv_request(self, user: str, rewrite: bool, tokens: list[int], commit: bool) -> None:
@@ -158,23 +176,24 @@ class PoolMachine(RuleBasedStateMachine):
                 else:
                     self.kv_storage[(r.dst_slot, row)] = data
         if pool.refill_mode is RefillMode.INCREMENTAL or pool.emb_chunks <= before:
-            assert plan.refill == []
+            assert len(plan.refill) == 0
         critical = pool.counters.critical_refill_bytes - critical_before
         assert critical == len(plan.refill) * self.geometry.emb_entry_bytes
         if pool.refill_mode is RefillMode.INCREMENTAL:
             assert pool.counters.critical_refill_bytes == 0
-        self.write_emb(plan.refill)
+        self.write_emb(plan.refill, plan.refill.items.tolist())  # positions index the drawn candidates
 
     @rule(max_bytes=st.integers(min_value=0, max_value=64))
     def prefetch(self, max_bytes: int) -> None:
         pool = self.pool
         wanted = pool.prefetch_plan(max_bytes)
+        assert wanted.dtype == np.int64
         if pool.refill_mode is RefillMode.NAIVE:
-            assert wanted == []
+            assert len(wanted) == 0
         assert len(wanted) <= min(pool.emb.free_slots, max_bytes // self.geometry.emb_entry_bytes)
-        assert len(set(wanted)) == len(wanted)
-        assert all(pool.emb.slot_of(item) is None for item in wanted)
-        self.install(wanted)
+        assert len(set(wanted.tolist())) == len(wanted)
+        assert all(pool.emb.slot_of(item) is None for item in wanted.tolist())
+        self.install(wanted.tolist())
 
     @rule(items=st.lists(ITEMS, max_size=6))
     def install(self, items: list[int]) -> None:
@@ -186,7 +205,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert pool.counters.emb_evictions == evictions  # prefetch never evicts
         assert all(pool.emb.slot_of(item) == slot for item, slot in resident.items())
         assert pool.counters.prefetch_bytes - prefetched == len(installed) * self.geometry.emb_entry_bytes
-        self.write_emb(installed)
+        self.write_emb(installed, items)
 
     @rule()
     def drain(self) -> None:
@@ -284,7 +303,7 @@ def test_bulk_reallocation_preserves_data(
     kv_storage: dict[int, list[tuple[str, int] | None]] = {}  # page -> rows
     for items in emb_ops:
         lookup = pool.emb_lookup(items)
-        for item, slot in pool.emb_admit([item for _, item in lookup.misses]):
+        for item, slot in pool.emb_admit(lookup.miss_items).pairs():
             emb_storage[slot] = item
     for user, grow in kv_ops:
         entry = pool.kv.get(user)
@@ -302,7 +321,7 @@ def test_bulk_reallocation_preserves_data(
             emb_storage[r.dst_slot] = emb_storage[r.src_slot]
         for r in plan.kv_relocations:
             kv_storage[r.dst_slot] = list(kv_storage[r.src_slot])
-        for item, slot in plan.refill:
+        for item, slot in plan.refill.pairs():
             emb_storage[slot] = item
         pool.check_invariants()
         for item in pool.emb.items():

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from services.worker.core.counters import PoolCounters
@@ -17,7 +18,7 @@ GEOMETRY = PoolGeometry(
 def request(pool: Pool, items: list[int]) -> None:
     """What the engine does per batch: look up, then offer the misses for admission."""
     lookup = pool.emb_lookup(items)
-    pool.emb_admit([item for _, item in lookup.misses])
+    pool.emb_admit(lookup.miss_items)
 
 
 def commit(pool: Pool, user: str, length: int) -> list[int]:
@@ -38,7 +39,7 @@ class Storage:
             self.emb[r.dst_slot] = self.emb[r.src_slot]
         for r in plan.kv_relocations:
             self.kv[r.dst] = self.kv[r.src]  # aliases of dst_slot / src_slot
-        for item, slot in plan.refill:
+        for item, slot in plan.refill.pairs():
             self.emb[slot] = item
 
     def check(self, pool: Pool) -> None:
@@ -161,7 +162,7 @@ def test_kv_shrink_relocates_pages_and_evicts_coldest_users() -> None:
         Relocation(src_slot=13, dst_slot=7),
     ]
     assert plan.emb_relocations == []
-    assert plan.refill == []
+    assert len(plan.refill) == 0
     storage.apply(plan)
     storage.check(pool)
     assert pool.kv.entries_snapshot() == {"u2": 4, "u3": 4, "u4": 4, "u5": 4}
@@ -242,11 +243,12 @@ def test_naive_mode_refills_synchronously_and_counts_critical_bytes() -> None:
     assert plan.chunks_moved == 1
     assert pool.owner(7) is Owner.EMB  # all KV chunks empty: highest index moves
     # hottest first, ties most recent first, into the 4 new slots of chunk 7
-    assert plan.refill == [(100, 28), (101, 29), (109, 30), (108, 31)]
+    assert plan.refill.pairs() == [(100, 28), (101, 29), (109, 30), (108, 31)]
+    assert plan.refill.positions.tolist() == [0, 1, 2, 3]  # into the candidate list it drew
     assert pool.counters.critical_refill_bytes == 4 * GEOMETRY.emb_entry_bytes
     assert pool.counters.prefetch_bytes == 0
     assert pool.emb.free_slots == 0
-    assert pool.prefetch_plan(1000) == []
+    assert pool.prefetch_plan(1000).tolist() == []
     pool.check_invariants()
 
 
@@ -256,13 +258,14 @@ def test_incremental_mode_never_refills_synchronously() -> None:
     assert plan == TickPlan(chunks_moved=1)
     assert pool.counters.critical_refill_bytes == 0
     assert pool.emb.free_slots == 4
-    assert pool.prefetch_plan(12) == [100, 101, 109]  # bounded by bytes
-    assert pool.prefetch_plan(0) == []
+    assert pool.prefetch_plan(12).tolist() == [100, 101, 109]  # bounded by bytes
+    assert pool.prefetch_plan(0).tolist() == []
     wanted = pool.prefetch_plan(10_000)  # bounded by free slots
-    assert wanted == [100, 101, 109, 108]
-    assert pool.install_prefetched(wanted) == [(100, 28), (101, 29), (109, 30), (108, 31)]
+    assert wanted.dtype == np.int64
+    assert wanted.tolist() == [100, 101, 109, 108]
+    assert pool.install_prefetched(wanted).pairs() == [(100, 28), (101, 29), (109, 30), (108, 31)]
     assert pool.counters.prefetch_bytes == 16
-    assert pool.prefetch_plan(10_000) == []  # no free slots left
+    assert pool.prefetch_plan(10_000).tolist() == []  # no free slots left
     assert pool.counters.critical_refill_bytes == 0
     pool.check_invariants()
 
@@ -270,8 +273,8 @@ def test_incremental_mode_never_refills_synchronously() -> None:
 def test_prefetch_never_evicts() -> None:
     pool = _ghost_scenario(RefillMode.INCREMENTAL)
     resident = sorted(pool.emb.items())
-    assert pool.prefetch_plan(1000) == []  # no free slot yet
-    assert pool.install_prefetched([100, 101]) == []
+    assert pool.prefetch_plan(1000).tolist() == []  # no free slot yet
+    assert len(pool.install_prefetched([100, 101])) == 0
     assert sorted(pool.emb.items()) == resident
     assert pool.counters.emb_evictions == 0
     assert pool.counters.prefetch_bytes == 0
@@ -353,7 +356,7 @@ def test_check_invariants_detects_corruption() -> None:
     with pytest.raises(AssertionError, match="chunk counts"):
         pool.check_invariants()
     pool._owner[1] = Owner.EMB
-    pool.emb._resident[2] = 0
+    pool.emb._map[2] = 0  # item 2 claims slot 0 (item 1's)
     with pytest.raises(AssertionError, match="EMB"):
         pool.check_invariants()
 
@@ -366,6 +369,6 @@ def test_no_prefetch_while_the_emb_region_shrinks() -> None:
         pool.tick()
     pool.set_target(0.25)
     pool.tick()  # growing again: one chunk with 4 free slots, and ghosts to prefetch
-    assert sorted(pool.prefetch_plan(1024)) == [1, 2, 3]
+    assert sorted(pool.prefetch_plan(1024).tolist()) == [1, 2, 3]
     pool.set_target(0.0)  # shrinking: nothing may be prefetched into a region being given away
-    assert pool.prefetch_plan(1024) == []
+    assert pool.prefetch_plan(1024).tolist() == []

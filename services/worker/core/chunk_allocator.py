@@ -3,7 +3,8 @@
 Allocation takes the LOWEST owned chunk that has a free unit, so live data packs into few chunks
 and the emptiest chunks (the cheapest to release) stay empty. Inside a chunk freed units are
 reused LIFO. The lowest non-full chunk is found through a min-heap with lazy deletion, so
-allocate/release are O(log chunks) and independent of capacity.
+allocate/release are O(log chunks) and independent of capacity. The batched forms hand out or take
+back many units per call (units in the order single calls would use), looping over chunks, not units.
 """
 
 from __future__ import annotations
@@ -76,6 +77,26 @@ class ChunkAllocator:
                 return units.pop()
             self._in_heap.discard(heapq.heappop(heap))
         return None
+
+    def allocate_many(self, k: int) -> list[int]:
+        """Up to ``k`` units, exactly those (and in the order) that ``k`` calls of :meth:`allocate` return."""
+        out: list[int] = []
+        heap = self._heap
+        while len(out) < k and heap:
+            units = self._free.get(heap[0])
+            if units:
+                take = min(k - len(out), len(units))
+                out.extend(units[: -take - 1 : -1])  # the last `take`, in pop() order
+                del units[-take:]
+                self._free_count -= take
+                continue
+            self._in_heap.discard(heapq.heappop(heap))
+        return out
+
+    def release_many(self, units: list[int]) -> None:
+        """Release ``units`` in order (as many calls of :meth:`release`)."""
+        for unit in units:
+            self.release(unit)
 
     def release(self, unit: int) -> None:
         chunk = unit // self._n

@@ -1,25 +1,78 @@
-"""Embedding hot cache: item id -> EMB slot, over the EMB chunks the pool hands it.
+"""Embedding hot cache: item id -> EMB slot, over the EMB chunks the pool hands it, a batch per call.
+
+Map
+---
+* :class:`EmbCache` -- the cache. Serving path: :meth:`EmbCache.lookup` (a request's unique items),
+  :meth:`EmbCache.admit` (its misses, once fetched), :meth:`EmbCache.install_prefetched` (background
+  refill into free slots). Chunk ownership: :meth:`EmbCache.add_chunk`, :meth:`EmbCache.release_chunk`.
+* :class:`EmbLookup` / :class:`EmbPlacement` -- results as int64 arrays: positions into the array the
+  caller passed, items, slots.
+* Collaborators: :class:`~services.worker.core.sketch.FrequencySketch` (TinyLFU counts),
+  :class:`~services.worker.core.ghost_list.GhostList` (recent non-residents, what to refill from),
+  :class:`~services.worker.core.chunk_allocator.ChunkAllocator` (free slots, lowest chunk first).
 
 Policy
 ------
-* Eviction order is LRU (an ``OrderedDict`` item -> slot; head = least recently used).
-* Admission is TinyLFU: every lookup increments a count-min :class:`FrequencySketch`. A missed
-  item offered to :meth:`EmbCache.admit` takes a free slot if there is one; otherwise it is
-  admitted only if ``estimate(candidate) > estimate(LRU victim)``, and then the victim is evicted
-  and its slot reused. Ties keep the incumbent (one-hit wonders cannot flush the cache).
-* A bounded "ghost" list (:class:`GhostList`) remembers recently missed and evicted items that are
-  not resident. When EMB grows, :meth:`EmbCache.prefetch_candidates` picks what to refill from it:
-  hottest first by sketch estimate (as of the item's last miss/eviction, refreshed on every sketch
-  aging), ties most recent first. Ghost items are never resident (admission removes them).
-* Releasing a chunk evicts globally coldest (LRU head) items until the survivors of the released
-  chunk fit into free slots of the other EMB chunks, then relocates them there.
+* Eviction order is LRU. Within one lookup, hits become most recent in input order; admitted items
+  then become most recent in offer order.
+* Admission is TinyLFU: every lookup increments a count-min sketch (depth 4, saturating at 15, halved
+  after ``sample_size`` increments). A missed item offered to :meth:`EmbCache.admit` takes a free slot
+  if there is one; otherwise it must have an estimate strictly greater than its victim's (ties keep the
+  incumbent: one-hit wonders cannot flush the cache), and then the victim is evicted and its slot reused.
+* Batch admission. Offered one at a time (the exact policy), the candidates that find no free slot
+  meet the least recently used residents in order: candidate ``i`` faces victim ``j_i`` = the number of
+  candidates admitted before it (a rejected candidate leaves its victim to the next one). A batch
+  computes ``j`` vectorised, by fixed-point iteration (:meth:`EmbCache._duel`): everyone first faces the
+  oldest victim; one round recomputes ``j`` as the prefix count of admissions and re-decides; a final
+  round gives each still-admitted candidate its victim ``j_i`` (distinct: ``j`` counts admissions)
+  and drops those that do not beat it. **This is the one approximation of the exact per-item policy**:
+  it is exact when nobody beats the oldest victim, when every candidate beats its victim in order, and
+  whenever the iteration has converged; otherwise a few decisions may differ from the sequential ones.
+  ``tests/worker/test_emb_policy.py`` replays seeded Zipf and drifting-popularity traces through this
+  cache and through the exact per-item model (``tests/worker/reference_emb.py``): hit rates agree
+  within one percentage point. (The simpler "candidate ``i`` against the ``i``-th oldest" pairing
+  misses that by up to 3 points on small caches.) The sketch ages at the end of a batch rather than
+  in its middle (see its module).
+* Victims are residents from before the call, never items this call places, so no slot is handed to
+  two items in one call; a victim may be an item hit earlier in the same request, so the caller reads
+  hit rows before writing admitted rows.
+* A bounded ghost list remembers recently missed and evicted items that are not resident. When EMB
+  grows, :meth:`EmbCache.prefetch_candidates` picks what to refill from it: hottest first by sketch
+  estimate (as of the item's last miss/eviction, refreshed on every sketch aging), ties most recent
+  first. Ghost items are never resident (admission removes them). Prefetched items enter at the cold
+  (LRU) end: they are guesses.
+* Releasing a chunk evicts the globally least recently used items until the survivors of the released
+  chunk fit into free slots of the other EMB chunks, then relocates them there (keeping their recency).
+
+Data structures
+---------------
+* ``map``: a dense int64 array indexed by item id, grown by doubling to the largest id seen (ids must
+  lie in ``[0, 2**31)``). A resident item's entry packs its slot (high 32 bits) and its recency stamp
+  (low 32 bits); -1 means not resident. One gather thus answers "resident? where? how recent?" and a
+  touch rewrites the cache line it just read. With the ghost list's int32 position array that is
+  **12 bytes per item id** up to the largest id seen (12 MB for a million-item catalogue), whatever
+  the cache size; plus 8 bytes per EMB slot (slot -> item) and the LRU log (below).
+* Exact LRU without per-item work: an append-only log of item ids. A touch appends the items and sets
+  each one's stamp to its log index, so a log entry is live iff its item's stamp equals its index (older
+  entries of a re-touched, evicted or moved item simply stop matching; a non-resident item's stamp
+  bits, all ones, match nothing). The live entries in log order are the LRU order; the k oldest
+  residents are found by scanning forward from the log head in growing windows, dropping the dead
+  entries passed over. When the log runs out of room it is compacted (live entries copied, stamps
+  renumbered), leaving a gap in front for cold-end inserts and at least as much room behind as there
+  are live entries: touches cost amortised O(1) numpy work, and a lookup a fixed couple of dozen numpy
+  calls whatever its size.
+* Free slots come from the :class:`ChunkAllocator` (lowest chunk first), a loop over chunks per call.
+* :meth:`EmbCache.admit` reuses the estimates of the last lookup when it is handed that lookup's very
+  ``miss_items`` array and the sketch has not changed since (they would be recomputed identically).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from services.worker.core.chunk_allocator import ChunkAllocator
 from services.worker.core.counters import PoolCounters
@@ -28,15 +81,108 @@ from services.worker.core.ghost_list import GhostList
 from services.worker.core.relocation import Relocation
 from services.worker.core.sketch import FrequencySketch
 
-__all__ = ["EmbCache", "EmbLookup", "Relocation"]
+__all__ = ["EmbCache", "EmbLookup", "EmbPlacement", "Items", "Relocation"]
+
+IntArray = npt.NDArray[np.int64]
+U8Array = npt.NDArray[np.uint8]
+Items = IntArray | Sequence[int]
+
+_MAX_ITEM = 2**31 - 1
+_MIN_MAP = 1024
+_MIN_LOG = 1024
+_TOUCHED_COLLAPSE = 1 << 16
+_STAMP_BITS = np.int64(0xFFFFFFFF)  # low half of a packed map value: the item's log index
+_SLOT_BITS = np.int64(-(1 << 32))  # high half: its slot
+_STAMP_LIMIT = 0xFFFFFFFF  # a non-resident item's stamp bits (-1): never a log index
+_DUEL_ROUNDS = 1  # fixed-point rounds of batch admission (see EmbCache._duel)
+_UNBEATABLE = np.uint8(16)  # above any sketch estimate
 
 
-@dataclass(frozen=True, slots=True)
+def _empty() -> IntArray:
+    return np.zeros(0, dtype=np.int64)
+
+
+def _iota(n: int) -> IntArray:
+    out = np.arange(n, dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class EmbLookup:
-    """Result of one batch lookup; positions index the caller's input sequence."""
+    """Result of one batch lookup; positions index the caller's input array."""
 
-    hit_slots: list[tuple[int, int]]  # (position, slot)
-    misses: list[tuple[int, int]]  # (position, item)
+    hit_positions: IntArray
+    hit_slots: IntArray  # slot of each hit, same length
+    miss_positions: IntArray
+    miss_items: IntArray  # item at each miss position
+
+    @property
+    def hits(self) -> int:
+        return len(self.hit_positions)
+
+    @property
+    def misses(self) -> int:
+        return len(self.miss_positions)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays inside: equal by value, unhashable
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EmbLookup):
+            return NotImplemented
+        return (
+            np.array_equal(self.hit_positions, other.hit_positions)
+            and np.array_equal(self.hit_slots, other.hit_slots)
+            and np.array_equal(self.miss_positions, other.miss_positions)
+            and np.array_equal(self.miss_items, other.miss_items)
+        )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EmbPlacement:
+    """Items given slots by one call: write row ``fetched[positions[i]]`` into ``slots[i]``."""
+
+    positions: IntArray  # indices into the array that was offered
+    items: IntArray
+    slots: IntArray
+
+    @staticmethod
+    def empty() -> EmbPlacement:
+        return EmbPlacement(_empty(), _empty(), _empty())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """[(item, slot), ...] in placement order (for tests and logs)."""
+        return list(zip(self.items.tolist(), self.slots.tolist(), strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays inside: equal by value, unhashable
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EmbPlacement):
+            return NotImplemented
+        return (
+            np.array_equal(self.positions, other.positions)
+            and np.array_equal(self.items, other.items)
+            and np.array_equal(self.slots, other.slots)
+        )
+
+
+def _as_items(items: Items) -> IntArray:
+    """The items as a 1-D int64 array (the caller's own array when it already is one)."""
+    if isinstance(items, np.ndarray):
+        if items.ndim != 1:
+            raise ValueError(f"items must be 1-D, got shape {items.shape}")
+        if items.dtype == np.int64:
+            return items
+        if items.dtype.kind not in "iu":
+            raise TypeError(f"items must be integers, got {items.dtype}")
+        return items.astype(np.int64)
+    arr = np.asarray(items, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"items must be 1-D, got shape {arr.shape}")
+    return arr
 
 
 class EmbCache:
@@ -51,12 +197,23 @@ class EmbCache:
         self._geometry = geometry
         self._slots_per_chunk = geometry.emb_slots_per_chunk
         self._alloc = ChunkAllocator(self._slots_per_chunk)
-        self._resident: OrderedDict[int, int] = OrderedDict()  # item -> slot, LRU first
-        self._item_at: dict[int, int] = {}  # slot -> item (reverse map)
+        self._item_at: IntArray = np.full(geometry.emb_slot_count, -1, dtype=np.int64)  # slot -> item
+        # item -> (slot << 32) | stamp, or -1 (not resident; its stamp bits never match a log index)
+        self._map: IntArray = np.full(0, -1, dtype=np.int64)
+        self._size = 0
+        # LRU log (see the module docstring): live entries lie in [head, tail).
+        self._log: IntArray = np.zeros(0, dtype=np.int64)
+        self._log_iota = _iota(0)  # log index -> itself, as long as the log
+        self._head = 0
+        self._tail = 0
         self._sketch = sketch if sketch is not None else FrequencySketch(geometry.emb_slot_count)
         self._ghost = GhostList(ghost_capacity, self._sketch)
         self._counters = counters if counters is not None else PoolCounters()
-        self._touched: set[int] = set()  # items whose residency changed since the last drain
+        self._touched: list[IntArray] = []  # items whose residency changed since the last drain
+        self._touched_len = 0
+        self._touched_limit = _TOUCHED_COLLAPSE
+        # (miss_items of the last lookup, their estimates, sketch version then): reused by admit
+        self._pending: tuple[IntArray, U8Array, int] | None = None
 
     # ----------------------------------------------------------------- read access
     @property
@@ -73,7 +230,7 @@ class EmbCache:
 
     @property
     def size(self) -> int:
-        return len(self._resident)
+        return self._size
 
     @property
     def free_slots(self) -> int:
@@ -87,11 +244,16 @@ class EmbCache:
         return self._alloc.chunks()
 
     def slot_of(self, item: int) -> int | None:
-        return self._resident.get(item)
+        if not 0 <= item < len(self._map):
+            return None
+        packed = int(self._map[item])
+        return None if packed < 0 else packed >> 32
 
-    def items(self) -> Iterable[int]:
-        """Live view of resident items, LRU first; do not mutate the cache while iterating."""
-        return self._resident.keys()
+    def items(self) -> list[int]:
+        """Resident items, LRU first (a copy; O(log))."""
+        seg, _, live = self._log_window(self._head, self._tail)
+        items: list[int] = seg[live].tolist()
+        return items
 
     def ghost_items(self) -> list[int]:
         """Ghost list, oldest first."""
@@ -101,88 +263,163 @@ class EmbCache:
         return self._alloc.used_in(chunk)
 
     # ----------------------------------------------------------------- serving path
-    def lookup(self, items: Sequence[int]) -> EmbLookup:
+    def lookup(self, items: Items) -> EmbLookup:
         """Resolve a batch of UNIQUE items: touch hits (LRU), count all in the sketch, ghost misses."""
-        if len(set(items)) != len(items):
+        arr = _as_items(items)
+        n = len(arr)
+        self._pending = None
+        if n == 0:
+            return EmbLookup(_empty(), _empty(), _empty(), _empty())
+        if not self._check_items(arr):
             raise ValueError("EmbCache.lookup: items must be unique")
-        resident = self._resident
-        increment = self._sketch.increment_and_estimate
-        remember = self._ghost.remember
-        hits: list[tuple[int, int]] = []
-        misses: list[tuple[int, int]] = []
-        for pos, item in enumerate(items):
-            estimate = increment(item)
-            slot = resident.get(item)
-            if slot is None:
-                misses.append((pos, item))
-                remember(item, estimate)
-            else:
-                resident.move_to_end(item)
-                hits.append((pos, slot))
-        self._counters.emb_hits += len(hits)
-        self._counters.emb_misses += len(misses)
-        return EmbLookup(hit_slots=hits, misses=misses)
+        packed = self._map[arr]
+        estimates = self._sketch.increment_many(arr)
+        hit = packed >= 0
+        n_hits = int(np.count_nonzero(hit))
+        self._counters.emb_hits += n_hits
+        self._counters.emb_misses += n - n_hits
+        if n_hits == n:  # the common case of a warm cache: no compress at all
+            slots = packed >> 32
+            packed &= _SLOT_BITS
+            self._touch(arr, packed)
+            return EmbLookup(np.arange(n, dtype=np.int64), slots, _empty(), _empty())
+        if n_hits == 0:
+            miss_positions = np.arange(n, dtype=np.int64)
+            miss_items = arr.copy()
+            miss_estimates = estimates
+            hit_positions = hit_slots = _empty()
+        else:
+            hit_positions = hit.nonzero()[0]
+            miss_positions = (~hit).nonzero()[0]
+            hit_packed = packed[hit_positions]
+            hit_slots = hit_packed >> 32
+            hit_packed &= _SLOT_BITS
+            self._touch(arr[hit_positions], hit_packed)
+            miss_items = arr[miss_positions]
+            miss_estimates = estimates[miss_positions]
+        self._ghost.remember(miss_items, miss_estimates)
+        self._pending = (miss_items, miss_estimates, self._sketch.version)
+        return EmbLookup(hit_positions, hit_slots, miss_positions, miss_items)
 
-    def admit(self, items: Sequence[int]) -> list[tuple[int, int]]:
-        """Offer fetched items for residency; returns accepted (item, slot) pairs to write.
+    def admit(self, items: Items) -> EmbPlacement:
+        """Offer fetched items for residency; returns the placements to write.
 
-        Items already resident are skipped. When no slot is free, each candidate must beat the
-        LRU victim's sketch estimate. A victim may be an item hit earlier in the same batch, so the
-        caller must read hit rows before writing admitted rows.
+        Items already resident (and repeats) are skipped. Free slots go to the first candidates; the
+        rest are paired with the least recently used residents (see the module docstring). A victim may
+        be an item hit earlier in the same request, so the caller must read hit rows before writing
+        admitted rows.
         """
-        accepted: list[tuple[int, int]] = []
-        placed: set[int] = set()
-        resident = self._resident
-        estimate = self._sketch.estimate
-        rejects = 0
-        for n, item in enumerate(items):
-            if item in resident:
-                continue
-            slot = self._alloc.allocate()
-            if slot is None:
-                if not resident:  # no capacity at all
-                    rejects += 1
-                    continue
-                victim = next(iter(resident))
-                if victim in placed:
-                    # Everything older is gone: the rest of the batch would only evict its own members
-                    # (and hand one slot to two items in one write).
-                    rejects += sum(1 for rest in items[n:] if rest not in resident)
-                    break
-                if estimate(item) <= estimate(victim):
-                    rejects += 1
-                    continue
-                slot = self._evict(victim)
-            self._place(item, slot)
-            placed.add(item)
-            accepted.append((item, slot))
-        self._counters.emb_admits += len(accepted)
-        self._counters.emb_rejects += rejects
-        return accepted
+        arr = _as_items(items)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is arr and pending[2] == self._sketch.version:
+            # The misses of the lookup just made: unique, range-checked, not resident, estimates known.
+            offered = np.arange(len(arr), dtype=np.int64)
+            estimates: U8Array | None = pending[1]
+        else:
+            offered = self._offer(arr)  # positions of non-resident items, first occurrences, in order
+            estimates = None
+        m = len(offered)
+        if m == 0:
+            return EmbPlacement.empty()
+        n_free = min(self._alloc.free_count, m)
+        paired = min(m - n_free, self._size)  # candidates that compete for a victim
+        won = victim_of = _empty()
+        if paired:
+            victims, victim_slots, victim_pos = self._lru_oldest(paired)
+            if estimates is not None:  # offered is the identity
+                cand_est = estimates[n_free : n_free + paired]
+            else:
+                cand_est = self._sketch.estimate_many(arr[offered[n_free : n_free + paired]])
+            victim_est = self._sketch.estimate_many(victims)
+            won, victim_of = self._duel(cand_est, victim_est)
+        n_won = len(won)
+        self._counters.emb_rejects += m - n_free - n_won
+        if n_free + n_won == 0:
+            return EmbPlacement.empty()
+        if n_won == paired:  # then victim_of is 0..paired-1
+            positions = offered[: n_free + paired]
+        else:
+            positions = offered[n_free + won]
+            if n_free:
+                positions = np.concatenate([offered[:n_free], positions])
+        placed = arr[positions]
+        if n_won:
+            if victim_of[-1] == n_won - 1:  # the oldest n_won went: the log head may skip them
+                self._head = int(victim_pos[n_won]) if n_won < paired else int(victim_pos[-1]) + 1
+            evicted = victims[victim_of]
+            self._map[evicted] = -1
+            self._ghost.remember(evicted, victim_est[victim_of])
+            self._note_touched(evicted)
+            self._counters.emb_evictions += n_won
+            slots = victim_slots[victim_of]
+            if n_free:
+                slots = np.concatenate([self._allocate(n_free), slots])
+        else:
+            slots = self._allocate(n_free)
+        self._size += n_free
+        self._place(placed, slots)
+        self._touch(placed, slots << 32)
+        self._counters.emb_admits += len(placed)
+        return EmbPlacement(positions, placed, slots)
 
-    def install_prefetched(self, items: Sequence[int]) -> list[tuple[int, int]]:
-        """Place items into FREE slots only (never evicts); skips resident ones; stops when full.
+    @staticmethod
+    def _duel(cand_est: U8Array, victim_est: U8Array) -> tuple[IntArray, IntArray]:
+        """TinyLFU duels of a batch: (winning candidates, the victim each evicts), indices into the two
+        estimate arrays (candidates in offer order, victims oldest first); the victims are distinct.
+
+        Offered one at a time, candidate ``i`` faces victim ``j_i`` = the number of candidates admitted
+        before it (a rejected candidate leaves its victim to the next one), and is admitted iff its
+        estimate beats that victim's. That is a fixed point: A = (c > v[excl_prefix_count(A)]). We start
+        from "everyone faces the oldest victim", apply the map ``_DUEL_ROUNDS`` times, and finally give
+        each admitted candidate victim ``j_i`` (distinct: ``j`` counts admissions) and drop those that do
+        not beat it. Once the iteration has converged (few or all admitted: the common cases) this is
+        exactly the sequential outcome; otherwise it is close (see the module docstring).
+        """
+        admitted = cand_est > victim_est[0]
+        n_admitted = int(np.count_nonzero(admitted))
+        if n_admitted == 0:  # nobody beats the oldest victim: exact, nobody is admitted
+            return _empty(), _empty()
+        m = len(cand_est)
+        k = len(victim_est)
+        if n_admitted == m and np.count_nonzero(cand_est > victim_est) == m:
+            all_won = np.arange(m, dtype=np.int64)  # each beats the next victim: exact (m <= k)
+            return all_won, all_won
+        padded = np.empty(m + 1, dtype=np.uint8)  # past the victims: nothing to evict
+        padded[k:] = _UNBEATABLE
+        padded[:k] = victim_est
+        faces = np.zeros(m, dtype=np.int64)
+        for _ in range(_DUEL_ROUNDS):
+            np.cumsum(admitted[:-1], out=faces[1:])
+            admitted = cand_est > padded[faces]
+        np.cumsum(admitted[:-1], out=faces[1:])
+        admitted &= cand_est > padded[faces]
+        won: IntArray = admitted.nonzero()[0]
+        return won, faces[won]
+
+    def install_prefetched(self, items: Items) -> EmbPlacement:
+        """Place items into FREE slots only (never evicts); skips resident ones and repeats; stops when
+        full.
 
         Prefetched items enter at the cold (LRU) end: they are guesses, and must be the first to go
-        when the region shrinks, before items that requests really touched.
+        when the region shrinks, before items that requests really touched. Among them, the last one
+        placed is the coldest (prefetch lists come hottest first).
         """
-        installed: list[tuple[int, int]] = []
-        for item in items:
-            if item in self._resident:
-                continue
-            slot = self._alloc.allocate()
-            if slot is None:
-                break
-            self._place(item, slot)
-            self._resident.move_to_end(item, last=False)
-            installed.append((item, slot))
-        return installed
+        arr = _as_items(items)
+        self._pending = None
+        offered = self._offer(arr)
+        n = min(self._alloc.free_count, len(offered))
+        if n == 0:
+            return EmbPlacement.empty()
+        positions = offered[:n]
+        placed = arr[positions]
+        slots = self._allocate(n)
+        self._size += n
+        self._place(placed, slots)
+        self._lru_prepend(placed[::-1], slots[::-1] << 32)
+        return EmbPlacement(positions, placed, slots)
 
-    def prefetch_candidates(self, max_items: int) -> list[int]:
-        """Up to ``max_items`` ghost items (never resident), hottest first, ties most recent first.
-
-        O(max_items): cheap enough to call every tick.
-        """
+    def prefetch_candidates(self, max_items: int) -> IntArray:
+        """Up to ``max_items`` ghost items (never resident), hottest first, ties most recent first."""
         return self._ghost.hottest(max_items)
 
     # ----------------------------------------------------------------- chunk ownership
@@ -198,89 +435,250 @@ class EmbCache:
         return min(chunks, key=lambda c: (self._alloc.used_in(c), -c))
 
     def release_chunk(self, chunk: int) -> list[Relocation]:
-        """Give ``chunk`` up; returns the copies (in order) that move its survivors elsewhere."""
+        """Give ``chunk`` up; returns the copies (in order) that move its survivors elsewhere.
+
+        Survivors need as many free slots elsewhere as there are of them; each eviction either frees a
+        slot elsewhere or removes a survivor, so exactly ``live - free`` least recently used items go
+        (the same ones, and the same copies, as evicting one at a time until the survivors fit).
+        """
         if not self._alloc.owns(chunk):
             raise ValueError(f"chunk {chunk} is not owned by EMB")
-        slots = self._geometry.emb_slots_of_chunk(chunk)
-        item_at = self._item_at
-        live = [slot for slot in slots if slot in item_at]
+        self._pending = None
+        lo = chunk * self._slots_per_chunk
+        hi = lo + self._slots_per_chunk
+        live = (self._item_at[lo:hi] >= 0).nonzero()[0] + lo
         self._alloc.detach_chunk(chunk)
-        remaining = len(live)
-        while self._alloc.free_count < remaining:
-            slot = self._evict(next(iter(self._resident)))
-            if slot in slots:
-                remaining -= 1  # evicted from the leaving chunk itself: nothing to move
-            else:
-                self._alloc.release(slot)
-        relocations: list[Relocation] = []
-        for src in live:
-            item = item_at.pop(src, None)
-            if item is None:
-                continue
-            dst = self._alloc.allocate()
-            if dst is None:  # pragma: no cover - guaranteed by the eviction loop above
-                raise AssertionError("EMB release: no free slot for a survivor")
-            item_at[dst] = item
-            self._resident[item] = dst  # keeps the item's LRU position
-            relocations.append(Relocation(src, dst))
-        return relocations
+        deficit = len(live) - self._alloc.free_count
+        if deficit > 0:
+            evicted, evicted_slots, _ = self._lru_oldest(deficit)
+            self._map[evicted] = -1
+            self._item_at[evicted_slots] = -1
+            self._size -= len(evicted)
+            self._ghost.remember(evicted, self._sketch.estimate_many(evicted))
+            self._note_touched(evicted)
+            self._counters.emb_evictions += len(evicted)
+            elsewhere = evicted_slots[(evicted_slots < lo) | (evicted_slots >= hi)]
+            self._alloc.release_many(elsewhere.tolist())
+            live = live[self._item_at[live] >= 0]
+        if len(live) == 0:
+            return []
+        dst = self._allocate(len(live))
+        moved = self._item_at[live]
+        self._item_at[dst] = moved
+        self._item_at[live] = -1
+        stamps = self._map[moved] & _STAMP_BITS  # same log entry: the item keeps its LRU position
+        self._map[moved] = (dst << 32) | stamps
+        return [Relocation(src, dst) for src, dst in zip(live.tolist(), dst.tolist(), strict=True)]
 
     # ----------------------------------------------------------------- deltas / checks
+    def drain_changes(self) -> tuple[list[int], list[int]]:
+        """(added, removed): items whose residency changed since the last drain that are resident now,
+        and those that are not, both sorted; resets the record."""
+        touched = self._take_touched()
+        resident = self._map[touched] >= 0
+        added: list[int] = touched[resident].tolist()
+        removed: list[int] = touched[~resident].tolist()
+        return added, removed
+
     def drain_touched(self) -> set[int]:
-        touched, self._touched = self._touched, set()
-        return touched
+        return set(self._take_touched().tolist())
 
     def check_invariants(self) -> None:
-        """Raise AssertionError on any inconsistency (O(capacity); for tests and debugging)."""
+        """Raise AssertionError on any inconsistency (O(capacity + item ids); for tests and debugging)."""
         n = self._slots_per_chunk
-        if len(self._item_at) != len(self._resident):
+        item_at = self._item_at
+        resident = (self._map >= 0).nonzero()[0]
+        used = (item_at >= 0).nonzero()[0]
+        if len(resident) != self._size or len(used) != self._size:
             raise AssertionError(
-                f"EMB slot map ({len(self._resident)}) and reverse map ({len(self._item_at)}) differ in size"
+                f"EMB size {self._size}, slot map holds {len(resident)}, reverse map holds {len(used)}"
             )
-        used_per_chunk: dict[int, int] = {}
-        for item, slot in self._resident.items():
-            if self._item_at.get(slot) != item:
-                holder = self._item_at.get(slot)
-                raise AssertionError(f"EMB item {item} maps to slot {slot}, which holds {holder}")
-            chunk = slot // n
+        slots = self._map[resident] >> 32
+        if len(slots) and (slots.min() < 0 or slots.max() >= len(item_at)):
+            raise AssertionError("EMB slot map points outside the slots")
+        wrong = (item_at[slots] != resident).nonzero()[0]
+        if len(wrong):
+            item, slot = int(resident[wrong[0]]), int(slots[wrong[0]])
+            raise AssertionError(f"EMB item {item} maps to slot {slot}, which holds {int(item_at[slot])}")
+        used_per_chunk = np.bincount(slots // n, minlength=self._geometry.total_chunks)
+        for chunk in used_per_chunk.nonzero()[0].tolist():
             if not self._alloc.owns(chunk):
-                raise AssertionError(f"EMB item {item} in slot {slot} of chunk {chunk}, not owned by EMB")
-            used_per_chunk[chunk] = used_per_chunk.get(chunk, 0) + 1
+                raise AssertionError(f"EMB items in chunk {chunk}, not owned by EMB")
         free_total = 0
         for chunk in self._alloc.chunks():
             free = self._alloc.free_units(chunk)
-            free_set = set(free)
-            if len(free_set) != len(free):
+            if len(set(free)) != len(free):
                 raise AssertionError(f"EMB chunk {chunk} free list has duplicates")
-            for slot in free_set:
-                if slot // n != chunk:
-                    raise AssertionError(f"EMB free slot {slot} listed under chunk {chunk}")
-                if slot in self._item_at:
-                    raise AssertionError(f"EMB slot {slot} is both free and used")
-            if len(free) + used_per_chunk.get(chunk, 0) != n:
+            if any(slot // n != chunk for slot in free):
+                raise AssertionError(f"EMB free slot listed under chunk {chunk} lies elsewhere")
+            if free and np.count_nonzero(item_at[np.array(free, dtype=np.int64)] >= 0):
+                raise AssertionError(f"EMB chunk {chunk}: a slot is both free and used")
+            if len(free) + int(used_per_chunk[chunk]) != n:
                 raise AssertionError(f"EMB chunk {chunk}: free + used != {n}")
             free_total += len(free)
         if free_total != self._alloc.free_count:
             raise AssertionError("EMB free count out of sync")
         if self.size > self.capacity:
             raise AssertionError(f"EMB size {self.size} > capacity {self.capacity}")
+        # A live log entry is the one its item's stamp names, so each resident has at most one, and
+        # (count == size) each has exactly one.
+        _, _, live = self._log_window(self._head, self._tail)
+        if len(live) != self._size:
+            raise AssertionError(f"EMB LRU log has {len(live)} live entries for {self._size} residents")
         self._ghost.check_invariants()
-        for item in self._ghost.items():
-            if item in self._resident:
-                raise AssertionError(f"EMB ghost item {item} is resident")
+        ghosts = np.array(self._ghost.items(), dtype=np.int64)
+        if len(ghosts) and np.count_nonzero(self._map[ghosts] >= 0):
+            raise AssertionError("EMB ghost item is resident")
 
     # ----------------------------------------------------------------- internals
-    def _place(self, item: int, slot: int) -> None:
-        self._resident[item] = slot
-        self._item_at[slot] = item
-        self._ghost.discard(item)
-        self._touched.add(item)
+    def _check_items(self, arr: IntArray) -> bool:
+        """Range-check (growing the maps to the largest id); True iff the items are unique.
 
-    def _evict(self, item: int) -> int:
-        """Drop a resident item (to the ghost list); returns its slot, NOT yet released."""
-        slot = self._resident.pop(item)
-        del self._item_at[slot]
-        self._ghost.remember(item)
-        self._touched.add(item)
-        self._counters.emb_evictions += 1
-        return slot
+        Strictly increasing input (what the engine passes: ``np.unique`` output) is recognised with one
+        comparison; anything else pays for a sort.
+        """
+        if len(arr) < 2 or not np.count_nonzero(arr[1:] <= arr[:-1]):
+            lo, hi, unique = int(arr[0]), int(arr[-1]), True
+        else:
+            ordered = np.sort(arr)
+            lo, hi = int(ordered[0]), int(ordered[-1])
+            unique = not np.count_nonzero(ordered[1:] == ordered[:-1])
+        if lo < 0 or hi > _MAX_ITEM:
+            raise ValueError(f"EMB item ids must lie in [0, 2**31), got [{lo}, {hi}]")
+        if hi >= len(self._map):
+            self._grow_items(hi)
+        return unique
+
+    def _offer(self, arr: IntArray) -> IntArray:
+        """Positions of the offered items that are not resident (first occurrences), in offer order."""
+        if len(arr) == 0:
+            return _empty()
+        if self._check_items(arr):
+            offered: IntArray = (self._map[arr] < 0).nonzero()[0]
+            return offered
+        _, first = np.unique(arr, return_index=True)
+        first.sort()
+        offered = first[self._map[arr[first]] < 0].astype(np.int64)
+        return offered
+
+    def _grow_items(self, hi: int) -> None:
+        old = len(self._map)
+        size = min(max(hi + 1, 2 * old, _MIN_MAP), _MAX_ITEM + 1)
+        grown = np.full(size, -1, dtype=np.int64)
+        grown[:old] = self._map
+        self._map = grown
+        self._ghost.reserve(size)
+
+    def _allocate(self, n: int) -> IntArray:
+        slots = np.array(self._alloc.allocate_many(n), dtype=np.int64)
+        if len(slots) != n:  # pragma: no cover - callers ask for at most free_count
+            raise AssertionError("EMB: fewer free slots than counted")
+        return slots
+
+    def _place(self, items: IntArray, slots: IntArray) -> None:
+        """Give ``items`` (not resident) ``slots`` (free or just vacated); the caller then logs them."""
+        self._item_at[slots] = items
+        self._ghost.discard(items)
+        self._note_touched(items)
+
+    def _note_touched(self, items: IntArray) -> None:
+        self._touched.append(items)
+        self._touched_len += len(items)
+        if self._touched_len > self._touched_limit:  # nobody drains: keep it bounded by distinct ids
+            merged = np.unique(np.concatenate(self._touched))
+            self._touched = [merged]
+            self._touched_len = len(merged)
+            self._touched_limit = max(_TOUCHED_COLLAPSE, 2 * len(merged))
+
+    def _take_touched(self) -> IntArray:
+        touched = np.unique(np.concatenate(self._touched)) if self._touched else _empty()
+        self._touched = []
+        self._touched_len = 0
+        self._touched_limit = _TOUCHED_COLLAPSE
+        return touched
+
+    # LRU log -----------------------------------------------------------
+    def _log_window(self, start: int, end: int) -> tuple[IntArray, IntArray, IntArray]:
+        """Log entries [start, end): (items, their packed map values, indices of the live entries)."""
+        seg = self._log[start:end]
+        packed = self._map[seg]
+        live: IntArray = ((packed & _STAMP_BITS) == self._log_iota[start:end]).nonzero()[0]
+        return seg, packed, live
+
+    def _touch(self, items: IntArray, slot_bits: IntArray) -> None:
+        """Make ``items`` the most recent, in array order; ``slot_bits`` (their slots << 32) is consumed."""
+        n = len(items)
+        if self._tail + n > len(self._log):
+            self._compact_log(gap=0, room=n)
+        t = self._tail
+        e = t + n
+        self._log[t:e] = items
+        slot_bits |= self._log_iota[t:e]
+        self._map[items] = slot_bits
+        self._tail = e
+
+    def _lru_prepend(self, items: IntArray, slot_bits: IntArray) -> None:
+        """Make ``items`` the least recent, ``items[0]`` first, mapping them to ``slot_bits``."""
+        n = len(items)
+        if self._head < n:
+            self._compact_log(gap=n, room=0)
+        h = self._head - n
+        self._log[h : self._head] = items
+        slot_bits |= self._log_iota[h : self._head]
+        self._map[items] = slot_bits
+        self._head = h
+
+    def _lru_oldest(self, k: int) -> tuple[IntArray, IntArray, IntArray]:
+        """The ``k`` least recently used residents: (items, slots, log positions), oldest first
+        (k <= size).
+
+        Scans forward from the head in growing windows. The dead entries passed over are dropped: a dead
+        prefix by moving the head, and when the scanned range is mostly dead, by packing its live entries
+        against its end (stamps renumbered, order kept) and moving the head there. Each dead entry is
+        thus scanned a bounded number of times, and victims rejected by admission (which stay at the
+        front) do not make every later scan wade through the holes their evicted neighbours left.
+        """
+        h, t = self._head, self._tail
+        e = min(t, h + k + k // 4 + 32)
+        seg, packed, live = self._log_window(h, e)
+        items = seg[live]
+        found = packed[live]
+        pos = live + h
+        window = 2 * (e - h)
+        while len(items) < k and e < t:  # the front is sparse
+            s = e
+            e = min(t, s + window)
+            window *= 2
+            seg, packed, live = self._log_window(s, e)
+            items = np.concatenate([items, seg[live]])
+            found = np.concatenate([found, packed[live]])
+            pos = np.concatenate([pos, live + s])
+        n_live = len(items)
+        if 2 * n_live < e - h:  # mostly dead: pack the live entries against e
+            self._head = e - n_live
+            pos = self._log_iota[self._head : e]
+            self._log[self._head : e] = items
+            self._map[items] = (found & _SLOT_BITS) | pos
+        else:
+            self._head = int(pos[0]) if n_live else e  # skip the dead prefix
+        return items[:k], found[:k] >> 32, pos[:k]
+
+    def _compact_log(self, *, gap: int, room: int) -> None:
+        """Rewrite the live entries (in order) after ``gap`` free entries, with at least ``room`` free
+        entries behind them; grow so that the log is at most half full. Stamps are renumbered."""
+        seg, packed, live = self._log_window(self._head, self._tail)
+        items = seg[live]
+        n_live = len(items)
+        gap += n_live // 8  # room for cold-end inserts without compacting each time
+        need = gap + n_live + room
+        if len(self._log) < 2 * need:
+            size = max(2 * need, _MIN_LOG)
+            if size >= _STAMP_LIMIT:  # pragma: no cover - 2**31 slots at most
+                raise AssertionError("EMB LRU log would outgrow 32-bit stamps")
+            self._log = np.zeros(size, dtype=np.int64)
+            self._log_iota = _iota(size)
+        end = gap + n_live
+        self._log[gap:end] = items
+        self._map[items] = (packed[live] & _SLOT_BITS) | self._log_iota[gap:end]
+        self._head = gap
+        self._tail = end

@@ -8,18 +8,30 @@ order), then writes ``refill`` rows, all before serving the next request.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from services.worker.core.counters import PoolCounters
-from services.worker.core.emb_cache import EmbCache, EmbLookup
+from services.worker.core.emb_cache import EmbCache, EmbLookup, EmbPlacement, Items
 from services.worker.core.geometry import Owner, PoolGeometry
 from services.worker.core.kv_cache import KvCache, KvCommit, KvLookup
 from services.worker.core.relocation import Relocation
 from services.worker.core.residency import ResidencyDelta, ResidencySnapshot
 from services.worker.core.sketch import FrequencySketch
 
-__all__ = ["Pool", "RefillMode", "Relocation", "ResidencyDelta", "ResidencySnapshot", "TickPlan"]
+__all__ = [
+    "EmbLookup",
+    "EmbPlacement",
+    "Pool",
+    "RefillMode",
+    "Relocation",
+    "ResidencyDelta",
+    "ResidencySnapshot",
+    "TickPlan",
+]
 
 
 # The ghost list (what prefetch and the naive refill draw from) is re-ranked in one pass whenever the
@@ -43,7 +55,7 @@ class TickPlan:
     chunks_moved: int
     emb_relocations: list[Relocation] = field(default_factory=list)
     kv_relocations: list[Relocation] = field(default_factory=list)
-    refill: list[tuple[int, int]] = field(default_factory=list)  # (item, slot), NAIVE mode only
+    refill: EmbPlacement = field(default_factory=EmbPlacement.empty)  # NAIVE mode only
 
 
 def _check_alpha(alpha: float) -> None:
@@ -151,7 +163,7 @@ class Pool:
                 self.kv.add_chunk(chunk)
                 self._set_owner(chunk, Owner.KV)
             moved += 1
-        refill: list[tuple[int, int]] = []
+        refill = EmbPlacement.empty()
         if emb_grew and self.refill_mode is RefillMode.NAIVE:
             candidates = self.emb.prefetch_candidates(self.emb.free_slots)
             refill = self.emb.install_prefetched(candidates)
@@ -163,22 +175,24 @@ class Pool:
         )
 
     # ----------------------------------------------------------------- EMB
-    def emb_lookup(self, items: Sequence[int]) -> EmbLookup:
+    def emb_lookup(self, items: Items) -> EmbLookup:
+        """Items must be unique (``np.unique`` output is the cheapest to check)."""
         result = self.emb.lookup(items)
-        self.counters.emb_miss_bytes += len(result.misses) * self.geometry.emb_entry_bytes
+        self.counters.emb_miss_bytes += result.misses * self.geometry.emb_entry_bytes
         return result
 
-    def emb_admit(self, items: Sequence[int]) -> list[tuple[int, int]]:
+    def emb_admit(self, items: Items) -> EmbPlacement:
+        """Offer fetched misses; pass the lookup's own ``miss_items`` array to reuse its estimates."""
         return self.emb.admit(items)
 
-    def prefetch_plan(self, max_bytes: int) -> list[int]:
+    def prefetch_plan(self, max_bytes: int) -> npt.NDArray[np.int64]:
         """Items worth fetching in the background into free EMB slots (INCREMENTAL mode only)."""
         if self.refill_mode is not RefillMode.INCREMENTAL or self.target_emb_chunks < self.emb_chunks:
-            return []  # never refill a region that is being given away
+            return np.zeros(0, dtype=np.int64)  # never refill a region that is being given away
         limit = min(self.emb.free_slots, max_bytes // self.geometry.emb_entry_bytes)
         return self.emb.prefetch_candidates(limit)
 
-    def install_prefetched(self, items: Sequence[int]) -> list[tuple[int, int]]:
+    def install_prefetched(self, items: Items) -> EmbPlacement:
         installed = self.emb.install_prefetched(items)
         self.counters.prefetch_bytes += len(installed) * self.geometry.emb_entry_bytes
         return installed
@@ -192,12 +206,8 @@ class Pool:
 
     # ----------------------------------------------------------------- residency reporting
     def drain_deltas(self) -> ResidencyDelta:
-        emb_touched = self.emb.drain_touched()
+        emb_added, emb_removed = self.emb.drain_changes()
         kv_touched = self.kv.drain_touched()
-        emb_added: list[int] = []
-        emb_removed: list[int] = []
-        for item in sorted(emb_touched):
-            (emb_added if self.emb.slot_of(item) is not None else emb_removed).append(item)
         kv_upserts: dict[str, int] = {}
         kv_removed: list[str] = []
         for user in sorted(kv_touched):
