@@ -481,7 +481,9 @@ def measure_batching(quick: bool, repeats: int, device: str) -> dict[str, Any]:
     }
     counts = {"tiny": 150 if quick else 800, "bench": 60 if quick else 300}
     for preset, n in counts.items():
-        batched, unbatched, sizes = [], [], []
+        batched: list[float] = []
+        unbatched: list[float] = []
+        sizes: list[float] = []
         for r in range(repeats):
             workload = Workload(BATCH_SIZES, seed=300 + r)
             requests = [workload.next() for _ in range(n)]

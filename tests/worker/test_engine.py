@@ -356,9 +356,10 @@ def test_a_batch_fetches_its_misses_in_one_transfer() -> None:
     results = engine.serve_batch([req(f"u{i}", empty, np.arange(100 * i, 100 * i + 20)) for i in range(5)])
     assert engine.link.transfers == before + 1
     assert [(r.emb_hits, r.emb_misses) for r in results] == [(0, 20)] * 5
-    # shared items are counted for every request that uses them
+    # 10..19 are resident since the first batch; 20..29, shared by both requests, miss for both
     results = engine.serve_batch([req("x", empty, np.arange(10, 30)), req("y", empty, np.arange(20, 40))])
-    assert [(r.emb_hits, r.emb_misses) for r in results] == [(20, 0), (10, 10)]
+    assert [(r.emb_hits, r.emb_misses) for r in results] == [(10, 10), (0, 20)]
+    assert engine.link.transfers == before + 2
 
 
 def test_a_commit_that_evicts_a_batch_member_writes_its_entry_back_whole() -> None:
