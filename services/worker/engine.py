@@ -35,7 +35,7 @@ from services.worker.core.counters import PoolCounters
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode, ResidencyDelta, ResidencySnapshot
 from services.worker.errors import DeadlineExceeded, Draining, InternalError, WorkerError
-from services.worker.hstu import HSTU, HSTUConfig, HSTUInput
+from services.worker.hstu import HSTU, HSTUBatchOutput, HSTUConfig, HSTUInput
 from services.worker.settings import DEFAULT_MAX_BATCH
 from services.worker.storage import HostEmbeddingTable, LinkSpec, PoolStorage, PrefetchChannel, open_host_link
 from services.worker.validation import PreparedRequest, RequestLimits
@@ -159,6 +159,16 @@ def _request(
     return PreparedRequest(
         request_id=user, user_id=user, history=history, timestamps=timestamps, candidates=candidates, k=1
     )
+
+
+def _top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+    """The `k` best candidates and their scores, best first (ties: the earlier candidate first)."""
+    if k < scores.shape[0]:
+        best = np.argpartition(-scores, k - 1)[:k]
+        order = best[np.lexsort((best, -scores[best]))]
+    else:
+        order = np.argsort(-scores, kind="stable")
+    return candidates[order].tolist(), scores[order].tolist()
 
 
 class PrefixHasher:
@@ -526,20 +536,23 @@ class Engine:
         self, reqs: Sequence[PreparedRequest], *, queue_ms: Sequence[float] = ()
     ) -> list[ServeResult]:
         """Rank several requests' candidates together (see the module docstring); results in order.
-        A user who appears again is served in a later sub-batch, after the first is committed. Model
-        thread only."""
+        A user's second request goes in a second sub-batch, after the first is committed (the k-th
+        request of every user in the k-th). Model thread only."""
         waits = list(queue_ms) if queue_ms else [0.0] * len(reqs)
-        results: list[ServeResult] = []
-        start = 0
-        while start < len(reqs):
-            users: set[str] = set()
-            end = start
-            while end < len(reqs) and reqs[end].user_id not in users:
-                users.add(reqs[end].user_id)
-                end += 1
-            results += self._serve_distinct(reqs[start:end], waits[start:end])
-            start = end
-        return results
+        seen: dict[str, int] = {}
+        rounds: list[list[int]] = []
+        for i, r in enumerate(reqs):
+            k = seen.get(r.user_id, 0)
+            seen[r.user_id] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        results: list[ServeResult | None] = [None] * len(reqs)
+        for members in rounds:
+            served = self._serve_distinct([reqs[i] for i in members], [waits[i] for i in members])
+            for i, result in zip(members, served, strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
 
     def _serve_distinct(
         self, reqs: Sequence[PreparedRequest], queue_ms: Sequence[float]
@@ -576,39 +589,29 @@ class Engine:
                 HSTUInput(hist_emb, r.timestamps, c, cand_emb, kv[0] if kv else None, kv[1] if kv else None)
             )
         t_model = time.perf_counter()
-        outputs = self.model.forward_batch(inputs).outputs
+        batch = self.model.forward_batch(inputs)
         if self.device.type == "cuda":  # the scores are read right after: waiting here costs nothing
             torch.cuda.synchronize(self.device)
         self.model_seconds += time.perf_counter() - t_model
 
-        for r, hasher, c, kv, out in zip(reqs, hashers, cached, past, outputs, strict=True):
-            n = int(r.history.shape[0])
-            if n == c:
-                continue
-            commit = self.pool.kv_commit(r.user_id, n, hasher(n))
-            if commit is None:
-                continue
-            if commit.write_from == c:
-                self.storage.write_kv(commit.pages, c, out.new_k, out.new_v)
-            elif commit.write_from < c and kv is not None:
-                # An earlier commit of this batch evicted the entry this request read: write it back whole.
-                w = commit.write_from
-                k = [torch.cat((p[w:], new)) for p, new in zip(kv[0], out.new_k, strict=True)]
-                v = [torch.cat((p[w:], new)) for p, new in zip(kv[1], out.new_v, strict=True)]
-                self.storage.write_kv(commit.pages, w, k, v)
-            else:
-                raise InternalError(f"KV commit writes from {commit.write_from}, expected {c}")
+        self._commit(reqs, hashers, cached, past, batch)
 
-        ranked: list[tuple[list[int], list[float], int, int]] = []  # items, scores, hits, misses
-        totals = [0, 0, 0, 0]  # new tokens, cached tokens, candidates, misses
-        for r, c, out, (first, n_new, m) in zip(reqs, cached, outputs, bounds, strict=True):
-            own = np.unique(inverse[first : first + n_new + m])
-            misses = int(missed[own].sum())
-            top = torch.topk(out.scores, r.k)
-            items = r.candidates[top.indices.cpu().numpy()].tolist()
-            ranked.append((items, top.values.float().cpu().tolist(), int(own.shape[0]) - misses, misses))
-            for j, value in enumerate((n_new, c, m, misses)):
-                totals[j] += value
+        # Ranking on the host: one copy of every score, then a partial sort per request.
+        all_scores = batch.scores.cpu().numpy()
+        # Hits and misses per request, over the unique items it needed: one unique over (request, item).
+        request_of = np.repeat(np.arange(len(reqs)), [n_new + m for _, n_new, m in bounds])
+        pairs = np.unique(request_of * len(unique) + inverse)
+        misses = np.bincount(pairs // len(unique), weights=missed[pairs % len(unique)], minlength=len(reqs))
+        needed = np.bincount(pairs // len(unique), minlength=len(reqs))
+        totals = [0, 0, 0, int(misses.sum())]  # new tokens, cached tokens, candidates, misses
+        ranked: list[tuple[list[int], list[float]]] = []
+        cand = 0
+        for r, c, (_, n_new, m) in zip(reqs, cached, bounds, strict=True):
+            ranked.append(_top_k(all_scores[cand : cand + m], r.candidates, r.k))
+            cand += m
+            totals[0] += n_new
+            totals[1] += c
+            totals[2] += m
         compute_ms = (time.perf_counter() - t0) * 1e3
         self._costs.observe(
             requests=len(reqs),
@@ -624,16 +627,64 @@ class Engine:
                 scores=scores,
                 cached_tokens=c,
                 computed_tokens=n_new + m,
-                emb_hits=hits,
-                emb_misses=misses,
+                emb_hits=int(need) - int(miss),
+                emb_misses=int(miss),
                 queue_ms=waited,
                 compute_ms=compute_ms,
                 batch_size=len(reqs),
             )
-            for (items, scores, hits, misses), c, (_, n_new, m), waited in zip(
-                ranked, cached, bounds, queue_ms, strict=True
+            for (items, scores), c, (_, n_new, m), need, miss, waited in zip(
+                ranked, cached, bounds, needed, misses, queue_ms, strict=True
             )
         ]
+
+    def _commit(
+        self,
+        reqs: Sequence[PreparedRequest],
+        hashers: Sequence[PrefixHasher],
+        cached: Sequence[int],
+        past: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]] | None],
+        batch: HSTUBatchOutput,
+    ) -> None:
+        """Commit every user's new history tokens and write their K/V, in one scatter for the batch.
+
+        A later commit of the batch may evict an entry committed earlier in it (and reuse its pages):
+        the scatter writes only the entries still held once every commit is done."""
+        t = self.cfg.page_tokens
+        deferred: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # user, pages, rows, K/V rows
+        first = 0
+        for r, hasher, c, kv, out in zip(reqs, hashers, cached, past, batch.outputs, strict=True):
+            n = int(r.history.shape[0])
+            n_new = n - c
+            start, first = first, first + n_new
+            if n_new == 0:
+                continue
+            commit = self.pool.kv_commit(r.user_id, n, hasher(n))
+            if commit is None:
+                continue
+            if commit.write_from == c:
+                tokens = np.arange(c, n)
+                pages = np.asarray(commit.pages, dtype=np.int64)[tokens // t]
+                deferred.append((r.user_id, pages, tokens % t, np.arange(start, start + n_new)))
+            elif commit.write_from < c and kv is not None:
+                # An earlier commit of this batch evicted the entry this request read: write it back whole.
+                w = commit.write_from
+                k = [torch.cat((p[w:], new)) for p, new in zip(kv[0], out.new_k, strict=True)]
+                v = [torch.cat((p[w:], new)) for p, new in zip(kv[1], out.new_v, strict=True)]
+                self.storage.write_kv(commit.pages, w, k, v)
+            else:
+                raise InternalError(f"KV commit writes from {commit.write_from}, expected {c}")
+        held = [d for d in deferred if self.pool.kv.get(d[0]) is not None]
+        if not held:
+            return
+        picks = np.concatenate([d[3] for d in held])
+        k_rows, v_rows = batch.history_k, batch.history_v
+        if picks.shape[0] != k_rows[0].shape[0]:  # some entries are not held: write the others'
+            index = torch.from_numpy(picks).to(k_rows[0].device)
+            k_rows = [k.index_select(0, index) for k in k_rows]
+            v_rows = [v.index_select(0, index) for v in v_rows]
+        pages = np.concatenate([d[1] for d in held])
+        self.storage.write_kv_tokens(pages, np.concatenate([d[2] for d in held]), k_rows, v_rows)
 
     def embeddings(self, items: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Rows for unique `items` and which of them missed the hot cache (misses are fetched in one

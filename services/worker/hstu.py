@@ -183,10 +183,15 @@ class HSTUInput:
 
 @dataclass(frozen=True)
 class HSTUBatchOutput:
-    """Results in request order, and the attention elements (per head) the requests needed and the
-    layout computed (more when padded)."""
+    """Results in request order; the same results for the whole batch (`scores`: every request's
+    candidates, request after request; `history_k`/`history_v`: per layer, every request's new history
+    tokens, request after request; each request's own are views into these); and the attention elements
+    (per head) the requests needed and the layout computed (more when padded)."""
 
     outputs: list[HSTUOutput]
+    scores: Tensor
+    history_k: list[Tensor]
+    history_v: list[Tensor]
     real_elements: int
     computed_elements: int
 
@@ -242,6 +247,7 @@ class _Plan:
     rows: list[slice]  # each request's query rows in x
     past: list[slice]  # each request's cached rows in the concatenated past K/V
     candidate_rows: Tensor  # rows of x that are candidates, request after request
+    history_rows: Tensor  # rows of x that are new history tokens, request after request
     real_elements: int  # attention elements per head the requests need
     computed_elements: int  # ... and that the layout computes (padding included)
 
@@ -273,20 +279,24 @@ def _plan(
     group: Sequence[_Checked], layout: AttentionLayout, max_history: int, dev: torch.device
 ) -> _JaggedPlan | _PaddedPlan:
     scale = np.float32(1.0 / max_history)
-    rows, past, candidate_rows, masks = [], [], [], []
+    rows, past, candidate_rows, history_rows, masks = [], [], [], [], []
     row = cached = real = 0
     for r in group:
         rows.append(slice(row, row + r.queries))
         past.append(slice(cached, cached + r.cached_len))
         candidate_rows.append(np.arange(row + r.n_new, row + r.queries))
+        history_rows.append(np.arange(row, row + r.n_new))
         masks.append(HSTU.attention_mask(r.cached_len, r.n_new, r.m).astype(np.float32) * scale)
         row += r.queries
         cached += r.cached_len
         real += r.queries * r.keys
-    candidates = torch.from_numpy(np.concatenate(candidate_rows)).to(dev)
+    selected = np.concatenate(candidate_rows + history_rows)
+    candidates = torch.from_numpy(selected).to(dev)
+    history = candidates[selected.shape[0] - sum(r.n_new for r in group) :]
+    candidates = candidates[: selected.shape[0] - history.shape[0]]
     if layout is AttentionLayout.JAGGED:
         weights = [torch.from_numpy(m).to(dev) for m in masks]
-        return _JaggedPlan(rows, past, candidates, real, real, weights)
+        return _JaggedPlan(rows, past, candidates, history, real, real, weights)
     b = len(group)
     max_q = max(r.queries for r in group)
     max_k = max(r.keys for r in group)
@@ -303,6 +313,7 @@ def _plan(
         rows,
         past,
         candidates,
+        history,
         real,
         b * max_q * max_k,
         batch=b,
@@ -559,19 +570,28 @@ class HSTU(nn.Module):
             layer_k.append(k)
             layer_v.append(v)
         scores = self.score_head(self.final_norm(x.index_select(0, plan.candidate_rows))).squeeze(-1).float()
+        if len(group) > 1:
+            history_k = [k.index_select(0, plan.history_rows) for k in layer_k]
+            history_v = [v.index_select(0, plan.history_rows) for v in layer_v]
+        else:  # one request: its new history rows come first
+            history_k = [k[: group[0].n_new] for k in layer_k]
+            history_v = [v[: group[0].n_new] for v in layer_v]
         outputs = []
-        cand = 0
-        for r, rows in zip(group, plan.rows, strict=True):
-            new = slice(rows.start, rows.start + r.n_new)
+        cand = new = 0
+        for r in group:
+            rows = slice(new, new + r.n_new)
             outputs.append(
                 HSTUOutput(
                     scores=scores[cand : cand + r.m],
-                    new_k=[k[new] for k in layer_k],
-                    new_v=[v[new] for v in layer_v],
+                    new_k=[k[rows] for k in history_k],
+                    new_v=[v[rows] for v in history_v],
                 )
             )
             cand += r.m
-        return HSTUBatchOutput(outputs, plan.real_elements, plan.computed_elements)
+            new += r.n_new
+        return HSTUBatchOutput(
+            outputs, scores, history_k, history_v, plan.real_elements, plan.computed_elements
+        )
 
     def choose_layout(self, group: Sequence[_Checked]) -> AttentionLayout:
         """PADDED on CUDA for a batch whose padding is small and whose padded logits fit the budget;

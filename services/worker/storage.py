@@ -235,27 +235,34 @@ class PoolStorage:
     ) -> None:
         """Write per-layer K/V [n, kv_width] as tokens start..start+n-1 of the entry stored in `pages`
         (may start mid-page and span pages); one vectorised scatter over (page, row)."""
-        if len(new_k) != self.n_layers or len(new_v) != self.n_layers:
-            raise ValueError(f"need K and V for {self.n_layers} layers, got {len(new_k)} and {len(new_v)}")
-        n = int(new_k[0].shape[0])
-        for name, ts in (("new_k", new_k), ("new_v", new_v)):
-            for i, x in enumerate(ts):
-                if x.dim() != 2 or x.shape[0] != n or x.shape[1] != self.kv_width:
-                    raise ValueError(f"{name}[{i}] must be [{n}, {self.kv_width}], got {list(x.shape)}")
         t = self.page_tokens
+        n = int(new_k[0].shape[0]) if len(new_k) else 0
         if start < 0 or start + n > len(pages) * t:
             raise ValueError(
                 f"tokens {start}..{start + n - 1} do not fit in {len(pages)} pages of {t} tokens"
             )
+        tokens = np.arange(start, start + n)
+        self.write_kv_tokens(np.asarray(pages, dtype=np.int64)[tokens // t], tokens % t, new_k, new_v)
+
+    def write_kv_tokens(
+        self, pages: IntArray, rows: IntArray, new_k: Sequence[Tensor], new_v: Sequence[Tensor]
+    ) -> None:
+        """Write per-layer K/V [n, kv_width]: token i into row `rows[i]` of page `pages[i]` (tokens of
+        any number of entries at once); one vectorised scatter over (page, row)."""
+        if len(new_k) != self.n_layers or len(new_v) != self.n_layers:
+            raise ValueError(f"need K and V for {self.n_layers} layers, got {len(new_k)} and {len(new_v)}")
+        n = int(pages.shape[0])
+        if rows.shape != (n,):
+            raise ValueError(f"rows must be [{n}] like pages, got {list(rows.shape)}")
+        for name, ts in (("new_k", new_k), ("new_v", new_v)):
+            for i, x in enumerate(ts):
+                if x.dim() != 2 or x.shape[0] != n or x.shape[1] != self.kv_width:
+                    raise ValueError(f"{name}[{i}] must be [{n}, {self.kv_width}], got {list(x.shape)}")
         if n == 0:
             return
-        first, last = start // t, (start + n - 1) // t
-        used = list(pages[first : last + 1])
-        _check_ids("KV pages", used, self.n_kv_pages)
-        page_idx = _index(used, self.device)
-        tok = torch.arange(start, start + n, device=self.device)
-        dst_page = page_idx[tok // t - first]
-        dst_row = tok % t
+        _check_ids("KV pages", pages, self.n_kv_pages)
+        _check_ids("KV page rows", rows, self.page_tokens)
+        dst_page, dst_row = _index(pages, self.device), _index(rows, self.device)
         vals = torch.stack((torch.stack(list(new_k)), torch.stack(list(new_v))), dim=1)  # [L, 2, n, W]
         vals = vals.to(device=self.device, dtype=torch.float32).permute(2, 0, 1, 3)  # [n, L, 2, W]
         # Advanced indices on dims 0 and 3 (separated by slices): the indexed result is [n, L, 2, W].

@@ -374,6 +374,9 @@ def test_a_commit_that_evicts_a_batch_member_writes_its_entry_back_whole() -> No
     assert (a.cached_tokens, b.cached_tokens) == (0, 30)
     entry = engine.pool.kv.get("b")
     assert entry is not None and entry.length == 40
+    # ... and b's commit in turn evicted a, whose K/V (written after every commit) must not land in the
+    # pages b took over
+    assert engine.pool.kv.get("a") is None
     # b's entry, rewritten from token 0, serves b's next request exactly
     again = engine.serve(req("b", np.concatenate([hb, [1, 2]]).astype(np.int64), cands, k=5))
     fresh = make_engine().serve(req("fresh", np.concatenate([hb, [1, 2]]).astype(np.int64), cands, k=5))
