@@ -255,6 +255,10 @@ class _Plan:
 @dataclass(frozen=True)
 class _JaggedPlan(_Plan):
     weights: list[Tensor]  # per request [n_q, n_k]: the target-aware mask times 1 / max_history
+    keys: list[slice]  # each request's key rows (cached, then new) in the layer's key tensor
+    # Row order that turns [every cached row; every new row] into each request's cached rows followed by
+    # its new rows, request after request (None: nothing is cached, the new rows are the keys as they are).
+    key_order: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -296,7 +300,21 @@ def _plan(
     candidates = candidates[: selected.shape[0] - history.shape[0]]
     if layout is AttentionLayout.JAGGED:
         weights = [torch.from_numpy(m).to(dev) for m in masks]
-        return _JaggedPlan(rows, past, candidates, history, real, real, weights)
+        if cached == 0:
+            return _JaggedPlan(rows, past, candidates, history, real, real, weights, rows, None)
+        order = np.concatenate(
+            [
+                part
+                for p, r in zip(past, rows, strict=True)
+                for part in (np.arange(p.start, p.stop), np.arange(r.start, r.stop) + cached)
+            ]
+        )
+        keys, at = [], 0
+        for r in group:
+            keys.append(slice(at, at + r.keys))
+            at += r.keys
+        key_order = torch.from_numpy(order).to(dev)
+        return _JaggedPlan(rows, past, candidates, history, real, real, weights, keys, key_order)
     b = len(group)
     max_q = max(r.queries for r in group)
     max_k = max(r.keys for r in group)
@@ -349,27 +367,29 @@ class _HSTULayer(nn.Module):
         if isinstance(plan, _PaddedPlan):
             o = self._padded(q, k, v, past_k, past_v, plan)
         else:
+            if plan.key_order is None:
+                keys, values = k, v
+            else:
+                keys = torch.cat((past_k, k), dim=0).index_select(0, plan.key_order)
+                values = torch.cat((past_v, v), dim=0).index_select(0, plan.key_order)
+            scaled = q * self.scale
             outs = [
-                self._attend(
-                    q[rows],
-                    torch.cat((past_k[past], k[rows]), dim=0),
-                    torch.cat((past_v[past], v[rows]), dim=0),
-                    weight,
-                )
-                for rows, past, weight in zip(plan.rows, plan.past, plan.weights, strict=True)
+                self._attend(scaled[rows], keys[cols], values[cols], weight)
+                for rows, cols, weight in zip(plan.rows, plan.keys, plan.weights, strict=True)
             ]
             o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         y = x + self.out(self.norm_attn(o) * u)
         return y, k, v
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, weight: Tensor) -> Tensor:
-        """One request: q [n_q, W], keys/values [n_k, W], weight [n_q, n_k] -> [n_q, W]."""
+        """One request: q [n_q, W] (scaled by 1/sqrt(head_dim)), keys/values [n_k, W], weight [n_q, n_k]
+        -> [n_q, W]."""
         nh, hd = self.n_heads, self.head_dim
         n_q, n_k = q.shape[0], keys.shape[0]
         qh = q.reshape(n_q, nh, hd).transpose(0, 1)  # [H, n_q, D]
         kh = keys.reshape(n_k, nh, hd).permute(1, 2, 0)  # [H, D, n_k]
         vh = values.reshape(n_k, nh, hd).transpose(0, 1)  # [H, n_k, D]
-        logits = torch.bmm(qh * self.scale, kh)
+        logits = torch.bmm(qh, kh)
         # Masking by multiplication (one pass instead of scale + masked_fill): exact as long as the
         # logits are finite, which they are for finite inputs (an fp32 overflow would need |q.k| ~ 1e38).
         attn = F.silu(logits, inplace=True).mul_(weight)
