@@ -381,8 +381,8 @@ class EmbCache:
             return _empty(), _empty()
         m = len(cand_est)
         k = len(victim_est)
-        if n_admitted == m and np.count_nonzero(cand_est > victim_est) == m:
-            all_won = np.arange(m, dtype=np.int64)  # each beats the next victim: exact (m <= k)
+        if n_admitted == m and k >= m and np.count_nonzero(cand_est > victim_est[:m]) == m:
+            all_won = np.arange(m, dtype=np.int64)  # each beats the next victim in order: exact
             return all_won, all_won
         padded = np.empty(m + 1, dtype=np.uint8)  # past the victims: nothing to evict
         padded[k:] = _UNBEATABLE
