@@ -67,7 +67,9 @@ Data structures
   calls whatever its size.
 * Free slots come from the :class:`ChunkAllocator` (lowest chunk first), a loop over chunks per call.
 * :meth:`EmbCache.admit` reuses the estimates of the last lookup when it is handed that lookup's very
-  ``miss_items`` array and the sketch has not changed since (they would be recomputed identically).
+  ``miss_items`` array and the sketch has not changed since (they would be recomputed identically); it
+  still checks the array (unique, not resident) itself, so a caller that changed it in between can
+  only skew admission decisions, never the cache's structure.
 """
 
 from __future__ import annotations
@@ -314,19 +316,16 @@ class EmbCache:
         """Offer fetched items for residency; returns the placements to write.
 
         Items already resident (and repeats) are skipped. Free slots go to the first candidates; the
-        rest are paired with the least recently used residents (see the module docstring). A victim may
-        be an item hit earlier in the same request, so the caller must read hit rows before writing
-        admitted rows.
+        rest duel with the least recently used residents (see the module docstring). A victim may be an
+        item hit earlier in the same request, so the caller must read hit rows before writing admitted
+        rows. Passing the lookup's own ``miss_items`` array saves estimating the candidates again.
         """
         arr = _as_items(items)
         pending, self._pending = self._pending, None
+        estimates: U8Array | None = None
         if pending is not None and pending[0] is arr and pending[2] == self._sketch.version:
-            # The misses of the lookup just made: unique, range-checked, not resident, estimates known.
-            offered = np.arange(len(arr), dtype=np.int64)
-            estimates: U8Array | None = pending[1]
-        else:
-            offered = self._offer(arr)  # positions of non-resident items, first occurrences, in order
-            estimates = None
+            estimates = pending[1]  # the misses of the lookup just made: their estimates, by position
+        offered = self._offer(arr)  # positions of non-resident items, first occurrences, in order
         m = len(offered)
         if m == 0:
             return EmbPlacement.empty()
@@ -335,8 +334,8 @@ class EmbCache:
         won = victim_of = _empty()
         if paired:
             victims, victim_slots, victim_pos = self._lru_oldest(paired)
-            if estimates is not None:  # offered is the identity
-                cand_est = estimates[n_free : n_free + paired]
+            if estimates is not None:
+                cand_est = estimates[offered[n_free : n_free + paired]]
             else:
                 cand_est = self._sketch.estimate_many(arr[offered[n_free : n_free + paired]])
             victim_est = self._sketch.estimate_many(victims)
