@@ -32,7 +32,8 @@ Policy
   cache and through the exact per-item model (``tests/worker/reference_emb.py``): hit rates agree
   within one percentage point. (The simpler "candidate ``i`` against the ``i``-th oldest" pairing
   misses that by up to 3 points on small caches.) The sketch ages at the end of a batch rather than
-  in its middle (see its module).
+  in its middle (see its module), and the estimates a lookup records (ghost ranks, admission) are
+  taken once the whole batch is counted.
 * Victims are residents from before the call, never items this call places, so no slot is handed to
   two items in one call; a victim may be an item hit earlier in the same request, so the caller reads
   hit rows before writing admitted rows.
