@@ -189,10 +189,11 @@ class GhostList:
                 break
             window *= 4
         drop = live[:k] + h
-        self._alive[drop] = False
+        end = int(drop[-1]) + 1
+        self._alive[h:end] = False  # the dropped ones and dead ones between them
         self._pos[self._log_items[drop]] = -1
         self._count -= len(drop)
-        self._head = int(drop[-1]) + 1
+        self._head = end
 
     def _make_room(self, n: int) -> None:
         """Compact the live entries to the front of the log, growing it so that it is at most half full
