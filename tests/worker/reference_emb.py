@@ -1,8 +1,12 @@
 """The exact per-item EMB cache policy, as it was before vectorisation: the reference model for tests.
 
-`services/worker/core/emb_cache.py` approximates this policy batch by batch (see its docstring);
-`test_emb_policy.py` replays traces through both and compares hit rates. Test code only: per-item Python,
-an `OrderedDict` LRU, a bytearray count-min sketch and a bucketed ghost list.
+`services/worker/core/emb_cache.py` runs this policy batch by batch (see its docstring for the one
+approximation); `test_emb_policy.py` replays traces through both and compares hit rates, and
+`test_emb_vectorised.py` checks the two against each other operation by operation where the batch
+semantics are exact. Test code only: per-item Python, an `OrderedDict` LRU, a bytearray count-min sketch
+and a bucketed ghost list, moved here unchanged (names prefixed `Ref`), plus `RefBlockedSketch`: the
+same per-item sketch with the production sketch's blocked hashing, so that a comparison can hold the
+hash functions equal.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from services.worker.core.counters import PoolCounters
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.relocation import Relocation
 
-__all__ = ["RefEmbCache", "RefEmbLookup", "RefFrequencySketch", "RefGhostList"]
+__all__ = ["RefBlockedSketch", "RefEmbCache", "RefEmbLookup", "RefFrequencySketch", "RefGhostList"]
 
 _DEPTH = 4
 _MAX_COUNT = 15
@@ -117,6 +121,54 @@ class RefFrequencySketch:
     def _age(self) -> None:
         for row in self._rows:
             row[:] = row.translate(_HALVE)
+        self._additions = 0
+        self._generation += 1
+
+
+class RefBlockedSketch(RefFrequencySketch):
+    """`RefFrequencySketch` (one key at a time, aging in the middle of a batch) with the counter layout and
+    hashing of `services.worker.core.sketch.FrequencySketch`: one 64-byte block per key, four 16-counter
+    rows in it, the block from one multiply-shift of the pre-mixed key and the four positions from four
+    nibbles of another."""
+
+    _BLOCK_MULTIPLIER = 0x9E3779B97F4A7C15
+    _ROW_MULTIPLIER = 0xC2B2AE3D27D4EB4F
+
+    def __init__(self, capacity: int, *, sample_size: int | None = None) -> None:
+        super().__init__(capacity, sample_size=sample_size)
+        self._table = bytearray(_DEPTH * self._width)
+        blocks = _DEPTH * self._width // 64
+        self._block_shift = 64 - (blocks.bit_length() - 1) - 6
+
+    def _counters(self, key: int) -> tuple[int, int, int, int]:
+        key = (key * _PREMIX) & _MASK64
+        key ^= key >> 29
+        base = ((((key * self._BLOCK_MULTIPLIER) & _MASK64) >> self._block_shift) >> 6) << 6
+        r = (key * self._ROW_MULTIPLIER) & _MASK64
+        return (
+            base + ((r >> 60) & 15),
+            base + 16 + ((r >> 56) & 15),
+            base + 32 + ((r >> 52) & 15),
+            base + 48 + ((r >> 48) & 15),
+        )
+
+    def increment_and_estimate(self, key: int) -> int:
+        table = self._table
+        counters = self._counters(key)
+        for i in counters:
+            if table[i] < _MAX_COUNT:
+                table[i] += 1
+        self._additions += 1
+        if self._additions >= self._sample_size:
+            self._age()
+        return min(table[i] for i in counters)
+
+    def estimate(self, key: int) -> int:
+        table = self._table
+        return min(table[i] for i in self._counters(key))
+
+    def _age(self) -> None:
+        self._table[:] = self._table.translate(_HALVE)
         self._additions = 0
         self._generation += 1
 

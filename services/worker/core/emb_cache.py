@@ -32,7 +32,8 @@ Policy
   cache and through the exact per-item model (``tests/worker/reference_emb.py``): hit rates agree
   within one percentage point. (The simpler "candidate ``i`` against the ``i``-th oldest" pairing
   misses that by up to 3 points on small caches.) The sketch ages at the end of a batch rather than
-  in its middle (see its module).
+  in its middle (see its module), and the estimates a lookup records (ghost ranks, admission) are
+  taken once the whole batch is counted.
 * Victims are residents from before the call, never items this call places, so no slot is handed to
   two items in one call; a victim may be an item hit earlier in the same request, so the caller reads
   hit rows before writing admitted rows.
@@ -47,23 +48,29 @@ Policy
 Data structures
 ---------------
 * ``map``: a dense int64 array indexed by item id, grown by doubling to the largest id seen (ids must
-  lie in ``[0, 2**31)``). A resident item's entry packs its slot (high 32 bits) and its recency stamp
-  (low 32 bits); -1 means not resident. One gather thus answers "resident? where? how recent?" and a
-  touch rewrites the cache line it just read. With the ghost list's int32 position array that is
+  lie in ``[0, 2**31)``). A resident item's entry packs its slot (high 32 bits), a "residency changed
+  since the last drain" bit (bit 31) and its recency stamp (low 31 bits); a non-resident item's entry
+  is -1, or -2 if it was resident at some point since the last drain. One gather thus answers
+  "resident? where? how recent?", a touch rewrites the cache line it just read, and residency deltas
+  cost the serving path nothing: :meth:`EmbCache.drain_changes` finds them in one pass over the map
+  (a few milliseconds per million ids, once per digest). With the ghost list's int32 position array,
   **12 bytes per item id** up to the largest id seen (12 MB for a million-item catalogue), whatever
-  the cache size; plus 8 bytes per EMB slot (slot -> item) and the LRU log (below).
-* Exact LRU without per-item work: an append-only log of item ids. A touch appends the items and sets
-  each one's stamp to its log index, so a log entry is live iff its item's stamp equals its index (older
-  entries of a re-touched, evicted or moved item simply stop matching; a non-resident item's stamp
-  bits, all ones, match nothing). The live entries in log order are the LRU order; the k oldest
-  residents are found by scanning forward from the log head in growing windows, dropping the dead
-  entries passed over. When the log runs out of room it is compacted (live entries copied, stamps
+  the cache size; plus 8 bytes per EMB slot (slot -> item) and the LRU log (9 bytes an entry, at most
+  about 2.5 entries per resident item).
+* Exact LRU without per-item work: an append-only log of item ids with an alive flag per entry. A
+  touch kills the item's previous entry (its log index is the stamp in the map value just gathered),
+  appends a live one and stores its index as the new stamp. The live entries in log order are the LRU
+  order; the k oldest residents are found by scanning the alive flags forward from the log head (a
+  byte per entry, nothing looked up for dead ones), and the dead entries passed over are dropped (see
+  ``_lru_oldest``). When the log runs out of room it is compacted (live entries copied, stamps
   renumbered), leaving a gap in front for cold-end inserts and at least as much room behind as there
   are live entries: touches cost amortised O(1) numpy work, and a lookup a fixed couple of dozen numpy
   calls whatever its size.
 * Free slots come from the :class:`ChunkAllocator` (lowest chunk first), a loop over chunks per call.
 * :meth:`EmbCache.admit` reuses the estimates of the last lookup when it is handed that lookup's very
-  ``miss_items`` array and the sketch has not changed since (they would be recomputed identically).
+  ``miss_items`` array and the sketch has not changed since (they would be recomputed identically); it
+  still checks the array (unique, not resident) itself, so a caller that changed it in between can
+  only skew admission decisions, never the cache's structure.
 """
 
 from __future__ import annotations
@@ -90,10 +97,15 @@ Items = IntArray | Sequence[int]
 _MAX_ITEM = 2**31 - 1
 _MIN_MAP = 1024
 _MIN_LOG = 1024
-_TOUCHED_COLLAPSE = 1 << 16
-_STAMP_BITS = np.int64(0xFFFFFFFF)  # low half of a packed map value: the item's log index
-_SLOT_BITS = np.int64(-(1 << 32))  # high half: its slot
-_STAMP_LIMIT = 0xFFFFFFFF  # a non-resident item's stamp bits (-1): never a log index
+# Packed map values (see the module docstring): resident = (slot << 32) | touched << 31 | stamp.
+_STAMP_BITS = np.int64(0x7FFFFFFF)  # the item's log index
+_TOUCHED = np.int64(1 << 31)  # residency changed since the last drain
+_KEEP = np.int64(-(1 << 31))  # slot and touched bit
+_LOW = np.int64(0xFFFFFFFF)  # touched bit and stamp
+_CHANGED = np.int64(-(1 << 63) | (1 << 31))  # sign and touched bit: == _TOUCHED for changed residents
+_ABSENT = -1  # not resident, unchanged since the last drain
+_GONE = -2  # not resident, was resident at some point since the last drain
+_STAMP_LIMIT = 0x7FFFFFFE  # the stamp bits of _ABSENT and _GONE: never a log index
 _DUEL_ROUNDS = 1  # fixed-point rounds of batch admission (see EmbCache._duel)
 _UNBEATABLE = np.uint8(16)  # above any sketch estimate
 
@@ -198,20 +210,18 @@ class EmbCache:
         self._slots_per_chunk = geometry.emb_slots_per_chunk
         self._alloc = ChunkAllocator(self._slots_per_chunk)
         self._item_at: IntArray = np.full(geometry.emb_slot_count, -1, dtype=np.int64)  # slot -> item
-        # item -> (slot << 32) | stamp, or -1 (not resident; its stamp bits never match a log index)
+        # item -> (slot << 32) | touched << 31 | stamp, or _ABSENT / _GONE
         self._map: IntArray = np.full(0, -1, dtype=np.int64)
         self._size = 0
         # LRU log (see the module docstring): live entries lie in [head, tail).
         self._log: IntArray = np.zeros(0, dtype=np.int64)
+        self._alive: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)  # the entry is its item's stamp
         self._log_iota = _iota(0)  # log index -> itself, as long as the log
         self._head = 0
         self._tail = 0
         self._sketch = sketch if sketch is not None else FrequencySketch(geometry.emb_slot_count)
         self._ghost = GhostList(ghost_capacity, self._sketch)
         self._counters = counters if counters is not None else PoolCounters()
-        self._touched: list[IntArray] = []  # items whose residency changed since the last drain
-        self._touched_len = 0
-        self._touched_limit = _TOUCHED_COLLAPSE
         # (miss_items of the last lookup, their estimates, sketch version then): reused by admit
         self._pending: tuple[IntArray, U8Array, int] | None = None
 
@@ -251,8 +261,8 @@ class EmbCache:
 
     def items(self) -> list[int]:
         """Resident items, LRU first (a copy; O(log))."""
-        seg, _, live = self._log_window(self._head, self._tail)
-        items: list[int] = seg[live].tolist()
+        h, t = self._head, self._tail
+        items: list[int] = self._log[h:t][self._alive[h:t]].tolist()
         return items
 
     def ghost_items(self) -> list[int]:
@@ -280,7 +290,8 @@ class EmbCache:
         self._counters.emb_misses += n - n_hits
         if n_hits == n:  # the common case of a warm cache: no compress at all
             slots = packed >> 32
-            packed &= _SLOT_BITS
+            self._alive[packed & _STAMP_BITS] = False  # their old log entries
+            packed &= _KEEP
             self._touch(arr, packed)
             return EmbLookup(np.arange(n, dtype=np.int64), slots, _empty(), _empty())
         if n_hits == 0:
@@ -293,7 +304,8 @@ class EmbCache:
             miss_positions = (~hit).nonzero()[0]
             hit_packed = packed[hit_positions]
             hit_slots = hit_packed >> 32
-            hit_packed &= _SLOT_BITS
+            self._alive[hit_packed & _STAMP_BITS] = False
+            hit_packed &= _KEEP
             self._touch(arr[hit_positions], hit_packed)
             miss_items = arr[miss_positions]
             miss_estimates = estimates[miss_positions]
@@ -305,19 +317,16 @@ class EmbCache:
         """Offer fetched items for residency; returns the placements to write.
 
         Items already resident (and repeats) are skipped. Free slots go to the first candidates; the
-        rest are paired with the least recently used residents (see the module docstring). A victim may
-        be an item hit earlier in the same request, so the caller must read hit rows before writing
-        admitted rows.
+        rest duel with the least recently used residents (see the module docstring). A victim may be an
+        item hit earlier in the same request, so the caller must read hit rows before writing admitted
+        rows. Passing the lookup's own ``miss_items`` array saves estimating the candidates again.
         """
         arr = _as_items(items)
         pending, self._pending = self._pending, None
+        estimates: U8Array | None = None
         if pending is not None and pending[0] is arr and pending[2] == self._sketch.version:
-            # The misses of the lookup just made: unique, range-checked, not resident, estimates known.
-            offered = np.arange(len(arr), dtype=np.int64)
-            estimates: U8Array | None = pending[1]
-        else:
-            offered = self._offer(arr)  # positions of non-resident items, first occurrences, in order
-            estimates = None
+            estimates = pending[1]  # the misses of the lookup just made: their estimates, by position
+        offered = self._offer(arr)  # positions of non-resident items, first occurrences, in order
         m = len(offered)
         if m == 0:
             return EmbPlacement.empty()
@@ -326,8 +335,8 @@ class EmbCache:
         won = victim_of = _empty()
         if paired:
             victims, victim_slots, victim_pos = self._lru_oldest(paired)
-            if estimates is not None:  # offered is the identity
-                cand_est = estimates[n_free : n_free + paired]
+            if estimates is not None:
+                cand_est = estimates[offered[n_free : n_free + paired]]
             else:
                 cand_est = self._sketch.estimate_many(arr[offered[n_free : n_free + paired]])
             victim_est = self._sketch.estimate_many(victims)
@@ -344,21 +353,29 @@ class EmbCache:
                 positions = np.concatenate([offered[:n_free], positions])
         placed = arr[positions]
         if n_won:
-            if victim_of[-1] == n_won - 1:  # the oldest n_won went: the log head may skip them
-                self._head = int(victim_pos[n_won]) if n_won < paired else int(victim_pos[-1]) + 1
-            evicted = victims[victim_of]
-            self._map[evicted] = -1
-            self._ghost.remember(evicted, victim_est[victim_of])
-            self._note_touched(evicted)
+            if n_won == paired:  # every victim goes, in order
+                evicted, slots, evicted_est = victims, victim_slots, victim_est
+                self._alive[victim_pos] = False
+                self._head = int(victim_pos[-1]) + 1  # nothing before is alive
+            else:
+                evicted, slots, evicted_est = (
+                    victims[victim_of],
+                    victim_slots[victim_of],
+                    victim_est[victim_of],
+                )
+                self._alive[victim_pos[victim_of]] = False
+            self._map[evicted] = _GONE
+            self._ghost.remember(evicted, evicted_est, new=True)
             self._counters.emb_evictions += n_won
-            slots = victim_slots[victim_of]
             if n_free:
                 slots = np.concatenate([self._allocate(n_free), slots])
         else:
             slots = self._allocate(n_free)
         self._size += n_free
         self._place(placed, slots)
-        self._touch(placed, slots << 32)
+        slot_bits = slots << 32
+        slot_bits |= _TOUCHED
+        self._touch(placed, slot_bits)
         self._counters.emb_admits += len(placed)
         return EmbPlacement(positions, placed, slots)
 
@@ -381,8 +398,8 @@ class EmbCache:
             return _empty(), _empty()
         m = len(cand_est)
         k = len(victim_est)
-        if n_admitted == m and np.count_nonzero(cand_est > victim_est) == m:
-            all_won = np.arange(m, dtype=np.int64)  # each beats the next victim: exact (m <= k)
+        if k >= m and np.count_nonzero(cand_est > victim_est[:m]) == m:
+            all_won = np.arange(m, dtype=np.int64)  # each beats the next victim in order: exact
             return all_won, all_won
         padded = np.empty(m + 1, dtype=np.uint8)  # past the victims: nothing to evict
         padded[k:] = _UNBEATABLE
@@ -415,7 +432,9 @@ class EmbCache:
         slots = self._allocate(n)
         self._size += n
         self._place(placed, slots)
-        self._lru_prepend(placed[::-1], slots[::-1] << 32)
+        slot_bits = slots[::-1] << 32
+        slot_bits |= _TOUCHED
+        self._lru_prepend(placed[::-1], slot_bits)
         return EmbPlacement(positions, placed, slots)
 
     def prefetch_candidates(self, max_items: int) -> IntArray:
@@ -450,12 +469,13 @@ class EmbCache:
         self._alloc.detach_chunk(chunk)
         deficit = len(live) - self._alloc.free_count
         if deficit > 0:
-            evicted, evicted_slots, _ = self._lru_oldest(deficit)
-            self._map[evicted] = -1
+            evicted, evicted_slots, evicted_pos = self._lru_oldest(deficit)
+            self._alive[evicted_pos] = False
+            self._head = int(evicted_pos[-1]) + 1  # the oldest: nothing before is alive
+            self._map[evicted] = _GONE
             self._item_at[evicted_slots] = -1
             self._size -= len(evicted)
-            self._ghost.remember(evicted, self._sketch.estimate_many(evicted))
-            self._note_touched(evicted)
+            self._ghost.remember(evicted, self._sketch.estimate_many(evicted), new=True)
             self._counters.emb_evictions += len(evicted)
             elsewhere = evicted_slots[(evicted_slots < lo) | (evicted_slots >= hi)]
             self._alloc.release_many(elsewhere.tolist())
@@ -466,27 +486,28 @@ class EmbCache:
         moved = self._item_at[live]
         self._item_at[dst] = moved
         self._item_at[live] = -1
-        stamps = self._map[moved] & _STAMP_BITS  # same log entry: the item keeps its LRU position
-        self._map[moved] = (dst << 32) | stamps
+        low = self._map[moved] & _LOW  # same log entry: the item keeps its LRU position
+        self._map[moved] = (dst << 32) | low
         return [Relocation(src, dst) for src, dst in zip(live.tolist(), dst.tolist(), strict=True)]
 
     # ----------------------------------------------------------------- deltas / checks
     def drain_changes(self) -> tuple[list[int], list[int]]:
-        """(added, removed): items whose residency changed since the last drain that are resident now,
-        and those that are not, both sorted; resets the record."""
-        touched = self._take_touched()
-        resident = self._map[touched] >= 0
-        added: list[int] = touched[resident].tolist()
-        removed: list[int] = touched[~resident].tolist()
-        return added, removed
+        """(added, removed): the items whose residency changed since the last drain that are resident now,
+        and those that are not, both sorted; resets the record. One pass over the item map (a few
+        milliseconds per million item ids): the serving path records changes in the map for free."""
+        added, removed = self._take_changes()
+        return added.tolist(), removed.tolist()
 
     def drain_touched(self) -> set[int]:
-        return set(self._take_touched().tolist())
+        added, removed = self._take_changes()
+        return set(added.tolist()) | set(removed.tolist())
 
     def check_invariants(self) -> None:
         """Raise AssertionError on any inconsistency (O(capacity + item ids); for tests and debugging)."""
         n = self._slots_per_chunk
         item_at = self._item_at
+        if len(self._map) and int(self._map.min()) < _GONE:
+            raise AssertionError("EMB item map holds an invalid value")
         resident = (self._map >= 0).nonzero()[0]
         used = (item_at >= 0).nonzero()[0]
         if len(resident) != self._size or len(used) != self._size:
@@ -520,11 +541,15 @@ class EmbCache:
             raise AssertionError("EMB free count out of sync")
         if self.size > self.capacity:
             raise AssertionError(f"EMB size {self.size} > capacity {self.capacity}")
-        # A live log entry is the one its item's stamp names, so each resident has at most one, and
-        # (count == size) each has exactly one.
-        _, _, live = self._log_window(self._head, self._tail)
+        h, t = self._head, self._tail
+        if np.count_nonzero(self._alive[:h]) or np.count_nonzero(self._alive[t:]):
+            raise AssertionError("EMB LRU log entries alive outside [head, tail)")
+        live = self._alive[h:t].nonzero()[0] + h
         if len(live) != self._size:
             raise AssertionError(f"EMB LRU log has {len(live)} live entries for {self._size} residents")
+        # each live entry is the one its item's stamp names, so (count == size) a bijection
+        if np.count_nonzero((self._map[self._log[live]] & _STAMP_BITS) != live):
+            raise AssertionError("EMB LRU log entry alive but not its item's stamp")
         self._ghost.check_invariants()
         ghosts = np.array(self._ghost.items(), dtype=np.int64)
         if len(ghosts) and np.count_nonzero(self._map[ghosts] >= 0):
@@ -579,106 +604,106 @@ class EmbCache:
         """Give ``items`` (not resident) ``slots`` (free or just vacated); the caller then logs them."""
         self._item_at[slots] = items
         self._ghost.discard(items)
-        self._note_touched(items)
 
-    def _note_touched(self, items: IntArray) -> None:
-        self._touched.append(items)
-        self._touched_len += len(items)
-        if self._touched_len > self._touched_limit:  # nobody drains: keep it bounded by distinct ids
-            merged = np.unique(np.concatenate(self._touched))
-            self._touched = [merged]
-            self._touched_len = len(merged)
-            self._touched_limit = max(_TOUCHED_COLLAPSE, 2 * len(merged))
-
-    def _take_touched(self) -> IntArray:
-        touched = np.unique(np.concatenate(self._touched)) if self._touched else _empty()
-        self._touched = []
-        self._touched_len = 0
-        self._touched_limit = _TOUCHED_COLLAPSE
-        return touched
+    def _take_changes(self) -> tuple[IntArray, IntArray]:
+        packed = self._map
+        added: IntArray = ((packed & _CHANGED) == _TOUCHED).nonzero()[0]
+        removed: IntArray = (packed == _GONE).nonzero()[0]
+        packed[added] &= ~_TOUCHED
+        packed[removed] = _ABSENT
+        return added, removed
 
     # LRU log -----------------------------------------------------------
-    def _log_window(self, start: int, end: int) -> tuple[IntArray, IntArray, IntArray]:
-        """Log entries [start, end): (items, their packed map values, indices of the live entries)."""
-        seg = self._log[start:end]
-        packed = self._map[seg]
-        live: IntArray = ((packed & _STAMP_BITS) == self._log_iota[start:end]).nonzero()[0]
-        return seg, packed, live
-
     def _touch(self, items: IntArray, slot_bits: IntArray) -> None:
-        """Make ``items`` the most recent, in array order; ``slot_bits`` (their slots << 32) is consumed."""
+        """Make ``items`` the most recent, in array order; ``slot_bits`` (their slot << 32 and touched
+        bit) is consumed. Their previous log entries, if any, must already be dead."""
         n = len(items)
         if self._tail + n > len(self._log):
             self._compact_log(gap=0, room=n)
         t = self._tail
         e = t + n
         self._log[t:e] = items
+        self._alive[t:e] = True
         slot_bits |= self._log_iota[t:e]
         self._map[items] = slot_bits
         self._tail = e
 
     def _lru_prepend(self, items: IntArray, slot_bits: IntArray) -> None:
-        """Make ``items`` the least recent, ``items[0]`` first, mapping them to ``slot_bits``."""
+        """Make ``items`` (not resident before) the least recent, ``items[0]`` first."""
         n = len(items)
         if self._head < n:
             self._compact_log(gap=n, room=0)
         h = self._head - n
         self._log[h : self._head] = items
+        self._alive[h : self._head] = True
         slot_bits |= self._log_iota[h : self._head]
         self._map[items] = slot_bits
         self._head = h
 
     def _lru_oldest(self, k: int) -> tuple[IntArray, IntArray, IntArray]:
         """The ``k`` least recently used residents: (items, slots, log positions), oldest first
-        (k <= size).
+        (k <= size). Kills nothing: the caller kills the entries of those it evicts.
 
-        Scans forward from the head in growing windows. The dead entries passed over are dropped: a dead
-        prefix by moving the head, and when the scanned range is mostly dead, by packing its live entries
-        against its end (stamps renumbered, order kept) and moving the head there. Each dead entry is
-        thus scanned a bounded number of times, and victims rejected by admission (which stay at the
-        front) do not make every later scan wade through the holes their evicted neighbours left.
+        Scans the alive flags forward from the head in growing windows (a byte per entry, no lookups
+        for dead ones), and moves the head past the dead prefix. When most of the range up to the k-th
+        live entry is dead, those k entries are packed against its end (stamps renumbered, order
+        kept) and the head moved there: each packing rewrites at most as many live entries as it drops
+        dead ones, so it stays amortised O(1) per touch, and victims that admission keeps at the front
+        do not make every later scan wade through the holes their evicted or re-touched neighbours left.
         """
         h, t = self._head, self._tail
-        e = min(t, h + k + k // 4 + 32)
-        seg, packed, live = self._log_window(h, e)
-        items = seg[live]
-        found = packed[live]
+        e = min(t, h + k + 16)
+        while True:
+            live = self._alive[h:e].nonzero()[0]
+            if len(live) >= k or e == t:
+                break
+            e = min(t, h + 2 * (e - h))
+        if len(live) == 0:
+            self._head = t
+            return _empty(), _empty(), _empty()
+        live = live[:k]
         pos = live + h
-        window = 2 * (e - h)
-        while len(items) < k and e < t:  # the front is sparse
-            s = e
-            e = min(t, s + window)
-            window *= 2
-            seg, packed, live = self._log_window(s, e)
-            items = np.concatenate([items, seg[live]])
-            found = np.concatenate([found, packed[live]])
-            pos = np.concatenate([pos, live + s])
-        n_live = len(items)
-        if 2 * n_live < e - h:  # mostly dead: pack the live entries against e
-            self._head = e - n_live
-            pos = self._log_iota[self._head : e]
-            self._log[self._head : e] = items
-            self._map[items] = (found & _SLOT_BITS) | pos
+        items = self._log[pos]
+        packed = self._map[items]
+        span = int(live[-1]) + 1  # entries from the head to the k-th live one
+        if 2 * len(live) < span:  # mostly dead: pack
+            end = h + span
+            start = end - len(live)
+            self._alive[h:start] = False
+            self._alive[start:end] = True
+            self._log[start:end] = items
+            pos = self._log_iota[start:end]
+            packed &= _KEEP
+            packed |= pos
+            self._map[items] = packed
+            self._head = start
         else:
-            self._head = int(pos[0]) if n_live else e  # skip the dead prefix
-        return items[:k], found[:k] >> 32, pos[:k]
+            self._head = int(pos[0])
+        return items, packed >> 32, pos
 
     def _compact_log(self, *, gap: int, room: int) -> None:
         """Rewrite the live entries (in order) after ``gap`` free entries, with at least ``room`` free
         entries behind them; grow so that the log is at most half full. Stamps are renumbered."""
-        seg, packed, live = self._log_window(self._head, self._tail)
-        items = seg[live]
+        h, t = self._head, self._tail
+        items = self._log[h:t][self._alive[h:t]]
         n_live = len(items)
         gap += n_live // 8  # room for cold-end inserts without compacting each time
         need = gap + n_live + room
         if len(self._log) < 2 * need:
             size = max(2 * need, _MIN_LOG)
             if size >= _STAMP_LIMIT:  # pragma: no cover - 2**31 slots at most
-                raise AssertionError("EMB LRU log would outgrow 32-bit stamps")
+                raise AssertionError("EMB LRU log would outgrow 31-bit stamps")
             self._log = np.zeros(size, dtype=np.int64)
+            self._alive = np.zeros(size, dtype=np.bool_)
             self._log_iota = _iota(size)
+        else:
+            self._alive[h:t] = False
         end = gap + n_live
         self._log[gap:end] = items
-        self._map[items] = (packed[live] & _SLOT_BITS) | self._log_iota[gap:end]
+        self._alive[gap:end] = True
+        packed = self._map[items]
+        packed &= _KEEP
+        packed |= self._log_iota[gap:end]
+        self._map[items] = packed
         self._head = gap
         self._tail = end

@@ -79,20 +79,25 @@ class GhostList:
         items: list[int] = self._log_items[h:t][self._alive[h:t]].tolist()
         return items
 
-    def remember(self, items: IntArray, estimates: npt.NDArray[np.uint8]) -> None:
+    def remember(self, items: IntArray, estimates: npt.NDArray[np.uint8], *, new: bool = False) -> None:
         """Record ``items`` (unique, reserved, not resident) as the most recent ghosts, in array order,
-        ranked by ``estimates`` (their current sketch estimates); then drop the oldest beyond capacity."""
+        ranked by ``estimates`` (their current sketch estimates); then drop the oldest beyond capacity.
+
+        ``new=True`` promises that none of them is a ghost yet (items just evicted: residents never
+        are), which saves looking their old entries up.
+        """
         n = len(items)
         if n == 0 or self._capacity == 0:
             return
         self._sync()
         pos = self._pos
-        old = pos[items]
-        seen = old >= 0
-        again = int(np.count_nonzero(seen))
-        if again:
-            self._alive[old[seen]] = False
-            self._count -= again
+        if not new:
+            old = pos[items]
+            seen = old >= 0
+            again = int(np.count_nonzero(seen))
+            if again:
+                self._alive[old if again == n else old[seen]] = False
+                self._count -= again
         if self._tail + n > len(self._log_items):
             self._make_room(n)
         t = self._tail
@@ -113,10 +118,13 @@ class GhostList:
         old = self._pos[items]
         seen = old >= 0
         gone = int(np.count_nonzero(seen))
-        if gone:
+        if gone == len(items):
+            self._alive[old] = False
+            self._pos[items] = -1
+        elif gone:
             self._alive[old[seen]] = False
             self._pos[items[seen]] = -1
-            self._count -= gone
+        self._count -= gone
 
     def hottest(self, max_items: int) -> IntArray:
         """Up to ``max_items`` items, highest estimate first, ties most recent first."""
@@ -181,10 +189,11 @@ class GhostList:
                 break
             window *= 4
         drop = live[:k] + h
-        self._alive[drop] = False
+        end = int(drop[-1]) + 1
+        self._alive[h:end] = False  # the dropped ones and dead ones between them
         self._pos[self._log_items[drop]] = -1
         self._count -= len(drop)
-        self._head = int(drop[-1]) + 1
+        self._head = end
 
     def _make_room(self, n: int) -> None:
         """Compact the live entries to the front of the log, growing it so that it is at most half full

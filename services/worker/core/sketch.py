@@ -19,8 +19,10 @@ Batches
 of keys and cost a fixed dozen numpy calls, whatever the batch size: the ``4 x n`` counter indices
 are computed by broadcasting, bumped with ``np.add.at`` (so keys of one batch that share a counter each
 count, as they would one at a time; with a uint8 scalar it is a fast path), then saturated and read.
-One difference from counting the keys one at a time, documented policy: aging is applied at the end
-of the batch (as many halvings as ``sample_size`` periods the batch completed), not in its middle.
+Two differences from counting the keys one at a time, documented policy: the estimates returned are
+those after the whole batch was counted (one at a time, a key's estimate would miss the bumps of later
+keys of the batch sharing its counters), and aging is applied at the end of the batch (as many halvings
+as ``sample_size`` periods the batch completed), not in its middle.
 """
 
 from __future__ import annotations
