@@ -17,7 +17,7 @@ the fault until the cluster was whole again). For overload: shed_p99_ms (the 503
 after.
 
 The workers stand for accelerators: most of a request's time is an emulated host-link transfer (20 ms),
-a wait that costs no CPU, so that two CPU workers do not take this machine's CPU from the gateway and the
+a wait that costs no CPU (one request at a time: `MAX_BATCH` 1), so that two CPU workers do not take this machine's CPU from the gateway and the
 load generator (3x their capacity would otherwise measure the gateway's own limit, not its shedding).
 """
 
@@ -53,6 +53,9 @@ WORKER_ENV = {
     "ONEPOOL_WORKER_BUDGET_MIB": "8",
     "ONEPOOL_WORKER_CHUNK_KIB": "64",
     "ONEPOOL_WORKER_LINK_LATENCY_US": "20000",
+    # One request per transfer: batched, eight requests would share one 20 ms wait and the workers would
+    # no longer stand for a fixed cost per request.
+    "ONEPOOL_WORKER_MAX_BATCH": "1",
 }
 JSON = {"Content-Type": "application/json"}
 
