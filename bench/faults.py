@@ -17,8 +17,9 @@ the fault until the cluster was whole again). For overload: shed_p99_ms (the 503
 after.
 
 The workers stand for accelerators: most of a request's time is an emulated host-link transfer (20 ms),
-a wait that costs no CPU (one request at a time: `MAX_BATCH` 1), so that two CPU workers do not take this machine's CPU from the gateway and the
-load generator (3x their capacity would otherwise measure the gateway's own limit, not its shedding).
+a wait that costs no CPU (one request at a time: `MAX_BATCH` 1), so that two CPU workers do not take this
+machine's CPU from the gateway and the load generator (3x their capacity would otherwise measure the
+gateway's own limit, not its shedding).
 """
 
 from __future__ import annotations
