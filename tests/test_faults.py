@@ -91,8 +91,10 @@ async def faulty(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Faul
         workdir,
         # Workers stand for accelerators: most of a request's time is an emulated transfer, a wait that takes
         # no CPU (8 ms per transfer). Otherwise two CPU workers would take this 2-core machine's CPU from the
-        # gateway and the load generator, and 3x their capacity would measure the gateway's own limit.
-        worker_env={"ONEPOOL_WORKER_LINK_LATENCY_US": "8000"},
+        # gateway and the load generator, and 3x their capacity would measure the gateway's own limit. One
+        # request per transfer: batched, eight would share one wait, and 3x the capacity the closed-loop
+        # probe sees (8 clients) would not overload them.
+        worker_env={"ONEPOOL_WORKER_LINK_LATENCY_US": "8000", "ONEPOOL_WORKER_MAX_BATCH": "1"},
         cachestate_env={
             "ONEPOOL_CACHESTATE_METRICS_PORT": str(metrics_port),
             "ONEPOOL_CACHESTATE_METRICS_HOST": "127.0.0.1",

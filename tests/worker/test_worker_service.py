@@ -72,6 +72,20 @@ async def test_digests_are_consecutive_and_start_with_a_snapshot(worker: Running
     assert last.cost.fixed_ms >= 0 and last.cost.samples >= 1
     # what a gateway needs to shed at its door: the worker's own queue limit and its service time
     assert last.load.max_queue == SETTINGS.max_queue and last.load.ewma_service_ms > 0
+    assert last.load.mean_batch_size == 1.0  # one request at a time so far
+
+
+async def test_requests_queued_together_are_served_in_one_batch_and_say_so(worker: Running) -> None:
+    with worker.engine_held():  # they all wait in the engine's queue, then go in one batch
+        pending = [
+            asyncio.ensure_future(worker.infer(request_id=f"r{i}", user_id=f"u{i}", history=[i, i + 1]))
+            for i in range(4)
+        ]
+        await eventually(lambda: worker.engine.queue_depth == 4)
+    replies = await asyncio.gather(*pending)
+    assert all(r.ok is not None and r.ok.batch_size == 4 for r in replies)
+    digest = await worker.wait_digest(lambda d: d.load.requests_total >= 4 and d.load.mean_batch_size > 1)
+    assert digest.load.mean_batch_size == 4.0
 
 
 async def test_restart_gets_a_new_incarnation_and_starts_over(nats_server: Any) -> None:
