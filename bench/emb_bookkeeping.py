@@ -28,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from bench.report import machine_ref
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool
 
@@ -124,4 +125,4 @@ def measure(repeats: int = 100) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure()))
+    print(json.dumps({**measure(), "machine_ref": machine_ref()}))
