@@ -92,8 +92,15 @@ QUICK = replace(FULL, model="tiny", num_items=50_000, budget_mib=8, steady_s=1.0
 
 
 def _engine(
-    sizes: RegimeSizes, *, alpha: float, mode: RefillMode, device: str, model: HSTUConfig | None = None
+    sizes: RegimeSizes,
+    *,
+    alpha: float,
+    mode: RefillMode,
+    device: str,
+    model: HSTUConfig | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> Engine:
+    """An engine for one measurement; the caller stops it (`Engine.stop`) when done."""
     cfg = model or PRESETS[sizes.model]
     chunk_bytes = sizes.chunk_kib * 1024
     total_chunks = sizes.budget_mib * MIB // chunk_bytes
@@ -112,6 +119,7 @@ def _engine(
             prefetch_bytes_per_tick=64 * 1024 if mode == RefillMode.INCREMENTAL else 0,
             link=LinkSpec(),
             device=device,
+            max_batch=max_batch,
         )
     )
 
@@ -150,6 +158,7 @@ def measure_kv_speedup(quick: bool, repeats: int, device: str) -> dict[str, Any]
         uncached.append(_timed(engine, _request(f"u{i}", f"fresh-{i}", history, ts, cands)))
         engine.serve(_request(f"p{i}", f"returning-{i}", history[:prefix], ts[:prefix], cands))
         cached.append(_timed(engine, _request(f"c{i}", f"returning-{i}", history, ts, cands)))
+    engine.stop()
     u, c = statistics.median(uncached), statistics.median(cached)
     return {
         "kv_speedup": u / c,
@@ -182,6 +191,7 @@ def measure_emb_miss_cost(quick: bool, repeats: int, device: str) -> dict[str, A
     # The link alone: one transfer of 1 row and of 256 rows.
     one = statistics.median(_fetch_ms(engine, 1) for _ in range(rounds))
     many = statistics.median(_fetch_ms(engine, 256) for _ in range(rounds))
+    engine.stop()
     return {
         "emb_miss_cost_us": per_row_us,
         "emb_hit_request_ms": statistics.median(hits),
@@ -411,10 +421,10 @@ BATCH_SIZES = replace(
 
 
 def _batching_engine(preset: str, max_batch: int, device: str) -> Engine:
-    engine = _engine(
-        BATCH_SIZES, alpha=0.5, mode=RefillMode.INCREMENTAL, device=device, model=PRESETS[preset]
+    mode = RefillMode.INCREMENTAL
+    return _engine(
+        BATCH_SIZES, alpha=0.5, mode=mode, device=device, model=PRESETS[preset], max_batch=max_batch
     )
-    return Engine(replace(engine.cfg, max_batch=max_batch))
 
 
 def _saturated_rps(engine: Engine, requests: list[PreparedRequest]) -> tuple[float, float]:
@@ -591,6 +601,7 @@ def measure_serve_overhead(quick: bool, repeats: int, device: str) -> dict[str, 
         ratios.append((total - model) / model)
         serve_ms.append(total * 1e3)
         model_ms.append(model * 1e3)
+    engine.stop()
     return {
         "serve_overhead_ratio": statistics.median(ratios),
         "serve_overhead_setup": {

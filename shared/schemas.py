@@ -126,7 +126,7 @@ class InferenceResult(_Msg, kw_only=True):
     emb_hits: NonNegInt
     emb_misses: NonNegInt
     queue_ms: NonNegFloat
-    compute_ms: NonNegFloat  # the batch the request was served in, start to end
+    compute_ms: NonNegFloat  # the requests served together with it (itself included), start to end
     total_ms: NonNegFloat
     batch_size: Annotated[int, Meta(ge=1, le=2**31 - 1)] = (
         1  # requests served together with it, itself included

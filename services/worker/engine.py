@@ -99,7 +99,9 @@ class ServeResult:
     emb_hits: int
     emb_misses: int
     queue_ms: float
-    compute_ms: float  # the whole batch it was served in, start to end
+    # The requests served together with it (one HSTU pass; a user's second request of a batch goes in a
+    # later pass), start to end, and how many they were.
+    compute_ms: float
     batch_size: int = 1
 
 
@@ -338,10 +340,17 @@ class Engine:
         (`snapshot`, which also restarts the deltas), counters, the split and the cost fit."""
         return self._call(lambda: self._report(kind))
 
-    def pause_until(self, release: threading.Event) -> Future[bool]:
+    def pause_until(self, release: threading.Event, parked: threading.Event | None = None) -> Future[bool]:
         """Occupy the model thread until `release` is set (requests meanwhile wait in the queue); for
-        maintenance and tests."""
-        return self._call(release.wait)
+        maintenance and tests. `parked` is set once the thread is held: from then on, and until `release`,
+        nothing else touches the pool."""
+
+        def hold() -> bool:
+            if parked is not None:
+                parked.set()
+            return release.wait()
+
+        return self._call(hold)
 
     @property
     def queue_depth(self) -> int:
@@ -649,7 +658,25 @@ class Engine:
         """Commit every user's new history tokens and write their K/V, in one scatter for the batch.
 
         A later commit of the batch may evict an entry committed earlier in it (and reuse its pages):
-        the scatter writes only the entries still held once every commit is done."""
+        the scatter writes only the entries still held once every commit is done. If anything fails
+        before the bytes are written, the entries committed here are forgotten, never served unwritten."""
+        committed: list[str] = []
+        try:
+            self._commit_and_write(reqs, hashers, cached, past, batch, committed)
+        except BaseException:
+            for user in committed:
+                self.pool.kv_discard(user)
+            raise
+
+    def _commit_and_write(  # noqa: PLR0917 -- the batch's parallel lists, then the output list
+        self,
+        reqs: Sequence[PreparedRequest],
+        hashers: Sequence[PrefixHasher],
+        cached: Sequence[int],
+        past: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]] | None],
+        batch: HSTUBatchOutput,
+        committed: list[str],
+    ) -> None:
         t = self.cfg.page_tokens
         deferred: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # user, pages, rows, K/V rows
         first = 0
@@ -662,6 +689,7 @@ class Engine:
             commit = self.pool.kv_commit(r.user_id, n, hasher(n))
             if commit is None:
                 continue
+            committed.append(r.user_id)
             if commit.write_from == c:
                 tokens = np.arange(c, n)
                 pages = np.asarray(commit.pages, dtype=np.int64)[tokens // t]

@@ -275,6 +275,18 @@ class _PaddedPlan(_Plan):
     weight: Tensor  # [B, 1, max_q, max_k]: the mask times 1 / max_history, 0 on padding
 
 
+def _mask_limits(cached_len: int, n_new: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The target-aware mask as row limits: query row i sees key columns 0..limits[i] (a new history
+    token: the cached history and the new tokens up to itself; a candidate: the whole history), and
+    candidate j also its own column, self_cols[j]. Small host vectors; the dense mask is built from them
+    on the model's device."""
+    hist_len = cached_len + n_new
+    limits = np.empty(n_new + m, dtype=np.int64)
+    limits[:n_new] = np.arange(cached_len, hist_len)
+    limits[n_new:] = hist_len - 1
+    return limits, np.arange(hist_len, hist_len + m)
+
+
 def _padded_elements(group: Sequence[_Checked]) -> int:
     return len(group) * max(r.queries for r in group) * max(r.keys for r in group)
 
@@ -282,51 +294,69 @@ def _padded_elements(group: Sequence[_Checked]) -> int:
 def _plan(
     group: Sequence[_Checked], layout: AttentionLayout, max_history: int, dev: torch.device
 ) -> _JaggedPlan | _PaddedPlan:
-    scale = np.float32(1.0 / max_history)
-    rows, past, candidate_rows, history_rows, masks = [], [], [], [], []
+    """Row maps and attention weights (the mask times 1 / max_history) for one pass. The masks travel to
+    the device as row limits (`_mask_limits`, one small copy for the batch) and are expanded there."""
+    scale = 1.0 / max_history
+    rows, past, candidate_rows, history_rows, limits, self_cols = [], [], [], [], [], []
     row = cached = real = 0
     for r in group:
         rows.append(slice(row, row + r.queries))
         past.append(slice(cached, cached + r.cached_len))
         candidate_rows.append(np.arange(row + r.n_new, row + r.queries))
         history_rows.append(np.arange(row, row + r.n_new))
-        masks.append(HSTU.attention_mask(r.cached_len, r.n_new, r.m).astype(np.float32) * scale)
+        lim, own_cols = _mask_limits(r.cached_len, r.n_new, r.m)
+        limits.append(lim)
+        self_cols.append(own_cols)
         row += r.queries
         cached += r.cached_len
         real += r.queries * r.keys
-    selected = np.concatenate(candidate_rows + history_rows)
-    candidates = torch.from_numpy(selected).to(dev)
-    history = candidates[selected.shape[0] - sum(r.n_new for r in group) :]
-    candidates = candidates[: selected.shape[0] - history.shape[0]]
+    n_hist = sum(r.n_new for r in group)
+    n_cands = row - n_hist
+    host = [*candidate_rows, *history_rows, *limits, *self_cols]
+    if layout is AttentionLayout.JAGGED and cached:
+        host += [
+            part
+            for p, r in zip(past, rows, strict=True)
+            for part in (np.arange(p.start, p.stop), np.arange(r.start, r.stop) + cached)
+        ]
+    index = torch.from_numpy(np.concatenate(host)).to(dev)  # one copy of every index the pass needs
+    candidates, history = index[:n_cands], index[n_cands:row]
+    lim_all, own_all = index[row : 2 * row], index[2 * row : 2 * row + n_cands]
+    max_k = max(r.keys for r in group)
+    keys = torch.arange(max_k, device=dev)
     if layout is AttentionLayout.JAGGED:
-        weights = [torch.from_numpy(m).to(dev) for m in masks]
+        weights: list[Tensor] = []
+        own_at = 0
+        for r, rs in zip(group, rows, strict=True):
+            weight = (keys[: r.keys] <= lim_all[rs, None]).to(torch.float32)
+            own = own_all[own_at : own_at + r.m]
+            weight[torch.arange(r.n_new, r.queries, device=dev), own] = 1.0
+            weights.append(weight.mul_(scale))
+            own_at += r.m
         if cached == 0:
             return _JaggedPlan(rows, past, candidates, history, real, real, weights, rows, None)
-        order = np.concatenate(
-            [
-                part
-                for p, r in zip(past, rows, strict=True)
-                for part in (np.arange(p.start, p.stop), np.arange(r.start, r.stop) + cached)
-            ]
-        )
-        keys, at = [], 0
+        key_slices, at = [], 0
         for r in group:
-            keys.append(slice(at, at + r.keys))
+            key_slices.append(slice(at, at + r.keys))
             at += r.keys
-        key_order = torch.from_numpy(order).to(dev)
-        return _JaggedPlan(rows, past, candidates, history, real, real, weights, keys, key_order)
+        key_order = index[2 * row + n_cands :]
+        return _JaggedPlan(rows, past, candidates, history, real, real, weights, key_slices, key_order)
     b = len(group)
     max_q = max(r.queries for r in group)
-    max_k = max(r.keys for r in group)
-    weight = np.zeros((b, 1, max_q, max_k), dtype=np.float32)
-    q_rows, past_rows, new_rows = [], [], []
-    for i, (r, mask) in enumerate(zip(group, masks, strict=True)):
-        weight[i, 0, : r.queries, : r.keys] = mask
+    # Row limits padded with -1 (a padding row sees nothing), then the candidates' own columns.
+    padded_limits = torch.full((b, max_q), -1, dtype=torch.int64, device=dev)
+    q_rows, past_rows, new_rows, cand_q = [], [], [], []
+    for i, r in enumerate(group):
         q_rows.append(np.arange(i * max_q, i * max_q + r.queries))
         past_rows.append(np.arange(i * max_k, i * max_k + r.cached_len))
         new_rows.append(np.arange(i * max_k + r.cached_len, i * max_k + r.keys))
-    index = torch.from_numpy(np.concatenate([*q_rows, *past_rows, *new_rows])).to(dev)
+        cand_q.append(np.arange(i * max_q + r.n_new, i * max_q + r.queries))
+    maps = torch.from_numpy(np.concatenate([*q_rows, *past_rows, *new_rows, *cand_q])).to(dev)
     n, c = row, cached
+    q_index = maps[:n]
+    padded_limits.view(-1).index_copy_(0, q_index, lim_all)
+    weight = (keys <= padded_limits[:, :, None]).to(torch.float32)
+    weight.view(b * max_q, max_k)[maps[n + c + n :], own_all] = 1.0
     return _PaddedPlan(
         rows,
         past,
@@ -337,10 +367,10 @@ def _plan(
         batch=b,
         max_q=max_q,
         max_k=max_k,
-        q_rows=index[:n],
-        past_rows=index[n : n + c],
-        new_rows=index[n + c :],
-        weight=torch.from_numpy(weight).to(dev),
+        q_rows=q_index,
+        past_rows=maps[n : n + c],
+        new_rows=maps[n + c : n + c + n],
+        weight=weight.mul_(scale)[:, None],
     )
 
 
@@ -523,15 +553,14 @@ class HSTU(nn.Module):
         return time_buckets(_host_int64(timestamps), start, self.cfg.time_buckets)
 
     @staticmethod
-    def attention_mask(cached_len: int, n_new: int, m: int) -> np.ndarray:
+    def attention_mask(cached_len: int, n_new: int, m: int, device: torch.device | str = "cpu") -> Tensor:
         """Bool [n_new + m, cached_len + n_new + m]: query rows = new history tokens then candidates;
-        key columns = cached history, new history, candidates."""
-        hist_len = cached_len + n_new
-        mask = np.zeros((n_new + m, hist_len + m), dtype=np.bool_)
-        mask[:, :cached_len] = True  # every new row sees the whole cached history
-        mask[:n_new, cached_len:hist_len] = np.tri(n_new, dtype=np.bool_)  # causal, self included
-        mask[n_new:, cached_len:hist_len] = True  # candidates see the whole history ...
-        mask[n_new:, hist_len:] = np.eye(m, dtype=np.bool_)  # ... and themselves, no other candidate
+        key columns = cached history, new history, candidates (the rule of `_mask_limits`)."""
+        limits, self_cols = _mask_limits(cached_len, n_new, m)
+        dev = torch.device(device)
+        keys = torch.arange(cached_len + n_new + m, device=dev)
+        mask = keys <= torch.from_numpy(limits).to(dev)[:, None]
+        mask[torch.arange(n_new, n_new + m, device=dev), torch.from_numpy(self_cols).to(dev)] = True
         return mask
 
     @torch.inference_mode()

@@ -56,10 +56,14 @@ class Running:
     @contextlib.contextmanager
     def engine_held(self) -> Iterator[threading.Event]:
         """Occupy the model thread until the yielded event is set (at the latest when the block ends):
-        requests received meanwhile wait in the engine's queue, in flight, for as long as the test says."""
+        requests received meanwhile wait in the engine's queue, in flight, for as long as the test says.
+        The block starts once the thread is parked, so the test may also use the pool meanwhile."""
         release = threading.Event()
-        held = self.engine.pause_until(release)
+        parked = threading.Event()
+        held = self.engine.pause_until(release, parked)
         try:
+            if not parked.wait(10):
+                raise AssertionError("the model thread was not parked within 10 s")
             yield release
         finally:
             release.set()

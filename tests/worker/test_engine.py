@@ -12,7 +12,7 @@ import torch
 
 from services.worker.core.pool import RefillMode
 from services.worker.engine import Engine, EngineConfig, Job, ServeResult
-from services.worker.errors import Draining, InternalError, WorkerError
+from services.worker.errors import DeadlineExceeded, Draining, InternalError, WorkerError
 from services.worker.hstu import PRESETS
 from services.worker.storage import LinkSpec
 from services.worker.validation import PreparedRequest
@@ -483,3 +483,82 @@ def test_cuda_batch_moves_its_misses_in_one_h2d_copy_and_matches_alone() -> None
         got, want = scores_of(result, cands), scores_of(alone, cands)
         assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-6)) <= 1e-2
     engine.pool.check_invariants()
+
+
+def test_a_batch_whose_kv_write_fails_leaves_no_unwritten_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine()
+    rng = np.random.default_rng(12)
+    ha, hb = rng.integers(0, 5000, 40).astype(np.int64), rng.integers(0, 5000, 50).astype(np.int64)
+    cands = np.arange(6, dtype=np.int64)
+    engine.serve(req("b", hb[:20], cands))  # b holds a good prefix before the failing batch
+    real_write = engine.storage.write_kv_tokens
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("device out of memory")
+
+    monkeypatch.setattr(engine.storage, "write_kv_tokens", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.serve_batch([req("a", ha, cands), req("b", hb, cands)])
+    monkeypatch.setattr(engine.storage, "write_kv_tokens", real_write)
+    # neither user's entry claims tokens whose bytes were never written: both are computed afresh, exactly
+    assert engine.pool.kv.get("a") is None and engine.pool.kv.get("b") is None
+    for user, history in (("a", ha), ("b", hb)):
+        again = engine.serve(req(user, history, cands, k=6))
+        fresh = make_engine().serve(req("fresh", history, cands, k=6))
+        assert again.cached_tokens == 0
+        assert_close(scores_of(again, cands), scores_of(fresh, cands))
+    engine.pool.check_invariants()
+
+
+def test_stop_answers_every_queued_job_even_inside_a_batch() -> None:
+    engine = make_engine(max_batch=8)
+    answers: list[ServeResult | WorkerError] = []
+    gate = threading.Event()
+    engine.start()
+    engine.pause_until(gate)
+    for i in range(3):
+        engine.submit(
+            Job(
+                request=req(f"u{i}", np.arange(10, dtype=np.int64), np.arange(4)),
+                deadline=time.perf_counter() + 60,
+                done=answers.append,
+            )
+        )
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()  # the stop marker queues behind the three jobs
+    time.sleep(0.05)
+    gate.set()
+    stopper.join(15)
+    assert not stopper.is_alive()
+    assert len(answers) == 3 and all(isinstance(a, ServeResult) for a in answers)
+    assert engine.queue_depth == 0
+
+
+def test_expired_and_cancelled_jobs_in_a_batch_are_answered_once_or_skipped() -> None:
+    engine = make_engine(max_batch=8)
+    answers: dict[str, list[ServeResult | WorkerError]] = {"live": [], "expired": [], "cancelled": []}
+    gate = threading.Event()
+    engine.start()
+    try:
+        engine.pause_until(gate)
+        jobs = {}
+        for name, deadline in (("live", 60.0), ("expired", 0.01), ("cancelled", 60.0)):
+            jobs[name] = Job(
+                request=req(name, np.arange(10, dtype=np.int64), np.arange(4)),
+                deadline=time.perf_counter() + deadline,
+                done=answers[name].append,
+            )
+            engine.submit(jobs[name])
+        jobs["cancelled"].cancelled = True
+        time.sleep(0.05)  # past the short deadline
+        gate.set()
+        deadline = time.monotonic() + 10
+        while not (answers["live"] and answers["expired"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert len(answers["live"]) == 1 and isinstance(answers["live"][0], ServeResult)
+    assert answers["live"][0].batch_size == 1  # the others were not served
+    assert len(answers["expired"]) == 1 and isinstance(answers["expired"][0], DeadlineExceeded)
+    assert answers["cancelled"] == []
+    assert engine.queue_depth == 0

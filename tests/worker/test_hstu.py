@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -222,16 +221,18 @@ def test_time_buckets(model: HSTU) -> None:
 def test_attention_mask_shape_and_rules() -> None:
     mask = HSTU.attention_mask(cached_len=2, n_new=2, m=2)
     # rows: history pos 2, 3, candidate 0, 1; columns: history 0..3, candidate 0, 1
-    expected = np.array(
+    expected = torch.tensor(
         [
             [1, 1, 1, 0, 0, 0],
             [1, 1, 1, 1, 0, 0],
             [1, 1, 1, 1, 1, 0],
             [1, 1, 1, 1, 0, 1],
         ],
-        dtype=bool,
+        dtype=torch.bool,
     )
-    assert np.array_equal(mask, expected)
+    assert torch.equal(mask, expected)
+    # no cache, no history: candidates see only themselves
+    assert torch.equal(HSTU.attention_mask(cached_len=0, n_new=0, m=2), torch.eye(2, dtype=torch.bool))
 
 
 def test_history_beyond_max_history_raises() -> None:

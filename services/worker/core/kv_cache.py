@@ -148,6 +148,11 @@ class KvCache:
         self._touched.add(user)
         return KvCommit(pages=list(pages), write_from=old_len)
 
+    def discard(self, user: str) -> None:
+        """Forget ``user``'s entry if there is one (its bytes could not be written: never serve them)."""
+        if user in self._entries:
+            self._drop(user)
+
     # ----------------------------------------------------------------- chunk ownership
     def add_chunk(self, chunk: int) -> None:
         self._geometry.kv_pages_of_chunk(chunk)  # range check

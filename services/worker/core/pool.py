@@ -204,6 +204,9 @@ class Pool:
     def kv_commit(self, user: str, length: int, prefix_hash: bytes) -> KvCommit | None:
         return self.kv.commit(user, length, prefix_hash)
 
+    def kv_discard(self, user: str) -> None:
+        self.kv.discard(user)
+
     # ----------------------------------------------------------------- residency reporting
     def drain_deltas(self) -> ResidencyDelta:
         emb_added, emb_removed = self.emb.drain_changes()
