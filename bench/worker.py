@@ -12,6 +12,9 @@ Figures (each the median of `repeats` runs):
   naive mode (the pool jumps to the target in one tick and refills the grown embedding region synchronously
   before serving continues). The workload is sized so that both caches' working sets fit at either end of
   the swing: the ratio measures what moving memory costs, not what a smaller cache costs.
+- The hot path: emb_lookup_hit_us_per_item and emb_admit_us_per_item (bench.emb_bookkeeping),
+  serve_overhead_ratio, and batching across users: throughput_rps_batched/_unbatched per preset,
+  p99_ms_low_load_batched/_unbatched, padding_waste per batch size (docs/benchmarks.md defines each).
 CPU mode: the host->device link is emulated (real wall time); every report says so.
 """
 
