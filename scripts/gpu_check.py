@@ -686,6 +686,22 @@ def cuda_paths(out: Path, device_name: str) -> int:
 
             first = engine.serve(req("u", 150))
             again = engine.serve(req("u", 200))
+            # A batch of new users whose candidates all miss: one H2D copy for the whole batch.
+            before = engine.link.transfers
+            batch = engine.serve_batch(
+                [
+                    PreparedRequest(
+                        request_id=f"b{i}",
+                        user_id=f"b{i}",
+                        history=history[:50],
+                        timestamps=ts[:50],
+                        candidates=np.arange(1000 + 100 * i, 1032 + 100 * i, dtype=np.int64),
+                        k=5,
+                    )
+                    for i in range(4)
+                ]
+            )
+            batch_transfers = engine.link.transfers - before
             engine.pool.set_target(0.8)
             for _ in range(40):
                 engine.tick()
@@ -703,6 +719,8 @@ def cuda_paths(out: Path, device_name: str) -> int:
                 "link_transfers": engine.link.transfers,
                 "link_bytes_moved": engine.link.bytes_moved,
                 "chunks_moved": engine.pool.counters.chunks_moved,
+                "batch_sizes": [r.batch_size for r in batch],
+                "batch_h2d_transfers": batch_transfers,
             }
             ok = (
                 engine.storage.arena.is_cuda
@@ -712,6 +730,8 @@ def cuda_paths(out: Path, device_name: str) -> int:
                 and detail["prefetch_on_side_stream"]
                 and again.cached_tokens > 0
                 and engine.link.bytes_moved > 0
+                and batch_transfers == 1
+                and all(r.batch_size == 4 for r in batch)
             )
             return bool(ok), detail
         finally:
