@@ -108,6 +108,23 @@ async def closed_loop_capacity(
     return done / seconds
 
 
+async def probe_healthz(
+    http: aiohttp.ClientSession, url: str, latencies: list[float], period_s: float = 0.1
+) -> None:
+    """GET `url`/healthz every `period_s` until cancelled: the latency of each 200 into `latencies`, and
+    10,000 ms for any other answer or none (so that a P99 shows it)."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            async with http.get(url + "/healthz") as resp:
+                await resp.read()
+            ok = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        latencies.append((time.perf_counter() - t0) * 1e3 if ok else 10_000.0)
+        await asyncio.sleep(period_s)
+
+
 class Bench:
     def __init__(self, cluster: LocalCluster, opts: FaultBenchOptions) -> None:
         self.cluster = cluster
@@ -191,19 +208,7 @@ class Bench:
         await asyncio.sleep(1.0)
         rss_before = rss_mib(pid)
         health: list[float] = []
-
-        async def probe() -> None:
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    async with self.http.get(self.url + "/healthz") as resp:
-                        await resp.read()
-                    health.append((time.perf_counter() - t0) * 1e3)
-                except (aiohttp.ClientError, TimeoutError):
-                    health.append(10_000.0)
-                await asyncio.sleep(0.1)
-
-        prober = asyncio.create_task(probe())
+        prober = asyncio.create_task(probe_healthz(self.http, self.url, health))
         load = OpenLoop(
             "127.0.0.1", self.port, 3 * capacity, bodies, duration_s=self.opts.overload_s, timeout_s=10
         )

@@ -548,10 +548,6 @@ class HSTU(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
-    def time_buckets_for(self, timestamps: Tensor | np.ndarray, start: int) -> np.ndarray:
-        """Time buckets (int64) of history tokens start..len(timestamps)-1."""
-        return time_buckets(_host_int64(timestamps), start, self.cfg.time_buckets)
-
     @staticmethod
     def attention_mask(cached_len: int, n_new: int, m: int, device: torch.device | str = "cpu") -> Tensor:
         """Bool [n_new + m, cached_len + n_new + m]: query rows = new history tokens then candidates;

@@ -15,6 +15,7 @@ from services.worker.hstu import (
     HSTUConfig,
     HSTUInput,
     HSTUOutput,
+    time_buckets,
 )
 
 TINY = PRESETS["tiny"]
@@ -211,11 +212,10 @@ def test_timestamps_matter(model: HSTU, seed: int) -> None:
 
 def test_time_buckets(model: HSTU) -> None:
     ts = torch.tensor([100, 100, 101, 104, 99, 99 + 2**40], dtype=torch.int64)
-    buckets = model.time_buckets_for(ts, 0)
-    assert buckets.tolist() == model.time_buckets_for(ts.numpy(), 0).tolist()
+    buckets = time_buckets(ts.numpy(), 0, TINY.time_buckets)
     # gaps: 0 (first), 0, 1, 3, -5 -> 0, 2**40 -> clamped to time_buckets - 1
     assert buckets.tolist() == [0, 0, 1, 2, 0, TINY.time_buckets - 1]
-    assert model.time_buckets_for(ts, 3).tolist() == [2, 0, TINY.time_buckets - 1]
+    assert time_buckets(ts.numpy(), 3, TINY.time_buckets).tolist() == [2, 0, TINY.time_buckets - 1]
 
 
 def test_attention_mask_shape_and_rules() -> None:
