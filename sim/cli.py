@@ -58,7 +58,7 @@ def _positive(kind: type[int] | type[float]) -> Any:
 
 
 def _workload_args(p: argparse.ArgumentParser, *, trace_input: bool) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group(required=not trace_input)  # sim: none with --motivation
     src.add_argument(
         "--regime", choices=REGIMES, help="a synthetic regime, or movielens (from the recbole wheel)"
     )
@@ -192,12 +192,13 @@ def _motivation(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> 
 
 def _sim(args: argparse.Namespace) -> int:
     preset = _preset(args)
+    if args.motivation and (args.trace or args.regime):
+        raise ValueError("--motivation runs the three synthetic regimes: it takes no --regime or --trace")
+    source = None if args.motivation else _source(args, preset)  # a bad trace is named before anything runs
     cost = _cost(args, preset)
     command = "onepool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report_dir = Path(args.report) if args.report else None
     if args.motivation:
-        if args.trace:
-            raise ValueError("--motivation runs the three synthetic regimes: it takes no --trace")
         result = _motivation(args, preset, cost)
         cfg = _config(args, preset, cost)
         report = {"command": command, "setup": {"preset": preset.to_json(), "sim": cfg.to_json()}, **result}
@@ -208,7 +209,7 @@ def _sim(args: argparse.Namespace) -> int:
             f"penalty {result['fixed_split_penalty']:.3f}"
         )
     else:
-        source = _source(args, preset)
+        assert source is not None
         cfg = _config(args, preset, cost)
         warmup = args.warmup if args.warmup is not None else min(0.2 * source.duration_s, 60.0)
         report = {"command": command, "setup": _setup(args, preset, cfg, source, warmup)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -179,16 +179,21 @@ class Trace:
 
     path: str
     header: TraceHeader
-    _lines: Iterator[tuple[int, str]]
+    _lines: Generator[tuple[int, str]]
 
     def __iter__(self) -> Iterator[TraceRequest]:
+        """The requests, once; the file is closed at the end, on the first bad line, or when the caller
+        stops early."""
         last_t = 0.0
-        for number, text in self._lines:
-            if not text.strip():
-                continue
-            req = _parse_request(self.path, number, text, self.header, last_t)
-            last_t = req.t
-            yield req
+        try:
+            for number, text in self._lines:
+                if not text.strip():
+                    continue
+                req = _parse_request(self.path, number, text, self.header, last_t)
+                last_t = req.t
+                yield req
+        finally:
+            self._lines.close()
 
 
 def read_trace(path: str | Path) -> Trace:
@@ -199,16 +204,20 @@ def read_trace(path: str | Path) -> Trace:
     except OSError as exc:
         raise FileNotFoundError(f"cannot read trace {p}: {exc.strerror}") from None
 
-    def lines() -> Iterator[tuple[int, str]]:
-        with handle:
-            yield from enumerate(handle, start=1)
-
-    numbered = lines()
-    first = next(numbered, None)
-    if first is None:
+    try:
+        first = handle.readline()
+        if not first:
+            raise TraceFormatError(str(p), 1, None, "empty file: expected a header line")
+        header = _parse_header(str(p), first)
+    except BaseException:
         handle.close()
-        raise TraceFormatError(str(p), 1, None, "empty file: expected a header line")
-    return Trace(str(p), _parse_header(str(p), first[1]), numbered)
+        raise
+
+    def lines() -> Generator[tuple[int, str]]:
+        with handle:
+            yield from enumerate(handle, start=2)
+
+    return Trace(str(p), header, lines())
 
 
 class TraceWriter:

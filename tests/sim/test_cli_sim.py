@@ -1,0 +1,159 @@
+"""`onepool trace gen`, `onepool sim` and `onepool calibrate` through the console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workloads.trace import read_trace
+
+ROOT = Path(__file__).resolve().parents[2]
+ONEPOOL = str(Path(sys.executable).parent / "onepool")
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ONEPOOL, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_trace_gen_then_sim_replays_it_and_reports(tmp_path: Path) -> None:
+    trace = tmp_path / "burst.jsonl"
+    gen = _run(
+        "trace",
+        "gen",
+        "--regime",
+        "burst",
+        "--duration",
+        "8",
+        "--rate",
+        "50",
+        "--seed",
+        "2",
+        "--out",
+        str(trace),
+    )
+    assert gen.returncode == 0, gen.stderr
+    t = read_trace(trace)
+    assert t.header.extra["generator"]["regime"] == "burst"
+    n = sum(1 for _ in t)
+    assert 300 < n < 500
+    out = tmp_path / "sim.json"
+    report = tmp_path / "report"
+    sim = _run(
+        "sim",
+        "--trace",
+        str(trace),
+        "--cost",
+        "a100",
+        "--pool-mib",
+        "4",
+        "--alpha-policy",
+        "static:0.4",
+        "--alpha-policy",
+        "hit-balance",
+        "--json",
+        str(out),
+        "--report",
+        str(report),
+    )
+    assert sim.returncode == 0, sim.stderr
+    r = json.loads(out.read_text())
+    for key in (
+        "p50_ms",
+        "p99_ms",
+        "slo_satisfaction",
+        "throughput_rps",
+        "emb_hit_rate",
+        "kv_hit_rate",
+        "critical_refill_bytes",
+        "sim_requests_per_s",
+    ):
+        assert isinstance(r[key], (int, float)), key
+    assert set(r["policies"]) == {"static:0.4", "hit-balance"}
+    assert r["setup"]["sim"]["pool_bytes"] == 4 * 1024 * 1024
+    assert r["setup"]["input"]["trace"] == str(trace)
+    assert r["policies"]["static:0.4"]["requests"] + 0 <= n
+    assert "machine_ref" in r
+    assert (report / "report.md").is_file() and (report / "latency_cdf.png").is_file()
+
+
+def test_sim_sweep_and_motivation_keys(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    sim = _run(
+        "sim",
+        "--regime",
+        "trend",
+        "--duration",
+        "6",
+        "--rate",
+        "40",
+        "--num-items",
+        "20000",
+        "--pool-mib",
+        "2",
+        "--cost",
+        "a100",
+        "--sweep",
+        "--window",
+        "2",
+        "--json",
+        str(out),
+    )
+    assert sim.returncode == 0, sim.stderr
+    r = json.loads(out.read_text())
+    assert set(r["static"]) == {f"{a / 10:g}" for a in range(1, 10)}
+    assert len(r["alpha_star"]) == 3
+    for key in ("best_static_alpha", "best_static_p99_ms", "alpha_star_mean", "oracle_p99_ms"):
+        assert isinstance(r[key], float), key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trace", "{bad}"], ":2: field 't'"),
+        (["--regime", "steady", "--cost", "nope"], "shipped profiles"),
+        (["--regime", "movielens", "--cost", "a100", "--motivation"], "three synthetic regimes"),
+        (["--cost", "a100"], "exactly one of --regime and --trace"),
+        (["--regime", "steady", "--alpha-policy", "static:2"], "static alpha must be in [0, 1]"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"onepool_trace": 1, "num_items": 10}\n{"t": "soon", "user_id": "u", "history": [], "candidates": [1]}\n'
+    )
+    args = [str(bad) if a == "{bad}" else a for a in args]
+    run = _run("sim", *args, "--duration", "1", "--json", str(tmp_path / "x.json"))
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_calibrate_quick_writes_a_profile_the_simulator_loads(tmp_path: Path) -> None:
+    out = tmp_path / "cal.json"
+    cal = _run("calibrate", "--quick", "--json", str(out))
+    assert cal.returncode == 0, cal.stderr
+    profile = json.loads(out.read_text())["profile"]
+    assert profile["ms_per_new_token"] > 0 and profile["batch_fixed_ms"] >= 0
+    sim = _run(
+        "sim",
+        "--regime",
+        "steady",
+        "--duration",
+        "3",
+        "--rate",
+        "20",
+        "--num-items",
+        "20000",
+        "--pool-mib",
+        "2",
+        "--cost",
+        str(out),
+        "--json",
+        str(tmp_path / "s.json"),
+    )
+    assert sim.returncode == 0, sim.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["setup"]["sim"]["cost"]["name"] == "calibrated-tiny"
