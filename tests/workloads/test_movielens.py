@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -22,7 +24,7 @@ def test_replay_in_time_order_with_growing_histories() -> None:
     assert ratings.num_items == 1683
     assert (np.diff(ratings.timestamps) >= 0).all()
     reqs = list(movielens.replay(ratings, compression=10_000, candidates=8, seed=0, duration_s=200))
-    assert reqs and all(b.t >= a.t for a, b in zip(reqs, reqs[1:], strict=False))
+    assert reqs and all(b.t >= a.t for a, b in itertools.pairwise(reqs))
     assert reqs[-1].t < 200
     seen: dict[str, list[int]] = {}
     for r in reqs:

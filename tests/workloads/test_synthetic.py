@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -36,7 +37,7 @@ def test_rate_shares_and_sizes_follow_the_parameters() -> None:
     reqs = _run()
     n = len(reqs)
     assert abs(n / 60.0 - P.rate) < 4 * math.sqrt(P.rate * 60) / 60  # Poisson count within 4 sigma
-    assert all(b.t >= a.t for a, b in zip(reqs, reqs[1:], strict=False))
+    assert all(b.t >= a.t for a, b in itertools.pairwise(reqs))
     kinds = [_kind(r.user_id) for r in reqs]
     assert abs(kinds.count("h") / n - P.hot_share) < 0.02
     assert abs(kinds.count("n") / n - P.new_user_share) < 0.01
