@@ -123,7 +123,8 @@ def test_sim_sweep_and_motivation_keys(tmp_path: Path) -> None:
 def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
-        '{"onepool_trace": 1, "num_items": 10}\n{"t": "soon", "user_id": "u", "history": [], "candidates": [1]}\n'
+        '{"onepool_trace": 1, "num_items": 10}\n'
+        '{"t": "soon", "user_id": "u", "history": [], "candidates": [1]}\n'
     )
     args = [str(bad) if a == "{bad}" else a for a in args]
     run = _run("sim", *args, "--duration", "1", "--json", str(tmp_path / "x.json"))
