@@ -418,6 +418,38 @@ def test_allocate_many_hands_out_what_single_allocations_would(
         assert all(batched.free_units(c) == single.free_units(c) for c in chunks)
 
 
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    taken=st.integers(0, 24),
+    detached=st.sets(st.integers(0, 7), max_size=3),
+    order=st.randoms(use_true_random=False),
+)
+def test_release_owned_releases_what_single_releases_would_skipping_detached_chunks(
+    taken: int, detached: set[int], order: random.Random
+) -> None:
+    batched, single = ChunkAllocator(3), ChunkAllocator(3)
+    for alloc in (batched, single):
+        for chunk in range(8):
+            alloc.add_chunk(chunk)
+    held = batched.allocate_many(taken)
+    assert single.allocate_many(taken) == held
+    for chunk in detached:
+        batched.detach_chunk(chunk)
+        single.detach_chunk(chunk)
+    order.shuffle(held)
+    batched.release_owned(held)
+    for unit in held:
+        if single.owns(unit // 3):
+            single.release(unit)
+    assert batched.free_count == single.free_count
+    assert batched.chunks() == single.chunks()
+    assert all(batched.free_units(c) == single.free_units(c) for c in single.chunks())
+    assert batched.allocate_many(30) == single.allocate_many(30)
+    if held and any(unit // 3 in detached for unit in held):
+        with pytest.raises(ValueError, match="not owned"):
+            batched.release_many(held)
+
+
 # ---------------------------------------------------------------------------- inputs and results
 
 

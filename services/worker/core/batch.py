@@ -94,8 +94,8 @@ class RoundCaches:
         for r, c in zip(reqs, cached, strict=True):
             pieces += [r.history[c:], r.candidates]
             counts.append(int(r.history.shape[0]) - c + int(r.candidates.shape[0]))
-        unique, inverse = np.unique(np.concatenate(pieces), return_inverse=True)
-        return cls(kv, cached, unique, inverse.astype(np.int64, copy=False), counts, pool.emb_lookup(unique))
+        unique, inverse = _unique_inverse(np.concatenate(pieces))
+        return cls(kv, cached, unique, inverse, counts, pool.emb_lookup(unique))
 
     def admit(self, pool: Pool) -> EmbPlacement:
         """Offer the round's misses to the EMB cache (after the hit rows were read)."""
@@ -117,7 +117,29 @@ class RoundCaches:
 
     def per_request_emb(self) -> tuple[I64, I64]:
         """(hits, misses) per request, over the distinct items each needed."""
+        if len(self.counts) == 1:  # one request needed every distinct item of the round
+            misses = self.emb.misses
+            return np.array([self.emb.hits], dtype=np.int64), np.array([misses], dtype=np.int64)
         return per_request_emb(self.unique.shape[0], self.inverse, self.counts, self.missed())
+
+
+def _unique_inverse(items: I64) -> tuple[I64, I64]:
+    """``np.unique(items, return_inverse=True)`` of a 1-D array (the same arrays; the inverse int64), without
+    its per-call overhead."""
+    n = items.shape[0]
+    if n == 0:
+        return items.copy(), np.zeros(0, dtype=np.int64)
+    order = items.argsort()
+    ordered = items[order]
+    first = np.empty(n, dtype=np.bool_)  # the first of each run of equal items
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    rank = np.cumsum(first, dtype=np.int64)
+    rank -= 1
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = rank
+    unique: I64 = ordered[first]
+    return unique, inverse
 
 
 def per_request_emb(

@@ -10,6 +10,7 @@ back many units per call (units in the order single calls would use), looping ov
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 
 __all__ = ["ChunkAllocator"]
 
@@ -93,10 +94,13 @@ class ChunkAllocator:
             self._in_heap.discard(heapq.heappop(heap))
         return out
 
-    def release_many(self, units: list[int]) -> None:
+    def release_many(self, units: Iterable[int]) -> None:
         """Release ``units`` in order (as many calls of :meth:`release`)."""
-        for unit in units:
-            self.release(unit)
+        self._release_run(units, skip_unowned=False)
+
+    def release_owned(self, units: Iterable[int]) -> None:
+        """Release, in order, those of ``units`` whose chunk is owned; skip the others."""
+        self._release_run(units, skip_unowned=True)
 
     def release(self, unit: int) -> None:
         chunk = unit // self._n
@@ -106,6 +110,24 @@ class ChunkAllocator:
         units.append(unit)
         self._free_count += 1
         self._push(chunk)
+
+    def _release_run(self, units: Iterable[int], *, skip_unowned: bool) -> None:
+        """:meth:`release` of each unit in turn, looking its chunk up once per run of units in one chunk."""
+        n = self._n
+        chunk = -1
+        free: list[int] | None = None
+        for unit in units:
+            c = unit // n
+            if c != chunk:
+                chunk = c
+                free = self._free.get(c)
+                if free is None and not skip_unowned:
+                    raise ValueError(f"unit {unit} belongs to chunk {c}, which is not owned")
+                if free is not None:
+                    self._push(c)
+            if free is not None:
+                free.append(unit)
+                self._free_count += 1
 
     def _push(self, chunk: int) -> None:
         if chunk not in self._in_heap:

@@ -47,16 +47,21 @@ Policy
 
 Data structures
 ---------------
-* ``map``: a dense int64 array indexed by item id, grown by doubling to the largest id seen (ids must
-  lie in ``[0, 2**31)``). A resident item's entry packs its slot (high 32 bits), a "residency changed
-  since the last drain" bit (bit 31) and its recency stamp (low 31 bits); a non-resident item's entry
-  is -1, or -2 if it was resident at some point since the last drain. One gather thus answers
-  "resident? where? how recent?", a touch rewrites the cache line it just read, and residency deltas
-  cost the serving path nothing: :meth:`EmbCache.drain_changes` finds them in one pass over the map
-  (a few milliseconds per million ids, once per digest). With the ghost list's int32 position array,
-  **12 bytes per item id** up to the largest id seen (12 MB for a million-item catalogue), whatever
-  the cache size; plus 8 bytes per EMB slot (slot -> item) and the LRU log (9 bytes an entry, at most
-  about 2.5 entries per resident item).
+* ``map``: a dense int64 array indexed by item id, grown to the largest id seen plus an eighth (and at
+  least doubled: amortised O(1) per id; ids must lie in ``[0, 2**31)``). A resident item's entry packs
+  its slot (high 32 bits), a "residency changed since the last drain" bit (bit 31) and its recency
+  stamp (low 31 bits); a non-resident item's entry is -1, or -2 if it was resident at some point since
+  the last drain. One gather thus answers "resident? where? how recent?", and a touch rewrites the
+  cache line it just read. With the ghost list's int32 position array, **12 bytes per item id** up to
+  the largest id seen (12 MB for a million-item catalogue), whatever the cache size; plus 8 bytes per
+  EMB slot (slot -> item) and the LRU log (9 bytes an entry, at most about 2.5 entries per resident
+  item).
+* Residency deltas: an item whose residency changes while unmarked (no touched bit, not -2) is
+  appended to a change log, and then marked; so the log holds each changed item once, and
+  :meth:`EmbCache.drain_changes` costs O(changes): it splits the log by current residency, sorts, and
+  clears the marks. The log is bounded to one entry per 8 item ids; past that it is dropped, and the
+  next drain finds the marks in one pass over the map instead (a few milliseconds per million ids,
+  amortised over at least as many changes as an eighth of the ids).
 * Exact LRU without per-item work: an append-only log of item ids with an alive flag per entry. A
   touch kills the item's previous entry (its log index is the stamp in the map value just gathered),
   appends a live one and stores its index as the new stamp. The live entries in log order are the LRU
@@ -107,6 +112,8 @@ _ABSENT = -1  # not resident, unchanged since the last drain
 _GONE = -2  # not resident, was resident at some point since the last drain
 _STAMP_LIMIT = 0x7FFFFFFE  # the stamp bits of _ABSENT and _GONE: never a log index
 _DUEL_ROUNDS = 1  # fixed-point rounds of batch admission (see EmbCache._duel)
+_MIN_CHANGES = 1024  # initial length of the change log
+_CHANGES_PER_ITEM_ID = 8  # the change log holds at most one entry per this many item ids, then overflows
 _UNBEATABLE = np.uint8(16)  # above any sketch estimate
 
 
@@ -219,6 +226,10 @@ class EmbCache:
         self._log_iota = _iota(0)  # log index -> itself, as long as the log
         self._head = 0
         self._tail = 0
+        # Items whose residency changed since the last drain, each once (see _record_changes); None
+        # once it overflowed, until the next drain (which then scans the map).
+        self._changes: IntArray | None = np.zeros(_MIN_CHANGES, dtype=np.int64)
+        self._n_changes = 0
         self._sketch = sketch if sketch is not None else FrequencySketch(geometry.emb_slot_count)
         self._ghost = GhostList(ghost_capacity, self._sketch)
         self._counters = counters if counters is not None else PoolCounters()
@@ -334,7 +345,7 @@ class EmbCache:
         paired = min(m - n_free, self._size)  # candidates that compete for a victim
         won = victim_of = _empty()
         if paired:
-            victims, victim_slots, victim_pos = self._lru_oldest(paired)
+            victims, victim_packed, victim_pos = self._lru_oldest(paired)
             if estimates is not None:
                 cand_est = estimates[offered[n_free : n_free + paired]]
             else:
@@ -352,19 +363,22 @@ class EmbCache:
             if n_free:
                 positions = np.concatenate([offered[:n_free], positions])
         placed = arr[positions]
+        self._record_changes(placed, self._map[placed] == _ABSENT)
         if n_won:
             if n_won == paired:  # every victim goes, in order
-                evicted, slots, evicted_est = victims, victim_slots, victim_est
+                evicted, evicted_packed, evicted_est = victims, victim_packed, victim_est
                 self._alive[victim_pos] = False
                 self._head = int(victim_pos[-1]) + 1  # nothing before is alive
             else:
-                evicted, slots, evicted_est = (
+                evicted, evicted_packed, evicted_est = (
                     victims[victim_of],
-                    victim_slots[victim_of],
+                    victim_packed[victim_of],
                     victim_est[victim_of],
                 )
                 self._alive[victim_pos[victim_of]] = False
+            self._record_changes(evicted, (evicted_packed & _TOUCHED) == 0)
             self._map[evicted] = _GONE
+            slots = evicted_packed >> 32
             self._ghost.remember(evicted, evicted_est, new=True)
             self._counters.emb_evictions += n_won
             if n_free:
@@ -429,6 +443,7 @@ class EmbCache:
             return EmbPlacement.empty()
         positions = offered[:n]
         placed = arr[positions]
+        self._record_changes(placed, self._map[placed] == _ABSENT)
         slots = self._allocate(n)
         self._size += n
         self._place(placed, slots)
@@ -469,10 +484,12 @@ class EmbCache:
         self._alloc.detach_chunk(chunk)
         deficit = len(live) - self._alloc.free_count
         if deficit > 0:
-            evicted, evicted_slots, evicted_pos = self._lru_oldest(deficit)
+            evicted, evicted_packed, evicted_pos = self._lru_oldest(deficit)
             self._alive[evicted_pos] = False
             self._head = int(evicted_pos[-1]) + 1  # the oldest: nothing before is alive
+            self._record_changes(evicted, (evicted_packed & _TOUCHED) == 0)
             self._map[evicted] = _GONE
+            evicted_slots = evicted_packed >> 32
             self._item_at[evicted_slots] = -1
             self._size -= len(evicted)
             self._ghost.remember(evicted, self._sketch.estimate_many(evicted), new=True)
@@ -493,8 +510,8 @@ class EmbCache:
     # ----------------------------------------------------------------- deltas / checks
     def drain_changes(self) -> tuple[list[int], list[int]]:
         """(added, removed): the items whose residency changed since the last drain that are resident now,
-        and those that are not, both sorted; resets the record. One pass over the item map (a few
-        milliseconds per million item ids): the serving path records changes in the map for free."""
+        and those that are not, both sorted; resets the record. O(changes) from the change log (one
+        pass over the item map only after the log overflowed)."""
         added, removed = self._take_changes()
         return added.tolist(), removed.tolist()
 
@@ -550,6 +567,11 @@ class EmbCache:
         # each live entry is the one its item's stamp names, so (count == size) a bijection
         if np.count_nonzero((self._map[self._log[live]] & _STAMP_BITS) != live):
             raise AssertionError("EMB LRU log entry alive but not its item's stamp")
+        if self._changes is not None:
+            marked = (((self._map & _CHANGED) == _TOUCHED) | (self._map == _GONE)).nonzero()[0]
+            logged = np.sort(self._changes[: self._n_changes])
+            if not np.array_equal(logged, marked):
+                raise AssertionError("EMB change log disagrees with the changes marked in the item map")
         self._ghost.check_invariants()
         ghosts = np.array(self._ghost.items(), dtype=np.int64)
         if len(ghosts) and np.count_nonzero(self._map[ghosts] >= 0):
@@ -588,7 +610,9 @@ class EmbCache:
 
     def _grow_items(self, hi: int) -> None:
         old = len(self._map)
-        size = min(max(hi + 1, 2 * old, _MIN_MAP), _MAX_ITEM + 1)
+        # An eighth beyond the largest id: a catalogue's first lookups already come near its end, and
+        # doubling from there would allocate (and page in) twice the map it needs.
+        size = min(max(hi + 1 + hi // 8, 2 * old, _MIN_MAP), _MAX_ITEM + 1)
         grown = np.full(size, -1, dtype=np.int64)
         grown[:old] = self._map
         self._map = grown
@@ -605,7 +629,56 @@ class EmbCache:
         self._item_at[slots] = items
         self._ghost.discard(items)
 
+    def _record_changes(self, items: IntArray, fresh: npt.NDArray[np.bool_]) -> None:
+        """Log the ``items`` flagged ``fresh`` (not yet marked as changed), just before their residency
+        changes; the caller then marks them (touched bit or _GONE). Overflows past one entry per
+        ``_CHANGES_PER_ITEM_ID`` item ids: the next drain then scans the map, which holds the marks."""
+        log = self._changes
+        if log is None:
+            return
+        k = int(np.count_nonzero(fresh))
+        if k == 0:
+            return
+        n = self._n_changes
+        end = n + k
+        if end > len(log):
+            limit = max(len(self._map) // _CHANGES_PER_ITEM_ID, _MIN_CHANGES)
+            if end > limit:
+                self._changes = None
+                self._n_changes = 0
+                return
+            grown = np.zeros(min(2 * end, limit), dtype=np.int64)
+            grown[:n] = log[:n]
+            self._changes = log = grown
+        log[n:end] = items if k == len(items) else items[fresh]
+        self._n_changes = end
+
     def _take_changes(self) -> tuple[IntArray, IntArray]:
+        """(added, removed), sorted, and clear their marks: from the change log, or after it overflowed
+        from one pass over the map."""
+        log = self._changes
+        if log is None:
+            self._changes = np.zeros(_MIN_CHANGES, dtype=np.int64)
+            return self._scan_changes()
+        n = self._n_changes
+        if n == 0:
+            return _empty(), _empty()
+        self._n_changes = 0
+        items = log[:n]
+        packed = self._map[items]
+        now = packed >= 0
+        added = items[now]
+        removed = items[~now]
+        packed = packed[now]
+        packed &= ~_TOUCHED
+        self._map[added] = packed
+        self._map[removed] = _ABSENT
+        added.sort()
+        removed.sort()
+        return added, removed
+
+    def _scan_changes(self) -> tuple[IntArray, IntArray]:
+        """:meth:`_take_changes` by one pass over the whole map (what the change log stands in for)."""
         packed = self._map
         added: IntArray = ((packed & _CHANGED) == _TOUCHED).nonzero()[0]
         removed: IntArray = (packed == _GONE).nonzero()[0]
@@ -641,8 +714,8 @@ class EmbCache:
         self._head = h
 
     def _lru_oldest(self, k: int) -> tuple[IntArray, IntArray, IntArray]:
-        """The ``k`` least recently used residents: (items, slots, log positions), oldest first
-        (k <= size). Kills nothing: the caller kills the entries of those it evicts.
+        """The ``k`` least recently used residents: (items, their map values, log positions), oldest
+        first (k <= size). Kills nothing: the caller kills the entries of those it evicts.
 
         Scans the alive flags forward from the head in growing windows (a byte per entry, no lookups
         for dead ones), and moves the head past the dead prefix. When most of the range up to the k-th
@@ -679,7 +752,7 @@ class EmbCache:
             self._head = start
         else:
             self._head = int(pos[0])
-        return items, packed >> 32, pos
+        return items, packed, pos
 
     def _compact_log(self, *, gap: int, room: int) -> None:
         """Rewrite the live entries (in order) after ``gap`` free entries, with at least ``room`` free

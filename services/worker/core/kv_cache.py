@@ -136,13 +136,13 @@ class KvCache:
                 raise AssertionError("KV commit would evict its own entry")
             self._evict(victim)
         pages = entry.pages
-        owner = self._page_owner
-        for _ in range(extra):
-            page = self._alloc.allocate()
-            if page is None:  # pragma: no cover - guaranteed by the eviction loop above
+        if extra > 0:
+            new = self._alloc.allocate_many(extra)
+            if len(new) != extra:  # pragma: no cover - guaranteed by the eviction loop above
                 raise AssertionError("KV commit: allocator out of pages")
-            owner[page] = (user, len(pages))
-            pages.append(page)
+            start = len(pages)
+            self._page_owner.update(zip(new, [(user, i) for i in range(start, start + extra)], strict=True))
+            pages.extend(new)
         entry.length = length
         entry.prefix_hash = prefix_hash
         self._touched.add(user)
@@ -245,11 +245,12 @@ class KvCache:
     def _drop(self, user: str) -> None:
         """Remove an entry, returning its pages in owned chunks to the free lists."""
         entry = self._entries.pop(user)
-        n = self._pages_per_chunk
-        for page in reversed(entry.pages):  # reversed: the LIFO free lists hand them back in order
-            del self._page_owner[page]
-            if self._alloc.owns(page // n):
-                self._alloc.release(page)
+        owner = self._page_owner
+        for page in entry.pages:
+            del owner[page]
+        # reversed: the LIFO free lists hand them back in order; pages of a chunk being released (already
+        # detached from the allocator) are skipped
+        self._alloc.release_owned(reversed(entry.pages))
         self._touched.add(user)
 
     def _evict(self, user: str) -> None:
