@@ -42,8 +42,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.cachestate.core.changes import ViewChanges
-from services.cachestate.core.residency import ResidencyIndex
 from shared import schemas as s
+from shared.residency import ResidencyIndex
 from shared.sequence import SeqOrder, classify, gap_start
 
 __all__ = ["DigestOutcome", "DigestTracker", "LiveWorker", "TrackerCounters"]

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.cachestate.core.residency import ResidencyIndex
 from shared import schemas as s
+from shared.residency import ResidencyIndex
 from shared.sequence import SeqOrder, classify, gap_start
 
 __all__ = ["ReplicaOutcome", "ViewReplica"]

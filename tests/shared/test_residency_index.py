@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.cachestate.core.residency import Evictions, IndexSizes, ResidencyIndex
+from shared.residency import Evictions, IndexSizes, ResidencyIndex
 
 
 def test_kv_placements_and_lengths() -> None:
