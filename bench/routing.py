@@ -50,12 +50,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from services.cachestate.core.changes import pack_updates
 from services.gateway.core.router import Policy, Router, RouteRequest, RoutingView
 from services.gateway.core.view_replica import ViewReplica
 from services.gateway.service import ReplicaView
 from shared import schemas as s
-from shared.residency import DEFAULT_MAX_ENTRIES, ResidencyIndex
+from shared.residency import DEFAULT_MAX_ENTRIES, ResidencyIndex, pack_updates
 from shared.schemas import CostCoefficients, LoadInfo, WorkerState
 
 WORKERS = 32

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from services.cachestate.core.changes import ViewChanges, pack_updates
+from services.cachestate.core.changes import ViewChanges
 from services.gateway.core.view_replica import ViewReplica
 from services.gateway.service import ReplicaView
 from shared import schemas as s
-from shared.residency import ResidencyIndex
+from shared.residency import ResidencyIndex, pack_updates
 
 
 def ws(wid: str, **fields: Any) -> s.WorkerState:
@@ -127,7 +127,7 @@ def test_new_source_resyncs_from_its_snapshot() -> None:
 
 def test_multi_part_snapshot_and_a_missing_part() -> None:
     kv = [s.KvPlacement(f"user-{i}", "w0", i) for i in range(50)]
-    parts = snapshot(10, source="cs2", part_bytes=400, kv_upserts=kv, emb_added={"w1": list(range(100))})
+    parts = snapshot(10, source="cs2", part_bytes=1400, kv_upserts=kv, emb_added={"w1": list(range(100))})
     assert len(parts) > 3 and [p.seq for p in parts] == list(range(10, 10 + len(parts)))
     r = ViewReplica(ResidencyIndex())
     for p in parts[:-1]:
