@@ -10,9 +10,9 @@ history (Zipf, repeats included) and 128 candidates, users drawn at random.
 The headline figures go through the gateway's REAL view: the same cluster is turned into the snapshot
 ``ViewUpdate`` messages cachestate would publish (``pack_updates``, default part size), each encoded and
 decoded with the wire codec and applied to a ``ViewReplica`` over a ``ResidencyIndex`` (the gateway's
-``REPLICA_MAX_ENTRIES`` cap), read through ``ReplicaView`` with its ``version`` bumped per applied update,
-exactly as ``Gateway._on_view`` does. The build checks that the replica's masks and KV equal the
-synthetic cluster's (``route_setup.real_view``).
+cap, ``shared.residency.DEFAULT_MAX_ENTRIES``), read through ``ReplicaView`` with its ``version`` bumped per
+applied update, exactly as ``Gateway._on_view`` does. The build checks that the replica's masks and KV equal
+the synthetic cluster's (``route_setup.real_view``).
 
 Figures (each the median over ``repeats`` runs of ``calls`` timed calls after a warm-up):
 - route_p50_us / route_p99_us: JOINT policy through the real view, ``route()`` plus reading the best and
@@ -50,12 +50,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from services.cachestate.core.changes import pack_updates
-from services.cachestate.core.residency import ResidencyIndex
 from services.gateway.core.router import Policy, Router, RouteRequest, RoutingView
 from services.gateway.core.view_replica import ViewReplica
-from services.gateway.service import REPLICA_MAX_ENTRIES, ReplicaView
+from services.gateway.service import ReplicaView
 from shared import schemas as s
+from shared.residency import DEFAULT_MAX_ENTRIES, ResidencyIndex, pack_updates
 from shared.schemas import CostCoefficients, LoadInfo, WorkerState
 
 WORKERS = 32
@@ -163,7 +162,7 @@ def build_real_view(
         kv_upserts=[s.KvPlacement(u, w, n) for u, held in kv.items() for w, n in held.items()],
         emb_added=emb_added,
     )
-    index = ResidencyIndex(max_entries=REPLICA_MAX_ENTRIES)
+    index = ResidencyIndex(max_entries=DEFAULT_MAX_ENTRIES)
     replica = ViewReplica(index)
     view = view_cls(replica, index)
     dec = s.decoder(s.ViewUpdate)
@@ -193,7 +192,7 @@ def build_real_view(
         "snapshot_parts": len(updates),
         "snapshot_wire_bytes": wire_bytes,
         "replica_entries": index.entries,
-        "replica_max_entries": REPLICA_MAX_ENTRIES,
+        "replica_max_entries": DEFAULT_MAX_ENTRIES,
         "dense_mask_items": len(index._dense),
         "build_s": round(build_s, 3),
         "verified_equal_to_synthetic": True,

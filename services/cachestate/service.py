@@ -22,9 +22,8 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from services.cachestate.core.changes import DEFAULT_PART_BYTES, ViewChanges, pack_updates
+from services.cachestate.core.changes import ViewChanges
 from services.cachestate.core.features import FeatureWindow
-from services.cachestate.core.residency import ResidencyIndex
 from services.cachestate.core.tracker import DigestTracker
 from services.cachestate.metrics import ServiceCounters, build_registry, metrics_app
 from services.cachestate.settings import CacheStateSettings
@@ -32,6 +31,7 @@ from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.errors import OnepoolError
 from shared.lifecycle import TaskOwner
+from shared.residency import DEFAULT_PART_BYTES, ResidencyIndex, pack_updates
 
 log = structlog.get_logger("onepool.cachestate")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.cachestate.core.tracker import DEFAULT_DEAD_AFTER_PERIODS, DEFAULT_MAX_PERIOD_S, MIN_PERIOD_S
+from shared.residency import DEFAULT_MAX_ENTRIES
 from shared.settings import doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_CACHESTATE_"
@@ -65,7 +66,7 @@ class CacheStateSettings:
         default=1000.0, metadata=doc("controller feature window: one FeatureReport per window")
     )
     max_entries: int = field(
-        default=2_000_000,
+        default=DEFAULT_MAX_ENTRIES,
         metadata=doc("memory cap of the residency index: KV placements + EMB entries together"),
     )
     snapshot_timeout_ms: float = field(

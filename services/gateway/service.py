@@ -41,7 +41,6 @@ from prometheus_client import (
     generate_latest,
 )
 
-from services.cachestate.core.residency import ResidencyIndex
 from services.gateway.core.router import (
     NoWorkers,
     Policy,
@@ -71,12 +70,10 @@ from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.errors import BusDisconnected, BusError, BusTimeout, NoResponders, OnepoolError
 from shared.lifecycle import TaskOwner
+from shared.residency import DEFAULT_MAX_ENTRIES, ResidencyIndex
 from shared.telemetry import in_unsampled_trace
 
 log = structlog.get_logger("onepool.gateway")
-
-# The replica's memory cap: the same order as cachestate's default (one entry per KV placement/EMB item).
-REPLICA_MAX_ENTRIES = 2_000_000
 
 
 _json_encode = msgspec.json.Encoder().encode
@@ -171,7 +168,7 @@ class Gateway:
         self.settings = settings
         self.bus = bus
         self.metrics = GatewayMetrics()
-        self.index = ResidencyIndex(max_entries=REPLICA_MAX_ENTRIES)
+        self.index = ResidencyIndex(max_entries=DEFAULT_MAX_ENTRIES)
         self.replica = ViewReplica(self.index)
         self.view = ReplicaView(self.replica, self.index)
         self.router = Router(Policy(settings.routing), predict_ttl_s=settings.predict_ttl_s)

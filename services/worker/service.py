@@ -14,7 +14,7 @@ import torch
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from services.worker.core.pool import RefillMode, ResidencySnapshot
+from services.worker.core.pool import RefillMode
 from services.worker.engine import Engine, EngineConfig, EngineReport, Job, ServeResult, ewma
 from services.worker.errors import Draining, InvalidRequest, Overloaded, WorkerError
 from services.worker.hstu import PRESETS
@@ -24,6 +24,7 @@ from services.worker.validation import prepare
 from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.lifecycle import TaskOwner
+from shared.residency import DEFAULT_PART_BYTES, digest_parts, part_numbers
 
 log = structlog.get_logger("onepool.worker")
 
@@ -115,7 +116,15 @@ class WorkerCounters:
 
 
 class WorkerService:
-    def __init__(self, settings: WorkerSettings, engine: Engine, bus: Bus, *, tracer: Tracer | None = None):
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine,
+        bus: Bus,
+        *,
+        tracer: Tracer | None = None,
+        part_bytes: int = DEFAULT_PART_BYTES,
+    ):
         self.settings = settings
         self.worker_id = s.check_worker_id(settings.id)
         self.incarnation = uuid.uuid4().hex[:16]
@@ -123,6 +132,7 @@ class WorkerService:
         self.bus = bus
         self.counters = WorkerCounters()
         self._tracer = tracer or trace.get_tracer("onepool.worker")
+        self._part_bytes = part_bytes  # a digest too large for one message goes in parts of this size
         self._seq = 0
         self._digest_lock = asyncio.Lock()
         self._in_flight = 0
@@ -327,20 +337,7 @@ class WorkerService:
 
     @staticmethod
     def _digest_fields(report: EngineReport) -> dict[str, Any]:
-        """The wire form of one engine report: residency lists, counters, split and cost fit."""
-        res = report.residency
-        if isinstance(res, ResidencySnapshot):
-            residency: dict[str, Any] = {
-                "kv_upserts": [s.KvEntry(u, n) for u, n in sorted(res.kv.items())],
-                "emb_added": list(res.emb),
-            }
-        else:
-            residency = {
-                "kv_upserts": [s.KvEntry(u, n) for u, n in sorted(res.kv_upserts.items())],
-                "kv_removed": list(res.kv_removed),
-                "emb_added": list(res.emb_added),
-                "emb_removed": list(res.emb_removed),
-            }
+        """The wire form of one engine report but its residency: counters, split and cost fit."""
         c = report.counters
         stats = s.PoolStats(
             emb_hits=c.emb_hits,
@@ -359,7 +356,6 @@ class WorkerService:
         )
         cost = report.cost
         return {
-            **residency,
             "alpha": report.alpha,
             "alpha_target": report.alpha_target,
             "stats": stats,
@@ -382,8 +378,9 @@ class WorkerService:
             # snapshot) rather than vanish.
             seq = self._seq
             self._seq += 1
-            fields = self._digest_fields(await asyncio.wrap_future(self.engine.report(kind)))
-            parts = split_residency(fields)
+            report = await asyncio.wrap_future(self.engine.report(kind))
+            fields = self._digest_fields(report)
+            parts = digest_parts(report.residency, part_bytes=self._part_bytes)
             self._seq += len(parts) - 1
             window, self._window = self._window.close(), Window(self.settings.slo_ms)
             c = self.counters
@@ -397,52 +394,26 @@ class WorkerService:
                 errors_total=c.errors_total,
                 max_queue=self.settings.max_queue,
             )
-            for i, part in enumerate(parts):
+            for number, residency in zip(part_numbers(seq, len(parts)), parts, strict=True):
                 digest = s.WorkerDigest(
                     worker_id=self.worker_id,
                     incarnation=self.incarnation,
-                    seq=seq + i,
+                    seq=number.seq,
                     kind=kind,
-                    part=i,
-                    parts=len(parts),
+                    part=number.part,
+                    parts=number.parts,
                     sent_at_ms=time.time() * 1e3,
                     period_ms=self.settings.digest_ms,
                     load=load,
                     applied_decision_id=self._applied_decision,
                     draining=self._draining,
                     # The window's figures travel once, with the first part.
-                    window=window if i == 0 else s.WindowStats(),
-                    **part,
+                    window=window if number.part == 0 else s.WindowStats(),
+                    **residency,
+                    **fields,
                 )
                 await self.bus.publish(s.digest_subject(self.worker_id), s.encode(digest))
             return seq
-
-
-# Per message, so that a digest stays well under NATS's default 1 MiB payload: an item id takes at most
-# 9 bytes of msgpack, a KV entry at most ~270 (user ids are capped at 256 characters).
-MAX_EMB_IDS_PER_DIGEST = 65_536
-MAX_KV_ENTRIES_PER_DIGEST = 1_024
-_RESIDENCY_LIMITS = {
-    "kv_upserts": MAX_KV_ENTRIES_PER_DIGEST,
-    "kv_removed": MAX_KV_ENTRIES_PER_DIGEST,
-    "emb_added": MAX_EMB_IDS_PER_DIGEST,
-    "emb_removed": MAX_EMB_IDS_PER_DIGEST,
-}
-
-
-def split_residency(fields: dict[str, Any]) -> list[dict[str, Any]]:
-    """Cut the residency lists of one digest into parts that each fit one message; every part repeats
-    the scalar fields (alpha, stats, cost). One part when everything fits."""
-    scalars = {k: v for k, v in fields.items() if k not in _RESIDENCY_LIMITS}
-    lists = {k: v for k, v in fields.items() if k in _RESIDENCY_LIMITS}
-    n = max([1, *(-(-len(v) // _RESIDENCY_LIMITS[k]) for k, v in lists.items())])
-    return [
-        {
-            **scalars,
-            **{k: v[i * _RESIDENCY_LIMITS[k] : (i + 1) * _RESIDENCY_LIMITS[k]] for k, v in lists.items()},
-        }
-        for i in range(n)
-    ]
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any) -> None:

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from services.cachestate.core.changes import ViewChanges
-from services.cachestate.core.residency import ResidencyIndex
 from services.cachestate.core.tracker import DigestTracker
 from shared import schemas as s
+from shared.residency import ResidencyIndex
 
 
 def digest(

@@ -13,12 +13,14 @@ from services.gateway.service import Gateway, build_app, serve_http
 from services.gateway.settings import GatewaySettings
 from shared import schemas as s
 from shared.bus import Bus, Message
+from shared.residency import DEFAULT_MAX_ENTRIES
 
 
 async def test_a_repaired_worker_keeps_its_in_flight_count_and_predictions(nats_server: Any) -> None:
     bus = await Bus.connect(nats_server.url, name="gw-test")
     try:
         gateway = Gateway(GatewaySettings(nats_url=nats_server.url, instance="gw-test"), bus)
+        assert gateway.index.max_entries == DEFAULT_MAX_ENTRIES  # the replica's cap is cachestate's default
         req = RouteRequest(user_id="u", history=[1, 2, 3], candidates=[4])
         gateway.router.on_dispatch("w1", req, now=0.0)
         repair = s.ViewUpdate(

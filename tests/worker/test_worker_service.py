@@ -15,15 +15,11 @@ import numpy as np
 import pytest
 
 from services.worker.engine import Engine
-from services.worker.service import (
-    MAX_EMB_IDS_PER_DIGEST,
-    WorkerService,
-    engine_config_from,
-    split_residency,
-)
+from services.worker.service import WorkerService, engine_config_from
 from shared import schemas as s
 from shared.bus import Bus
 from shared.errors import BusError
+from shared.residency import DEFAULT_PART_BYTES
 from tests.helpers import eventually
 from tests.worker.harness import SETTINGS, Running, running_worker
 
@@ -294,33 +290,23 @@ async def test_request_trace_crosses_nats_into_the_worker(nats_server: Any) -> N
     assert process.attributes is not None and process.attributes["messaging.system"] == "nats"
 
 
-def test_split_residency_keeps_every_entry_once() -> None:
-    emb = list(range(MAX_EMB_IDS_PER_DIGEST * 2 + 5))
-    kv = [s.KvEntry(f"u{i}", i) for i in range(10)]
-    parts = split_residency({"emb_added": emb, "kv_upserts": kv, "alpha": 0.5})
-    assert len(parts) == 3
-    assert [x for p in parts for x in p["emb_added"]] == emb
-    assert [x for p in parts for x in p["kv_upserts"]] == kv
-    assert all(p["alpha"] == 0.5 for p in parts)
-    assert split_residency({"alpha": 0.1}) == [{"alpha": 0.1}]
-
-
 async def test_a_large_snapshot_travels_in_parts_that_fit_a_message(nats_server: Any) -> None:
     settings = replace(SETTINGS, num_items=200_000, budget_mib=24.0)
     async with running_worker(nats_server.url, settings) as w:
-        items = list(range(MAX_EMB_IDS_PER_DIGEST + 1000))
+        # 66,536 ids x 9 bytes: three parts of at most (256 KiB - 2 KiB of header) / 9 = 28,899 ids
+        items = list(range(66_536))
         with w.engine_held():  # the model thread is parked: this thread may use the pool
             w.engine.embeddings(np.array(items, dtype=np.int64))
         raw = await w.client.request(
             s.snapshot_request_subject("wtest"), s.encode(s.SnapshotRequest()), timeout_s=10
         )
         ack = s.decode(s.decoder(s.SnapshotAck), raw)
-        first = await w.wait_digest(lambda d: d.seq == ack.seq)
-        assert first.kind == "snapshot" and first.part == 0 and first.parts == 2
-        second = await w.wait_digest(lambda d: d.seq == ack.seq + 1)
-        assert second.kind == "snapshot" and second.part == 1
-        assert sorted(first.emb_added + second.emb_added) == items
-        later = await w.wait_digest(lambda d: d.seq == ack.seq + 2)  # numbering goes on without a gap
+        parts = [await w.wait_digest(lambda d, i=i: d.seq == ack.seq + i) for i in range(3)]
+        assert [(d.kind, d.part, d.parts) for d in parts] == [("snapshot", i, 3) for i in range(3)]
+        assert [len(d.emb_added) for d in parts] == [28_899, 28_899, 8_738]
+        assert [i for d in parts for i in d.emb_added] == items
+        assert all(len(s.encode(d)) <= DEFAULT_PART_BYTES for d in parts)
+        later = await w.wait_digest(lambda d: d.seq == ack.seq + 3)  # numbering goes on without a gap
         assert later.kind == "delta" and later.parts == 1
 
 

@@ -1,5 +1,7 @@
 """View changes: the delta cachestate forwards to gateways, kept canonical while it accumulates.
 
+It goes out as ``ViewUpdate`` parts cut by the view protocol's packer (``shared.residency.view``).
+
 Canonical means: at most one operation per (user, worker) KV key and per (worker, item) EMB key (the last
 one wins), and a worker removal discards every earlier pending change of that worker. A receiver can
 therefore apply a delta in a fixed order (workers_removed, workers, kv_removed, kv_upserts, emb_removed,
@@ -10,21 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 from shared import schemas as s
+from shared.residency import DEFAULT_PART_BYTES, pack_updates
 
-__all__ = ["DEFAULT_PART_BYTES", "ViewChanges", "pack_updates"]
-
-# A part's estimated size stays under this (NATS's default max payload is 1 MiB; estimates are upper
-# bounds of the msgpack size: ids are 1-64 (worker) or 1-256 (user) characters, an item id <= 9 bytes).
-DEFAULT_PART_BYTES = 256 * 1024
-_WORKER_STATE_BYTES = 512  # generous: a WorkerState is ~300 bytes of msgpack plus its ids
-_ITEM_BYTES = 9
-
-
-def _str_bytes(text: str) -> int:
-    return (len(text) if text.isascii() else len(text.encode())) + 5
+__all__ = ["ViewChanges"]
 
 
 @dataclass(slots=True)
@@ -73,7 +65,7 @@ class ViewChanges:
     def to_updates(
         self, *, source: str, first_seq: int, sent_at_ms: float, part_bytes: int = DEFAULT_PART_BYTES
     ) -> list[s.ViewUpdate]:
-        """The delta as ViewUpdate parts with consecutive seq starting at first_seq."""
+        """The delta as ViewUpdate parts with consecutive seq starting at first_seq (``pack_updates``)."""
         kv_removed = [s.KvRemoval(u, w) for (u, w), n in self.kv.items() if n is None]
         kv_upserts = [s.KvPlacement(u, w, n) for (u, w), n in self.kv.items() if n is not None]
         emb_removed = {w: [i for i, on in items.items() if not on] for w, items in self.emb.items()}
@@ -91,70 +83,3 @@ class ViewChanges:
             emb_added=emb_added,
             part_bytes=part_bytes,
         )
-
-
-def pack_updates(
-    *,
-    kind: Literal["delta", "snapshot"],
-    source: str,
-    first_seq: int,
-    sent_at_ms: float,
-    workers: list[s.WorkerState],
-    workers_removed: list[str] | None = None,
-    kv_removed: list[s.KvRemoval] | None = None,
-    kv_upserts: list[s.KvPlacement] | None = None,
-    emb_removed: dict[str, list[int]] | None = None,
-    emb_added: dict[str, list[int]] | None = None,
-    part_bytes: int = DEFAULT_PART_BYTES,
-) -> list[s.ViewUpdate]:
-    """Cut a view message into parts whose estimated size stays under part_bytes. Worker records and
-    removals all go in part 0 (so a receiver handles them before any residency of a later part)."""
-    parts: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    size = 0
-
-    def new_part() -> None:
-        nonlocal current, size
-        current = {"kv_removed": [], "kv_upserts": [], "emb_removed": [], "emb_added": []}
-        parts.append(current)
-        size = 0
-
-    new_part()
-    current["workers"] = list(workers)
-    current["workers_removed"] = list(workers_removed or [])
-    size = len(workers) * _WORKER_STATE_BYTES + sum(_str_bytes(w) for w in current["workers_removed"])
-
-    for key, entries in (("kv_removed", kv_removed or []), ("kv_upserts", kv_upserts or [])):
-        for entry in entries:
-            cost = _str_bytes(entry.user_id) + _str_bytes(entry.worker_id) + 10
-            if size + cost > part_bytes and size > 0:
-                new_part()
-            current[key].append(entry)
-            size += cost
-
-    for key, groups in (("emb_removed", emb_removed or {}), ("emb_added", emb_added or {})):
-        for worker_id, items in groups.items():
-            head = _str_bytes(worker_id) + 10
-            start = 0
-            while start < len(items):
-                room = (part_bytes - size - head) // _ITEM_BYTES
-                if room < 1:
-                    new_part()
-                    room = max(1, (part_bytes - head) // _ITEM_BYTES)
-                chunk = items[start : start + room]
-                current[key].append(s.EmbChange(worker_id, chunk))
-                size += head + len(chunk) * _ITEM_BYTES
-                start += len(chunk)
-
-    return [
-        s.ViewUpdate(
-            source=source,
-            seq=first_seq + i,
-            kind=kind,
-            part=i,
-            parts=len(parts),
-            sent_at_ms=sent_at_ms,
-            **fields,
-        )
-        for i, fields in enumerate(parts)
-    ]

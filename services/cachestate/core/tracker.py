@@ -21,8 +21,9 @@ Rules (per worker):
   seq, and sets ``need_snapshot`` until a snapshot completes.
 * ``period_ms`` is believed only within ``[MIN_PERIOD_S, max_period_s]``: a digest cannot buy itself a
   longer life than the configured bound.
-* A snapshot of N parts (consecutive seq, parts 0..N-1) replaces the worker's residency when complete;
-  a missing or out-of-order part abandons it and needs another snapshot.
+* A snapshot of N parts replaces the worker's residency when complete; the reassembly rules (a missing or
+  out-of-order part abandons it, and another snapshot is needed) are ``shared.residency.parts``'s
+  ``SnapshotAssembler``; a delta inside a snapshot's seq range means a part is missing.
 * Deltas apply while the worker is in sync; while it is not, their residency is dropped (the snapshot to
   come supersedes them) but their load/alpha/cost/window still count.
 * ``expire(now)``: a worker silent for more than ``dead_after_periods`` of its own digest period is dead:
@@ -42,8 +43,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.cachestate.core.changes import ViewChanges
-from services.cachestate.core.residency import ResidencyIndex
 from shared import schemas as s
+from shared.residency import Assembled, PartVerdict, ResidencyIndex, SnapshotAssembler, snapshot_residency
 from shared.sequence import SeqOrder, classify, gap_start
 
 __all__ = ["DigestOutcome", "DigestTracker", "LiveWorker", "TrackerCounters"]
@@ -100,15 +101,6 @@ class TrackerCounters:
 
 
 @dataclass(slots=True)
-class _Assembly:
-    first_seq: int
-    parts: int
-    next_part: int = 1
-    kv: dict[str, int] = field(default_factory=dict)
-    emb: set[int] = field(default_factory=set)
-
-
-@dataclass(slots=True)
 class _Worker:
     worker_id: str
     incarnation: str
@@ -118,8 +110,8 @@ class _Worker:
     in_sync: bool = False
     ever_synced: bool = False
     verified: bool = False
-    assembly: _Assembly | None = None
-    pending: _Assembly | None = None  # a complete snapshot of an unverified record, installed on verify
+    assembly: SnapshotAssembler[s.WorkerDigest] = field(default_factory=SnapshotAssembler)
+    pending: Assembled[s.WorkerDigest] | None = None  # an unverified record's complete snapshot, kept aside
     gap_from: int | None = None  # where the last seq gap began (shared.sequence)
     retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_INCARNATIONS))
     last: s.WorkerDigest | None = None
@@ -159,9 +151,7 @@ class DigestTracker:
     def snapshot_parts_received(self, worker_id: str) -> int | None:
         """How many parts of the worker's snapshot now being assembled have arrived (None: no assembly)."""
         rec = self._workers.get(worker_id)
-        if rec is None or rec.assembly is None:
-            return None
-        return rec.assembly.next_part
+        return None if rec is None else rec.assembly.received
 
     def is_live(self, worker_id: str) -> bool:
         return worker_id in self._workers
@@ -242,7 +232,7 @@ class DigestTracker:
         if rec.verified:
             changes.upsert_worker(self._state(rec))
         self._forward_evictions(changes)
-        need = not rec.verified or (not rec.in_sync and rec.assembly is None)
+        need = not rec.verified or (not rec.in_sync and not rec.assembly.collecting)
         if need:
             notes.append(
                 "needs a snapshot" if rec.verified else "unverified: needs a snapshot request answered"
@@ -289,7 +279,7 @@ class DigestTracker:
             pending, rec.pending = rec.pending, None
             # Only if nothing came after it: deltas that arrived meanwhile were dropped (unverified), and
             # the snapshot without them would be stale. Then the worker stays out of sync: asked again.
-            if rec.next_seq == pending.first_seq + pending.parts:
+            if rec.next_seq == pending.next_seq:
                 self._install(rec, pending, changes)
         if rec.last is not None:
             changes.upsert_worker(self._state(rec))
@@ -327,7 +317,7 @@ class DigestTracker:
 
     def _desync(self, rec: _Worker, changes: ViewChanges) -> None:
         """Residency unknown from now on: drop it here and at the gateways (and any snapshot kept aside)."""
-        rec.assembly = None
+        rec.assembly.abandon()
         rec.pending = None
         if rec.in_sync:  # otherwise it holds nothing already
             self.index.clear_worker(rec.worker_id)
@@ -337,7 +327,7 @@ class DigestTracker:
     def _residency(self, rec: _Worker, d: s.WorkerDigest, changes: ViewChanges) -> bool:
         if d.kind == "snapshot":
             return self._snapshot_part(rec, d, changes)
-        if rec.assembly is not None:  # a delta inside a snapshot's seq range: a part is missing
+        if rec.assembly.collecting:  # a delta inside a snapshot's seq range: a part is missing
             self.counters.snapshots_abandoned += 1
             self._desync(rec, changes)
             return False
@@ -358,33 +348,23 @@ class DigestTracker:
         return True
 
     def _snapshot_part(self, rec: _Worker, d: s.WorkerDigest, changes: ViewChanges) -> bool:
-        asm = rec.assembly
-        if d.part == 0:
-            if asm is not None:
-                self.counters.snapshots_abandoned += 1  # superseded before completion
-            asm = rec.assembly = _Assembly(first_seq=d.seq, parts=d.parts)
-        elif (
-            asm is None or d.parts != asm.parts or d.part != asm.next_part or d.seq != asm.first_seq + d.part
-        ):
-            if asm is not None:
-                self.counters.snapshots_abandoned += 1
+        out = rec.assembly.offer(d.seq, d.part, d.parts, d)
+        if out.abandoned:  # superseded by a new part 0, or broken by this part
+            self.counters.snapshots_abandoned += 1
+        if out.verdict is PartVerdict.REJECTED:
             self._desync(rec, changes)
             return False
-        else:
-            asm.next_part += 1
-        asm.kv.update((e.user_id, e.length) for e in d.kv_upserts)
-        asm.emb.update(d.emb_added)
-        if d.part == d.parts - 1:
-            rec.assembly = None
+        if out.snapshot is not None:
             if rec.verified:
-                self._install(rec, asm, changes)
+                self._install(rec, out.snapshot, changes)
             else:
-                rec.pending = asm  # kept aside: nothing of an unverified record reaches the index
+                rec.pending = out.snapshot  # kept aside: nothing of an unverified record reaches the index
         return True
 
-    def _install(self, rec: _Worker, asm: _Assembly, changes: ViewChanges) -> None:
+    def _install(self, rec: _Worker, snapshot: Assembled[s.WorkerDigest], changes: ViewChanges) -> None:
         """A complete snapshot becomes the worker's residency, here and (as changes) at the gateways."""
-        diff = self.index.replace_worker(rec.worker_id, asm.kv, asm.emb)
+        kv, emb = snapshot_residency(snapshot.payloads)
+        diff = self.index.replace_worker(rec.worker_id, kv, emb)
         wid = rec.worker_id
         for user in diff.kv_removed:
             changes.kv_remove(user, wid)

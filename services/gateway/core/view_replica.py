@@ -5,9 +5,10 @@ Rules:
   ``shared.sequence``: a duplicate (just behind) is ignored; a gap or a restart of the numbering (a jump
   beyond the window either way) is a loss of sync.
 * A new source (cachestate restarted), a seq gap or a seq restart puts the replica out of sync: deltas are
-  ignored until
-  a snapshot's parts have all arrived (consecutive seq, parts 0..N-1), which replaces everything. Until
-  then the last good view stays in place (a brief stale view beats no view) and ``ready`` is unchanged.
+  ignored until a snapshot's parts have all arrived, which replaces everything (reassembly:
+  ``shared.residency.parts``'s ``SnapshotAssembler``; a delta inside a snapshot's seq range means a part is
+  missing). Until then the last good view stays in place (a brief stale view beats no view) and ``ready``
+  is unchanged.
 * A snapshot reaching a replica that is in sync (another gateway asked for it) only advances seq: its
   content equals what the replica already has.
 * Delta order: workers_removed (record and all residency go), workers (records upserted), kv_removed,
@@ -19,10 +20,11 @@ collecting a snapshot; the shell keeps one request in flight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from services.cachestate.core.residency import ResidencyIndex
 from shared import schemas as s
+from shared.residency import PartVerdict, ResidencyIndex, SnapshotAssembler
 from shared.sequence import SeqOrder, classify, gap_start
 
 __all__ = ["ReplicaOutcome", "ViewReplica"]
@@ -35,15 +37,6 @@ class ReplicaOutcome:
     workers_changed: bool = False  # the worker records (or their EMB bits) changed: routers must rebuild
 
 
-@dataclass(slots=True)
-class _Assembly:
-    source: str
-    first_seq: int
-    parts: int
-    next_part: int = 1
-    updates: list[s.ViewUpdate] = field(default_factory=list)
-
-
 class ViewReplica:
     def __init__(self, index: ResidencyIndex) -> None:
         self.index = index
@@ -54,7 +47,7 @@ class ViewReplica:
         self.deltas_applied = 0
         self.resyncs_needed = 0
         self._in_sync = False
-        self._assembly: _Assembly | None = None
+        self._assembly: SnapshotAssembler[s.ViewUpdate] = SnapshotAssembler()
         self._gap_from: int | None = None  # where the last gap in the source's numbering began
 
     @property
@@ -82,7 +75,7 @@ class ViewReplica:
             self._desync()
         if update.kind == "snapshot":
             return self._snapshot_part(update, reason)
-        if self._assembly is not None:  # a delta inside a snapshot's seq range: a part went missing
+        if self._assembly.collecting:  # a delta inside a snapshot's seq range: a part went missing
             self._desync()
             reason = "snapshot part missing"
         self._advance(update)
@@ -103,31 +96,24 @@ class ViewReplica:
         if self._in_sync:
             self.resyncs_needed += 1
         self._in_sync = False
-        self._assembly = None
+        self._assembly.abandon()
 
     def _need(self, reason: str) -> ReplicaOutcome:
-        return ReplicaOutcome(self._assembly is None and not self._in_sync, reason)
+        return ReplicaOutcome(not self._assembly.collecting and not self._in_sync, reason)
 
     def _snapshot_part(self, u: s.ViewUpdate, reason: str) -> ReplicaOutcome:
         self._advance(u)
-        asm = self._assembly
-        if self._in_sync and asm is None:
+        if self._in_sync and not self._assembly.collecting:
             return ReplicaOutcome(False, "snapshot skipped: already in sync")
-        if u.part == 0:
-            asm = self._assembly = _Assembly(source=u.source, first_seq=u.seq, parts=u.parts)
-        elif asm is None or (u.parts, u.part, u.seq) != (asm.parts, asm.next_part, asm.first_seq + u.part):
-            self._assembly = None
+        out = self._assembly.offer(u.seq, u.part, u.parts, u)
+        if out.verdict is PartVerdict.REJECTED:
             return self._need(reason or "snapshot part out of order")
-        else:
-            asm.next_part += 1
-        asm.updates.append(u)
-        if u.part < u.parts - 1:
+        if out.snapshot is None:
             return ReplicaOutcome(False, reason or "snapshot part collected")
-        self._assembly = None
-        self._replace(asm.updates)
+        self._replace(out.snapshot.payloads)
         return ReplicaOutcome(False, "snapshot applied", workers_changed=True)
 
-    def _replace(self, parts: list[s.ViewUpdate]) -> None:
+    def _replace(self, parts: Sequence[s.ViewUpdate]) -> None:
         index = self.index
         index.clear()
         self.workers = {}

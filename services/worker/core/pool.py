@@ -19,8 +19,8 @@ from services.worker.core.emb_cache import EmbCache, EmbLookup, EmbPlacement, It
 from services.worker.core.geometry import Owner, PoolGeometry
 from services.worker.core.kv_cache import KvCache, KvCommit, KvLookup
 from services.worker.core.relocation import Relocation
-from services.worker.core.residency import ResidencyDelta, ResidencySnapshot
 from services.worker.core.sketch import FrequencySketch
+from shared.residency import ResidencyDelta, ResidencySnapshot
 
 __all__ = [
     "EmbLookup",

@@ -1,6 +1,7 @@
 """The exact residency index: who holds which user's KV (and how much of it), and which EMB items.
 
-Used twice: by cachestate (the cluster's memory) and by every gateway (its replica of the routing view).
+Used twice: by cachestate (the cluster's memory) and by every gateway (its replica of the routing view),
+both with the one default cap ``DEFAULT_MAX_ENTRIES`` unless configured otherwise.
 
 Structure
 ---------
@@ -12,6 +13,8 @@ Structure
 
 Memory policy (one cap, ``max_entries``, over KV placements + EMB entries together)
 ------------------------------------------------------------------------------------
+The default, ``DEFAULT_MAX_ENTRIES`` (2,000,000), is cachestate's ``MAX_ENTRIES`` setting's default and the
+gateway's replica cap: one number for both, so a replica can hold everything cachestate sends it.
 Before an insert that would exceed the cap, one entry is evicted:
 1. the least-recently-updated KV placement, while any exists (an upsert or a snapshot refreshes it);
 2. otherwise an arbitrary EMB item of the worker that holds the most EMB entries.
@@ -51,11 +54,19 @@ from typing import Final, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DENSE_MAX_ITEMS", "Evictions", "IndexSizes", "ResidencyDiff", "ResidencyIndex"]
+__all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "DENSE_MAX_ITEMS",
+    "Evictions",
+    "IndexSizes",
+    "ResidencyDiff",
+    "ResidencyIndex",
+]
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 
+DEFAULT_MAX_ENTRIES: Final = 2_000_000  # KV placements + EMB entries (see "Memory policy")
 DENSE_MAX_ITEMS: Final = 1 << 26  # default cap of the dense mask array: 2**26 items x 8 bytes = 512 MiB
 _DENSE_MIN: Final = 1024  # first allocation (items)
 _MASK64: Final = (1 << 64) - 1
@@ -91,7 +102,7 @@ class Evictions:
 class ResidencyIndex:
     def __init__(
         self,
-        max_entries: int = 2_000_000,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
         *,
         track_evictions: bool = False,
         dense_max_items: int = DENSE_MAX_ITEMS,

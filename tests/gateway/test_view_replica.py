@@ -1,13 +1,18 @@
-"""ViewReplica (the gateway's copy of the view) against the updates cachestate's core produces."""
+"""ViewReplica (the gateway's copy of the view) against the updates cachestate's core produces, and the
+ReplicaView the router reads over it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from services.cachestate.core.changes import ViewChanges, pack_updates
-from services.cachestate.core.residency import ResidencyIndex
+import numpy as np
+import numpy.typing as npt
+
+from services.cachestate.core.changes import ViewChanges
 from services.gateway.core.view_replica import ViewReplica
+from services.gateway.service import ReplicaView
 from shared import schemas as s
+from shared.residency import ResidencyIndex, pack_updates
 
 
 def ws(wid: str, **fields: Any) -> s.WorkerState:
@@ -122,7 +127,7 @@ def test_new_source_resyncs_from_its_snapshot() -> None:
 
 def test_multi_part_snapshot_and_a_missing_part() -> None:
     kv = [s.KvPlacement(f"user-{i}", "w0", i) for i in range(50)]
-    parts = snapshot(10, source="cs2", part_bytes=400, kv_upserts=kv, emb_added={"w1": list(range(100))})
+    parts = snapshot(10, source="cs2", part_bytes=1400, kv_upserts=kv, emb_added={"w1": list(range(100))})
     assert len(parts) > 3 and [p.seq for p in parts] == list(range(10, 10 + len(parts)))
     r = ViewReplica(ResidencyIndex())
     for p in parts[:-1]:
@@ -167,3 +172,12 @@ def test_large_deltas_split_into_parts_under_the_budget() -> None:
         assert not r.apply(u).need_snapshot
     assert r.index.emb_count("w0") == 1000  # 1 and 2 were there already
     assert r.index.kv_workers("u29") == {"w0": 29}
+
+
+def test_replica_view_forwards_emb_masks_array() -> None:
+    idx = ResidencyIndex()
+    view = ReplicaView(ViewReplica(idx), idx)
+    idx.add_emb("a", [1, 2])
+    idx.add_emb("b", [2])
+    items: npt.NDArray[np.int64] = np.array([0, 1, 2], dtype=np.int64)
+    assert view.emb_masks_array(items).tolist() == [0, 1, 3] == list(view.emb_masks(items.tolist()))

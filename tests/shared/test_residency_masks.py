@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.cachestate.core.residency import DENSE_MAX_ITEMS, ResidencyIndex
+from shared.residency import DENSE_MAX_ITEMS, ResidencyIndex
 
 MASK64 = (1 << 64) - 1
 DENSE_CAP = 256  # small cap in the property tests: ids beyond it exercise the dict fallback
@@ -189,18 +188,6 @@ def test_eviction_inside_add_keeps_mirror_exact() -> None:
     expect = [m & MASK64 for m in idx.emb_masks(probe)]
     assert idx.emb_masks_array(np.array(probe, dtype=np.int64)).tolist() == expect
     assert sum(bin(m).count("1") for m in expect) == 3
-
-
-def test_replica_view_forwards_emb_masks_array() -> None:
-    from services.gateway.core.view_replica import ViewReplica
-    from services.gateway.service import ReplicaView
-
-    idx = ResidencyIndex()
-    view = ReplicaView(ViewReplica(idx), idx)
-    idx.add_emb("a", [1, 2])
-    idx.add_emb("b", [2])
-    items: npt.NDArray[np.int64] = np.array([0, 1, 2], dtype=np.int64)
-    assert view.emb_masks_array(items).tolist() == [0, 1, 3] == list(view.emb_masks(items.tolist()))
 
 
 def test_removing_a_repeated_item_counts_it_once() -> None:

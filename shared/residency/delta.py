@@ -1,4 +1,8 @@
-"""What a worker reports about its cache contents (to routers/the cache-state service)."""
+"""What a worker reports about its cache contents: a delta (net changes) or a snapshot (everything).
+
+The worker's pool produces them (``Pool.drain_deltas()``, ``Pool.snapshot()``); on the wire they travel as
+the residency lists of ``WorkerDigest`` parts (``shared.residency.digest``).
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.cachestate.core.residency import Evictions, IndexSizes, ResidencyIndex
+from services.cachestate.settings import CacheStateSettings
+from shared.residency import DEFAULT_MAX_ENTRIES, Evictions, IndexSizes, ResidencyIndex
 
 
 def test_kv_placements_and_lengths() -> None:
@@ -144,3 +145,8 @@ def test_clear_forgets_everything() -> None:
 def test_max_entries_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_entries"):
         ResidencyIndex(max_entries=0)
+
+
+def test_one_default_cap_for_cachestate_and_every_gateway() -> None:
+    # the gateway's replica uses it too (tests/gateway/test_gateway_service.py)
+    assert ResidencyIndex().max_entries == CacheStateSettings().max_entries == DEFAULT_MAX_ENTRIES
