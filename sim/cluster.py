@@ -38,13 +38,13 @@ import numpy as np
 import numpy.typing as npt
 
 from services.cachestate.core.features import FeatureWindow
-from services.cachestate.core.residency import ResidencyIndex
 from services.controller.core.policies import AlphaPolicy, Clamp, StaticPolicy
 from services.gateway.core.router import NoWorkers, Policy, Router, RouteRequest, RoutingView
 from services.worker.core.batch import PrefixHasher, RoundCaches, RoundRequest, rounds
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode
 from shared import schemas as s
+from shared.residency import ResidencyIndex
 from sim.cost import CostProfile
 from workloads.trace import TraceRequest
 

@@ -7,6 +7,8 @@
   asyncio, nats, aiohttp or torch, not even through a module of this repository it imports: it takes
   numbers and returns results, and runs unchanged in the simulator.
 - `shared/` imports no service.
+- The simulator (`sim/`, but for its CLI module, whose `calibrate` handler runs the real engine) and the
+  workloads (`workloads/`) are pure too: a simulation on the cores needs no torch and no event loop.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ SERVICES = ROOT / "services"
 SHARED = ROOT / "shared"
 PURE_SHARED = (SHARED / "residency",)
 IMPURE = ("asyncio", "nats", "aiohttp", "torch", "uvloop")
-OURS = ("services", "shared")
+OURS = ("services", "shared", "sim", "workloads", "bench")
+PURE_TOOLS = (ROOT / "sim", ROOT / "workloads")
+TOOL_SHELLS = (ROOT / "sim" / "cli.py",)
 
 
 def _imports(path: Path) -> list[str]:
@@ -96,6 +100,13 @@ def test_the_pure_code_is_pure() -> None:
     dirs = _pure_dirs()
     assert len(dirs) >= 5
     bad = [line for d in dirs for path in sorted(d.rglob("*.py")) for line in _impure_imports(path)]
+    assert bad == []
+
+
+def test_the_simulator_and_the_workloads_are_pure() -> None:
+    files = [p for d in PURE_TOOLS for p in sorted(d.rglob("*.py")) if p not in TOOL_SHELLS]
+    assert len(files) >= 8
+    bad = [line for path in files for line in _impure_imports(path)]
     assert bad == []
 
 
