@@ -16,6 +16,7 @@ from services.controller.core.policies import parse_policy
 from services.controller.settings import ControllerSettings
 from services.gateway.core.router import Policy
 from services.worker.core.pool import RefillMode
+from services.worker.settings import DEFAULT_MAX_BATCH, WorkerSettings
 from shared.errors import EXIT_USAGE
 from sim.cluster import SimConfig
 from sim.cost import CostProfile, load_profile
@@ -28,7 +29,9 @@ from workloads.trace import write_trace
 __all__ = ["add_calibrate_command", "add_sim_command", "add_trace_command"]
 
 MOTIVATION_REGIMES = ("steady", "trend", "burst")
-DEFAULT_POLICY = ControllerSettings.__dataclass_fields__["policy"].default  # the controller's own default
+# The services' own defaults, read from their settings (one source).
+DEFAULT_POLICY = str(ControllerSettings.__dataclass_fields__["policy"].default)
+DEFAULT_SLO_MS = float(WorkerSettings.__dataclass_fields__["slo_ms"].default)  # type: ignore[arg-type]
 
 
 def _guarded(name: str, handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -86,6 +89,16 @@ def _preset(args: argparse.Namespace) -> Preset:
     return preset.with_workload(**changes) if changes else preset
 
 
+def _sim_preset(args: argparse.Namespace) -> Preset:
+    """The preset with the sim's geometry flags applied."""
+    preset = _preset(args)
+    if args.model is not None:
+        preset = preset.with_model(args.model)
+    if args.chunk_kib is not None:
+        preset = preset.with_shape(chunk_kib=args.chunk_kib)
+    return preset
+
+
 def _source(args: argparse.Namespace, preset: Preset) -> Source:
     return open_source(
         preset=preset,
@@ -131,6 +144,8 @@ def _config(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> SimC
         cost=cost,
         routing=Policy(args.routing),
         refill_mode=RefillMode(args.refill_mode),
+        max_batch=args.max_batch,
+        slo_ms=args.slo_ms,
         seed=args.seed,
     )
 
@@ -191,7 +206,7 @@ def _motivation(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> 
 
 
 def _sim(args: argparse.Namespace) -> int:
-    preset = _preset(args)
+    preset = _sim_preset(args)
     if args.motivation and (args.trace or args.regime):
         raise ValueError("--motivation runs the three synthetic regimes: it takes no --regime or --trace")
     source = None if args.motivation else _source(args, preset)  # a bad trace is named before anything runs
@@ -287,6 +302,20 @@ def add_sim_command(sub: Any) -> None:
     p.add_argument("--routing", choices=[x.value for x in Policy], default="joint", help="routing policy")
     p.add_argument(
         "--pool-mib", type=_positive(float), default=None, help="pool per worker (default: preset)"
+    )
+    p.add_argument("--chunk-kib", type=_positive(int), default=None, help="pool chunk (default: preset)")
+    p.add_argument(
+        "--model",
+        choices=["tiny", "bench", "paper"],
+        default=None,
+        help="take EMB row and KV token sizes from this HSTU preset (default: the preset's sizes)",
+    )
+    p.add_argument("--max-batch", type=_positive(int), default=DEFAULT_MAX_BATCH, help="batch size limit (8)")
+    p.add_argument(
+        "--slo-ms",
+        type=_positive(float),
+        default=DEFAULT_SLO_MS,
+        help="latency SLO, ms (the worker's default)",
     )
     p.add_argument(
         "--cost", default=None, help="cost profile: a100, cpu or a calibration JSON (default: preset)"

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from services.worker.model_config import PRESETS as MODELS
+from services.worker.model_config import emb_entry_bytes, kv_bytes_per_token
 from workloads.synthetic import WorkloadParams
 
 __all__ = ["PRESETS", "ClusterShape", "Preset", "get_preset", "ratios"]
@@ -54,6 +56,18 @@ class Preset:
 
     def with_workload(self, **changes: Any) -> Preset:
         return replace(self, workload=replace(self.workload, **changes))
+
+    def with_shape(self, **changes: Any) -> Preset:
+        return replace(self, shape=replace(self.shape, **changes))
+
+    def with_model(self, model: str) -> Preset:
+        """The same preset with the byte sizes of an HSTU model preset (tiny, bench, paper)."""
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+        cfg = MODELS[model]
+        return self.with_shape(
+            model=model, emb_entry_bytes=emb_entry_bytes(cfg), kv_bytes_per_token=kv_bytes_per_token(cfg)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,8 +117,8 @@ LOCAL = Preset(
         workers=2,
         pool_mib=16.0,
         chunk_kib=256,
-        emb_entry_bytes=128,
-        kv_bytes_per_token=1024,
+        emb_entry_bytes=emb_entry_bytes(MODELS["tiny"]),
+        kv_bytes_per_token=kv_bytes_per_token(MODELS["tiny"]),
         page_tokens=16,
         model="tiny",
         link_gbps=LOCAL_LINK_GBPS,

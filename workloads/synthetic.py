@@ -101,15 +101,15 @@ class WorkloadParams:
     candidates: int = 64  # items ranked per request (retrieval's output)
     rate: float = 60.0  # requests per second (Poisson); a preset sizes it for utilisation 0.5-0.9
     # Trend: hot-user share and history factor move linearly from *_from to *_to over the run.
-    trend_hot_from: float = 0.3
-    trend_hot_to: float = 0.85
-    trend_history_from: float = 0.5
-    trend_history_to: float = 1.5
+    trend_hot_from: float = 0.5
+    trend_hot_to: float = 0.95
+    trend_history_from: float = 1.0
+    trend_history_to: float = 2.0
     # Burst: episodes on the steady base.
     bursts: tuple[Burst, ...] = (
-        Burst("new_users", 0.15, 0.1, 0.6),
+        Burst("new_users", 0.15, 0.15, 0.8),
         Burst("hot_users", 0.45, 0.1, 0.95),
-        Burst("rate", 0.75, 0.1, 1.6),
+        Burst("rate", 0.75, 0.1, 1.3),
     )
 
     def __post_init__(self) -> None:

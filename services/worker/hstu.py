@@ -63,13 +63,15 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from services.worker.model_config import PRESETS, HSTUConfig
 
 __all__ = [
     "HSTU",
@@ -87,52 +89,6 @@ _LN_EPS = 1e-6  # as in Meta's STULayer (norm_eps=1e-6)
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be loaded or does not match the configured model."""
-
-
-@dataclass(frozen=True)
-class HSTUConfig:
-    """Sizes of the model.  ``kv_width = n_heads * head_dim`` floats of K (and of V) per token per layer."""
-
-    item_dim: int = 32
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    head_dim: int = 32
-    max_history: int = 1024
-    time_buckets: int = 32
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def kv_width(self) -> int:
-        return self.n_heads * self.head_dim
-
-    def validate(self) -> None:
-        """Raise ValueError naming every field that is not a positive integer."""
-        bad = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                bad.append(f"{f.name}={value!r}")
-        if bad:
-            raise ValueError(f"HSTUConfig sizes must be positive integers; got {', '.join(bad)}")
-
-
-# Presets.
-#  tiny:  tests and quick runs.
-#  bench: a CPU size where an uncached 1024-token history costs tens of milliseconds.
-#  paper: a GPU size close to a published HSTU ranking model: d_model 512 with 4 heads of 128
-#         (attention_dim = hidden_dim = 128), the DLRM-HSTU ranking configuration of Meta's
-#         generative-recommenders as mirrored by alibaba/TorchEasyRec's dlrm_hstu example
-#         (embedding_dim 512, num_heads 4, hidden_dim 128, attention_dim 128).  The HSTU paper
-#         (arXiv 2402.17152) evaluates sequences up to 8192 long and does not publish its production
-#         depth; n_layers 8, item_dim 256 and max_history 4096 are our choices for a one-GPU model.
-PRESETS: dict[str, HSTUConfig] = {
-    "tiny": HSTUConfig(),
-    "bench": HSTUConfig(item_dim=64, d_model=128, n_layers=4, n_heads=4, head_dim=32, max_history=1024),
-    "paper": HSTUConfig(item_dim=256, d_model=512, n_layers=8, n_heads=4, head_dim=128, max_history=4096),
-}
 
 
 @dataclass
