@@ -20,14 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from bench.report import write_report
 from services.worker.engine import Engine, EngineConfig
 from services.worker.hstu import PRESETS
+from services.worker.settings import WorkerSettings
 from services.worker.storage import LinkSpec
 from services.worker.validation import PreparedRequest
 
 MIB = 1024 * 1024
+TORCH_THREADS = int(WorkerSettings.__dataclass_fields__["torch_threads"].default)  # type: ignore[arg-type]
 COLUMNS = (
     "batch_fixed_ms",
     "request_ms",
@@ -119,6 +122,9 @@ class _Design:
 
 
 def measure_costs(opts: CalibrateOptions) -> dict[str, Any]:
+    # As a worker runs by default (ONEPOOL_WORKER_TORCH_THREADS): with torch's default of one thread per
+    # core, any other busy process makes each small op wait for a scheduling slot, and the fit measures that.
+    torch.set_num_threads(TORCH_THREADS)
     engine = _engine(opts)
     design = _Design(opts)
     rows: list[list[float]] = []

@@ -95,7 +95,9 @@ class WorkloadParams:
     history_median: float = 150.0
     history_sigma: float = 0.7
     max_history: int = 1024
-    new_user_history_median: float = 10.0
+    # A user new to the cluster still brings a history (their activity before it was served here): the same
+    # first-visit distribution; only their KV is nowhere.
+    new_user_history_median: float = 150.0
     # Events a user adds between visits (Poisson mean): a short session's worth.
     new_events_mean: float = 4.0
     candidates: int = 64  # items ranked per request (retrieval's output)
@@ -104,10 +106,10 @@ class WorkloadParams:
     trend_hot_from: float = 0.5
     trend_hot_to: float = 0.95
     trend_history_from: float = 1.0
-    trend_history_to: float = 2.0
+    trend_history_to: float = 1.5
     # Burst: episodes on the steady base.
     bursts: tuple[Burst, ...] = (
-        Burst("new_users", 0.15, 0.15, 0.8),
+        Burst("new_users", 0.15, 0.15, 0.7),
         Burst("hot_users", 0.45, 0.1, 0.95),
         Burst("rate", 0.75, 0.1, 1.3),
     )
