@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         "worker_pause, overload)",
     )
     bf.set_defaults(func=_bench_faults)
+    from bench.cluster_cli import add_cluster_command
+
+    add_cluster_command(bench_sub)
 
     from sim.cli import add_calibrate_command, add_sim_command, add_trace_command
 

@@ -207,6 +207,8 @@ def _motivation(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> 
 
 def _sim(args: argparse.Namespace) -> int:
     preset = _sim_preset(args)
+    if args.validate:
+        return _validate(args, preset)
     if args.motivation and (args.trace or args.regime):
         raise ValueError("--motivation runs the three synthetic regimes: it takes no --regime or --trace")
     source = None if args.motivation else _source(args, preset)  # a bad trace is named before anything runs
@@ -260,6 +262,48 @@ def _sim(args: argparse.Namespace) -> int:
         write_markdown(report_dir, "onepool sim", report, images)
     write_report(args.json, _finite(report), summary)
     return 0
+
+
+# ----------------------------------------------------------------------------------------------- validate
+VALIDATE_WORKERS = (2, 4)  # the real side runs on this machine: 2-4 local workers
+
+
+def _validate(args: argparse.Namespace, preset: Preset) -> int:
+    """`--validate`: the input on a real local cluster and in the simulator (bench/validate.py)."""
+    from dataclasses import replace
+
+    from bench.validate import ValidateOptions, run_validation
+
+    if args.sweep or args.motivation or len(args.alpha_policy or []) > 1:
+        raise ValueError("--validate compares one policy: no --sweep, --motivation or second --alpha-policy")
+    workers = VALIDATE_WORKERS[0] if args.workers is None else args.workers
+    if not VALIDATE_WORKERS[0] <= workers <= VALIDATE_WORKERS[1]:
+        raise ValueError(
+            f"--validate runs {VALIDATE_WORKERS[0]}-{VALIDATE_WORKERS[1]} local workers, got {workers}"
+        )
+    if args.pool_mib is not None:  # the real workers get the same pool as the simulated ones
+        preset = preset.with_shape(pool_mib=args.pool_mib)
+    source = _source(args, preset)
+    cfg = replace(_config(args, preset, _cost(args, preset)), workers=workers)
+    warmup = args.warmup if args.warmup is not None else min(0.2 * source.duration_s, 60.0)
+    return run_validation(
+        ValidateOptions(
+            json_path=args.json,
+            preset=preset,
+            source=source,
+            cfg=cfg,
+            policy=(args.alpha_policy or [DEFAULT_POLICY])[0],
+            warmup_s=warmup,
+            # what the preset's geometry does not say: the same on both sides
+            worker_env={
+                "ONEPOOL_WORKER_REFILL_MODE": args.refill_mode,
+                "ONEPOOL_WORKER_MAX_BATCH": str(args.max_batch),
+                "ONEPOOL_WORKER_SLO_MS": f"{args.slo_ms:g}",
+            },
+            report_dir=args.report,
+            command="onepool " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        )
+    )
 
 
 def _finite(value: Any) -> Any:
@@ -330,6 +374,11 @@ def add_sim_command(sub: Any) -> None:
     p.add_argument("--window", type=_positive(float), default=5.0, help="alpha* decision window, s (5)")
     p.add_argument("--sweep", action="store_true", help="static grid 0.1..0.9, alpha* and the oracle run")
     p.add_argument("--motivation", action="store_true", help="normalised P99 vs static alpha per regime")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="also run the input on a real local cluster (2-4 workers): the P50/P99 errors of the simulator",
+    )
     p.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
     p.add_argument("--report", metavar="DIR", default=None, help="also write report.md and PNG plots here")
     p.set_defaults(func=_guarded("sim", _sim))
