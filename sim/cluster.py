@@ -151,6 +151,7 @@ class _Worker:
     prefetch: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     service_ms: float = 0.0
     mean_batch: float = 0.0
+    busy_ms: float = 0.0  # model-thread time charged so far (batches and ticks)
     seq: int = 0
     window: _Window = field(default_factory=_Window)
 
@@ -408,6 +409,7 @@ class Simulation:
             len(take) if w.mean_batch == 0 else w.mean_batch + SERVICE_EWMA * (len(take) - w.mean_batch)
         )
         w.busy = True
+        w.busy_ms += extra_ms + service_ms
         self._push(self.now + (extra_ms + service_ms) / 1e3, _DONE, (w.index, take))
 
     def _done(self, index: int, take: list[int]) -> None:
@@ -556,6 +558,8 @@ class SimResult:
     critical_refill_bytes: int
     prefetch_bytes: int
     chunks_moved: int
+    busy_ms: list[float]  # per worker, over the whole run
+    end_s: float  # when the last event ran
     timeline: WorkerTimeline
 
     @classmethod
@@ -576,6 +580,8 @@ class SimResult:
             critical_refill_bytes=sum(c.critical_refill_bytes for c in counters),
             prefetch_bytes=sum(c.prefetch_bytes for c in counters),
             chunks_moved=sum(c.chunks_moved for c in counters),
+            busy_ms=[w.busy_ms for w in sim.workers],
+            end_s=sim.now,
             timeline=sim.timeline,
         )
 
@@ -597,4 +603,8 @@ class SimResult:
             "emb_hit_rate": hits / (hits + misses) if hits + misses else math.nan,
             "kv_hit_rate": float((self.cached[keep] > 0).mean()) if n else math.nan,
             "critical_refill_bytes": self.critical_refill_bytes,
+            # the model threads' busy share over the whole run (warm-up included): the load's level
+            "utilisation": sum(self.busy_ms) / len(self.busy_ms) / 1e3 / self.end_s
+            if self.end_s > 0
+            else math.nan,
         }
