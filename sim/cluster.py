@@ -40,7 +40,7 @@ import numpy.typing as npt
 from services.cachestate.core.features import FeatureWindow
 from services.controller.core.policies import AlphaPolicy, Clamp, StaticPolicy
 from services.gateway.core.router import NoWorkers, Policy, Router, RouteRequest, RoutingView
-from services.worker.core.batch import PrefixHasher, RoundCaches, RoundRequest, rounds
+from services.worker.core.batch import BatchFormer, PrefixHasher, RoundCaches, RoundRequest, rounds
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode
 from shared import schemas as s
@@ -360,9 +360,24 @@ class Simulation:
                 break  # nothing left for the remaining idle ticks to do
         return charged
 
+    def _take(self, w: _Worker) -> list[int]:
+        """The head of the queue and the requests the engine's rule lets join it (distinct users)."""
+        queue = w.queue
+        first = queue.popleft()
+        take = [first]
+        if not queue or self.cfg.max_batch == 1:
+            return take
+        former = BatchFormer(self.requests[first].user_id, self.cfg.max_batch)
+        kept: list[int] = []
+        while queue and not former.done:
+            rid = queue.popleft()
+            (take if former.offer(self.requests[rid].user_id) else kept).append(rid)
+        queue.extendleft(reversed(kept))
+        return take
+
     def _start_batch(self, w: _Worker) -> None:
         extra_ms = self._tick(w)
-        take = [w.queue.popleft() for _ in range(min(self.cfg.max_batch, len(w.queue)))]
+        take = self._take(w)
         cost, pool, rec, win = self.cfg.cost, w.pool, self.records, w.window
         service_ms = cost.batch_fixed_ms
         reqs = [self.requests[rid] for rid in take]

@@ -54,3 +54,19 @@ def test_per_request_emb_of_a_round_agrees_with_the_general_count(size: int) -> 
             if len(r.history):
                 RoundCaches.commit(pool, r)
         pool.check_invariants()
+
+
+def test_a_batch_takes_distinct_users_and_leaves_repeats_queued() -> None:
+    from services.worker.core.batch import SCAN_FACTOR, BatchFormer
+
+    former = BatchFormer("a", max_batch=3)
+    assert [former.offer(u) for u in ["a", "b", "b", "c"]] == [False, True, False, True]
+    assert former.size == 3 and former.done
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchFormer("a", max_batch=0)
+    lonely = BatchFormer("a", max_batch=8)
+    looked = 1
+    while not lonely.done:
+        assert not lonely.offer("a")
+        looked += 1
+    assert looked == SCAN_FACTOR * 8 and lonely.size == 1  # it stops looking after SCAN_FACTOR batches' worth

@@ -29,7 +29,10 @@ from services.worker.core.emb_cache import EmbLookup, EmbPlacement
 from services.worker.core.kv_cache import KvCommit, KvLookup
 from services.worker.core.pool import Pool
 
-__all__ = ["PrefixHasher", "RoundCaches", "per_request_emb", "rounds"]
+__all__ = ["SCAN_FACTOR", "BatchFormer", "PrefixHasher", "RoundCaches", "per_request_emb", "rounds"]
+
+# A batch looks at most at this many times `max_batch` queued requests for distinct users.
+SCAN_FACTOR = 4
 
 I64 = npt.NDArray[np.int64]
 
@@ -48,6 +51,40 @@ class PrefixHasher:
         h.update(self._history[:n].tobytes())
         h.update(self._timestamps[:n].tobytes())
         return h.digest()
+
+
+class BatchFormer:
+    """Which queued requests join the batch being formed: distinct users only, up to ``max_batch``.
+
+    Offer the queued requests in queue order after the batch's first; ``offer`` says whether one joins.
+    A request whose user already has one in the batch stays queued, in its place: it leads the next batch,
+    after this one has committed its user's KV (taken into this batch, it would need a second pass of its
+    own, paying a whole pass's fixed cost for one or two requests). At most ``SCAN_FACTOR * max_batch``
+    requests are looked at; ``done`` says when to stop offering.
+    """
+
+    __slots__ = ("_limit", "_looked", "_max", "_users", "size")
+
+    def __init__(self, first_user: str, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._users = {first_user}
+        self._max = max_batch
+        self._looked = 1
+        self._limit = SCAN_FACTOR * max_batch
+        self.size = 1
+
+    @property
+    def done(self) -> bool:
+        return self.size >= self._max or self._looked >= self._limit
+
+    def offer(self, user_id: str) -> bool:
+        self._looked += 1
+        if user_id in self._users:
+            return False
+        self._users.add(user_id)
+        self.size += 1
+        return True
 
 
 def rounds(user_ids: Sequence[str]) -> list[list[int]]:
