@@ -680,7 +680,7 @@ class Engine:
         t = self.cfg.page_tokens
         deferred: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # user, pages, rows, K/V rows
         first = 0
-        for r, hasher, c, kv, out in zip(reqs, hashers, cached, past, batch.outputs, strict=True):
+        for i, (r, hasher, c, kv) in enumerate(zip(reqs, hashers, cached, past, strict=True)):
             n = int(r.history.shape[0])
             n_new = n - c
             start, first = first, first + n_new
@@ -696,7 +696,7 @@ class Engine:
                 deferred.append((r.user_id, pages, tokens % t, np.arange(start, start + n_new)))
             elif commit.write_from < c and kv is not None:
                 # An earlier commit of this batch evicted the entry this request read: write it back whole.
-                w = commit.write_from
+                w, out = commit.write_from, batch.output(i)
                 k = [torch.cat((p[w:], new)) for p, new in zip(kv[0], out.new_k, strict=True)]
                 v = [torch.cat((p[w:], new)) for p, new in zip(kv[1], out.new_v, strict=True)]
                 self.storage.write_kv(commit.pages, w, k, v)

@@ -165,10 +165,38 @@ def time_buckets(timestamps: np.ndarray, start: int, n_buckets: int) -> np.ndarr
     prev = (
         timestamps[start - 1 : n - 1] if start > 0 else np.concatenate((timestamps[:1], timestamps[: n - 1]))
     )
-    gap = np.maximum(timestamps[start:] - prev, 0)
+    return _gap_buckets(timestamps[start:] - prev, n_buckets)
+
+
+def _gap_buckets(gaps: np.ndarray, n_buckets: int) -> np.ndarray:
+    gap = np.maximum(gaps, 0)
     bucket: np.ndarray = np.floor(np.log2(gap.astype(np.float64) + 1.0)).astype(np.int64)
     out: np.ndarray = np.minimum(bucket, n_buckets - 1)
     return out
+
+
+def _row_features(group: Sequence[_Checked], n_buckets: int) -> np.ndarray:
+    """[2, N] int64: the position and the time bucket of every query row of the batch (request after
+    request, its new history tokens, then its candidates), `time_buckets` of each request's new tokens
+    computed for the whole batch at once."""
+    cached = np.array([r.cached_len for r in group], dtype=np.int64)
+    n_new = np.array([r.n_new for r in group], dtype=np.int64)
+    m = np.array([r.m for r in group], dtype=np.int64)
+    hist_len = cached + n_new
+    queries = n_new + m
+    n = int(queries.sum())
+    first = np.repeat(np.cumsum(queries) - queries, queries)  # each row's request's first row
+    local = np.arange(n) - first  # row within its request
+    is_hist = local < np.repeat(n_new, queries)
+    features = np.empty((2, n), dtype=np.int64)
+    features[0] = np.where(is_hist, np.repeat(cached, queries) + local, np.repeat(hist_len, queries))
+    features[1] = n_buckets  # candidates' bucket; the history rows' below
+    timestamps = np.concatenate([r.timestamps for r in group])
+    base = np.repeat(np.cumsum(hist_len) - hist_len, n_new)  # each new token's request in `timestamps`
+    token = local[is_hist] + np.repeat(cached, n_new)  # each new token's position in its history
+    gaps = timestamps[base + token] - timestamps[base + np.maximum(token - 1, 0)]  # first token: gap 0
+    features[1, is_hist] = _gap_buckets(gaps, n_buckets)
+    return features
 
 
 def _host_int64(values: Tensor | np.ndarray) -> np.ndarray:
@@ -192,17 +220,34 @@ class HSTUInput:
 
 @dataclass(frozen=True)
 class HSTUBatchOutput:
-    """Results in request order; the same results for the whole batch (`scores`: every request's
-    candidates, request after request; `history_k`/`history_v`: per layer, every request's new history
-    tokens, request after request; each request's own are views into these); and the attention elements
-    (per head) the requests needed and the layout computed (more when padded)."""
+    """Results for the whole batch (`scores`: every request's candidates, request after request;
+    `history_k`/`history_v`: per layer, every request's new history tokens, request after request); each
+    request's own (`output(i)`, all of them in request order: `outputs`) are views into these, made when
+    asked for; and the attention elements (per head) the requests needed and the layout computed (more when
+    padded)."""
 
-    outputs: list[HSTUOutput]
     scores: Tensor
     history_k: list[Tensor]
     history_v: list[Tensor]
     real_elements: int
     computed_elements: int
+    candidates: tuple[int, ...]  # per request, its candidates
+    new_tokens: tuple[int, ...]  # per request, its new history tokens
+
+    def output(self, i: int) -> HSTUOutput:
+        """Request i's results (views)."""
+        cand = sum(self.candidates[:i])
+        new = slice(sum(self.new_tokens[:i]), sum(self.new_tokens[: i + 1]))
+        return HSTUOutput(
+            scores=self.scores[cand : cand + self.candidates[i]],
+            new_k=[k[new] for k in self.history_k],
+            new_v=[v[new] for v in self.history_v],
+        )
+
+    @property
+    def outputs(self) -> list[HSTUOutput]:
+        """Every request's results, in request order."""
+        return [self.output(i) for i in range(len(self.candidates))]
 
     @property
     def padding_waste(self) -> float:
@@ -271,8 +316,7 @@ class _Plan:
 class _JaggedPlan(_Plan):
     keys: list[slice]  # each request's history key rows in the layer's key tensor
     candidates: list[slice]  # each request's rows among the candidate rows
-    # Per request [n_q, hist_len]: 1 where a query row sees a history key (views into one causal mask).
-    masks: list[Tensor]
+    offsets: list[int]  # per request, its cached_len: query row i sees history keys 0..offset + i
     cached: bool  # some request has cached rows (else a request's keys are its own new history rows of k)
 
 
@@ -340,15 +384,11 @@ def _plan(
     real = _attention_elements(group, n_layers)
     if layout is AttentionLayout.JAGGED:
         index = torch.from_numpy(np.concatenate([*candidate_rows, *history_rows])).to(dev)
-        # Row p of the causal mask: a query at position p sees history keys 0..p (a candidate, at
-        # position >= hist_len, sees the whole history); request r's rows start at its cached_len.
-        causal = torch.ones((max(r.cached_len + r.queries for r in group), max_h), device=dev).tril_()
-        keys, candidates, masks = [], [], []
+        keys, candidates = [], []
         key = cand = 0
         for r in group:
             keys.append(slice(key, key + r.hist_len))
             candidates.append(slice(cand, cand + r.m))
-            masks.append(causal[r.cached_len : r.cached_len + r.queries, : r.hist_len])
             key += r.hist_len
             cand += r.m
         return _JaggedPlan(
@@ -360,7 +400,7 @@ def _plan(
             real,
             keys=keys,
             candidates=candidates,
-            masks=masks,
+            offsets=[r.cached_len for r in group],
             cached=cached > 0,
         )
     b = len(group)
@@ -475,32 +515,24 @@ class _HSTULayer(nn.Module):
             key_rows = plan.keys
         else:  # a request's keys are its new history rows
             keys, values, key_rows = k, v, plan.history
-        if last:
-            outs = [
-                self._attend(q[cands], keys[cols], values[cols], None)
-                for cands, cols in zip(plan.candidates, key_rows, strict=True)
-            ]
-        else:
-            outs = [
-                self._attend(q[rows], keys[cols], values[cols], mask)
-                for rows, cols, mask in zip(plan.rows, key_rows, plan.masks, strict=True)
-            ]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
-        """One request: q [n_q, W] (scaled by 1/sqrt(head_dim)), keys/values [n_k, W], mask [n_q, n_k]
-        (None: every key) -> [n_q, W]."""
         nh, hd = self.n_heads, self.head_dim
-        n_q, n_k = q.shape[0], keys.shape[0]
-        qh = q.reshape(n_q, nh, hd).transpose(0, 1)  # [H, n_q, D]
-        kh = keys.reshape(n_k, nh, hd).permute(1, 2, 0)  # [H, D, n_k]
-        vh = values.reshape(n_k, nh, hd).transpose(0, 1)  # [H, n_k, D]
-        attn = F.silu(torch.bmm(qh, kh), inplace=True)
-        # Masking by multiplication (one pass instead of masked_fill): exact as long as the logits are
-        # finite, which they are for finite inputs (an fp32 overflow would need |q.k| ~ 1e38).
-        if mask is not None:
-            attn.mul_(mask)
-        return torch.bmm(attn, vh).transpose(0, 1).reshape(n_q, nh * hd)
+        # Head-major views of the whole batch (no copies); each request's blocks are views into them.
+        qh = q.view(q.shape[0], nh, hd).transpose(0, 1)  # [H, N_q, D]
+        kh = keys.view(keys.shape[0], nh, hd).permute(1, 2, 0)  # [H, D, N_k]
+        vh = values.view(values.shape[0], nh, hd).transpose(0, 1)  # [H, N_k, D]
+        outs: list[Tensor] = []
+        if last:  # the candidates see the whole history: no mask
+            for cands, cols in zip(plan.candidates, key_rows, strict=True):
+                attn = F.silu(torch.bmm(qh[:, cands], kh[:, :, cols]), inplace=True)
+                outs.append(torch.bmm(attn, vh[:, cols]))
+        else:
+            for rows, cols, offset in zip(plan.rows, key_rows, plan.offsets, strict=True):
+                attn = F.silu(torch.bmm(qh[:, rows], kh[:, :, cols]), inplace=True)
+                # The causal mask in place: query row i (position offset + i) keeps keys 0..offset + i; a
+                # candidate row (i >= n_new, so offset + i >= hist_len) keeps them all.
+                outs.append(torch.bmm(attn.tril_(offset), vh[:, cols]))
+        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # [H, N_q, D]
+        return o.transpose(0, 1).reshape(q.shape[0], nh * hd)
 
     def _padded(  # noqa: PLR0917 -- the layer's tensors, then the plan
         self,
@@ -661,7 +693,7 @@ class HSTU(nn.Module):
         ([n_new, item_dim], positions cached_len..cached_len+n_new-1).  `timestamps` (int64) covers the
         whole history.  Returns candidate scores and the K/V of the new history tokens."""
         request = HSTUInput(hist_emb, timestamps, cached_len, cand_emb, past_k, past_v)
-        return self.forward_batch([request]).outputs[0]
+        return self.forward_batch([request]).output(0)
 
     @torch.inference_mode()
     def forward_batch(
@@ -678,19 +710,8 @@ class HSTU(nn.Module):
         name = len(requests) > 1
         group = [self._checked(r, f" (batch index {i})" if name else "") for i, r in enumerate(requests)]
         plan = _plan(group, layout or self.choose_layout(group), cfg.n_layers, dev)
-        positions: list[np.ndarray] = []
-        buckets: list[np.ndarray] = []
-        embeddings: list[Tensor] = []
-        for r in group:
-            hist_len = r.cached_len + r.n_new
-            positions += [np.arange(r.cached_len, hist_len), np.full(r.m, hist_len)]
-            buckets += [
-                time_buckets(r.timestamps, r.cached_len, cfg.time_buckets),
-                np.full(r.m, cfg.time_buckets),
-            ]
-            embeddings += [r.hist_emb, r.cand_emb]
-        index = torch.from_numpy(np.stack((np.concatenate(positions), np.concatenate(buckets)))).to(dev)
-        x = self.item_proj(torch.cat(embeddings, dim=0))
+        index = torch.from_numpy(_row_features(group, cfg.time_buckets)).to(dev)
+        x = self.item_proj(torch.cat([e for r in group for e in (r.hist_emb, r.cand_emb)]))
         x = x + self.pos_emb(index[0]) + self.time_emb(index[1])
 
         layer_k: list[Tensor] = []
@@ -709,21 +730,14 @@ class HSTU(nn.Module):
         else:  # one request: its new history rows come first
             history_k = [k[: group[0].n_new] for k in layer_k]
             history_v = [v[: group[0].n_new] for v in layer_v]
-        outputs = []
-        cand = new = 0
-        for r in group:
-            rows = slice(new, new + r.n_new)
-            outputs.append(
-                HSTUOutput(
-                    scores=scores[cand : cand + r.m],
-                    new_k=[k[rows] for k in history_k],
-                    new_v=[v[rows] for v in history_v],
-                )
-            )
-            cand += r.m
-            new += r.n_new
         return HSTUBatchOutput(
-            outputs, scores, history_k, history_v, plan.real_elements, plan.computed_elements
+            scores,
+            history_k,
+            history_v,
+            plan.real_elements,
+            plan.computed_elements,
+            candidates=tuple(r.m for r in group),
+            new_tokens=tuple(r.n_new for r in group),
         )
 
     def choose_layout(self, group: Sequence[_Checked]) -> AttentionLayout:

@@ -15,6 +15,7 @@ from services.worker.hstu import (
     HSTUConfig,
     HSTUInput,
     HSTUOutput,
+    _row_features,
     time_buckets,
 )
 
@@ -288,6 +289,22 @@ def test_time_buckets(model: HSTU) -> None:
     # gaps: 0 (first), 0, 1, 3, -5 -> 0, 2**40 -> clamped to time_buckets - 1
     assert buckets.tolist() == [0, 0, 1, 2, 0, TINY.time_buckets - 1]
     assert time_buckets(ts.numpy(), 3, TINY.time_buckets).tolist() == [2, 0, TINY.time_buckets - 1]
+
+
+def test_a_batch_takes_each_requests_positions_and_time_buckets(model: HSTU) -> None:
+    """The batch computes every row's position and time bucket at once: per request, what `time_buckets`
+    and the position rule give it alone (cached prefixes, an empty history, gaps of every sign)."""
+    requests, _ = batch_requests(0)
+    group = [model._checked(r, "") for r in requests]
+    expected = []
+    for r in group:
+        hist_len = r.cached_len + r.n_new
+        positions = list(range(r.cached_len, hist_len)) + [hist_len] * r.m
+        buckets = time_buckets(r.timestamps, r.cached_len, TINY.time_buckets).tolist()
+        expected.append((positions, buckets + [TINY.time_buckets] * r.m))
+    features = _row_features(group, TINY.time_buckets)
+    assert features[0].tolist() == [p for positions, _ in expected for p in positions]
+    assert features[1].tolist() == [b for _, buckets in expected for b in buckets]
 
 
 def test_attention_mask_shape_and_rules() -> None:
