@@ -469,10 +469,10 @@ class _HSTULayer(nn.Module):
         request after request; past_k/v: per request its cached rows [cached_len, kv_width]. Returns
         (y, k, v): k and v [N, kv_width] for every query row; y [N, d_model], or in the `last` layer the
         candidate rows' only ([N_c, d_model], request after request)."""
-        h = F.silu(self.uvqk(self.norm_in(x)))
+        h = F.silu(self.uvqk(self.norm_in(x)), inplace=True)
         u, v, q, k = torch.chunk(h, 4, dim=-1)
         # The candidates' own rows: their self-term in every layer, their queries in the last.
-        _, v_c, q_c, k_c = torch.chunk(h.index_select(0, plan.candidate_rows), 4, dim=-1)
+        u_c, v_c, q_c, k_c = torch.chunk(h.index_select(0, plan.candidate_rows), 4, dim=-1)
         q_c = q_c * self.scale
         own = self._self_term(q_c, k_c, v_c)
         if isinstance(plan, _PaddedPlan):
@@ -481,7 +481,7 @@ class _HSTULayer(nn.Module):
             o = self._jagged(q_c if last else q * self.scale, k, v, past_k, past_v, plan, last)
         if last:
             o.add_(own)
-            x, u = x.index_select(0, plan.candidate_rows), u.index_select(0, plan.candidate_rows)
+            x, u = x.index_select(0, plan.candidate_rows), u_c
         else:
             o.index_add_(0, plan.candidate_rows, own)
         y = x + self.out(self.norm_attn(o.mul_(self.norm)) * u)
@@ -708,7 +708,7 @@ class HSTU(nn.Module):
         cfg = self.cfg
         dev = self.device
         name = len(requests) > 1
-        group = [self._checked(r, f" (batch index {i})" if name else "") for i, r in enumerate(requests)]
+        group = [self._checked(r, dev, f" (batch index {i})" if name else "") for i, r in enumerate(requests)]
         plan = _plan(group, layout or self.choose_layout(group), cfg.n_layers, dev)
         index = torch.from_numpy(_row_features(group, cfg.time_buckets)).to(dev)
         x = self.item_proj(torch.cat([e for r in group for e in (r.hist_emb, r.cand_emb)]))
@@ -752,9 +752,8 @@ class HSTU(nn.Module):
             return AttentionLayout.JAGGED
         return AttentionLayout.PADDED
 
-    def _checked(self, r: HSTUInput, where: str) -> _Checked:
+    def _checked(self, r: HSTUInput, dev: torch.device, where: str) -> _Checked:
         cfg = self.cfg
-        dev = self.device
         w = cfg.kv_width
         hist_emb, cand_emb, cached_len = r.hist_emb, r.cand_emb, r.cached_len
         if hist_emb.dim() != 2 or hist_emb.shape[1] != cfg.item_dim:
@@ -797,8 +796,7 @@ class HSTU(nn.Module):
     ) -> list[Tensor]:
         n_layers = self.cfg.n_layers
         if cached_len == 0 and (past is None or len(past) == 0):
-            empty = torch.zeros((0, width), device=dev, dtype=torch.float32)
-            return [empty] * n_layers
+            return [torch.empty((0, width), device=dev)] * n_layers
         if past is None or len(past) != n_layers:
             got = "None" if past is None else f"{len(past)} tensors"
             raise ValueError(

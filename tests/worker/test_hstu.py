@@ -295,7 +295,7 @@ def test_a_batch_takes_each_requests_positions_and_time_buckets(model: HSTU) -> 
     """The batch computes every row's position and time bucket at once: per request, what `time_buckets`
     and the position rule give it alone (cached prefixes, an empty history, gaps of every sign)."""
     requests, _ = batch_requests(0)
-    group = [model._checked(r, "") for r in requests]
+    group = [model._checked(r, model.device, "") for r in requests]
     expected = []
     for r in group:
         hist_len = r.cached_len + r.n_new
