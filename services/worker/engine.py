@@ -410,10 +410,10 @@ class Engine:
         """`first` and what else is queued, up to `max_batch` jobs of distinct users; never waits.
 
         A job whose user already has one in the batch stays queued, in its place: it leads the next batch,
-        after this one has committed its user's KV (served in the same batch it would go in a second pass
-        of its own, paying a whole pass's fixed cost for one or two requests). At most `SCAN_FACTOR *
-        max_batch` jobs are looked at. Control calls found on the way run at once (they go before
-        requests); the stop marker is put back for the loop."""
+        after this one has committed its user's KV. (Taken into this batch, it would be served in a second
+        pass of its own, `serve_batch`'s later sub-batch, paying a whole pass's fixed cost for one or two
+        requests.) At most `SCAN_FACTOR * max_batch` jobs are looked at. Control calls found on the way run
+        at once (they go before requests); the stop marker is put back for the loop."""
         jobs = [first]
         users = {first.request.user_id}
         kept: list[tuple[int, int, Job]] = []

@@ -368,7 +368,7 @@ def _attention_elements(group: Sequence[_Checked], n_layers: int) -> int:
 def _plan(
     group: Sequence[_Checked], layout: AttentionLayout, n_layers: int, dev: torch.device
 ) -> _JaggedPlan | _PaddedPlan:
-    """Row maps and attention masks for one pass (one host-to-device copy of the row maps)."""
+    """Row maps for one pass (one host-to-device copy of them) and, for the padded layout, its masks."""
     rows, history, candidate_rows, history_rows = [], [], [], []
     row = cached = 0
     for r in group:
@@ -451,7 +451,7 @@ class _HSTULayer(nn.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.norm = 1.0 / cfg.max_history  # the fixed attention normalisation
+        self.inv_max_history = 1.0 / cfg.max_history  # the fixed attention normalisation
         self.norm_in = nn.LayerNorm(cfg.d_model, eps=_LN_EPS)
         self.uvqk = nn.Linear(cfg.d_model, 4 * w)  # f1
         self.norm_attn = nn.LayerNorm(w, eps=_LN_EPS)
@@ -484,7 +484,7 @@ class _HSTULayer(nn.Module):
             x, u = x.index_select(0, plan.candidate_rows), u_c
         else:
             o.index_add_(0, plan.candidate_rows, own)
-        y = x + self.out(self.norm_attn(o.mul_(self.norm)) * u)
+        y = x + self.out(self.norm_attn(o.mul_(self.inv_max_history)) * u)
         return y, k, v
 
     def _self_term(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
