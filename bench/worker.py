@@ -497,6 +497,24 @@ def _low_load_p99(engine: Engine, requests: list[PreparedRequest], rate: float, 
     return _p99(latencies)
 
 
+def measure_saturated_throughput(preset: str, n: int, repeats: int, device: str) -> dict[str, list[float]]:
+    """`repeats` runs of `n` requests of the batching workload (run r: seed 300 + r), each served by a
+    fresh, warmed-up engine with `MAX_BATCH` 1, then by one with the default: requests per second of
+    each (`unbatched`, `batched`, run by run) and the batched engine's mean batch size."""
+    runs: dict[str, list[float]] = {"unbatched": [], "batched": [], "mean_batch_size": []}
+    for r in range(repeats):
+        workload = Workload(BATCH_SIZES, seed=300 + r)
+        requests = [workload.next() for _ in range(n)]
+        for max_batch, key in ((1, "unbatched"), (DEFAULT_MAX_BATCH, "batched")):
+            engine = _batching_engine(preset, max_batch, device)
+            engine.warm_up()
+            rps, mean_batch = _saturated_rps(engine, requests)
+            runs[key].append(rps)
+            if max_batch > 1:
+                runs["mean_batch_size"].append(mean_batch)
+    return runs
+
+
 def measure_batching(quick: bool, repeats: int, device: str) -> dict[str, Any]:
     """Saturation throughput with and without batching per model preset, P99 at light load, padding."""
     out: dict[str, Any] = {
@@ -507,22 +525,10 @@ def measure_batching(quick: bool, repeats: int, device: str) -> dict[str, Any]:
     }
     counts = {"tiny": 150 if quick else 800, "bench": 60 if quick else 300}
     for preset, n in counts.items():
-        batched: list[float] = []
-        unbatched: list[float] = []
-        sizes: list[float] = []
-        for r in range(repeats):
-            workload = Workload(BATCH_SIZES, seed=300 + r)
-            requests = [workload.next() for _ in range(n)]
-            for max_batch, into in ((1, unbatched), (DEFAULT_MAX_BATCH, batched)):
-                engine = _batching_engine(preset, max_batch, device)
-                engine.warm_up()
-                rps, mean_batch = _saturated_rps(engine, requests)
-                into.append(rps)
-                if max_batch > 1:
-                    sizes.append(mean_batch)
-        out["throughput_rps_batched"][preset] = statistics.median(batched)
-        out["throughput_rps_unbatched"][preset] = statistics.median(unbatched)
-        out["mean_batch_size_saturated"][preset] = statistics.median(sizes)
+        runs = measure_saturated_throughput(preset, n, repeats, device)
+        out["throughput_rps_batched"][preset] = statistics.median(runs["batched"])
+        out["throughput_rps_unbatched"][preset] = statistics.median(runs["unbatched"])
+        out["mean_batch_size_saturated"][preset] = statistics.median(runs["mean_batch_size"])
     # Light load: a fifth of the unbatched capacity, where batches are mostly of one request. A P99 of a
     # thousand or two latencies moves by 10-20% from run to run here: each run serves the same requests
     # at the same arrival times to both engines, and the report takes the median of the per-run ratios.

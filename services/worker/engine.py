@@ -6,10 +6,12 @@ and ticks run *between* batches. The asyncio shell talks to it through thread-sa
 methods (`submit`, `set_alpha_target`, `split_state`, `report`, `pause_until`, `check_pool`) that return
 futures, so the event loop never waits on the model.
 
-Batching: the model thread takes what is queued, up to `max_batch` requests (it never waits for more),
-and serves them together (`serve_batch`): one KV lookup per user, one EMB lookup, admission and host
-transfer for the union of the batch's items, one HSTU pass, one KV commit per user, one answer each. A
-user who appears twice is served in a later sub-batch, after its first request's KV is committed.
+Batching: the model thread takes what is queued, up to `max_batch` requests of distinct users (it never
+waits for more; a user's next queued request stays in the queue and leads the next batch), and serves
+them together (`serve_batch`): one KV lookup per user, one EMB lookup, admission and host transfer for the
+union of the batch's items, one HSTU pass, one KV commit per user, one answer each. Given a user twice
+(`serve_batch` called directly), the second request is served in a later sub-batch, after the first's KV
+is committed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ log = structlog.get_logger("onepool.worker.engine")
 R = TypeVar("R")
 SERVICE_EWMA = 0.1  # weight of the newest sample in `Engine.service_ms` (about the last 10-20 requests)
 BATCH_EWMA = 0.1  # weight of the newest batch in `Engine.mean_batch_size`
+SCAN_FACTOR = 4  # a batch looks at most at this many times `max_batch` queued jobs for distinct users
 
 
 def ewma(current: float, sample: float, weight: float, count: int = 1) -> float:
@@ -404,22 +407,37 @@ class Engine:
                 self._run_batch(self._take_batch(item))
 
     def _take_batch(self, first: Job) -> list[Job]:
-        """`first` and what else is queued, up to `max_batch` jobs; never waits. Control calls found on
-        the way run at once (they go before requests); the stop marker is put back for the loop."""
+        """`first` and what else is queued, up to `max_batch` jobs of distinct users; never waits.
+
+        A job whose user already has one in the batch stays queued, in its place: it leads the next batch,
+        after this one has committed its user's KV. (Taken into this batch, it would be served in a second
+        pass of its own, `serve_batch`'s later sub-batch, paying a whole pass's fixed cost for one or two
+        requests.) At most `SCAN_FACTOR * max_batch` jobs are looked at. Control calls found on the way run
+        at once (they go before requests); the stop marker is put back for the loop."""
         jobs = [first]
-        while len(jobs) < self.cfg.max_batch:
+        users = {first.request.user_id}
+        kept: list[tuple[int, int, Job]] = []
+        looked, limit = 1, SCAN_FACTOR * self.cfg.max_batch
+        while len(jobs) < self.cfg.max_batch and looked < limit:
             try:
                 priority, seq, item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if isinstance(item, Job):
+                looked += 1
+                if item.request.user_id in users:
+                    kept.append((priority, seq, item))
+                    continue
                 self._job_dequeued()
+                users.add(item.request.user_id)
                 jobs.append(item)
             elif isinstance(item, _Call):
                 self._run_call(item)
             else:
                 self._put(priority, item, seq)
                 break
+        for priority, seq, item in kept:
+            self._put(priority, item, seq)
         return jobs
 
     def _job_dequeued(self) -> None:
@@ -680,7 +698,7 @@ class Engine:
         t = self.cfg.page_tokens
         deferred: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # user, pages, rows, K/V rows
         first = 0
-        for r, hasher, c, kv, out in zip(reqs, hashers, cached, past, batch.outputs, strict=True):
+        for i, (r, hasher, c, kv) in enumerate(zip(reqs, hashers, cached, past, strict=True)):
             n = int(r.history.shape[0])
             n_new = n - c
             start, first = first, first + n_new
@@ -696,7 +714,7 @@ class Engine:
                 deferred.append((r.user_id, pages, tokens % t, np.arange(start, start + n_new)))
             elif commit.write_from < c and kv is not None:
                 # An earlier commit of this batch evicted the entry this request read: write it back whole.
-                w = commit.write_from
+                w, out = commit.write_from, batch.output(i)
                 k = [torch.cat((p[w:], new)) for p, new in zip(kv[0], out.new_k, strict=True)]
                 v = [torch.cat((p[w:], new)) for p, new in zip(kv[1], out.new_v, strict=True)]
                 self.storage.write_kv(commit.pages, w, k, v)

@@ -44,6 +44,14 @@ The choices, and why each one keeps cross-request KV reuse exact:
   simple, cache-exact rule: no bias at all.)  Meta's newer ``STULayer`` also has no relative bias.
 * **Inference only.**  Eval mode, no dropout: the same inputs always give the same outputs.
 
+Attention is computed without the blocks the mask zeroes: every query row attends to its request's
+*history* keys (causal for history rows; the whole history for a candidate), and a candidate's attention
+to itself, the only candidate column it sees, is a row-wise dot product over all candidates at once. The
+candidate key columns (an [n_new + m, m] block per request, all masked but its diagonal) are never formed.
+In the last layer only the candidates query: the history rows' outputs of that layer feed nothing (the
+K/V the cache keeps come from each layer's *input*). The 1 / max_history factor multiplies the attention
+output instead of the weights (the same sum, rounded differently).
+
 Batching: ``forward_batch`` scores several users at once. The row-wise parts of a layer run over all
 requests' rows together; attention is either jagged (per request, over its own rows) or padded (one
 batched matmul, padding masked out), see ``AttentionLayout``. Either way a request's result does not
@@ -61,6 +69,7 @@ value dim on purpose, so one page layout holds both), laid out head after head.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -112,10 +121,38 @@ def time_buckets(timestamps: np.ndarray, start: int, n_buckets: int) -> np.ndarr
     prev = (
         timestamps[start - 1 : n - 1] if start > 0 else np.concatenate((timestamps[:1], timestamps[: n - 1]))
     )
-    gap = np.maximum(timestamps[start:] - prev, 0)
+    return _gap_buckets(timestamps[start:] - prev, n_buckets)
+
+
+def _gap_buckets(gaps: np.ndarray, n_buckets: int) -> np.ndarray:
+    gap = np.maximum(gaps, 0)
     bucket: np.ndarray = np.floor(np.log2(gap.astype(np.float64) + 1.0)).astype(np.int64)
     out: np.ndarray = np.minimum(bucket, n_buckets - 1)
     return out
+
+
+def _row_features(group: Sequence[_Checked], n_buckets: int) -> np.ndarray:
+    """[2, N] int64: the position and the time bucket of every query row of the batch (request after
+    request, its new history tokens, then its candidates), `time_buckets` of each request's new tokens
+    computed for the whole batch at once."""
+    cached = np.array([r.cached_len for r in group], dtype=np.int64)
+    n_new = np.array([r.n_new for r in group], dtype=np.int64)
+    m = np.array([r.m for r in group], dtype=np.int64)
+    hist_len = cached + n_new
+    queries = n_new + m
+    n = int(queries.sum())
+    first = np.repeat(np.cumsum(queries) - queries, queries)  # each row's request's first row
+    local = np.arange(n) - first  # row within its request
+    is_hist = local < np.repeat(n_new, queries)
+    features = np.empty((2, n), dtype=np.int64)
+    features[0] = np.where(is_hist, np.repeat(cached, queries) + local, np.repeat(hist_len, queries))
+    features[1] = n_buckets  # candidates' bucket; the history rows' below
+    timestamps = np.concatenate([r.timestamps for r in group])
+    base = np.repeat(np.cumsum(hist_len) - hist_len, n_new)  # each new token's request in `timestamps`
+    token = local[is_hist] + np.repeat(cached, n_new)  # each new token's position in its history
+    gaps = timestamps[base + token] - timestamps[base + np.maximum(token - 1, 0)]  # first token: gap 0
+    features[1, is_hist] = _gap_buckets(gaps, n_buckets)
+    return features
 
 
 def _host_int64(values: Tensor | np.ndarray) -> np.ndarray:
@@ -139,17 +176,34 @@ class HSTUInput:
 
 @dataclass(frozen=True)
 class HSTUBatchOutput:
-    """Results in request order; the same results for the whole batch (`scores`: every request's
-    candidates, request after request; `history_k`/`history_v`: per layer, every request's new history
-    tokens, request after request; each request's own are views into these); and the attention elements
-    (per head) the requests needed and the layout computed (more when padded)."""
+    """Results for the whole batch (`scores`: every request's candidates, request after request;
+    `history_k`/`history_v`: per layer, every request's new history tokens, request after request); each
+    request's own (`output(i)`, all of them in request order: `outputs`) are views into these, made when
+    asked for; and the attention elements (per head) the requests needed and the layout computed (more when
+    padded)."""
 
-    outputs: list[HSTUOutput]
     scores: Tensor
     history_k: list[Tensor]
     history_v: list[Tensor]
     real_elements: int
     computed_elements: int
+    candidates: tuple[int, ...]  # per request, its candidates
+    new_tokens: tuple[int, ...]  # per request, its new history tokens
+
+    def output(self, i: int) -> HSTUOutput:
+        """Request i's results (views)."""
+        cand = sum(self.candidates[:i])
+        new = slice(sum(self.new_tokens[:i]), sum(self.new_tokens[: i + 1]))
+        return HSTUOutput(
+            scores=self.scores[cand : cand + self.candidates[i]],
+            new_k=[k[new] for k in self.history_k],
+            new_v=[v[new] for v in self.history_v],
+        )
+
+    @property
+    def outputs(self) -> list[HSTUOutput]:
+        """Every request's results, in request order."""
+        return [self.output(i) for i in range(len(self.candidates))]
 
     @property
     def padding_waste(self) -> float:
@@ -173,8 +227,8 @@ class _Checked:
         return self.n_new + self.m
 
     @property
-    def keys(self) -> int:
-        return self.cached_len + self.n_new + self.m
+    def hist_len(self) -> int:
+        return self.cached_len + self.n_new
 
 
 class AttentionLayout(enum.StrEnum):
@@ -198,44 +252,51 @@ ATTENTION_BUDGET = 1 << 26
 
 @dataclass(frozen=True)
 class _Plan:
-    """Where each request's rows are in one pass; built once, used by every layer."""
+    """Where each request's rows are in one pass; built once, used by every layer.
 
-    rows: list[slice]  # each request's query rows in x
-    past: list[slice]  # each request's cached rows in the concatenated past K/V
+    Attention is split by the target-aware mask: every query row attends to its request's history keys
+    (cached, then new) under a causal mask (a candidate sees the whole history), and each candidate also to
+    itself, a row-wise dot product over the batch's candidates (`_HSTULayer._self_term`). The masked
+    candidate key columns are never computed. In the last layer only the candidates query: the history
+    rows' outputs feed nothing (their K/V, what is cached, come from the layer's input)."""
+
+    rows: list[slice]  # each request's query rows in x (new history, then candidates)
+    history: list[slice]  # each request's new history rows in x
     candidate_rows: Tensor  # rows of x that are candidates, request after request
     history_rows: Tensor  # rows of x that are new history tokens, request after request
-    real_elements: int  # attention elements per head the requests need
+    real_elements: int  # attention elements per head, all layers, the requests need
     computed_elements: int  # ... and that the layout computes (padding included)
 
 
 @dataclass(frozen=True)
 class _JaggedPlan(_Plan):
-    weights: list[Tensor]  # per request [n_q, n_k]: the target-aware mask times 1 / max_history
-    keys: list[slice]  # each request's key rows (cached, then new) in the layer's key tensor
-    # Row order that turns [every cached row; every new row] into each request's cached rows followed by
-    # its new rows, request after request (None: nothing is cached, the new rows are the keys as they are).
-    key_order: Tensor | None
+    keys: list[slice]  # each request's history key rows in the layer's key tensor
+    candidates: list[slice]  # each request's rows among the candidate rows
+    offsets: list[int]  # per request, its cached_len: query row i sees history keys 0..offset + i
+    cached: bool  # some request has cached rows (else a request's keys are its own new history rows of k)
 
 
 @dataclass(frozen=True)
 class _PaddedPlan(_Plan):
-    """Padded query rows of request b are b*max_q .., its key rows b*max_k .., cached rows first, then its
-    new rows (history, candidates) in query order."""
+    """Padded query rows of request b are b*max_q .. (its new history rows, then its candidates; in the last
+    layer b*max_m .., its candidates), its key rows b*max_h .., its cached rows, then its new history rows."""
 
     batch: int
     max_q: int
-    max_k: int
-    q_rows: Tensor  # [N] padded query row of each real query row
+    max_m: int
+    max_h: int
+    q_rows: Tensor  # [N] padded query row of each query row
+    c_rows: Tensor  # [N_c] padded query row of each candidate in the last layer
     past_rows: Tensor  # [C] padded key row of each cached row
-    new_rows: Tensor  # [N] padded key row of each real query row's own key
-    weight: Tensor  # [B, 1, max_q, max_k]: the mask times 1 / max_history, 0 on padding
+    new_rows: Tensor  # [N_h] padded key row of each new history row
+    mask: Tensor  # [B, 1, max_q, max_h]: 1 where a query row sees a history key, 0 elsewhere and on padding
+    last_mask: Tensor  # [B, 1, 1, max_h]: 1 on a request's history keys (the last layer's candidates)
 
 
 def _mask_limits(cached_len: int, n_new: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     """The target-aware mask as row limits: query row i sees key columns 0..limits[i] (a new history
     token: the cached history and the new tokens up to itself; a candidate: the whole history), and
-    candidate j also its own column, self_cols[j]. Small host vectors; the dense mask is built from them
-    on the model's device."""
+    candidate j also its own column, self_cols[j]."""
     hist_len = cached_len + n_new
     limits = np.empty(n_new + m, dtype=np.int64)
     limits[:n_new] = np.arange(cached_len, hist_len)
@@ -243,90 +304,99 @@ def _mask_limits(cached_len: int, n_new: int, m: int) -> tuple[np.ndarray, np.nd
     return limits, np.arange(hist_len, hist_len + m)
 
 
-def _padded_elements(group: Sequence[_Checked]) -> int:
-    return len(group) * max(r.queries for r in group) * max(r.keys for r in group)
+def _padded_logits(group: Sequence[_Checked]) -> int:
+    """Elements per head of the padded logits of a layer (the largest: every query row)."""
+    return len(group) * max(r.queries for r in group) * max(r.hist_len for r in group)
+
+
+def _padded_elements(group: Sequence[_Checked], n_layers: int) -> int:
+    """`_attention_elements` as the padded layout computes them (the self-terms are never padded)."""
+    b, max_m, max_h = len(group), max(r.m for r in group), max(r.hist_len for r in group)
+    return (n_layers - 1) * _padded_logits(group) + b * max_m * max_h + n_layers * sum(r.m for r in group)
+
+
+def _attention_elements(group: Sequence[_Checked], n_layers: int) -> int:
+    """(query, key) pairs per head over all layers: each query row and its request's history, then each
+    candidate and itself; in the last layer the candidates only."""
+    return sum(((n_layers - 1) * r.queries + r.m) * r.hist_len + n_layers * r.m for r in group)
 
 
 def _plan(
-    group: Sequence[_Checked], layout: AttentionLayout, max_history: int, dev: torch.device
+    group: Sequence[_Checked], layout: AttentionLayout, n_layers: int, dev: torch.device
 ) -> _JaggedPlan | _PaddedPlan:
-    """Row maps and attention weights (the mask times 1 / max_history) for one pass. The masks travel to
-    the device as row limits (`_mask_limits`, one small copy for the batch) and are expanded there."""
-    scale = 1.0 / max_history
-    rows, past, candidate_rows, history_rows, limits, self_cols = [], [], [], [], [], []
-    row = cached = real = 0
+    """Row maps for one pass (one host-to-device copy of them) and, for the padded layout, its masks."""
+    rows, history, candidate_rows, history_rows = [], [], [], []
+    row = cached = 0
     for r in group:
         rows.append(slice(row, row + r.queries))
-        past.append(slice(cached, cached + r.cached_len))
+        history.append(slice(row, row + r.n_new))
         candidate_rows.append(np.arange(row + r.n_new, row + r.queries))
         history_rows.append(np.arange(row, row + r.n_new))
-        lim, own_cols = _mask_limits(r.cached_len, r.n_new, r.m)
-        limits.append(lim)
-        self_cols.append(own_cols)
         row += r.queries
         cached += r.cached_len
-        real += r.queries * r.keys
     n_hist = sum(r.n_new for r in group)
     n_cands = row - n_hist
-    host = [*candidate_rows, *history_rows, *limits, *self_cols]
-    if layout is AttentionLayout.JAGGED and cached:
-        host += [
-            part
-            for p, r in zip(past, rows, strict=True)
-            for part in (np.arange(p.start, p.stop), np.arange(r.start, r.stop) + cached)
-        ]
-    index = torch.from_numpy(np.concatenate(host)).to(dev)  # one copy of every index the pass needs
-    candidates, history = index[:n_cands], index[n_cands:row]
-    lim_all, own_all = index[row : 2 * row], index[2 * row : 2 * row + n_cands]
-    max_k = max(r.keys for r in group)
-    keys = torch.arange(max_k, device=dev)
+    max_h = max(r.hist_len for r in group)
+    real = _attention_elements(group, n_layers)
     if layout is AttentionLayout.JAGGED:
-        weights: list[Tensor] = []
-        own_at = 0
-        for r, rs in zip(group, rows, strict=True):
-            weight = (keys[: r.keys] <= lim_all[rs, None]).to(torch.float32)
-            own = own_all[own_at : own_at + r.m]
-            weight[torch.arange(r.n_new, r.queries, device=dev), own] = 1.0
-            weights.append(weight.mul_(scale))
-            own_at += r.m
-        if cached == 0:
-            return _JaggedPlan(rows, past, candidates, history, real, real, weights, rows, None)
-        key_slices, at = [], 0
+        index = torch.from_numpy(np.concatenate([*candidate_rows, *history_rows])).to(dev)
+        keys, candidates = [], []
+        key = cand = 0
         for r in group:
-            key_slices.append(slice(at, at + r.keys))
-            at += r.keys
-        key_order = index[2 * row + n_cands :]
-        return _JaggedPlan(rows, past, candidates, history, real, real, weights, key_slices, key_order)
+            keys.append(slice(key, key + r.hist_len))
+            candidates.append(slice(cand, cand + r.m))
+            key += r.hist_len
+            cand += r.m
+        return _JaggedPlan(
+            rows,
+            history,
+            index[:n_cands],
+            index[n_cands:],
+            real,
+            real,
+            keys=keys,
+            candidates=candidates,
+            offsets=[r.cached_len for r in group],
+            cached=cached > 0,
+        )
     b = len(group)
     max_q = max(r.queries for r in group)
-    # Row limits padded with -1 (a padding row sees nothing), then the candidates' own columns.
-    padded_limits = torch.full((b, max_q), -1, dtype=torch.int64, device=dev)
-    q_rows, past_rows, new_rows, cand_q = [], [], [], []
+    max_m = max(r.m for r in group)
+    limits, q_rows, c_rows, past_rows, new_rows = [], [], [], [], []
     for i, r in enumerate(group):
+        limits.append(_mask_limits(r.cached_len, r.n_new, r.m)[0])
         q_rows.append(np.arange(i * max_q, i * max_q + r.queries))
-        past_rows.append(np.arange(i * max_k, i * max_k + r.cached_len))
-        new_rows.append(np.arange(i * max_k + r.cached_len, i * max_k + r.keys))
-        cand_q.append(np.arange(i * max_q + r.n_new, i * max_q + r.queries))
-    maps = torch.from_numpy(np.concatenate([*q_rows, *past_rows, *new_rows, *cand_q])).to(dev)
-    n, c = row, cached
-    q_index = maps[:n]
-    padded_limits.view(-1).index_copy_(0, q_index, lim_all)
-    weight = (keys <= padded_limits[:, :, None]).to(torch.float32)
-    weight.view(b * max_q, max_k)[maps[n + c + n :], own_all] = 1.0
+        c_rows.append(np.arange(i * max_m, i * max_m + r.m))
+        past_rows.append(np.arange(i * max_h, i * max_h + r.cached_len))
+        new_rows.append(np.arange(i * max_h + r.cached_len, i * max_h + r.hist_len))
+    parts = [candidate_rows, history_rows, q_rows, c_rows, past_rows, new_rows, limits]
+    host = [np.concatenate(p) for p in parts] + [np.array([r.hist_len for r in group], dtype=np.int64)]
+    index = torch.from_numpy(np.concatenate(host)).to(dev)  # one copy of every map
+    cuts = list(itertools.accumulate((len(h) for h in host), initial=0))
+    maps = [index[start:stop] for start, stop in itertools.pairwise(cuts)]
+    key_cols = torch.arange(max_h, device=dev)
+    # Row limits padded with -1 (a padding row sees nothing).
+    padded_limits = torch.full((b * max_q,), -1, dtype=torch.int64, device=dev)
+    padded_limits.index_copy_(0, maps[2], maps[6])
+    mask = (key_cols <= padded_limits.view(b, max_q, 1)).to(torch.float32)
+    last_mask = (key_cols < maps[7][:, None]).to(torch.float32)
     return _PaddedPlan(
         rows,
-        past,
-        candidates,
         history,
+        maps[0],
+        maps[1],
         real,
-        b * max_q * max_k,
+        _padded_elements(group, n_layers),
         batch=b,
         max_q=max_q,
-        max_k=max_k,
-        q_rows=q_index,
-        past_rows=maps[n : n + c],
-        new_rows=maps[n + c : n + c + n],
-        weight=weight.mul_(scale)[:, None],
+        max_m=max_m,
+        max_h=max_h,
+        q_rows=maps[2],
+        c_rows=maps[3],
+        past_rows=maps[4],
+        new_rows=maps[5],
+        mask=mask[:, None],
+        last_mask=last_mask[:, None, None],
     )
 
 
@@ -337,75 +407,124 @@ class _HSTULayer(nn.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.inv_max_history = 1.0 / cfg.max_history  # the fixed attention normalisation
         self.norm_in = nn.LayerNorm(cfg.d_model, eps=_LN_EPS)
         self.uvqk = nn.Linear(cfg.d_model, 4 * w)  # f1
         self.norm_attn = nn.LayerNorm(w, eps=_LN_EPS)
         self.out = nn.Linear(w, cfg.d_model)  # f2
 
     def forward(
-        self, x: Tensor, past_k: Tensor, past_v: Tensor, plan: _JaggedPlan | _PaddedPlan
+        self,
+        x: Tensor,
+        past_k: Sequence[Tensor],
+        past_v: Sequence[Tensor],
+        plan: _JaggedPlan | _PaddedPlan,
+        last: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x: [N, d_model], every request's query rows (its new history rows, then its candidate rows),
-        request after request; past_k/v: [C, kv_width], every request's cached rows, request after
-        request. Returns (y, k, v) with k and v [N, kv_width] for every query row."""
-        h = F.silu(self.uvqk(self.norm_in(x)))
+        request after request; past_k/v: per request its cached rows [cached_len, kv_width]. Returns
+        (y, k, v): k and v [N, kv_width] for every query row; y [N, d_model], or in the `last` layer the
+        candidate rows' only ([N_c, d_model], request after request)."""
+        h = F.silu(self.uvqk(self.norm_in(x)), inplace=True)
         u, v, q, k = torch.chunk(h, 4, dim=-1)
+        # The candidates' own rows: their self-term in every layer, their queries in the last.
+        u_c, v_c, q_c, k_c = torch.chunk(h.index_select(0, plan.candidate_rows), 4, dim=-1)
+        q_c = q_c * self.scale
+        own = self._self_term(q_c, k_c, v_c)
         if isinstance(plan, _PaddedPlan):
-            o = self._padded(q, k, v, past_k, past_v, plan)
+            o = self._padded(q_c if last else q * self.scale, k, v, past_k, past_v, plan, last)
         else:
-            if plan.key_order is None:
-                keys, values = k, v
-            else:
-                keys = torch.cat((past_k, k), dim=0).index_select(0, plan.key_order)
-                values = torch.cat((past_v, v), dim=0).index_select(0, plan.key_order)
-            scaled = q * self.scale
-            outs = [
-                self._attend(scaled[rows], keys[cols], values[cols], weight)
-                for rows, cols, weight in zip(plan.rows, plan.keys, plan.weights, strict=True)
-            ]
-            o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-        y = x + self.out(self.norm_attn(o) * u)
+            o = self._jagged(q_c if last else q * self.scale, k, v, past_k, past_v, plan, last)
+        if last:
+            o.add_(own)
+            x, u = x.index_select(0, plan.candidate_rows), u_c
+        else:
+            o.index_add_(0, plan.candidate_rows, own)
+        y = x + self.out(self.norm_attn(o.mul_(self.inv_max_history)) * u)
         return y, k, v
 
-    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, weight: Tensor) -> Tensor:
-        """One request: q [n_q, W] (scaled by 1/sqrt(head_dim)), keys/values [n_k, W], weight [n_q, n_k]
-        -> [n_q, W]."""
+    def _self_term(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Each candidate's attention to itself, all candidates at once: q, k, v [N_c, W] -> [N_c, W]."""
+        n = q.shape[0]
+        logits = (q * k).view(n, self.n_heads, self.head_dim).sum(-1, keepdim=True)  # [N_c, H, 1]
+        return (F.silu(logits, inplace=True) * v.reshape(n, self.n_heads, self.head_dim)).view(n, -1)
+
+    def _jagged(  # noqa: PLR0917 -- the layer's tensors, then the plan
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        past_k: Sequence[Tensor],
+        past_v: Sequence[Tensor],
+        plan: _JaggedPlan,
+        last: bool,
+    ) -> Tensor:
+        """Per request, its query rows (scaled; the candidates' in the `last` layer) over its history keys;
+        the masked sum without the candidates' self-term and without 1 / max_history."""
+        if plan.cached:  # each request's cached rows, then its new history rows
+            parts_k: list[Tensor] = []
+            parts_v: list[Tensor] = []
+            for pk, pv, hist in zip(past_k, past_v, plan.history, strict=True):
+                parts_k += [pk, k[hist]]
+                parts_v += [pv, v[hist]]
+            keys, values = torch.cat(parts_k), torch.cat(parts_v)
+            key_rows = plan.keys
+        else:  # a request's keys are its new history rows
+            keys, values, key_rows = k, v, plan.history
         nh, hd = self.n_heads, self.head_dim
-        n_q, n_k = q.shape[0], keys.shape[0]
-        qh = q.reshape(n_q, nh, hd).transpose(0, 1)  # [H, n_q, D]
-        kh = keys.reshape(n_k, nh, hd).permute(1, 2, 0)  # [H, D, n_k]
-        vh = values.reshape(n_k, nh, hd).transpose(0, 1)  # [H, n_k, D]
-        logits = torch.bmm(qh, kh)
-        # Masking by multiplication (one pass instead of scale + masked_fill): exact as long as the
-        # logits are finite, which they are for finite inputs (an fp32 overflow would need |q.k| ~ 1e38).
-        attn = F.silu(logits, inplace=True).mul_(weight)
-        return torch.bmm(attn, vh).transpose(0, 1).reshape(n_q, nh * hd)
+        # Head-major views of the whole batch (no copies); each request's blocks are views into them.
+        qh = q.view(q.shape[0], nh, hd).transpose(0, 1)  # [H, N_q, D]
+        kh = keys.view(keys.shape[0], nh, hd).permute(1, 2, 0)  # [H, D, N_k]
+        vh = values.view(values.shape[0], nh, hd).transpose(0, 1)  # [H, N_k, D]
+        outs: list[Tensor] = []
+        if last:  # the candidates see the whole history: no mask
+            for cands, cols in zip(plan.candidates, key_rows, strict=True):
+                attn = F.silu(torch.bmm(qh[:, cands], kh[:, :, cols]), inplace=True)
+                outs.append(torch.bmm(attn, vh[:, cols]))
+        else:
+            for rows, cols, offset in zip(plan.rows, key_rows, plan.offsets, strict=True):
+                attn = F.silu(torch.bmm(qh[:, rows], kh[:, :, cols]), inplace=True)
+                # The causal mask in place: query row i (position offset + i) keeps keys 0..offset + i; a
+                # candidate row (i >= n_new, so offset + i >= hist_len) keeps them all.
+                outs.append(torch.bmm(attn.tril_(offset), vh[:, cols]))
+        o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # [H, N_q, D]
+        return o.transpose(0, 1).reshape(q.shape[0], nh * hd)
 
     def _padded(  # noqa: PLR0917 -- the layer's tensors, then the plan
-        self, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, plan: _PaddedPlan
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        past_k: Sequence[Tensor],
+        past_v: Sequence[Tensor],
+        plan: _PaddedPlan,
+        last: bool,
     ) -> Tensor:
-        """All requests at once, padded with zeros (masked out by the zero weight)."""
+        """All requests at once, padded with zeros (masked out): the same as `_jagged`."""
         nh, hd = self.n_heads, self.head_dim
-        b, lq, lk = plan.batch, plan.max_q, plan.max_k
+        b, lk = plan.batch, plan.max_h
+        lq, q_rows, mask = (
+            (plan.max_m, plan.c_rows, plan.last_mask) if last else (plan.max_q, plan.q_rows, plan.mask)
+        )
         width = q.shape[1]
-        queries = q.new_zeros((b * lq, width)).index_copy_(0, plan.q_rows, q)
+        queries = q.new_zeros((b * lq, width)).index_copy_(0, q_rows, q)
+        new_k, new_v = k.index_select(0, plan.history_rows), v.index_select(0, plan.history_rows)
         keys = (
             k.new_zeros((b * lk, width))
-            .index_copy_(0, plan.past_rows, past_k)
-            .index_copy_(0, plan.new_rows, k)
+            .index_copy_(0, plan.past_rows, torch.cat(tuple(past_k)))
+            .index_copy_(0, plan.new_rows, new_k)
         )
         values = (
             v.new_zeros((b * lk, width))
-            .index_copy_(0, plan.past_rows, past_v)
-            .index_copy_(0, plan.new_rows, v)
+            .index_copy_(0, plan.past_rows, torch.cat(tuple(past_v)))
+            .index_copy_(0, plan.new_rows, new_v)
         )
         qh = queries.reshape(b, lq, nh, hd).permute(0, 2, 1, 3).reshape(b * nh, lq, hd)
         kh = keys.reshape(b, lk, nh, hd).permute(0, 2, 3, 1).reshape(b * nh, hd, lk)
         vh = values.reshape(b, lk, nh, hd).permute(0, 2, 1, 3).reshape(b * nh, lk, hd)
-        logits = torch.bmm(qh * self.scale, kh)
-        attn = F.silu(logits, inplace=True).view(b, nh, lq, lk).mul_(plan.weight).view(b * nh, lq, lk)
+        attn = F.silu(torch.bmm(qh, kh), inplace=True).view(b, nh, lq, lk).mul_(mask).view(b * nh, lq, lk)
         o = torch.bmm(attn, vh).view(b, nh, lq, hd).permute(0, 2, 1, 3).reshape(b * lq, nh * hd)
-        return o.index_select(0, plan.q_rows)
+        return o.index_select(0, q_rows)
 
 
 class HSTU(nn.Module):
@@ -530,7 +649,7 @@ class HSTU(nn.Module):
         ([n_new, item_dim], positions cached_len..cached_len+n_new-1).  `timestamps` (int64) covers the
         whole history.  Returns candidate scores and the K/V of the new history tokens."""
         request = HSTUInput(hist_emb, timestamps, cached_len, cand_emb, past_k, past_v)
-        return self.forward_batch([request]).outputs[0]
+        return self.forward_batch([request]).output(0)
 
     @torch.inference_mode()
     def forward_batch(
@@ -545,53 +664,36 @@ class HSTU(nn.Module):
         cfg = self.cfg
         dev = self.device
         name = len(requests) > 1
-        group = [self._checked(r, f" (batch index {i})" if name else "") for i, r in enumerate(requests)]
-        plan = _plan(group, layout or self.choose_layout(group), cfg.max_history, dev)
-        positions: list[np.ndarray] = []
-        buckets: list[np.ndarray] = []
-        embeddings: list[Tensor] = []
-        for r in group:
-            hist_len = r.cached_len + r.n_new
-            positions += [np.arange(r.cached_len, hist_len), np.full(r.m, hist_len)]
-            buckets += [
-                time_buckets(r.timestamps, r.cached_len, cfg.time_buckets),
-                np.full(r.m, cfg.time_buckets),
-            ]
-            embeddings += [r.hist_emb, r.cand_emb]
-        index = torch.from_numpy(np.stack((np.concatenate(positions), np.concatenate(buckets)))).to(dev)
-        x = self.item_proj(torch.cat(embeddings, dim=0))
+        group = [self._checked(r, dev, f" (batch index {i})" if name else "") for i, r in enumerate(requests)]
+        plan = _plan(group, layout or self.choose_layout(group), cfg.n_layers, dev)
+        index = torch.from_numpy(_row_features(group, cfg.time_buckets)).to(dev)
+        x = self.item_proj(torch.cat([e for r in group for e in (r.hist_emb, r.cand_emb)]))
         x = x + self.pos_emb(index[0]) + self.time_emb(index[1])
 
         layer_k: list[Tensor] = []
         layer_v: list[Tensor] = []
         for i, layer in enumerate(self.layers):
-            past_k = torch.cat([r.past_k[i] for r in group]) if len(group) > 1 else group[0].past_k[i]
-            past_v = torch.cat([r.past_v[i] for r in group]) if len(group) > 1 else group[0].past_v[i]
-            x, k, v = layer(x, past_k, past_v, plan)
+            past_k = [r.past_k[i] for r in group]
+            past_v = [r.past_v[i] for r in group]
+            x, k, v = layer(x, past_k, past_v, plan, i == cfg.n_layers - 1)
             layer_k.append(k)
             layer_v.append(v)
-        scores = self.score_head(self.final_norm(x.index_select(0, plan.candidate_rows))).squeeze(-1).float()
+        # The last layer returned the candidates' rows only.
+        scores = self.score_head(self.final_norm(x)).squeeze(-1).float()
         if len(group) > 1:
             history_k = [k.index_select(0, plan.history_rows) for k in layer_k]
             history_v = [v.index_select(0, plan.history_rows) for v in layer_v]
         else:  # one request: its new history rows come first
             history_k = [k[: group[0].n_new] for k in layer_k]
             history_v = [v[: group[0].n_new] for v in layer_v]
-        outputs = []
-        cand = new = 0
-        for r in group:
-            rows = slice(new, new + r.n_new)
-            outputs.append(
-                HSTUOutput(
-                    scores=scores[cand : cand + r.m],
-                    new_k=[k[rows] for k in history_k],
-                    new_v=[v[rows] for v in history_v],
-                )
-            )
-            cand += r.m
-            new += r.n_new
         return HSTUBatchOutput(
-            outputs, scores, history_k, history_v, plan.real_elements, plan.computed_elements
+            scores,
+            history_k,
+            history_v,
+            plan.real_elements,
+            plan.computed_elements,
+            candidates=tuple(r.m for r in group),
+            new_tokens=tuple(r.n_new for r in group),
         )
 
     def choose_layout(self, group: Sequence[_Checked]) -> AttentionLayout:
@@ -599,15 +701,15 @@ class HSTU(nn.Module):
         JAGGED otherwise (always on the CPU, and for a single request, which has nothing to pad)."""
         if self.device.type != "cuda" or len(group) == 1:
             return AttentionLayout.JAGGED
-        padded = _padded_elements(group)
-        real = sum(r.queries * r.keys for r in group)
-        if padded * self.cfg.n_heads > ATTENTION_BUDGET or 1 - real / padded > MAX_PADDING_WASTE:
+        n_layers = self.cfg.n_layers
+        padded, real = _padded_elements(group, n_layers), _attention_elements(group, n_layers)
+        logits = _padded_logits(group) * self.cfg.n_heads
+        if logits > ATTENTION_BUDGET or 1 - real / padded > MAX_PADDING_WASTE:
             return AttentionLayout.JAGGED
         return AttentionLayout.PADDED
 
-    def _checked(self, r: HSTUInput, where: str) -> _Checked:
+    def _checked(self, r: HSTUInput, dev: torch.device, where: str) -> _Checked:
         cfg = self.cfg
-        dev = self.device
         w = cfg.kv_width
         hist_emb, cand_emb, cached_len = r.hist_emb, r.cand_emb, r.cached_len
         if hist_emb.dim() != 2 or hist_emb.shape[1] != cfg.item_dim:
@@ -650,8 +752,7 @@ class HSTU(nn.Module):
     ) -> list[Tensor]:
         n_layers = self.cfg.n_layers
         if cached_len == 0 and (past is None or len(past) == 0):
-            empty = torch.zeros((0, width), device=dev, dtype=torch.float32)
-            return [empty] * n_layers
+            return [torch.empty((0, width), device=dev)] * n_layers
         if past is None or len(past) != n_layers:
             got = "None" if past is None else f"{len(past)} tensors"
             raise ValueError(

@@ -420,6 +420,24 @@ def test_the_model_thread_serves_what_is_queued_in_batches_of_at_most_max_batch(
     assert unbatched.batches == 10 and unbatched.mean_batch_size == 1.0
 
 
+def test_a_batch_takes_distinct_users_and_a_users_next_request_leads_the_next_batch() -> None:
+    # u's three visits queued among others: each batch serves u once, in order, from the KV the previous
+    # visit committed; the other users fill the batches (no pass of one request for u's second visit).
+    history = np.arange(300, 400, dtype=np.int64)
+    cands = np.arange(6, dtype=np.int64)
+    others = [req(f"v{i}", np.arange(i, i + 20, dtype=np.int64), cands) for i in range(5)]
+    visits = [req("u", history[:n], cands) for n in (40, 60, 100)]
+    queued = [visits[0], visits[1], others[0], visits[2], *others[1:]]
+    results = run_held(make_engine(max_batch=3), queued)
+    assert [r.batch_size for r in results] == [3, 3, 3, 2, 3, 3, 3, 2]
+    assert [results[i].cached_tokens for i in (0, 1, 3)] == [0, 40, 60]
+    # the batches: (u, v0, v1), (u, v2, v3), (u, v4): u's next visit went first in the next batch
+    alone = make_engine()
+    for visit, result in zip(visits, (results[0], results[1], results[3]), strict=True):
+        assert result.items == alone.serve(visit).items
+    assert all(r.cached_tokens == 0 for r in (results[2], *results[4:]))
+
+
 def test_a_lone_request_is_served_at_once_without_waiting_for_company() -> None:
     engine = make_engine(max_batch=8)
     engine.start()

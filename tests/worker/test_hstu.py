@@ -15,6 +15,7 @@ from services.worker.hstu import (
     HSTUConfig,
     HSTUInput,
     HSTUOutput,
+    _row_features,
     time_buckets,
 )
 
@@ -134,15 +135,87 @@ def test_a_batch_scores_each_request_as_it_would_alone(
     assert rel_err(again[1].scores, refs[1].scores) <= REL_TOL
 
 
+def dense_reference(
+    model: HSTU, emb: torch.Tensor, ts: torch.Tensor, cands: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The straightforward computation, no cache: every layer over every row, the full [n + m, n + m]
+    attention masked by `HSTU.attention_mask` (the model skips the masked blocks). Returns the scores and
+    the history rows' K and V per layer."""
+    cfg = model.cfg
+    n, m = emb.shape[0], cands.shape[0]
+    nh, hd = cfg.n_heads, cfg.head_dim
+    pos = torch.cat((torch.arange(n), torch.full((m,), n)))
+    buckets = torch.cat(
+        (torch.from_numpy(time_buckets(ts.numpy(), 0, cfg.time_buckets)), torch.full((m,), cfg.time_buckets))
+    )
+    weight = HSTU.attention_mask(0, n, m).float() / cfg.max_history
+    with torch.inference_mode():
+        x = model.item_proj(torch.cat((emb, cands))) + model.pos_emb(pos) + model.time_emb(buckets)
+        ks, vs = [], []
+        for layer in model.layers:
+            assert isinstance(layer, torch.nn.Module)
+            u, v, q, k = torch.chunk(torch.nn.functional.silu(layer.uvqk(layer.norm_in(x))), 4, dim=-1)
+            qh, kh, vh = (t.reshape(n + m, nh, hd).transpose(0, 1) for t in (q, k, v))
+            attn = torch.nn.functional.silu(qh @ kh.transpose(1, 2) / hd**0.5) * weight
+            o = (attn @ vh).transpose(0, 1).reshape(n + m, nh * hd)
+            x = x + layer.out(layer.norm_attn(o) * u)
+            ks.append(k[:n])
+            vs.append(v[:n])
+        scores = model.score_head(model.final_norm(x[n:])).squeeze(-1)
+    return scores, ks, vs
+
+
+@pytest.mark.parametrize("layout", list(AttentionLayout))
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_skipping_the_masked_blocks_matches_the_dense_masked_computation(
+    seed: int, layout: AttentionLayout, n_layers: int
+) -> None:
+    """The model computes each candidate's self-term apart, never the masked candidate columns, and in the
+    last layer the candidates' rows only: the same numbers as the dense masked computation, cached or not,
+    alone or in a batch (1 layer: the last is the only one; 3: a middle layer too)."""
+    cfg = HSTUConfig(n_layers=n_layers, max_history=128)
+    model, _ = HSTU.create(cfg, checkpoint=None, seed=seed, device="cpu")
+    shapes = [
+        (40, 0, 5),
+        (90, 60, 12),
+        (0, 0, 3),
+        (30, 30, 7),
+        (75, 10, 1),
+        (1, 0, 64),
+    ]  # (history, cached, m)
+    requests, refs = [], []
+    for i, (n, cached, m) in enumerate(shapes):
+        emb, ts = make_user(cfg, n, seed * 10 + i)
+        cands = make_cands(cfg, m, seed * 10 + i)
+        refs.append(dense_reference(model, emb, ts, cands))
+        past = dense_reference(model, emb[:cached], ts[:cached], cands[:1]) if cached else None
+        requests.append(
+            HSTUInput(emb[cached:], ts, cached, cands, past[1] if past else None, past[2] if past else None)
+        )
+    alone = [model.forward_batch([r], layout).outputs[0] for r in requests]
+    together = model.forward_batch(requests, layout).outputs
+    for i, (request, (scores, ks, vs)) in enumerate(zip(requests, refs, strict=True)):
+        new = slice(request.cached_len, None)
+        for out in (alone[i], together[i]):
+            torch.testing.assert_close(out.scores, scores, rtol=1e-5, atol=1e-6, msg=f"request {i}")
+            for layer in range(n_layers):
+                torch.testing.assert_close(out.new_k[layer], ks[layer][new], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(out.new_v[layer], vs[layer][new], rtol=1e-5, atol=1e-6)
+
+
 def test_padding_is_counted_and_only_the_padded_layout_pays_it(model: HSTU) -> None:
     requests, _ = batch_requests(0)
-    # (query rows, key rows) of each request: new + candidates, cached + new + candidates
-    shapes = [(40 + 5, 45), (30 + 12, 102), (3, 3), (0 + 7, 37), (65 + 1, 76)]
-    real = sum(q * k for q, k in shapes)
+    # (query rows, history keys, candidates) of each request: new + candidates, cached + new, candidates.
+    # Every layer but the last: each query row over its history; the last: each candidate over it; every
+    # layer: each candidate's self-term (never padded).
+    shapes = [(40 + 5, 40, 5), (30 + 12, 90, 12), (3, 0, 3), (0 + 7, 30, 7), (65 + 1, 75, 1)]
+    layers = TINY.n_layers
+    real = sum(((layers - 1) * q + m) * h + layers * m for q, h, m in shapes)
+    computed = (layers - 1) * 5 * 66 * 90 + 5 * 12 * 90 + layers * sum(m for _, _, m in shapes)
     padded = model.forward_batch(requests, AttentionLayout.PADDED)
     jagged = model.forward_batch(requests, AttentionLayout.JAGGED)
-    assert (padded.real_elements, padded.computed_elements) == (real, 5 * 66 * 102)
-    assert padded.padding_waste == pytest.approx(1 - real / (5 * 66 * 102))
+    assert (padded.real_elements, padded.computed_elements) == (real, computed)
+    assert padded.padding_waste == pytest.approx(1 - real / computed)
     assert (jagged.real_elements, jagged.computed_elements) == (real, real)
     assert jagged.padding_waste == 0.0
 
@@ -216,6 +289,22 @@ def test_time_buckets(model: HSTU) -> None:
     # gaps: 0 (first), 0, 1, 3, -5 -> 0, 2**40 -> clamped to time_buckets - 1
     assert buckets.tolist() == [0, 0, 1, 2, 0, TINY.time_buckets - 1]
     assert time_buckets(ts.numpy(), 3, TINY.time_buckets).tolist() == [2, 0, TINY.time_buckets - 1]
+
+
+def test_a_batch_takes_each_requests_positions_and_time_buckets(model: HSTU) -> None:
+    """The batch computes every row's position and time bucket at once: per request, what `time_buckets`
+    and the position rule give it alone (cached prefixes, an empty history, gaps of every sign)."""
+    requests, _ = batch_requests(0)
+    group = [model._checked(r, model.device, "") for r in requests]
+    expected = []
+    for r in group:
+        hist_len = r.cached_len + r.n_new
+        positions = list(range(r.cached_len, hist_len)) + [hist_len] * r.m
+        buckets = time_buckets(r.timestamps, r.cached_len, TINY.time_buckets).tolist()
+        expected.append((positions, buckets + [TINY.time_buckets] * r.m))
+    features = _row_features(group, TINY.time_buckets)
+    assert features[0].tolist() == [p for positions, _ in expected for p in positions]
+    assert features[1].tolist() == [b for _, buckets in expected for b in buckets]
 
 
 def test_attention_mask_shape_and_rules() -> None:
