@@ -17,7 +17,6 @@ is committed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import math
 import queue
@@ -32,8 +31,10 @@ import numpy as np
 import structlog
 import torch
 
+from services.worker.core.batch import BatchFormer, PrefixHasher, RoundCaches, RoundRequest, rounds
 from services.worker.core.costfit import CostEstimate, CostFitter
 from services.worker.core.counters import PoolCounters
+from services.worker.core.emb_cache import EmbLookup, EmbPlacement
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode, ResidencyDelta, ResidencySnapshot
 from services.worker.errors import DeadlineExceeded, Draining, InternalError, WorkerError
@@ -47,7 +48,6 @@ log = structlog.get_logger("onepool.worker.engine")
 R = TypeVar("R")
 SERVICE_EWMA = 0.1  # weight of the newest sample in `Engine.service_ms` (about the last 10-20 requests)
 BATCH_EWMA = 0.1  # weight of the newest batch in `Engine.mean_batch_size`
-SCAN_FACTOR = 4  # a batch looks at most at this many times `max_batch` queued jobs for distinct users
 
 
 def ewma(current: float, sample: float, weight: float, count: int = 1) -> float:
@@ -174,20 +174,6 @@ def _top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> tuple[list[int
     else:
         order = np.argsort(-scores, kind="stable")
     return candidates[order].tolist(), scores[order].tolist()
-
-
-class PrefixHasher:
-    """Hash of the first n history tokens (items and timestamps): what a KV entry's prefix is checked by."""
-
-    def __init__(self, history: np.ndarray, timestamps: np.ndarray) -> None:
-        self._history = history
-        self._timestamps = timestamps
-
-    def __call__(self, n: int) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(self._history[:n].tobytes())
-        h.update(self._timestamps[:n].tobytes())
-        return h.digest()
 
 
 class Engine:
@@ -407,29 +393,22 @@ class Engine:
                 self._run_batch(self._take_batch(item))
 
     def _take_batch(self, first: Job) -> list[Job]:
-        """`first` and what else is queued, up to `max_batch` jobs of distinct users; never waits.
-
-        A job whose user already has one in the batch stays queued, in its place: it leads the next batch,
-        after this one has committed its user's KV. (Taken into this batch, it would be served in a second
-        pass of its own, `serve_batch`'s later sub-batch, paying a whole pass's fixed cost for one or two
-        requests.) At most `SCAN_FACTOR * max_batch` jobs are looked at. Control calls found on the way run
-        at once (they go before requests); the stop marker is put back for the loop."""
+        """`first` and what else is queued that `BatchFormer` (core/batch.py) lets join it: up to `max_batch`
+        jobs of distinct users; never waits. A job it leaves stays queued, in its place. Control calls found
+        on the way run at once (they go before requests); the stop marker is put back for the loop."""
         jobs = [first]
-        users = {first.request.user_id}
+        former = BatchFormer(first.request.user_id, self.cfg.max_batch)
         kept: list[tuple[int, int, Job]] = []
-        looked, limit = 1, SCAN_FACTOR * self.cfg.max_batch
-        while len(jobs) < self.cfg.max_batch and looked < limit:
+        while not former.done:
             try:
                 priority, seq, item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if isinstance(item, Job):
-                looked += 1
-                if item.request.user_id in users:
+                if not former.offer(item.request.user_id):
                     kept.append((priority, seq, item))
                     continue
                 self._job_dequeued()
-                users.add(item.request.user_id)
                 jobs.append(item)
             elif isinstance(item, _Call):
                 self._run_call(item)
@@ -566,16 +545,8 @@ class Engine:
         A user's second request goes in a second sub-batch, after the first is committed (the k-th
         request of every user in the k-th). Model thread only."""
         waits = list(queue_ms) if queue_ms else [0.0] * len(reqs)
-        seen: dict[str, int] = {}
-        rounds: list[list[int]] = []
-        for i, r in enumerate(reqs):
-            k = seen.get(r.user_id, 0)
-            seen[r.user_id] = k + 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(i)
         results: list[ServeResult | None] = [None] * len(reqs)
-        for members in rounds:
+        for members in rounds([r.user_id for r in reqs]):
             served = self._serve_distinct([reqs[i] for i in members], [waits[i] for i in members])
             for i, result in zip(members, served, strict=True):
                 results[i] = result
@@ -585,23 +556,20 @@ class Engine:
         self, reqs: Sequence[PreparedRequest], queue_ms: Sequence[float]
     ) -> list[ServeResult]:
         t0 = time.perf_counter()
-        hashers = [PrefixHasher(r.history, r.timestamps) for r in reqs]
-        cached: list[int] = []
-        past: list[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = []
-        for r, hasher in zip(reqs, hashers, strict=True):
-            hit = self.pool.kv_lookup(r.user_id, int(r.history.shape[0]), hasher)
-            cached.append(hit.cached_len)
-            # Read now, before any commit of this batch can evict or move these pages.
-            past.append(self.storage.read_kv(hit.pages, hit.cached_len) if hit.cached_len else None)
-
-        # Embeddings of every request's new history tokens and candidates: one lookup for the union.
-        pieces = []
-        for r, c in zip(reqs, cached, strict=True):
-            pieces += [r.history[c:], r.candidates]
-        wanted = np.concatenate(pieces)
-        unique, inverse = np.unique(wanted, return_inverse=True)
-        rows, missed = self.embeddings(unique)
-        tokens = rows.index_select(0, torch.from_numpy(inverse.astype(np.int64, copy=False)).to(rows.device))
+        # The cache calls in core/batch.py's order (the simulator makes the same ones): every KV lookup and
+        # one EMB lookup for the union of the round's new history items and candidates.
+        round_reqs = [
+            RoundRequest(r.user_id, r.history, r.candidates, PrefixHasher(r.history, r.timestamps))
+            for r in reqs
+        ]
+        caches = RoundCaches.lookup(self.pool, round_reqs)
+        cached = caches.cached
+        # Read now, before any commit of this batch can evict or move these pages.
+        past = [
+            self.storage.read_kv(hit.pages, hit.cached_len) if hit.cached_len else None for hit in caches.kv
+        ]
+        rows = self._rows(caches)
+        tokens = rows.index_select(0, torch.from_numpy(caches.inverse).to(rows.device))
 
         inputs = []
         bounds = []  # (first token, new history tokens, candidates) per request
@@ -621,15 +589,11 @@ class Engine:
             torch.cuda.synchronize(self.device)
         self.model_seconds += time.perf_counter() - t_model
 
-        self._commit(reqs, hashers, cached, past, batch)
+        self._commit(round_reqs, cached, past, batch)
 
         # Ranking on the host: one copy of every score, then a partial sort per request.
         all_scores = batch.scores.cpu().numpy()
-        # Hits and misses per request, over the unique items it needed: one unique over (request, item).
-        request_of = np.repeat(np.arange(len(reqs)), [n_new + m for _, n_new, m in bounds])
-        pairs = np.unique(request_of * len(unique) + inverse)
-        misses = np.bincount(pairs // len(unique), weights=missed[pairs % len(unique)], minlength=len(reqs))
-        needed = np.bincount(pairs // len(unique), minlength=len(reqs))
+        hits, misses = caches.per_request_emb()
         totals = [0, 0, 0, int(misses.sum())]  # new tokens, cached tokens, candidates, misses
         ranked: list[tuple[list[int], list[float]]] = []
         cand = 0
@@ -654,21 +618,20 @@ class Engine:
                 scores=scores,
                 cached_tokens=c,
                 computed_tokens=n_new + m,
-                emb_hits=int(need) - int(miss),
+                emb_hits=int(hit),
                 emb_misses=int(miss),
                 queue_ms=waited,
                 compute_ms=compute_ms,
                 batch_size=len(reqs),
             )
-            for (items, scores), c, (_, n_new, m), need, miss, waited in zip(
-                ranked, cached, bounds, needed, misses, queue_ms, strict=True
+            for (items, scores), c, (_, n_new, m), hit, miss, waited in zip(
+                ranked, cached, bounds, hits, misses, queue_ms, strict=True
             )
         ]
 
     def _commit(
         self,
-        reqs: Sequence[PreparedRequest],
-        hashers: Sequence[PrefixHasher],
+        reqs: Sequence[RoundRequest],
         cached: Sequence[int],
         past: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]] | None],
         batch: HSTUBatchOutput,
@@ -680,16 +643,15 @@ class Engine:
         before the bytes are written, the entries committed here are forgotten, never served unwritten."""
         committed: list[str] = []
         try:
-            self._commit_and_write(reqs, hashers, cached, past, batch, committed)
+            self._commit_and_write(reqs, cached, past, batch, committed)
         except BaseException:
             for user in committed:
                 self.pool.kv_discard(user)
             raise
 
-    def _commit_and_write(  # noqa: PLR0917 -- the batch's parallel lists, then the output list
+    def _commit_and_write(
         self,
-        reqs: Sequence[PreparedRequest],
-        hashers: Sequence[PrefixHasher],
+        reqs: Sequence[RoundRequest],
         cached: Sequence[int],
         past: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]] | None],
         batch: HSTUBatchOutput,
@@ -698,13 +660,13 @@ class Engine:
         t = self.cfg.page_tokens
         deferred: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []  # user, pages, rows, K/V rows
         first = 0
-        for i, (r, hasher, c, kv) in enumerate(zip(reqs, hashers, cached, past, strict=True)):
+        for i, (r, c, kv) in enumerate(zip(reqs, cached, past, strict=True)):
             n = int(r.history.shape[0])
             n_new = n - c
             start, first = first, first + n_new
             if n_new == 0:
                 continue
-            commit = self.pool.kv_commit(r.user_id, n, hasher(n))
+            commit = RoundCaches.commit(self.pool, r)
             if commit is None:
                 continue
             committed.append(r.user_id)
@@ -736,22 +698,33 @@ class Engine:
         """Rows for unique `items` and which of them missed the hot cache (misses are fetched in one
         host transfer and offered to the cache). Model thread only."""
         lookup = self.pool.emb_lookup(items)
+        rows = self._gather(len(items), lookup)
+        missed = np.zeros(len(items), dtype=np.bool_)
+        missed[lookup.miss_positions] = True
+        return rows, missed
+
+    def _rows(self, caches: RoundCaches) -> torch.Tensor:
+        """The round's distinct items' rows (`caches.unique` order), admitting its misses."""
+        return self._gather(len(caches.unique), caches.emb, lambda: caches.admit(self.pool))
+
+    def _gather(
+        self, n: int, lookup: EmbLookup, admit: Callable[[], EmbPlacement] | None = None
+    ) -> torch.Tensor:
+        """Hit rows from the pool, misses over the host link in one transfer, then admission (after the
+        hit rows were read: a victim may be one of these hits); admitted rows are written to the pool."""
         dev = self.device
-        rows = torch.empty((len(items), self.cfg.model.item_dim), dtype=torch.float32, device=dev)
+        rows = torch.empty((n, self.cfg.model.item_dim), dtype=torch.float32, device=dev)
         if lookup.hits:
             rows[torch.from_numpy(lookup.hit_positions).to(dev)] = self.storage.read_emb(lookup.hit_slots)
-        missed = np.zeros(len(items), dtype=np.bool_)
         if lookup.misses:
-            missed[lookup.miss_positions] = True
             fetched = self.link.fetch(lookup.miss_items)
             rows[torch.from_numpy(lookup.miss_positions).to(dev)] = fetched
-            # Admission runs after the hit rows were read: a victim may be one of this batch's hits.
             # Handing over the lookup's own miss array lets the pool reuse the estimates it computed.
-            placed = self.pool.emb_admit(lookup.miss_items)
+            placed = admit() if admit is not None else self.pool.emb_admit(lookup.miss_items)
             if len(placed):
                 picks = torch.from_numpy(placed.positions).to(fetched.device)
                 self.storage.write_emb(placed.slots, fetched.index_select(0, picks))
-        return rows, missed
+        return rows
 
     # Digest material (model thread).
     def _report(self, kind: Literal["delta", "snapshot"]) -> EngineReport:
