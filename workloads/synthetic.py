@@ -101,7 +101,7 @@ class WorkloadParams:
     # Events a user adds between visits (Poisson mean): a short session's worth.
     new_events_mean: float = 4.0
     candidates: int = 64  # items ranked per request (retrieval's output)
-    rate: float = 250.0  # requests per second (Poisson); a preset sizes it for utilisation 0.5-0.9
+    rate: float = 300.0  # requests per second (Poisson); a preset sizes it for utilisation 0.5-0.9
     # Trend: hot-user share and history factor move linearly from *_from to *_to over the run.
     trend_hot_from: float = 0.5
     trend_hot_to: float = 0.95
