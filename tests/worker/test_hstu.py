@@ -293,7 +293,7 @@ def test_time_buckets(model: HSTU) -> None:
 
 def test_a_batch_takes_each_requests_positions_and_time_buckets(model: HSTU) -> None:
     """The batch computes every row's position and time bucket at once: per request, what `time_buckets`
-    and the position rule give it alone (cached prefixes, an empty history, gaps of every sign)."""
+    and the position rule give it alone (cached prefixes, an empty history, gaps of 0 and of many sizes)."""
     requests, _ = batch_requests(0)
     group = [model._checked(r, model.device, "") for r in requests]
     expected = []
