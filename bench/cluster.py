@@ -37,11 +37,11 @@ import numpy as np
 from nats.aio.msg import Msg
 
 from bench.replay import ReplayRecord, replay, write_records
-from bench.report import write_report
+from bench.report import json_safe, write_report
 from services.controller.core.policies import StaticPolicy, parse_policy
 from services.gateway.core.router import Policy
 from services.localcluster import ClusterSettings, GatewaySpec, LocalCluster, free_port
-from services.worker.settings import WorkerSettings
+from services.worker.settings import DEFAULT_SLO_MS, WorkerSettings
 from shared import schemas as s
 from workloads.presets import Preset
 from workloads.sources import Source
@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 _WORKER_DEFAULTS = WorkerSettings(id="bench")
-DEFAULT_SLO_MS = _WORKER_DEFAULTS.slo_ms  # the worker's own SLO
 ROUTINGS = tuple(p.value for p in Policy)  # the gateway's routing policies
 WINDOW_S = 5.0  # the report's time series: P99 and hit rates per window of this many seconds
 
@@ -418,17 +417,6 @@ async def measure(opts: ClusterBenchOptions, log_dir: Path) -> list[PolicyRun]:
     return runs
 
 
-def _finite(value: Any) -> Any:
-    """NaN/inf are not JSON: written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def setup_json(opts: ClusterBenchOptions) -> dict[str, Any]:
     preset, source = opts.preset, opts.source
     env = (
@@ -489,7 +477,7 @@ def build_report(opts: ClusterBenchOptions, runs: list[PolicyRun], records_dir: 
         policies[run.key] = row
     answered = {k: v for k, v in policies.items() if v["answered"]}
     best = min(answered, key=lambda k: answered[k]["p99_ms"]) if answered else None
-    report: dict[str, Any] = _finite(
+    report: dict[str, Any] = json_safe(
         {
             "command": opts.command,
             "policies": policies,

@@ -49,7 +49,7 @@ def _cluster(args: argparse.Namespace) -> int:
 
 def add_cluster_command(bench_sub: Any) -> None:
     from bench.cluster import DEFAULT_SLO_MS
-    from sim.cli import _positive, _workload_args
+    from sim.cli import add_workload_args, positive
 
     p = bench_sub.add_parser(
         "cluster",
@@ -60,12 +60,12 @@ def add_cluster_command(bench_sub: Any) -> None:
         "emb_hit_rate, kv_hit_rate, critical_refill_bytes (docs/benchmarks.md) to --json, every request's "
         "record to <json stem>.records/<policy>.jsonl, and with --report markdown and PNG plots.",
     )
-    _workload_args(p, trace_input=True)
+    add_workload_args(p, trace_input=True)
     p.add_argument("--url", default=None, help="replay once against this gateway (http://HOST:PORT)")
     p.add_argument(
         "--nats-url", default=None, help="with --url: the cluster's NATS, to record the workers' digests"
     )
-    p.add_argument("--workers", type=_positive(int), default=2, help="workers of each local cluster (2)")
+    p.add_argument("--workers", type=positive(int), default=2, help="workers of each local cluster (2)")
     p.add_argument(
         "--alpha-policies",
         type=_csv,
@@ -84,7 +84,7 @@ def add_cluster_command(bench_sub: Any) -> None:
     )
     p.add_argument(
         "--slo-ms",
-        type=_positive(float),
+        type=positive(float),
         default=DEFAULT_SLO_MS,
         help=f"latency SLO for slo_satisfaction, ms (default {DEFAULT_SLO_MS:g}: the workers')",
     )
@@ -92,7 +92,7 @@ def add_cluster_command(bench_sub: Any) -> None:
         "--warmup", type=float, default=None, help="seconds left out of the figures (20%% of the run, <= 60)"
     )
     p.add_argument(
-        "--timeout", type=_positive(float), default=10.0, help="seconds a request may take at most (10)"
+        "--timeout", type=positive(float), default=10.0, help="seconds a request may take at most (10)"
     )
     p.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
     p.add_argument("--report", metavar="DIR", default=None, help="also write report.md and PNG plots here")

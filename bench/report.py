@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,21 @@ def machine_ref() -> dict[str, Any]:
     return timings
 
 
+def json_safe(value: Any) -> Any:
+    """The value with every NaN or infinity (not JSON) replaced by null, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_report(json_path: str, report: dict[str, Any], summary: str) -> None:
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = {**report, "machine_ref": machine_ref()}
+    report = json_safe({**report, "machine_ref": machine_ref()})
     path.write_text(json.dumps(report, indent=2, default=float) + "\n")
     print(summary)
     print(f"wrote {path}")

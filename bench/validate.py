@@ -30,7 +30,7 @@ from bench.cluster import (
     run_local,
 )
 from bench.replay import write_records
-from bench.report import write_report
+from bench.report import json_safe, write_report
 from sim.cluster import SimConfig
 from sim.cost import CostProfile
 from sim.run import run_policy
@@ -111,16 +111,6 @@ def differences(real: Mapping[str, Any], sim: Mapping[str, Any], cost: CostProfi
     }
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _real(opts: ValidateOptions) -> PolicyRun:
     bench = ClusterBenchOptions(
         json_path=opts.json_path,
@@ -158,7 +148,7 @@ def run_validation(opts: ValidateOptions) -> int:
     p50_err = relative_error(sim["p50_ms"], _num(real["p50_ms"]))
     p99_err = relative_error(sim["p99_ms"], _num(real["p99_ms"]))
     met = p50_err <= TARGET and p99_err <= TARGET
-    report = _finite(
+    report = json_safe(
         {
             "command": opts.command,
             "validation_p50_error": p50_err,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import time
@@ -16,7 +15,7 @@ from services.controller.core.policies import parse_policy
 from services.controller.settings import ControllerSettings
 from services.gateway.core.router import Policy
 from services.worker.core.pool import RefillMode
-from services.worker.settings import DEFAULT_MAX_BATCH, WorkerSettings
+from services.worker.settings import DEFAULT_MAX_BATCH, DEFAULT_SLO_MS
 from shared.errors import EXIT_USAGE
 from sim.cluster import SimConfig
 from sim.cost import CostProfile, load_profile
@@ -31,7 +30,8 @@ __all__ = ["add_calibrate_command", "add_sim_command", "add_trace_command"]
 MOTIVATION_REGIMES = ("steady", "trend", "burst")
 # The services' own defaults, read from their settings (one source).
 DEFAULT_POLICY = str(ControllerSettings.__dataclass_fields__["policy"].default)
-DEFAULT_SLO_MS = float(WorkerSettings.__dataclass_fields__["slo_ms"].default)  # type: ignore[arg-type]
+
+__all__ += ["add_workload_args", "positive"]  # shared with `onepool bench cluster`
 
 
 def _guarded(name: str, handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -47,7 +47,7 @@ def _guarded(name: str, handler: Callable[[argparse.Namespace], int]) -> Callabl
     return run
 
 
-def _positive(kind: type[int] | type[float]) -> Any:
+def positive(kind: type[int] | type[float]) -> Any:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -60,22 +60,20 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
-def _workload_args(p: argparse.ArgumentParser, *, trace_input: bool) -> None:
+def add_workload_args(p: argparse.ArgumentParser, *, trace_input: bool) -> None:
     src = p.add_mutually_exclusive_group(required=not trace_input)  # sim: none with --motivation
     src.add_argument(
         "--regime", choices=REGIMES, help="a synthetic regime, or movielens (from the recbole wheel)"
     )
     if trace_input:
         src.add_argument("--trace", metavar="PATH", help="replay this trace file (docs/trace-format.md)")
-    p.add_argument("--duration", type=_positive(float), default=None, help="seconds of traffic (default 300)")
-    p.add_argument(
-        "--rate", type=_positive(float), default=None, help="requests per second (default: preset)"
-    )
+    p.add_argument("--duration", type=positive(float), default=None, help="seconds of traffic (default 300)")
+    p.add_argument("--rate", type=positive(float), default=None, help="requests per second (default: preset)")
     p.add_argument("--seed", type=int, default=0, help="workload and router seed (default 0)")
     p.add_argument("--preset", choices=list(PRESETS), default="local", help="sizes (default local)")
-    p.add_argument("--num-items", type=_positive(int), default=None, help="catalogue size (default: preset)")
+    p.add_argument("--num-items", type=positive(int), default=None, help="catalogue size (default: preset)")
     p.add_argument(
-        "--compression", type=_positive(float), default=20_000.0, help="movielens: time compression (20000)"
+        "--compression", type=positive(float), default=20_000.0, help="movielens: time compression (20000)"
     )
 
 
@@ -131,7 +129,7 @@ def add_trace_command(sub: Any) -> None:
         "order) and write it in the trace format v1 (docs/trace-format.md). Every command that replays "
         "traffic takes the file with --trace.",
     )
-    _workload_args(gen, trace_input=False)
+    add_workload_args(gen, trace_input=False)
     gen.add_argument("--out", required=True, metavar="PATH", help="where to write the trace")
     gen.set_defaults(func=_guarded("trace gen", _trace_gen), trace=None)
 
@@ -260,7 +258,7 @@ def _sim(args: argparse.Namespace) -> int:
         summary += f"\n  simulated {report['sim_requests_per_s']:.0f} requests/s of wall time"
     if report_dir:
         write_markdown(report_dir, "onepool sim", report, images)
-    write_report(args.json, _finite(report), summary)
+    write_report(args.json, report, summary)
     return 0
 
 
@@ -306,17 +304,6 @@ def _validate(args: argparse.Namespace, preset: Preset) -> int:
     )
 
 
-def _finite(value: Any) -> Any:
-    """NaN/inf are not JSON: written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _policy_spec(text: str) -> str:
     try:
         parse_policy(text)
@@ -333,8 +320,8 @@ def add_sim_command(sub: Any) -> None:
         "feature windows and controller policies; service times from a cost profile. Writes the keys listed "
         "in docs/benchmarks.md to --json.",
     )
-    _workload_args(p, trace_input=True)
-    p.add_argument("--workers", type=_positive(int), default=None, help="workers (default: preset)")
+    add_workload_args(p, trace_input=True)
+    p.add_argument("--workers", type=positive(int), default=None, help="workers (default: preset)")
     p.add_argument(
         "--alpha-policy",
         type=_policy_spec,
@@ -344,20 +331,18 @@ def add_sim_command(sub: Any) -> None:
         help="controller policy (repeatable: one run each; default hit-balance unless --sweep)",
     )
     p.add_argument("--routing", choices=[x.value for x in Policy], default="joint", help="routing policy")
-    p.add_argument(
-        "--pool-mib", type=_positive(float), default=None, help="pool per worker (default: preset)"
-    )
-    p.add_argument("--chunk-kib", type=_positive(int), default=None, help="pool chunk (default: preset)")
+    p.add_argument("--pool-mib", type=positive(float), default=None, help="pool per worker (default: preset)")
+    p.add_argument("--chunk-kib", type=positive(int), default=None, help="pool chunk (default: preset)")
     p.add_argument(
         "--model",
         choices=["tiny", "bench", "paper"],
         default=None,
         help="take EMB row and KV token sizes from this HSTU preset (default: the preset's sizes)",
     )
-    p.add_argument("--max-batch", type=_positive(int), default=DEFAULT_MAX_BATCH, help="batch size limit (8)")
+    p.add_argument("--max-batch", type=positive(int), default=DEFAULT_MAX_BATCH, help="batch size limit (8)")
     p.add_argument(
         "--slo-ms",
-        type=_positive(float),
+        type=positive(float),
         default=DEFAULT_SLO_MS,
         help="latency SLO, ms (the worker's default)",
     )
@@ -371,7 +356,7 @@ def add_sim_command(sub: Any) -> None:
         help="reallocation refill",
     )
     p.add_argument("--warmup", type=float, default=None, help="seconds left out of the figures (20%%, <= 60)")
-    p.add_argument("--window", type=_positive(float), default=5.0, help="alpha* decision window, s (5)")
+    p.add_argument("--window", type=positive(float), default=5.0, help="alpha* decision window, s (5)")
     p.add_argument("--sweep", action="store_true", help="static grid 0.1..0.9, alpha* and the oracle run")
     p.add_argument("--motivation", action="store_true", help="normalised P99 vs static alpha per regime")
     p.add_argument(
@@ -410,10 +395,10 @@ def add_calibrate_command(sub: Any) -> None:
     )
     p.add_argument("--json", required=True, metavar="PATH", help="where to write the profile and fit")
     p.add_argument("--model", choices=["tiny", "bench", "paper"], default="tiny", help="HSTU preset (tiny)")
-    p.add_argument("--batches", type=_positive(int), default=400, help="batches in the design (400)")
+    p.add_argument("--batches", type=positive(int), default=400, help="batches in the design (400)")
     p.add_argument(
         "--link-gbps",
-        type=_positive(float),
+        type=positive(float),
         default=PRESETS["local"].shape.link_gbps,
         help="emulated host link bandwidth, GB/s (default: the local preset's)",
     )

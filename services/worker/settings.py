@@ -12,6 +12,8 @@ from shared.settings import doc, host_instance_id
 ENV_PREFIX = "ONEPOOL_WORKER_"
 # Requests the model serves together at most, by default: as NVIDIA's HSTU inference example batches.
 DEFAULT_MAX_BATCH = 8
+# The latency SLO the worker's digests count violations against (the simulator and the benches use it too).
+DEFAULT_SLO_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class WorkerSettings:
     )
     digest_ms: float = field(default=500.0, metadata=doc("digest period"))
     slo_ms: float = field(
-        default=50.0, metadata=doc("latency SLO in ms (receipt to reply): digests count the requests slower")
+        default=DEFAULT_SLO_MS,
+        metadata=doc("latency SLO in ms (receipt to reply): digests count the requests slower"),
     )
     torch_threads: int = field(default=1, metadata=doc("torch intra-op threads (0: torch's default)"))
     drain_s: float = field(default=5.0, metadata=doc("on shutdown, time allowed for in-flight requests"))
