@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -23,6 +24,7 @@ from sim.report import motivation_plot, run_plots, sweep_plots, write_markdown
 from sim.run import STATIC_GRID, RunOutcome, geometry_for, run_policy, sweep
 from workloads.presets import PRESETS, Preset, get_preset
 from workloads.sources import REGIMES, Source, open_source
+from workloads.synthetic import WorkloadParams
 from workloads.trace import write_trace
 
 __all__ = ["add_calibrate_command", "add_sim_command", "add_trace_command"]
@@ -75,6 +77,31 @@ def add_workload_args(p: argparse.ArgumentParser, *, trace_input: bool) -> None:
     p.add_argument(
         "--compression", type=positive(float), default=20_000.0, help="movielens: time compression (20000)"
     )
+    p.add_argument(
+        "--workload",
+        type=_workload_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any number of the synthetic workload (docs/workloads.md), e.g. hot_users=2500 (repeatable)",
+    )
+
+
+_NUMERIC_PARAMS = {f.name: f.type for f in dataclasses.fields(WorkloadParams) if f.type in ("int", "float")}
+
+
+def _workload_setting(text: str) -> tuple[str, float]:
+    key, eq, value = text.partition("=")
+    key = key.strip()
+    if not eq or key not in _NUMERIC_PARAMS:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with KEY one of {', '.join(sorted(_NUMERIC_PARAMS))}, got {text!r}"
+        )
+    try:
+        number = int(value) if _NUMERIC_PARAMS[key] == "int" else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a {_NUMERIC_PARAMS[key]}") from None
+    return key, number
 
 
 def _preset(args: argparse.Namespace) -> Preset:
@@ -84,6 +111,7 @@ def _preset(args: argparse.Namespace) -> Preset:
         changes["rate"] = args.rate
     if args.num_items is not None:
         changes["num_items"] = args.num_items
+    changes.update(dict(args.workload))
     return preset.with_workload(**changes) if changes else preset
 
 
