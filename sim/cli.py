@@ -100,7 +100,8 @@ def _workload_setting(text: str) -> tuple[str, float]:
     try:
         number = int(value) if _NUMERIC_PARAMS[key] == "int" else float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a {_NUMERIC_PARAMS[key]}") from None
+        kind = "an integer" if _NUMERIC_PARAMS[key] == "int" else "a number"
+        raise argparse.ArgumentTypeError(f"{key} must be {kind}, got {value!r}") from None
     return key, number
 
 

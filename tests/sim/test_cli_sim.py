@@ -117,6 +117,8 @@ def test_sim_sweep_and_motivation_keys(tmp_path: Path) -> None:
         (["--regime", "steady", "--cost", "nope"], "shipped profiles"),
         (["--regime", "movielens", "--cost", "a100", "--motivation"], "three synthetic regimes"),
         (["--cost", "a100"], "exactly one of --regime and --trace"),
+        (["--regime", "steady", "--workload", "hot=1"], "KEY=VALUE with KEY one of"),
+        (["--regime", "steady", "--workload", "hot_users=many"], "hot_users must be an integer"),
         (["--regime", "steady", "--alpha-policy", "static:2"], "static alpha must be in [0, 1]"),
     ],
 )
