@@ -347,7 +347,7 @@ def add_sim_command(sub: Any) -> None:
         help="discrete-event simulation of a cluster on the serving cores",
         description="Simulate N workers behind a gateway with the real pool, router, residency index, "
         "feature windows and controller policies; service times from a cost profile. Writes the keys listed "
-        "in docs/benchmarks.md to --json.",
+        "in docs/simulator.md to --json.",
     )
     add_workload_args(p, trace_input=True)
     p.add_argument("--workers", type=positive(int), default=None, help="workers (default: preset)")
