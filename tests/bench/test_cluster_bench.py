@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from bench.cluster_report import TABLE_KEYS
 from bench.replay import read_records, replay, write_records
 from tests.helpers import free_port
 from workloads.trace import TraceRequest
@@ -213,16 +214,7 @@ def test_two_policies_on_local_clusters(tmp_path: Path) -> None:
     assert report["setup"]["worker_env"]["ONEPOOL_WORKER_LINK_GBPS"] == "0.01"
     assert "np_unique_600_us" in report["machine_ref"] or "unavailable" in report["machine_ref"]
     for key, row in report["policies"].items():
-        for name in (
-            "p50_ms",
-            "p99_ms",
-            "slo_satisfaction",
-            "throughput_rps",
-            "emb_hit_rate",
-            "kv_hit_rate",
-            "critical_refill_bytes",
-            "failed_requests",
-        ):
+        for name in TABLE_KEYS:
             assert row[name] is not None, (key, name)
         assert row["answered"] >= 0.9 * row["requests"] > 0, row
         assert 0 < row["p50_ms"] <= row["p99_ms"]
