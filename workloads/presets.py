@@ -12,6 +12,7 @@ size its target can run, and :func:`ratios` computes them for every report:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -81,8 +82,6 @@ class Preset:
 
 def _mean_lognormal(median: float, sigma: float, cap: int) -> float:
     # E[min(X, cap)] ~ E[X] = median * exp(sigma^2 / 2) while the cap is far in the tail
-    import math
-
     return min(median * math.exp(sigma * sigma / 2.0), float(cap))
 
 

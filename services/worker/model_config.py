@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-__all__ = ["PRESETS", "HSTUConfig", "emb_entry_bytes", "kv_bytes_per_token"]
+__all__ = ["F32", "PRESETS", "HSTUConfig", "emb_entry_bytes", "kv_bytes_per_token"]
 
 F32 = 4  # bytes per float32: the pool stores embedding rows and K/V in float32
 

@@ -47,6 +47,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from services.worker.model_config import F32
+
 __all__ = [
     "BackgroundTransfer",
     "CudaLink",
@@ -64,7 +66,7 @@ __all__ = [
 IntArray: TypeAlias = npt.NDArray[np.integer[Any]]
 ItemIds: TypeAlias = Sequence[int] | IntArray | Tensor  # item ids or EMB slots
 
-_F32 = 4  # bytes per float32
+
 _SPIN_S = 200e-6  # busy-wait at most this long at the end of an emulated transfer
 
 
@@ -173,11 +175,11 @@ class PoolStorage:
 
     @staticmethod
     def emb_entry_bytes_for(emb_dim: int) -> int:
-        return emb_dim * _F32
+        return emb_dim * F32
 
     @staticmethod
     def kv_page_bytes_for(n_layers: int, page_tokens: int, kv_width: int) -> int:
-        return n_layers * 2 * page_tokens * kv_width * _F32
+        return n_layers * 2 * page_tokens * kv_width * F32
 
     @property
     def emb_entry_bytes(self) -> int:
@@ -335,7 +337,7 @@ class HostEmbeddingTable:
 
     @property
     def row_bytes(self) -> int:
-        return self.emb_dim * _F32
+        return self.emb_dim * F32
 
     def gather(self, items: ItemIds) -> Tensor:
         """Host rows [n, emb_dim] for `items` (a fresh tensor; page-locked when the table is pinned,

@@ -248,3 +248,40 @@ def test_sim_validate_refuses_what_it_cannot_compare(tmp_path: Path, extra: list
     )
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sim_validate_compares_a_real_cluster_with_the_simulator(tmp_path: Path) -> None:
+    """The user's path: one short steady workload on a real 2-worker cluster and in the simulator, the same
+    requests on both sides; the report has both summaries, the errors computed from them, and notes."""
+    out = tmp_path / "validate.json"
+    run = subprocess.run(
+        [
+            *ONEPOOL,
+            "sim",
+            "--validate",
+            "--regime",
+            "steady",
+            "--duration",
+            "8",
+            "--rate",
+            "15",
+            "--alpha-policy",
+            "static:0.5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(out.read_text())
+    real, sim = r["real"], r["sim"]
+    assert real["failed_requests"] == 0 and real["requests"] == sim["requests"] > 50
+    for key in ("p50", "p99"):
+        expected = abs(sim[f"{key}_ms"] - real[f"{key}_ms"]) / real[f"{key}_ms"]
+        assert r[f"validation_{key}_error"] == pytest.approx(expected)
+    assert abs(real["emb_hit_rate"] - sim["emb_hit_rate"]) < 0.1  # the same requests meet the same caches
+    assert isinstance(r["differences"]["notes"], list)
