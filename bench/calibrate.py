@@ -8,15 +8,21 @@ misses vary) through ``Engine.serve_batch`` and fits, by least squares with non-
                + ms_per_cached_token * cached + ms_per_candidate * candidates + ms_per_emb_miss * misses)
 
 with the counts the engine reported. Then times reallocation ticks that move chunks
-(``tick_ms_per_chunk``). ``link_gbps`` is the emulated link's; ``overhead_ms`` (gateway, bus and reply
-outside the model) is a flag. The JSON holds ``profile`` (what ``onepool sim --cost PATH`` loads), the fit's
-quality and the machine's reference timings.
+(``tick_ms_per_chunk``). ``link_gbps`` is the emulated link's. ``overhead_ms``, what a request spends
+outside the worker's model (HTTP, gateway, bus, reply), is measured on a real local cluster: the `local`
+preset's steady workload replayed open loop (the replay of ``onepool bench cluster``), as the client's
+median latency less the workers' own median (receipt to reply, from their digests); ``--overhead-ms``
+gives it instead. The JSON holds ``profile`` (what ``onepool sim --cost PATH`` loads), the fit's quality,
+the overhead run's figures and the machine's reference timings.
 """
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +55,10 @@ class CalibrateOptions:
     pool_mib: int = 16
     num_items: int = 1_000_000
     link_gbps: float = 25.0
-    overhead_ms: float = 1.0
+    overhead_ms: float | None = None  # None: measured on a local cluster
+    overhead_workers: int = 2
+    overhead_rate: float = 60.0  # requests/s: what this 2-core machine's local cluster sustains
+    overhead_duration_s: float = 30.0
     seed: int = 0
     quick: bool = False
 
@@ -184,6 +193,51 @@ def _tick_cost(engine: Engine) -> float:
     return elapsed * 1e3 / max(moved, 1)
 
 
+def measure_overhead(opts: CalibrateOptions) -> dict[str, Any]:
+    """The client's median latency less the workers' own median on a local cluster (module docstring)."""
+    from dataclasses import replace
+
+    from bench.cluster import ClusterBenchOptions, run_async, run_local
+    from workloads.presets import get_preset
+    from workloads.sources import open_source
+
+    preset = get_preset("local")
+    preset = preset.with_workload(rate=opts.overhead_rate)
+    preset = replace(preset, shape=replace(preset.shape, link_gbps=opts.link_gbps))
+    source = open_source(preset=preset, regime="steady", duration_s=opts.overhead_duration_s, seed=opts.seed)
+    warmup = 0.2 * opts.overhead_duration_s
+    bench = ClusterBenchOptions(
+        json_path=opts.json_path,
+        source=source,
+        preset=preset,
+        alpha_policies=("static:0.5",),
+        workers=opts.overhead_workers,
+        warmup_s=warmup,
+    )
+
+    async def go() -> Any:
+        with tempfile.TemporaryDirectory(prefix="onepool-calibrate-") as logs:
+            return await run_local(bench, "static:0.5", "joint", Path(logs))
+
+    run = run_async(go())
+    summary = run.summary(bench.slo_ms, warmup)
+    p50, worker_p50 = float(summary["p50_ms"]), float(summary["worker_p50_ms"])
+    if not (math.isfinite(p50) and math.isfinite(worker_p50)):
+        raise RuntimeError(f"the overhead run measured nothing: p50 {p50}, workers' p50 {worker_p50}")
+    return {
+        "overhead_ms": max(p50 - worker_p50, 0.0),
+        "workers": opts.overhead_workers,
+        "rate": opts.overhead_rate,
+        "duration_s": opts.overhead_duration_s,
+        "warmup_s": warmup,
+        "requests": summary["requests"],
+        "failed_requests": summary["failed_requests"],
+        "p50_ms": p50,
+        "worker_p50_ms": worker_p50,
+        "gateway_p50_ms": summary["gateway_p50_ms"],
+    }
+
+
 def run_calibrate(opts: CalibrateOptions) -> int:
     if opts.model not in PRESETS:
         raise ValueError(f"--model must be one of {', '.join(PRESETS)}, got {opts.model!r}")
@@ -191,10 +245,21 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         raise ValueError(
             f"--batches must be >= 20 (a fit of six coefficients needs them), got {opts.batches}"
         )
+    if opts.overhead_ms is not None and opts.overhead_ms < 0:
+        raise ValueError(f"--overhead-ms must be >= 0, got {opts.overhead_ms:g}")
     if opts.quick:
-        opts = CalibrateOptions(**{**opts.__dict__, "batches": 60})
+        opts = CalibrateOptions(**{**opts.__dict__, "batches": 60, "overhead_duration_s": 8.0})
     print(f"calibrating the {opts.model} model: {opts.batches} batches through the real engine ...")
     measured = measure_costs(opts)
+    overhead: dict[str, Any] | None = None
+    if opts.overhead_ms is None:
+        print(
+            f"measuring the overhead outside the workers: {opts.overhead_workers} local workers, "
+            f"{opts.overhead_rate:g} req/s for {opts.overhead_duration_s:g} s ...",
+            flush=True,
+        )
+        overhead = measure_overhead(opts)
+    overhead_ms = opts.overhead_ms if overhead is None else overhead["overhead_ms"]
     c = measured["coefficients"]
     profile = {
         "name": f"calibrated-{opts.model}",
@@ -202,7 +267,7 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         **c,
         "tick_ms_per_chunk": measured["tick_ms_per_chunk"],
         "link_gbps": opts.link_gbps,
-        "overhead_ms": opts.overhead_ms,
+        "overhead_ms": overhead_ms,
     }
     report = {
         "bench": "calibrate",
@@ -211,10 +276,11 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         "num_items": opts.num_items,
         "profile": profile,
         "fit": measured["fit"],
+        "overhead": overhead if overhead is not None else {"overhead_ms": overhead_ms, "given": True},
     }
     fit = measured["fit"]
     summary = "\n".join(
-        [f"  {k} = {profile[k]:.6g}" for k in (*COLUMNS, "tick_ms_per_chunk")]
+        [f"  {k} = {profile[k]:.6g}" for k in (*COLUMNS, "tick_ms_per_chunk", "overhead_ms")]
         + [f"  fit: r2 {fit['r2']:.3f}, |residual| p50 {fit['residual_p50_abs_ms']:.3f} ms"]
     )
     write_report(opts.json_path, report, summary)

@@ -409,6 +409,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             batches=args.batches,
             link_gbps=args.link_gbps,
             overhead_ms=args.overhead_ms,
+            overhead_rate=args.overhead_rate,
+            overhead_duration_s=args.overhead_duration,
             seed=args.seed,
             quick=args.quick,
         )
@@ -431,7 +433,22 @@ def add_calibrate_command(sub: Any) -> None:
         default=PRESETS["local"].shape.link_gbps,
         help="emulated host link bandwidth, GB/s (default: the local preset's)",
     )
-    p.add_argument("--overhead-ms", type=float, default=1.0, help="gateway + bus per request, ms (1.0)")
+    p.add_argument(
+        "--overhead-ms",
+        type=float,
+        default=None,
+        help="time outside the workers per request, ms (default: measured on a local cluster, see "
+        "--overhead-rate)",
+    )
+    p.add_argument(
+        "--overhead-rate",
+        type=positive(float),
+        default=60.0,
+        help="requests/s of the overhead run (60: what a 2-core machine's local cluster sustains)",
+    )
+    p.add_argument(
+        "--overhead-duration", type=positive(float), default=30.0, help="seconds of the overhead run (30)"
+    )
     p.add_argument("--seed", type=int, default=0, help="design seed")
     p.add_argument("--quick", action="store_true", help="60 batches (a smoke run, not figures)")
     p.set_defaults(func=_guarded("calibrate", _calibrate))

@@ -119,6 +119,7 @@ class SimConfig:
             "max_step": self.max_step,
             "min_change": self.min_change,
             "seed": self.seed,
+            "index_max_entries": index_capacity(self),
         }
 
 
@@ -250,7 +251,9 @@ class Simulation:
             for i in range(cfg.workers)
         ]
         self.by_id = {w.id: w for w in self.workers}
-        self.index = ResidencyIndex()
+        # The view holds every worker's whole residency (a gateway configured for this cluster's size):
+        # with the default cap, 32 paper-preset pools would overflow it and the view would lose entries.
+        self.index = ResidencyIndex(max_entries=index_capacity(cfg))
         self.view = _View(self.index)
         self.router = Router(cfg.routing, rng_seed=cfg.seed)
         self.features = FeatureWindow(cfg.window_ms / 1e3, start=0.0)
@@ -544,6 +547,13 @@ class Simulation:
 
     def result(self) -> SimResult:
         return SimResult.of(self)
+
+
+def index_capacity(cfg: SimConfig) -> int:
+    """Entries the residency index needs to never evict: every worker's pool all EMB slots or all KV
+    pages (a placement covers at least one page)."""
+    g = cfg.geometry
+    return max(1, cfg.workers * (g.emb_slot_count + g.kv_page_count))
 
 
 _ZEROS: dict[int, I64] = {}

@@ -135,6 +135,13 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: s
     assert "Traceback" not in run.stderr
 
 
+def test_calibrate_rejects_a_negative_overhead(tmp_path: Path) -> None:
+    run = _run("calibrate", "--quick", "--overhead-ms", "-1", "--json", str(tmp_path / "cal.json"))
+    assert run.returncode == 2
+    assert "--overhead-ms must be >= 0" in run.stderr
+    assert not (tmp_path / "cal.json").exists()
+
+
 def test_calibrate_quick_writes_a_profile_the_simulator_loads(tmp_path: Path) -> None:
     out = tmp_path / "cal.json"
     cal = _run("calibrate", "--quick", "--json", str(out))
@@ -151,6 +158,11 @@ def test_calibrate_quick_writes_a_profile_the_simulator_loads(tmp_path: Path) ->
     )
     assert all(profile[k] >= 0 for k in coefficients) and sum(profile[k] for k in coefficients) > 0
     assert report["fit"]["batches"] == 60 and report["fit"]["mean_batch_ms"] > 0
+    # the overhead outside the workers, measured on a real local cluster
+    overhead = report["overhead"]
+    assert overhead["requests"] > 0 and overhead["failed_requests"] == 0
+    assert overhead["p50_ms"] > overhead["worker_p50_ms"] > 0
+    assert profile["overhead_ms"] == overhead["overhead_ms"] == overhead["p50_ms"] - overhead["worker_p50_ms"]
     sim = _run(
         "sim",
         "--regime",
