@@ -123,6 +123,11 @@ def _sim_preset(args: argparse.Namespace) -> Preset:
         preset = preset.with_model(args.model)
     if args.chunk_kib is not None:
         preset = preset.with_shape(chunk_kib=args.chunk_kib)
+    # the report's ratios are those of the cluster simulated
+    if args.workers is not None:
+        preset = preset.with_shape(workers=args.workers)
+    if args.pool_mib is not None:
+        preset = preset.with_shape(pool_mib=args.pool_mib)
     return preset
 
 

@@ -50,6 +50,8 @@ def test_trace_gen_then_sim_replays_it_and_reports(tmp_path: Path) -> None:
         "a100",
         "--pool-mib",
         "4",
+        "--workers",
+        "3",
         "--alpha-policy",
         "static:0.4",
         "--alpha-policy",
@@ -74,6 +76,13 @@ def test_trace_gen_then_sim_replays_it_and_reports(tmp_path: Path) -> None:
         assert isinstance(r[key], (int, float)), key
     assert set(r["policies"]) == {"static:0.4", "hit-balance"}
     assert r["setup"]["sim"]["pool_bytes"] == 4 * 1024 * 1024
+    # the preset's shape and ratios are those of the cluster simulated
+    shape = r["setup"]["preset"]["shape"]
+    assert (shape["workers"], shape["pool_mib"], r["setup"]["sim"]["workers"]) == (3, 4, 3)
+    w = r["setup"]["preset"]["workload"]
+    ratios = r["setup"]["preset"]["ratios"]
+    hot_kv = w["hot_users"] * ratios["mean_first_history"] * shape["kv_bytes_per_token"]
+    assert ratios["hot_users_kv_over_cluster_pool"] == pytest.approx(hot_kv / (3 * 4 * 1024 * 1024))
     assert r["setup"]["input"]["trace"] == str(trace)
     assert r["policies"]["static:0.4"]["requests"] + 0 <= n
     assert "machine_ref" in r
