@@ -30,6 +30,8 @@ from workloads.trace import write_trace
 __all__ = ["add_calibrate_command", "add_sim_command", "add_trace_command"]
 
 MOTIVATION_REGIMES = ("steady", "trend", "burst")
+# per regime and static alpha, beside the P99: what moves it
+MOTIVATION_DETAILS = ("p50_ms", "p99_ms", "emb_hit_rate", "kv_hit_rate", "utilisation", "slo_satisfaction")
 # The services' own defaults, read from their settings (one source).
 DEFAULT_POLICY = str(ControllerSettings.__dataclass_fields__["policy"].default)
 
@@ -205,6 +207,7 @@ def _progress(label: str) -> None:
 
 def _motivation(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> dict[str, Any]:
     per_regime: dict[str, dict[str, float]] = {}
+    details: dict[str, dict[str, dict[str, float]]] = {}  # regime -> alpha -> what explains its P99
     normalised: dict[str, dict[str, float]] = {}
     best: dict[str, float] = {}
     speed: list[float] = []
@@ -214,9 +217,11 @@ def _motivation(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> 
         cfg = _config(args, preset, cost)
         warmup = args.warmup if args.warmup is not None else 0.2 * source.duration_s
         row: dict[str, float] = {}
+        details[regime] = {}
         for alpha in STATIC_GRID:
             o = run_policy(cfg, source, f"static:{alpha:g}", warmup_s=warmup)
             row[f"{alpha:g}"] = o.summary["p99_ms"]
+            details[regime][f"{alpha:g}"] = {k: o.summary[k] for k in MOTIVATION_DETAILS}
             speed.append(o.requests_per_s)
             _progress(f"static:{alpha:g} p99 {o.summary['p99_ms']:.2f} ms")
         per_regime[regime] = row
@@ -229,6 +234,7 @@ def _motivation(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> 
     return {
         "p99_ms": per_regime,
         "normalised_p99": normalised,
+        "static": details,
         "best_static_alpha": best,
         "best_static_shift": max(best.values()) - min(best.values()),
         "overall_static_alpha": float(overall),

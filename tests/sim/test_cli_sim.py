@@ -119,6 +119,31 @@ def test_sim_sweep_and_motivation_keys(tmp_path: Path) -> None:
         assert isinstance(r[key], float), key
 
 
+def test_sim_motivation_keys(tmp_path: Path) -> None:
+    out = tmp_path / "motivation.json"
+    common = ["--duration", "3", "--rate", "30", "--num-items", "20000", "--pool-mib", "2", "--cost", "a100"]
+    sim = _run("sim", "--motivation", *common, "--json", str(out), "--report", str(tmp_path / "r"))
+    assert sim.returncode == 0, sim.stderr
+    r = json.loads(out.read_text())
+    grid = {f"{a / 10:g}" for a in range(1, 10)}
+    regimes = {"steady", "trend", "burst"}
+    assert set(r["p99_ms"]) == set(r["normalised_p99"]) == set(r["static"]) == regimes
+    for regime in regimes:
+        p99 = r["p99_ms"][regime]
+        assert set(p99) == set(r["static"][regime]) == grid
+        best = min(p99, key=lambda a: p99[a])
+        assert r["best_static_alpha"][regime] == float(best)
+        assert r["normalised_p99"][regime][best] == 1.0
+        for alpha, row in r["static"][regime].items():
+            assert row["p99_ms"] == p99[alpha]
+            assert 0 <= row["kv_hit_rate"] <= 1 and 0 <= row["emb_hit_rate"] <= 1 and row["utilisation"] > 0
+    shift = max(r["best_static_alpha"].values()) - min(r["best_static_alpha"].values())
+    assert r["best_static_shift"] == pytest.approx(shift)
+    overall = f"{r['overall_static_alpha']:g}"
+    assert r["fixed_split_penalty"] == max(r["normalised_p99"][g][overall] for g in regimes) >= 1.0
+    assert (tmp_path / "r" / "motivation.png").is_file()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
