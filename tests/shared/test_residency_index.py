@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from services.cachestate.settings import CacheStateSettings
-from shared.residency import DEFAULT_MAX_ENTRIES, Evictions, IndexSizes, ResidencyIndex
+from shared.residency import DEFAULT_MAX_ENTRIES, DENSE_MAX_ITEMS, Evictions, IndexSizes, ResidencyIndex
 
 
 def test_kv_placements_and_lengths() -> None:
@@ -42,8 +43,9 @@ def test_emb_masks_follow_bits() -> None:
     assert idx.bit_owner(1) == "w1"
 
 
-def test_drop_worker_frees_everything_and_its_bit_is_reused_clean() -> None:
-    idx = ResidencyIndex()
+@pytest.mark.parametrize("dense_max_items", [DENSE_MAX_ITEMS, 0])  # masks in the array / in the dict
+def test_drop_worker_frees_everything_and_its_bit_is_reused_clean(dense_max_items: int) -> None:
+    idx = ResidencyIndex(dense_max_items=dense_max_items)
     idx.add_emb("w0", [1, 2])
     idx.add_emb("w1", [2, 3])
     idx.add_emb("w2", [3])
@@ -56,7 +58,14 @@ def test_drop_worker_frees_everything_and_its_bit_is_reused_clean() -> None:
     assert idx.emb_masks([1, 2, 3]) == [0b001, 0b001, 0b100]
     assert idx.kv_workers("alice") == {} and idx.kv_workers("bob") == {"w2": 7}
     assert idx.sizes() == IndexSizes(kv_placements=1, emb_entries=3, users=1, workers=2)
-    assert idx._item_masks == {1: 0b001, 2: 0b001, 3: 0b100}  # really freed, no zero masks left
+    # really freed, no zero masks left: every mask bit is stored once, in the array or in the dict
+    if dense_max_items:
+        assert idx._item_masks == {}
+        assert np.flatnonzero(idx._dense).tolist() == [1, 2, 3]
+        assert idx._dense[[1, 2, 3]].tolist() == [0b001, 0b001, 0b100]
+    else:
+        assert len(idx._dense) == 0
+        assert idx._item_masks == {1: 0b001, 2: 0b001, 3: 0b100}
     # The freed bit 1 goes to the next worker, which inherits none of w1's items.
     assert idx.add_worker("w3") == 1
     assert idx.emb_masks([2, 3]) == [0b001, 0b100]

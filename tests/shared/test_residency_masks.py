@@ -1,4 +1,4 @@
-"""ResidencyIndex's dense uint64 mask mirror (``emb_masks_array``) always equals the dict of masks."""
+"""ResidencyIndex's dense uint64 array (``emb_masks_array``) always holds the low 64 bits of every mask."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def _model_masks(idx: ResidencyIndex) -> dict[int, int]:
 
 def _check(idx: ResidencyIndex, probe: list[int]) -> None:
     model = _model_masks(idx)
-    # the dict agrees with the model (the dict is the reference the mirror must follow)
+    # the full masks (array + dict) agree with the model rebuilt from the workers' items
     assert idx.emb_masks(probe) == [model.get(i, 0) for i in probe]
-    # the dense array equals the dict's low 64 bits at every index it covers
+    # the dense array equals the masks' low 64 bits at every index it covers
     dense = idx._dense
     assert len(dense) <= idx.dense_max_items
     expect = np.zeros(len(dense), dtype=np.uint64)
@@ -146,7 +146,7 @@ def test_growth_by_doubling_and_cap() -> None:
     assert idx.emb_masks_array(ids).tolist() == [1, 1, 1, 1, 1, 0, 0]
     idx.remove_emb("a", [10**12, 4500])
     assert idx.emb_masks_array(ids).tolist() == [1, 1, 0, 1, 0, 0, 0]
-    idx.clear()  # frees the mirror
+    idx.clear()  # frees the array
     assert len(idx._dense) == 0
     assert idx.emb_masks_array(ids).tolist() == [0] * 7
     assert idx.emb_masks_array(np.zeros(0, dtype=np.int64)).tolist() == []
@@ -177,7 +177,7 @@ def test_bits_at_or_above_64_answer_the_low_64_bits() -> None:
     assert idx.emb_masks_array(items).tolist() == [1, 0, 0, 0]
 
 
-def test_eviction_inside_add_keeps_mirror_exact() -> None:
+def test_eviction_inside_add_keeps_the_array_exact() -> None:
     # the cap forces EMB evictions of the worker's own items while it adds more
     idx = ResidencyIndex(max_entries=3, track_evictions=True)
     idx.add_emb("a", [1, 2, 3, 4, 5, 6])
