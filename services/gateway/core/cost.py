@@ -67,9 +67,13 @@ def no_kv_compute_ms(t: WorkerTable, hist_len: int, k: int) -> F64:
     Kept on the table for the last (history length, candidates) asked: shared."""
     if t.full_key == (hist_len, k):
         return t.full
-    full: F64 = t.mcand * float(k)
-    full += t.fixed
-    full += t.mnew * float(hist_len)
+    if t.cand_k != k:  # the candidate part, kept for the last K (the history length varies more)
+        part: F64 = t.mcand * float(k)
+        part += t.fixed
+        t.cand_k = k
+        t.cand_part = part
+    full: F64 = t.mnew * float(hist_len)
+    full += t.cand_part  # (mcand * K + fixed) + mnew * history: the same rounding in the same order
     t.full_key = (hist_len, k)
     t.full = full
     return full

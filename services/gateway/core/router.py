@@ -495,7 +495,7 @@ class Router:
             for wid, (until, _) in self._demoted.items():
                 if until > now and (d := index.get(wid)) is not None:
                     key[d] += DEMOTED_PENALTY_MS
-        order: list[int] = np.argsort(key).tolist()
+        order: list[int] = key.argsort().tolist()
         if budget_ms < math.inf:
             # the cheapest worker that is neither full nor demoted decides (the first-ranked when all are)
             eligible = key < OVERLOAD_PENALTY_MS / 2
@@ -516,4 +516,7 @@ class Router:
             new_full=hist_len,
             predicted=predicted,
         )
-        return RouteDecision(ranked=RankedScores(scores, order), policy=policy)
+        # the frozen dataclass filled directly, as ScoreBreakdown is in _Scores.make (~1 us less per call)
+        decision: RouteDecision = _new_object(RouteDecision)
+        _set_attr(decision, "__dict__", {"ranked": RankedScores(scores, order), "policy": policy})
+        return decision

@@ -10,7 +10,8 @@ its first record). What is here:
   is full (``over``, ``n_over``);
 - the EMB bit of each worker (``bitlist``, ``bitidx``) and the width of the bit matrix (``bit_cols``) that
   ``emb_misses.py`` counts over;
-- the round-robin order (worker ids sorted) and the no-KV compute of the last request shape (``full``).
+- the round-robin order (worker ids sorted) and the no-KV compute of the last request shape (``full``; its
+  candidate part ``fixed + mcand * K`` of the last K: ``cand_part``).
 
 The router builds a table when the view's ``version`` changes (an unversioned view: on every call) and keeps
 its load-derived arrays current between versions: ``set_own`` updates one worker after each of this
@@ -48,6 +49,8 @@ class WorkerTable:
         "bit_identity",
         "bitidx",
         "bitlist",
+        "cand_k",
+        "cand_part",
         "fixed",
         "full",
         "full_key",
@@ -147,6 +150,8 @@ class WorkerTable:
         # last (history length, candidates) asked: shared, never written
         self.full_key = (-1, -1)
         self.full = self.zeros
+        self.cand_k = -1
+        self.cand_part = self.zeros
 
     def set_own(self, i: int, own: float, *, completed: bool = False) -> None:
         """This gateway's in-flight count to worker i is now `own`; `completed`: one of its requests there
