@@ -9,16 +9,17 @@ misses vary) through ``Engine.serve_batch`` and fits, by least squares with non-
 
 with the counts the engine reported. Then times reallocation ticks that move chunks
 (``tick_ms_per_chunk``). ``link_gbps`` is the emulated link's. ``overhead_ms``, what a request spends
-outside the worker's model (HTTP, gateway, bus, reply), is measured on a real local cluster: the `local`
-preset's steady workload replayed open loop (the replay of ``onepool bench cluster``), as the client's
-median latency less the workers' own median (receipt to reply, from their digests); ``--overhead-ms``
-gives it instead. The JSON holds ``profile`` (what ``onepool sim --cost PATH`` loads), the fit's quality,
-the overhead run's figures and the machine's reference timings.
+outside the worker's model (HTTP, gateway, bus, the worker's own decoding and reply), is
+measured on a real local cluster: the `local` preset's steady workload replayed open loop (the replay of
+``onepool bench cluster``), as the median over the answered requests of their latency less what the fitted
+coefficients price their own work at (as a batch of one, which they mostly are at this load); what the
+simulator adds to every request. ``--overhead-ms`` gives it instead. The JSON holds ``profile`` (what
+``onepool sim --cost PATH`` loads), the fit's quality, the overhead run's figures and the machine's
+reference timings.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -193,8 +194,9 @@ def _tick_cost(engine: Engine) -> float:
     return elapsed * 1e3 / max(moved, 1)
 
 
-def measure_overhead(opts: CalibrateOptions) -> dict[str, Any]:
-    """The client's median latency less the workers' own median on a local cluster (module docstring)."""
+def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> dict[str, Any]:
+    """What a request spends outside the model on a local cluster: the median over the answered requests of
+    their latency less what the fitted ``coefficients`` price their own work at (module docstring)."""
     from dataclasses import replace
 
     from bench.cluster import ClusterBenchOptions, run_async, run_local
@@ -221,19 +223,34 @@ def measure_overhead(opts: CalibrateOptions) -> dict[str, Any]:
 
     run = run_async(go())
     summary = run.summary(bench.slo_ms, warmup)
-    p50, worker_p50 = float(summary["p50_ms"]), float(summary["worker_p50_ms"])
-    if not (math.isfinite(p50) and math.isfinite(worker_p50)):
-        raise RuntimeError(f"the overhead run measured nothing: p50 {p50}, workers' p50 {worker_p50}")
+    answered = [r for r in run.records if r.ok and r.t >= warmup]
+    if not answered:
+        raise RuntimeError("the overhead run had no answered request after its warm-up")
+    c = coefficients
+    m = preset.workload.candidates  # every request of the synthetic workload ranks this many
+    model_ms = np.array(
+        [
+            c["batch_fixed_ms"]
+            + c["request_ms"]
+            + c["ms_per_new_token"] * (r.computed_tokens - m)
+            + c["ms_per_cached_token"] * r.cached_tokens
+            + c["ms_per_candidate"] * m
+            + c["ms_per_emb_miss"] * r.emb_misses
+            for r in answered
+        ]
+    )
+    latency = np.array([r.latency_ms for r in answered])
     return {
-        "overhead_ms": max(p50 - worker_p50, 0.0),
+        "overhead_ms": max(float(np.median(latency - model_ms)), 0.0),
         "workers": opts.overhead_workers,
         "rate": opts.overhead_rate,
         "duration_s": opts.overhead_duration_s,
         "warmup_s": warmup,
         "requests": summary["requests"],
         "failed_requests": summary["failed_requests"],
-        "p50_ms": p50,
-        "worker_p50_ms": worker_p50,
+        "p50_ms": summary["p50_ms"],
+        "model_p50_ms": float(np.median(model_ms)),
+        "worker_p50_ms": summary["worker_p50_ms"],
         "gateway_p50_ms": summary["gateway_p50_ms"],
     }
 
@@ -258,7 +275,7 @@ def run_calibrate(opts: CalibrateOptions) -> int:
             f"{opts.overhead_rate:g} req/s for {opts.overhead_duration_s:g} s ...",
             flush=True,
         )
-        overhead = measure_overhead(opts)
+        overhead = measure_overhead(opts, measured["coefficients"])
     overhead_ms = opts.overhead_ms if overhead is None else overhead["overhead_ms"]
     c = measured["coefficients"]
     profile = {
