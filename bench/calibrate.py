@@ -7,15 +7,15 @@ misses vary) through ``Engine.serve_batch`` and fits, by least squares with non-
     batch_ms = batch_fixed_ms + sum over requests (request_ms + ms_per_new_token * new
                + ms_per_cached_token * cached + ms_per_candidate * candidates + ms_per_emb_miss * misses)
 
-with the counts the engine reported. Then times reallocation ticks that move chunks
-(``tick_ms_per_chunk``). ``link_gbps`` is the emulated link's. ``overhead_ms``, what a request spends
-outside the worker's model (HTTP, gateway, bus, the worker's own decoding and reply), is
-measured on a real local cluster: the `local` preset's steady workload replayed open loop (the replay of
-``onepool bench cluster``), as the median over the answered requests of their latency less what the fitted
-coefficients price their own work at (as a batch of one, which they mostly are at this load); what the
-simulator adds to every request. ``--overhead-ms`` gives it instead. The JSON holds ``profile`` (what
-``onepool sim --cost PATH`` loads), the fit's quality, the overhead run's figures and the machine's
-reference timings.
+with the counts the engine reported. Then times reallocation ticks that move chunks (``tick_ms_per_chunk``).
+``link_gbps`` is the emulated link's. ``overhead_ms``, what a request spends outside the worker's model (HTTP,
+gateway, bus, the worker's own decoding and reply), is measured on a real local cluster: the `local` preset's
+steady workload replayed open loop (the replay of ``onepool bench cluster``): each answered request's latency
+less the wait for its worker's model thread and its batch's time (both reported in the answer) is what the
+simulator does not model itself. The profile gets the median as ``overhead_ms`` and the percentiles 0-100 as
+``overhead_quantiles_ms`` (the simulator draws each request's from them). ``--overhead-ms`` gives a constant
+instead. The JSON holds ``profile`` (what ``onepool sim --cost PATH`` loads), the fit's quality, the overhead
+run's figures and the machine's reference timings.
 """
 
 from __future__ import annotations
@@ -194,9 +194,9 @@ def _tick_cost(engine: Engine) -> float:
     return elapsed * 1e3 / max(moved, 1)
 
 
-def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> dict[str, Any]:
-    """What a request spends outside the model on a local cluster: the median over the answered requests of
-    their latency less what the fitted ``coefficients`` price their own work at (module docstring)."""
+def measure_overhead(opts: CalibrateOptions) -> dict[str, Any]:
+    """What each request spends outside the model on a local cluster: its latency less the worker's wait
+    for its model thread and its batch's time (module docstring); the median and the percentiles."""
     from dataclasses import replace
 
     from bench.cluster import ClusterBenchOptions, run_async, run_local
@@ -226,22 +226,10 @@ def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> 
     answered = [r for r in run.records if r.ok and r.t >= warmup]
     if not answered:
         raise RuntimeError("the overhead run had no answered request after its warm-up")
-    c = coefficients
-    m = preset.workload.candidates  # every request of the synthetic workload ranks this many
-    model_ms = np.array(
-        [
-            c["batch_fixed_ms"]
-            + c["request_ms"]
-            + c["ms_per_new_token"] * (r.computed_tokens - m)
-            + c["ms_per_cached_token"] * r.cached_tokens
-            + c["ms_per_candidate"] * m
-            + c["ms_per_emb_miss"] * r.emb_misses
-            for r in answered
-        ]
-    )
-    latency = np.array([r.latency_ms for r in answered])
+    outside = np.array([r.latency_ms - r.worker_queue_ms - r.worker_compute_ms for r in answered])
     return {
-        "overhead_ms": max(float(np.median(latency - model_ms)), 0.0),
+        "overhead_ms": max(float(np.median(outside)), 0.0),
+        "overhead_quantiles_ms": np.maximum(np.percentile(outside, np.arange(101)), 0.0).tolist(),
         "workers": opts.overhead_workers,
         "rate": opts.overhead_rate,
         "duration_s": opts.overhead_duration_s,
@@ -249,7 +237,9 @@ def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> 
         "requests": summary["requests"],
         "failed_requests": summary["failed_requests"],
         "p50_ms": summary["p50_ms"],
-        "model_p50_ms": float(np.median(model_ms)),
+        "p99_ms": summary["p99_ms"],
+        "worker_queue_p50_ms": float(np.median([r.worker_queue_ms for r in answered])),
+        "worker_compute_p50_ms": float(np.median([r.worker_compute_ms for r in answered])),
         "worker_p50_ms": summary["worker_p50_ms"],
         "gateway_p50_ms": summary["gateway_p50_ms"],
     }
@@ -275,8 +265,9 @@ def run_calibrate(opts: CalibrateOptions) -> int:
             f"{opts.overhead_rate:g} req/s for {opts.overhead_duration_s:g} s ...",
             flush=True,
         )
-        overhead = measure_overhead(opts, measured["coefficients"])
+        overhead = measure_overhead(opts)
     overhead_ms = opts.overhead_ms if overhead is None else overhead["overhead_ms"]
+    quantiles = [] if overhead is None else overhead["overhead_quantiles_ms"]
     c = measured["coefficients"]
     profile = {
         "name": f"calibrated-{opts.model}",
@@ -285,6 +276,7 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         "tick_ms_per_chunk": measured["tick_ms_per_chunk"],
         "link_gbps": opts.link_gbps,
         "overhead_ms": overhead_ms,
+        "overhead_quantiles_ms": quantiles,
     }
     report = {
         "bench": "calibrate",
@@ -293,12 +285,22 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         "num_items": opts.num_items,
         "profile": profile,
         "fit": measured["fit"],
-        "overhead": overhead if overhead is not None else {"overhead_ms": overhead_ms, "given": True},
+        "overhead": overhead
+        if overhead is not None
+        else {"overhead_ms": overhead_ms, "overhead_quantiles_ms": [], "given": True},
     }
     fit = measured["fit"]
     summary = "\n".join(
         [f"  {k} = {profile[k]:.6g}" for k in (*COLUMNS, "tick_ms_per_chunk", "overhead_ms")]
         + [f"  fit: r2 {fit['r2']:.3f}, |residual| p50 {fit['residual_p50_abs_ms']:.3f} ms"]
+        + (
+            [
+                f"  overhead percentiles 50/90/99: {quantiles[50]:.2f} / {quantiles[90]:.2f} / "
+                f"{quantiles[99]:.2f} ms"
+            ]
+            if quantiles
+            else []
+        )
     )
     write_report(opts.json_path, report, summary)
     return 0

@@ -8,7 +8,8 @@ the latency, as it would for a real client.
 
 Each request ends in one :class:`ReplayRecord` (JSON Lines with :func:`write_records`): its scheduled
 time, latency, HTTP status (0: no answer within ``timeout_s``), the error code of a JSON error body, and for
-a 200 the worker, cached/computed tokens and EMB hits/misses the gateway reported, and the gateway's own
+a 200 the worker, cached/computed tokens and EMB hits/misses the gateway reported, the worker's wait for
+its model thread and its batch's time (``worker_queue_ms``, ``worker_compute_ms``), and the gateway's own
 ``latency_ms`` (``gateway_ms``: the request's time inside the gateway).
 """
 
@@ -46,6 +47,8 @@ class ReplayRecord:
     emb_hits: int = 0
     emb_misses: int = 0
     gateway_ms: float = 0.0  # the gateway's own latency_ms (a 200 only)
+    worker_queue_ms: float = 0.0  # the worker's wait for its model thread (a 200 only)
+    worker_compute_ms: float = 0.0  # the batch it was served in (a 200 only)
     send_lag_ms: float = 0.0  # how late this process sent it (0 when on time)
 
     @property
@@ -61,6 +64,8 @@ class _Answer(msgspec.Struct):
     computed_tokens: int = 0
     emb_hits: int = 0
     emb_misses: int = 0
+    worker_queue_ms: float = 0.0
+    worker_compute_ms: float = 0.0
     latency_ms: float = 0.0
 
 
@@ -87,14 +92,15 @@ def _record(t: float, latency_ms: float, lag_ms: float, status: int, body: bytes
             t,
             latency_ms,
             status,
-            "",
-            a.worker,
-            a.cached_tokens,
-            a.computed_tokens,
-            a.emb_hits,
-            a.emb_misses,
-            a.latency_ms,
-            lag_ms,
+            worker=a.worker,
+            cached_tokens=a.cached_tokens,
+            computed_tokens=a.computed_tokens,
+            emb_hits=a.emb_hits,
+            emb_misses=a.emb_misses,
+            gateway_ms=a.latency_ms,
+            worker_queue_ms=a.worker_queue_ms,
+            worker_compute_ms=a.worker_compute_ms,
+            send_lag_ms=lag_ms,
         )
     try:
         err = _error_decoder.decode(body).error

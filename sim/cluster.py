@@ -10,7 +10,8 @@ policies and :class:`Clamp`. What is modelled instead of run:
   one batch (never waiting to fill one), as the engine does. A batch takes the cost profile's time
   (:mod:`sim.cost`) for what the real caches said about its requests; a due reallocation tick runs before
   it and its chunk moves (and, in naive mode, the synchronous refill) delay it. Every request answered by
-  a batch completes when the batch ends; its latency adds the profile's ``overhead_ms``.
+  a batch completes when the batch ends; its latency adds its time outside the model, the profile's
+  ``overhead_ms`` or a seeded draw from its measured distribution (:class:`~sim.cost.OverheadSampler`).
 - **Ticks.** A real worker ticks every ``tick_ms`` (deferring while busy). Here the ticks due since the
   last one run when a batch starts: those that fell in idle time cost no request anything; the last one
   is charged to the batch. Prefetch planned by a tick is installed at the next (a background transfer).
@@ -45,7 +46,7 @@ from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode
 from shared import schemas as s
 from shared.residency import ResidencyIndex
-from sim.cost import CostProfile
+from sim.cost import CostProfile, OverheadSampler
 from workloads.trace import TraceRequest
 
 __all__ = ["SimConfig", "SimResult", "Simulation", "WorkerTimeline"]
@@ -258,6 +259,7 @@ class Simulation:
         self.router = Router(cfg.routing, rng_seed=cfg.seed)
         self.features = FeatureWindow(cfg.window_ms / 1e3, start=0.0)
         self.records = _Records()
+        self._overhead = OverheadSampler(cfg.cost, cfg.seed)
         self.requests: dict[int, TraceRequest] = {}  # in flight
         self.shed = 0
         self.timeline = WorkerTimeline()
@@ -433,10 +435,10 @@ class Simulation:
     def _done(self, index: int, take: list[int]) -> None:
         w = self.workers[index]
         rec, win = self.records, w.window
-        overhead = self.cfg.cost.overhead_ms
+        overhead = self._overhead
         for rid in take:
             in_worker = (self.now - rec.arrival[rid]) * 1e3
-            rec.latency_ms[rid] = in_worker + overhead
+            rec.latency_ms[rid] = in_worker + overhead()
             win.latencies.append(in_worker)
             win.slo_violations += in_worker > self.cfg.slo_ms
             del self.requests[rid]

@@ -5,23 +5,33 @@
                + ms_per_emb_miss * emb_misses)
 
 plus ``tick_ms_per_chunk`` per chunk a reallocation tick moves (the relocation copies, between batches) and,
-in naive refill mode, the synchronous refill's bytes at ``link_gbps``. ``overhead_ms`` is added to every
-request's latency outside the model (gateway, bus, reply). The counts are what the real caches said for the
-request (:mod:`services.worker.core.batch`). A profile is a JSON object with these keys plus ``name`` and
-``source``: ``onepool calibrate`` measures one on this machine; ``sim/profiles/`` ships ``cpu`` (measured
-here, the command in its ``source``) and ``a100`` (derived from public figures, see its ``source``).
+in naive refill mode, the synchronous refill's bytes at ``link_gbps``. Every request's latency adds the time
+it spends outside the model (HTTP, gateway, bus, the worker's decoding and reply): ``overhead_ms`` (the
+median), or, when the profile carries ``overhead_quantiles_ms`` (the measured distribution's percentiles 0, 1,
+..., 100 as ``onepool calibrate`` writes them; any evenly spaced list of two or more), a seeded draw from that
+distribution (:class:`OverheadSampler`: the inverse CDF, linear between the given quantiles). The counts are
+what the real caches said for the request (:mod:`services.worker.core.batch`). A profile is a JSON object with
+these keys plus ``name`` and ``source``: ``onepool calibrate`` measures one on this machine; ``sim/profiles/``
+ships ``cpu`` (measured here, the command in its ``source``) and ``a100`` (derived from public figures, see
+its ``source``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROFILE_DIR", "CostProfile", "load_profile"]
+import numpy as np
+
+__all__ = ["PROFILE_DIR", "CostProfile", "OverheadSampler", "load_profile"]
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+_QUANTILES = "overhead_quantiles_ms"  # optional key: the other numbers are required
+_OVERHEAD_STREAM = 0x0E7  # the overhead draws' own random stream next to the run's seed
 
 
 @dataclass(frozen=True)
@@ -37,12 +47,23 @@ class CostProfile:
     tick_ms_per_chunk: float
     link_gbps: float
     overhead_ms: float
+    overhead_quantiles_ms: tuple[float, ...] = ()  # empty: every request adds overhead_ms
 
     def __post_init__(self) -> None:
         bad = [f.name for f in fields(self) if f.type == "float" and not getattr(self, f.name) >= 0]
         if bad or not self.link_gbps > 0:
             raise ValueError(
                 f"cost profile {self.name!r}: {', '.join(bad) or 'link_gbps'} must be >= 0 (> 0)"
+            )
+        q = self.overhead_quantiles_ms
+        if q and (
+            len(q) < 2
+            or not all(math.isfinite(x) and x >= 0 for x in q)
+            or any(b < a for a, b in itertools.pairwise(q))
+        ):
+            raise ValueError(
+                f"cost profile {self.name!r}: overhead_quantiles_ms must be two or more non-decreasing "
+                "numbers >= 0"
             )
 
     def request_cost_ms(self, new_tokens: int, cached_tokens: int, candidates: int, emb_misses: int) -> float:
@@ -58,11 +79,13 @@ class CostProfile:
         return nbytes / (self.link_gbps * 1e9) * 1e3
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["overhead_quantiles_ms"] = list(self.overhead_quantiles_ms)
+        return out
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], *, where: str = "cost profile") -> CostProfile:
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {_QUANTILES}
         missing = sorted(names - raw.keys())
         if missing:
             raise ValueError(f"{where}: missing keys {', '.join(missing)}")
@@ -70,7 +93,37 @@ class CostProfile:
             numbers = {k: float(raw[k]) for k in names - {"name", "source"}}
         except (TypeError, ValueError):
             raise ValueError(f"{where}: every key but name and source must be a number") from None
-        return cls(name=str(raw["name"]), source=str(raw["source"]), **numbers)
+        quantiles = raw.get(_QUANTILES, [])
+        try:
+            if not isinstance(quantiles, list):
+                raise TypeError
+            q = tuple(float(x) for x in quantiles)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {_QUANTILES} must be a list of numbers") from None
+        return cls(name=str(raw["name"]), source=str(raw["source"]), overhead_quantiles_ms=q, **numbers)
+
+
+class OverheadSampler:
+    """Each request's time outside the model: the profile's ``overhead_ms``, or a seeded draw from its
+    ``overhead_quantiles_ms`` (inverse CDF, linear between evenly spaced quantiles), drawn a block at a
+    time."""
+
+    BLOCK = 4096
+
+    def __init__(self, cost: CostProfile, seed: int) -> None:
+        self._q = np.asarray(cost.overhead_quantiles_ms, dtype=np.float64)
+        self._grid = np.linspace(0.0, 1.0, len(self._q))
+        self._constant = cost.overhead_ms
+        self._rng = np.random.default_rng([seed, _OVERHEAD_STREAM])
+        self._buf: list[float] = []
+
+    def __call__(self) -> float:
+        if not len(self._q):
+            return self._constant
+        if not self._buf:
+            draws = np.interp(self._rng.random(self.BLOCK), self._grid, self._q)
+            self._buf = draws[::-1].tolist()  # popped from the end: drawn order
+        return self._buf.pop()
 
 
 def load_profile(spec: str) -> CostProfile:

@@ -27,6 +27,9 @@ FIELDS = {
     "computed_tokens",
     "emb_hits",
     "emb_misses",
+    "worker_queue_ms",
+    "worker_compute_ms",
+    "batch_size",
     "latency_ms",
 }
 
@@ -73,6 +76,8 @@ async def test_valid_request_gets_the_documented_answer(
     assert set(body) == FIELDS
     assert len(body["items"]) == 2 and set(body["items"]) <= {5, 6, 7}
     assert body["worker"] in {"w0", "w1"} and body["computed_tokens"] == 6
+    assert body["batch_size"] >= 1 and body["worker_queue_ms"] >= 0 and body["worker_compute_ms"] > 0
+    assert body["worker_queue_ms"] + body["worker_compute_ms"] < body["latency_ms"]
     assert len(headers["x-trace-id"]) == 32
 
 

@@ -115,6 +115,9 @@ def openapi_document(max_history: int, max_candidates: int) -> dict[str, Any]:
                         "computed_tokens",
                         "emb_hits",
                         "emb_misses",
+                        "worker_queue_ms",
+                        "worker_compute_ms",
+                        "batch_size",
                         "latency_ms",
                     ],
                     "properties": {
@@ -125,7 +128,16 @@ def openapi_document(max_history: int, max_candidates: int) -> dict[str, Any]:
                         "computed_tokens": {"type": "integer"},
                         "emb_hits": {"type": "integer"},
                         "emb_misses": {"type": "integer"},
-                        "latency_ms": {"type": "number"},
+                        "worker_queue_ms": {
+                            "type": "number",
+                            "description": "time the request waited for the worker's model thread",
+                        },
+                        "worker_compute_ms": {
+                            "type": "number",
+                            "description": "the batch it was served in, start to end",
+                        },
+                        "batch_size": {"type": "integer", "description": "requests in that batch"},
+                        "latency_ms": {"type": "number", "description": "the gateway's, receipt to answer"},
                     },
                 },
                 "Error": _ERROR,

@@ -362,6 +362,10 @@ class Gateway:
                     "computed_tokens": ok.computed_tokens,
                     "emb_hits": ok.emb_hits,
                     "emb_misses": ok.emb_misses,
+                    # the worker's own split of the time: waiting for its model thread, then the batch
+                    "worker_queue_ms": ok.queue_ms,
+                    "worker_compute_ms": ok.compute_ms,
+                    "batch_size": ok.batch_size,
                     "latency_ms": (time.perf_counter() - started) * 1e3,
                 }
                 # msgspec: several times faster than json.dumps on the per-request path.

@@ -195,8 +195,10 @@ def test_calibrate_quick_writes_a_profile_the_simulator_loads(tmp_path: Path) ->
     # the overhead outside the workers, measured on a real local cluster
     overhead = report["overhead"]
     assert overhead["requests"] > 0 and overhead["failed_requests"] == 0
-    assert overhead["p50_ms"] > overhead["worker_p50_ms"] > 0 and overhead["model_p50_ms"] > 0
-    assert profile["overhead_ms"] == overhead["overhead_ms"]
+    assert overhead["p50_ms"] > overhead["worker_p50_ms"] > 0 and overhead["worker_compute_p50_ms"] > 0
+    q = profile["overhead_quantiles_ms"]
+    assert q == overhead["overhead_quantiles_ms"] and len(q) == 101 and q == sorted(q)
+    assert profile["overhead_ms"] == overhead["overhead_ms"] == q[50]
     assert 0 < overhead["overhead_ms"] < overhead["p50_ms"]
     sim = _run(
         "sim",
