@@ -13,8 +13,12 @@ gateway, bus, the worker's own decoding and reply), is measured on a real local 
 steady workload replayed open loop (the replay of ``onepool bench cluster``): each answered request's latency
 less the wait for its worker's model thread and its batch's time (both reported in the answer) is what the
 simulator does not model itself. The profile gets the median as ``overhead_ms`` and the percentiles 0-100 as
-``overhead_quantiles_ms`` (the simulator draws each request's from them). ``--overhead-ms`` gives a constant
-instead. The JSON holds ``profile`` (what ``onepool sim --cost PATH`` loads), the fit's quality, the overhead
+``overhead_quantiles_ms`` (the simulator draws each request's from them). The same run measures how much
+slower the model is inside the cluster than its price: over the requests served in a batch of their own, the
+batch's time over what the fit prices it at, as percentiles 0-100 (``cluster_scale_quantiles``; on a small
+machine the cluster's other processes share the worker's cores, and batch times vary), which ``onepool sim
+--validate`` draws each batch's factor from. ``--overhead-ms`` gives a constant overhead instead and measures
+no scale. The JSON holds ``profile`` (what ``onepool sim --cost PATH`` loads), the fit's quality, the overhead
 run's figures and the machine's reference timings.
 """
 
@@ -37,6 +41,8 @@ from services.worker.storage import LinkSpec
 from services.worker.validation import PreparedRequest
 
 MIB = 1024 * 1024
+OVERHEAD_SEED = 1000  # the overhead run's workload seed: --seed + this
+MIN_ALONE = 20  # requests served alone the cluster scale needs
 TORCH_THREADS = int(WorkerSettings.__dataclass_fields__["torch_threads"].default)  # type: ignore[arg-type]
 COLUMNS = (
     "batch_fixed_ms",
@@ -194,9 +200,10 @@ def _tick_cost(engine: Engine) -> float:
     return elapsed * 1e3 / max(moved, 1)
 
 
-def measure_overhead(opts: CalibrateOptions) -> dict[str, Any]:
-    """What each request spends outside the model on a local cluster: its latency less the worker's wait
-    for its model thread and its batch's time (module docstring); the median and the percentiles."""
+def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> dict[str, Any]:
+    """On a local cluster: what each request spends outside the model (its latency less the worker's wait
+    for its model thread and its batch's time), and the model's slow-down there against ``coefficients``
+    (the fit made alone) over the requests served in a batch of their own (module docstring)."""
     from dataclasses import replace
 
     from bench.cluster import ClusterBenchOptions, run_async, run_local
@@ -206,7 +213,10 @@ def measure_overhead(opts: CalibrateOptions) -> dict[str, Any]:
     preset = get_preset("local")
     preset = preset.with_workload(rate=opts.overhead_rate)
     preset = replace(preset, shape=replace(preset.shape, link_gbps=opts.link_gbps))
-    source = open_source(preset=preset, regime="steady", duration_s=opts.overhead_duration_s, seed=opts.seed)
+    # another seed than the inputs the simulator is validated on by default (seed 0)
+    source = open_source(
+        preset=preset, regime="steady", duration_s=opts.overhead_duration_s, seed=opts.seed + OVERHEAD_SEED
+    )
     warmup = 0.2 * opts.overhead_duration_s
     bench = ClusterBenchOptions(
         json_path=opts.json_path,
@@ -227,7 +237,30 @@ def measure_overhead(opts: CalibrateOptions) -> dict[str, Any]:
     if not answered:
         raise RuntimeError("the overhead run had no answered request after its warm-up")
     outside = np.array([r.latency_ms - r.worker_queue_ms - r.worker_compute_ms for r in answered])
+    c = coefficients
+    m = preset.workload.candidates  # every request of the synthetic workload ranks this many
+    alone = [r for r in answered if r.batch_size == 1]
+    ratios = [
+        r.worker_compute_ms
+        / (
+            c["batch_fixed_ms"]
+            + c["request_ms"]
+            + c["ms_per_new_token"] * (r.computed_tokens - m)
+            + c["ms_per_cached_token"] * r.cached_tokens
+            + c["ms_per_candidate"] * m
+            + c["ms_per_emb_miss"] * r.emb_misses
+        )
+        for r in alone
+    ]
+    if len(ratios) < MIN_ALONE:
+        raise RuntimeError(
+            f"the overhead run served {len(ratios)} requests in a batch of their own, fewer than "
+            f"{MIN_ALONE}: lower --overhead-rate"
+        )
     return {
+        "cluster_scale": float(np.median(ratios)),
+        "cluster_scale_quantiles": np.percentile(ratios, np.arange(101)).tolist(),
+        "requests_alone": len(ratios),
         "overhead_ms": max(float(np.median(outside)), 0.0),
         "overhead_quantiles_ms": np.maximum(np.percentile(outside, np.arange(101)), 0.0).tolist(),
         "workers": opts.overhead_workers,
@@ -265,9 +298,10 @@ def run_calibrate(opts: CalibrateOptions) -> int:
             f"{opts.overhead_rate:g} req/s for {opts.overhead_duration_s:g} s ...",
             flush=True,
         )
-        overhead = measure_overhead(opts)
+        overhead = measure_overhead(opts, measured["coefficients"])
     overhead_ms = opts.overhead_ms if overhead is None else overhead["overhead_ms"]
     quantiles = [] if overhead is None else overhead["overhead_quantiles_ms"]
+    scales = [] if overhead is None else overhead["cluster_scale_quantiles"]
     c = measured["coefficients"]
     profile = {
         "name": f"calibrated-{opts.model}",
@@ -277,6 +311,7 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         "link_gbps": opts.link_gbps,
         "overhead_ms": overhead_ms,
         "overhead_quantiles_ms": quantiles,
+        "cluster_scale_quantiles": scales,
     }
     report = {
         "bench": "calibrate",
@@ -287,7 +322,12 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         "fit": measured["fit"],
         "overhead": overhead
         if overhead is not None
-        else {"overhead_ms": overhead_ms, "overhead_quantiles_ms": [], "given": True},
+        else {
+            "overhead_ms": overhead_ms,
+            "overhead_quantiles_ms": [],
+            "cluster_scale_quantiles": [],
+            "given": True,
+        },
     }
     fit = measured["fit"]
     summary = "\n".join(
@@ -296,7 +336,9 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         + (
             [
                 f"  overhead percentiles 50/90/99: {quantiles[50]:.2f} / {quantiles[90]:.2f} / "
-                f"{quantiles[99]:.2f} ms"
+                f"{quantiles[99]:.2f} ms",
+                f"  model in the cluster / its price, percentiles 50/90/99: {scales[50]:.2f} / "
+                f"{scales[90]:.2f} / {scales[99]:.2f}",
             ]
             if quantiles
             else []

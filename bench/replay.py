@@ -9,8 +9,8 @@ the latency, as it would for a real client.
 Each request ends in one :class:`ReplayRecord` (JSON Lines with :func:`write_records`): its scheduled
 time, latency, HTTP status (0: no answer within ``timeout_s``), the error code of a JSON error body, and for
 a 200 the worker, cached/computed tokens and EMB hits/misses the gateway reported, the worker's wait for
-its model thread and its batch's time (``worker_queue_ms``, ``worker_compute_ms``), and the gateway's own
-``latency_ms`` (``gateway_ms``: the request's time inside the gateway).
+its model thread, its batch's time and size (``worker_queue_ms``, ``worker_compute_ms``, ``batch_size``), and
+the gateway's own ``latency_ms`` (``gateway_ms``: the request's time inside the gateway).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class ReplayRecord:
     gateway_ms: float = 0.0  # the gateway's own latency_ms (a 200 only)
     worker_queue_ms: float = 0.0  # the worker's wait for its model thread (a 200 only)
     worker_compute_ms: float = 0.0  # the batch it was served in (a 200 only)
+    batch_size: int = 0  # requests in that batch (a 200 only)
     send_lag_ms: float = 0.0  # how late this process sent it (0 when on time)
 
     @property
@@ -66,6 +67,7 @@ class _Answer(msgspec.Struct):
     emb_misses: int = 0
     worker_queue_ms: float = 0.0
     worker_compute_ms: float = 0.0
+    batch_size: int = 0
     latency_ms: float = 0.0
 
 
@@ -100,6 +102,7 @@ def _record(t: float, latency_ms: float, lag_ms: float, status: int, body: bytes
             gateway_ms=a.latency_ms,
             worker_queue_ms=a.worker_queue_ms,
             worker_compute_ms=a.worker_compute_ms,
+            batch_size=a.batch_size,
             send_lag_ms=lag_ms,
         )
     try:

@@ -322,7 +322,8 @@ def _validate(args: argparse.Namespace, preset: Preset) -> int:
     if args.pool_mib is not None:  # the real workers get the same pool as the simulated ones
         preset = preset.with_shape(pool_mib=args.pool_mib)
     source = _source(args, preset)
-    cfg = replace(_config(args, preset, _cost(args, preset)), workers=workers)
+    # priced as the model runs inside this machine's local cluster (the profile's cluster_scale_quantiles)
+    cfg = replace(_config(args, preset, _cost(args, preset).in_cluster()), workers=workers)
     warmup = args.warmup if args.warmup is not None else min(0.2 * source.duration_s, 60.0)
     return run_validation(
         ValidateOptions(

@@ -11,7 +11,9 @@ policies and :class:`Clamp`. What is modelled instead of run:
   (:mod:`sim.cost`) for what the real caches said about its requests; a due reallocation tick runs before
   it and its chunk moves (and, in naive mode, the synchronous refill) delay it. Every request answered by
   a batch completes when the batch ends; its latency adds its time outside the model, the profile's
-  ``overhead_ms`` or a seeded draw from its measured distribution (:class:`~sim.cost.OverheadSampler`).
+  ``overhead_ms`` or a seeded draw from its measured distribution; a profile with
+  ``batch_factor_quantiles`` multiplies each batch's time by a seeded draw too
+  (:class:`~sim.cost.QuantileSampler`).
 - **Ticks.** A real worker ticks every ``tick_ms`` (deferring while busy). Here the ticks due since the
   last one run when a batch starts: those that fell in idle time cost no request anything; the last one
   is charged to the batch. Prefetch planned by a tick is installed at the next (a background transfer).
@@ -46,7 +48,7 @@ from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode
 from shared import schemas as s
 from shared.residency import ResidencyIndex
-from sim.cost import CostProfile, OverheadSampler
+from sim.cost import CostProfile, QuantileSampler
 from workloads.trace import TraceRequest
 
 __all__ = ["SimConfig", "SimResult", "Simulation", "WorkerTimeline"]
@@ -259,7 +261,8 @@ class Simulation:
         self.router = Router(cfg.routing, rng_seed=cfg.seed)
         self.features = FeatureWindow(cfg.window_ms / 1e3, start=0.0)
         self.records = _Records()
-        self._overhead = OverheadSampler(cfg.cost, cfg.seed)
+        self._overhead = QuantileSampler.overhead(cfg.cost, cfg.seed)
+        self._batch_factor = QuantileSampler.batch_factor(cfg.cost, cfg.seed)
         self.requests: dict[int, TraceRequest] = {}  # in flight
         self.shed = 0
         self.timeline = WorkerTimeline()
@@ -423,6 +426,7 @@ class Simulation:
                 win.cached_tokens += c
                 win.emb_hits += h
                 win.emb_misses += mi
+        service_ms *= self._batch_factor()
         share = service_ms / len(take)
         w.service_ms = share if w.service_ms == 0 else w.service_ms + SERVICE_EWMA * (share - w.service_ms)
         w.mean_batch = (

@@ -110,7 +110,7 @@ async def test_replay_is_open_loop_and_times_from_the_schedule(
         2,
         1,
     )
-    assert (a.gateway_ms, a.worker_queue_ms, a.worker_compute_ms) == (1.5, 0.25, 0.75)
+    assert (a.gateway_ms, a.worker_queue_ms, a.worker_compute_ms, a.batch_size) == (1.5, 0.25, 0.75, 2)
     assert (busy.status, busy.code, busy.worker) == (503, "overloaded", "")
     assert busy.latency_ms < 100
     assert "sent 4  answered 3  failed 1" in out.getvalue()

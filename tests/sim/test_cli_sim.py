@@ -200,6 +200,10 @@ def test_calibrate_quick_writes_a_profile_the_simulator_loads(tmp_path: Path) ->
     assert q == overhead["overhead_quantiles_ms"] and len(q) == 101 and q == sorted(q)
     assert profile["overhead_ms"] == overhead["overhead_ms"] == q[50]
     assert 0 < overhead["overhead_ms"] < overhead["p50_ms"]
+    # the model's slow-down inside the cluster, from the requests served alone
+    scales = profile["cluster_scale_quantiles"]
+    assert scales == overhead["cluster_scale_quantiles"] and len(scales) == 101 and scales == sorted(scales)
+    assert scales[50] == overhead["cluster_scale"] > 0 and overhead["requests_alone"] >= 20
     sim = _run(
         "sim",
         "--regime",
