@@ -26,19 +26,22 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bench.cluster import ClusterBenchOptions, run_async, run_local
 from bench.report import write_report
 from services.worker.engine import Engine, EngineConfig
 from services.worker.hstu import PRESETS
 from services.worker.settings import WorkerSettings
 from services.worker.storage import LinkSpec
 from services.worker.validation import PreparedRequest
+from workloads.presets import get_preset
+from workloads.sources import open_source
 
 MIB = 1024 * 1024
 OVERHEAD_SEED = 1000  # the overhead run's workload seed: --seed + this
@@ -204,12 +207,6 @@ def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> 
     """On a local cluster: what each request spends outside the model (its latency less the worker's wait
     for its model thread and its batch's time), and the model's slow-down there against ``coefficients``
     (the fit made alone) over the requests served in a batch of their own (module docstring)."""
-    from dataclasses import replace
-
-    from bench.cluster import ClusterBenchOptions, run_async, run_local
-    from workloads.presets import get_preset
-    from workloads.sources import open_source
-
     preset = get_preset("local")
     preset = preset.with_workload(rate=opts.overhead_rate)
     preset = replace(preset, shape=replace(preset.shape, link_gbps=opts.link_gbps))
@@ -252,8 +249,8 @@ def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> 
         )
         for r in alone
     ]
-    if len(ratios) < MIN_ALONE:
-        raise RuntimeError(
+    if len(ratios) < MIN_ALONE:  # the rate asked for keeps the workers batching
+        raise ValueError(
             f"the overhead run served {len(ratios)} requests in a batch of their own, fewer than "
             f"{MIN_ALONE}: lower --overhead-rate"
         )
