@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,8 @@ import numpy.typing as npt
 
 from services.cachestate.core.features import FeatureWindow
 from services.controller.core.policies import AlphaPolicy, Clamp, StaticPolicy
-from services.gateway.core.router import NoWorkers, Policy, Router, RouteRequest, RoutingView
+from services.gateway.core.router import NoWorkers, Policy, Router, RouteRequest
+from services.gateway.core.routing_view import IndexView
 from services.worker.core.batch import BatchFormer, PrefixHasher, RoundCaches, RoundRequest, rounds
 from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode
@@ -160,11 +161,11 @@ class _Worker:
     window: _Window = field(default_factory=_Window)
 
 
-class _View(RoutingView):
+class _View(IndexView):
     """The gateway's view: worker records from digests, residency in the shared index."""
 
     def __init__(self, index: ResidencyIndex) -> None:
-        self.index = index
+        super().__init__(index)
         self.states: dict[str, s.WorkerState] = {}
         self._routable: list[s.WorkerState] = []
         self.version: int | None = 0
@@ -178,18 +179,6 @@ class _View(RoutingView):
 
     def routable_workers(self) -> Sequence[s.WorkerState]:
         return self._routable
-
-    def kv_workers(self, user_id: str) -> Mapping[str, int]:
-        return self.index.kv_workers(user_id)
-
-    def worker_bit(self, worker_id: str) -> int | None:
-        return self.index.worker_bit(worker_id)
-
-    def emb_masks(self, items: Sequence[int]) -> list[int]:
-        return self.index.emb_masks(items)
-
-    def emb_masks_array(self, items: I64) -> npt.NDArray[np.uint64] | None:
-        return self.index.emb_masks_array(items)
 
 
 @dataclass

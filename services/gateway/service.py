@@ -22,11 +22,9 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import msgspec
-import numpy as np
-import numpy.typing as npt
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -47,10 +45,10 @@ from services.gateway.core.router import (
     RouteDecision,
     Router,
     RouteRequest,
-    RoutingView,
     Saturated,
     ScoreBreakdown,
 )
+from services.gateway.core.routing_view import IndexView
 from services.gateway.core.view_replica import ViewReplica
 from services.gateway.errors import (
     BodyTimeout,
@@ -137,30 +135,17 @@ class GatewayMetrics:
         child.inc()
 
 
-class ReplicaView(RoutingView):
+class ReplicaView(IndexView):
     """The RoutingView the router reads, backed by the gateway's replica of the cluster view."""
 
     def __init__(self, replica: ViewReplica, index: ResidencyIndex) -> None:
+        super().__init__(index)
         self._replica = replica
-        self._index = index
         # Bumped when an update changes worker records: the router rebuilds its per-worker arrays only then.
         self.version: int = 0
 
     def routable_workers(self) -> Sequence[s.WorkerState]:
         return [w for w in self._replica.workers.values() if not w.draining]
-
-    def kv_workers(self, user_id: str) -> Mapping[str, int]:
-        return self._index.kv_workers(user_id)
-
-    def worker_bit(self, worker_id: str) -> int | None:
-        return self._index.worker_bit(worker_id)
-
-    def emb_masks(self, items: Sequence[int]) -> list[int]:
-        return self._index.emb_masks(items)
-
-    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
-        """The router's fast path (it calls this only while every routable worker's bit is < 64)."""
-        return self._index.emb_masks_array(items)
 
 
 class Gateway:

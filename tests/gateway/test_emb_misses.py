@@ -5,7 +5,7 @@ dense and dict mask lookups, bits beyond 64, cached prefixes and degenerate requ
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,8 @@ import numpy.typing as npt
 import pytest
 
 from services.gateway.core.emb_misses import SCRATCH_MAX_ITEMS, EmbMissCounter
-from services.gateway.core.router import Policy, Router, RouteRequest, RoutingView
+from services.gateway.core.router import Policy, Router, RouteRequest
+from services.gateway.core.routing_view import IndexView
 from shared.residency import ResidencyIndex
 from shared.schemas import CostCoefficients, LoadInfo, WorkerState
 
@@ -35,30 +36,18 @@ def ws(wid: str) -> WorkerState:
     )
 
 
-class IndexView(RoutingView):
-    """The simulator's and the gateway's kind of view: residency in a ResidencyIndex, masks from its dense
-    array (``emb_masks_array``) while every routable bit is below 64."""
+class FixedView(IndexView):
+    """The simulator's and the gateway's kind of view (residency in a ResidencyIndex, masks from its dense
+    array while every routable bit is below 64), with a fixed set of routable workers."""
 
     version = 1
 
     def __init__(self, index: ResidencyIndex, routable: Sequence[str]) -> None:
-        self.index = index
+        super().__init__(index)
         self.workers = [ws(w) for w in routable]
 
     def routable_workers(self) -> Sequence[WorkerState]:
         return self.workers
-
-    def kv_workers(self, user_id: str) -> Mapping[str, int]:
-        return self.index.kv_workers(user_id)
-
-    def worker_bit(self, worker_id: str) -> int | None:
-        return self.index.worker_bit(worker_id)
-
-    def emb_masks(self, items: Sequence[int]) -> list[int]:
-        return self.index.emb_masks(items)
-
-    def emb_masks_array(self, items: I64) -> npt.NDArray[np.uint64] | None:
-        return self.index.emb_masks_array(items)
 
 
 def naive(index: ResidencyIndex, history: Sequence[int], cands: Sequence[int], cached: int, wid: str) -> int:
@@ -109,7 +98,7 @@ def test_index_backed_counts_match_a_naive_count(
     for wid in names:
         index.add_emb(wid, rng.sample(universe, len(universe) // 3))
     routable = [names[b] if b >= 0 else "ghost" for b in routable_bits]
-    view = IndexView(index, routable)
+    view = FixedView(index, routable)
     router = Router(Policy.JOINT, rng_seed=1)
     for trial in range(60):  # one router, many calls: the scratch array is reused (and grown) across them
         length = rng.choice([0, 1, 50, 400, 900])
@@ -135,7 +124,7 @@ def test_degenerate_requests() -> None:
     index.add_emb("b", [3, 4])
     index.upsert_kv("u", "b", 4)
     index.upsert_kv("u", "c", 2)
-    view = IndexView(index, ["a", "b", "c"])
+    view = FixedView(index, ["a", "b", "c"])
     router = Router(Policy.JOINT, rng_seed=0)
 
     def misses(history: list[int], cands: list[int]) -> dict[str, int]:

@@ -1,8 +1,10 @@
-"""What the router reads of the cluster: the ``RoutingView`` interface.
+"""What the router reads of the cluster: the ``RoutingView`` interface, and ``IndexView``, its residency
+answered by a :class:`~shared.residency.ResidencyIndex`.
 
-The gateway implements it over its replica of cachestate's view (``ReplicaView`` in ``service.py``); tests,
-the routing benchmark and the simulator implement their own. Every part the router uses is declared here,
-the optional fast paths with working defaults: the router never probes a view for attributes.
+The gateway implements it over its replica of cachestate's view (``ReplicaView`` in ``service.py``), the
+simulator over its own index (both ``IndexView``s); tests and the routing benchmark implement their own. Every
+part the router uses is declared here, the optional fast paths with working defaults: the router never probes
+a view for attributes.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from shared.residency import ResidencyIndex
 from shared.schemas import WorkerState
 
-__all__ = ["RoutingView"]
+__all__ = ["IndexView", "RoutingView"]
 
 
 class RoutingView(ABC):
@@ -54,3 +57,24 @@ class RoutingView(ABC):
     def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
         """The fast path of ``emb_masks`` (see the class docstring); None: not offered."""
         return None
+
+
+class IndexView(RoutingView):
+    """A RoutingView whose residency is a ResidencyIndex (with its array fast path); subclasses say which
+    workers are routable."""
+
+    def __init__(self, index: ResidencyIndex) -> None:
+        self.index = index
+
+    def kv_workers(self, user_id: str) -> Mapping[str, int]:
+        return self.index.kv_workers(user_id)
+
+    def worker_bit(self, worker_id: str) -> int | None:
+        return self.index.worker_bit(worker_id)
+
+    def emb_masks(self, items: Sequence[int]) -> list[int]:
+        return self.index.emb_masks(items)
+
+    def emb_masks_array(self, items: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64] | None:
+        """The router's fast path (it calls this only while every routable worker's bit is < 64)."""
+        return self.index.emb_masks_array(items)
