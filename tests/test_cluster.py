@@ -212,7 +212,12 @@ async def test_one_trace_per_request_across_gateway_and_worker(
         trace_ids.append(headers["x-trace-id"])
     for trace_id in trace_ids:
         deadline = time.monotonic() + 15
-        while not {"onepool-gateway", "onepool-worker"} <= {s.service for s in receiver.trace(trace_id)}:
+        # each service exports in its own batches, and the server span ends last: wait for every span
+        # the assertions read
+        wanted = {"POST /v1/recommend", "gateway.route", "worker.infer"}
+        while not wanted <= {s.name for s in receiver.trace(trace_id)} or not any(
+            s.name.startswith("process onepool.worker.") for s in receiver.trace(trace_id)
+        ):
             assert time.monotonic() < deadline, [s.name for s in receiver.trace(trace_id)]
             await asyncio.sleep(0.1)
         spans = {s.span_id: s for s in receiver.trace(trace_id)}
