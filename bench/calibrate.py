@@ -40,6 +40,7 @@ from services.worker.hstu import PRESETS
 from services.worker.settings import WorkerSettings
 from services.worker.storage import LinkSpec
 from services.worker.validation import PreparedRequest
+from sim.cost import CostProfile
 from workloads.presets import get_preset
 from workloads.sources import open_source
 
@@ -203,9 +204,9 @@ def _tick_cost(engine: Engine) -> float:
     return elapsed * 1e3 / max(moved, 1)
 
 
-def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> dict[str, Any]:
+def measure_overhead(opts: CalibrateOptions, fitted: CostProfile) -> dict[str, Any]:
     """On a local cluster: what each request spends outside the model (its latency less the worker's wait
-    for its model thread and its batch's time), and the model's slow-down there against ``coefficients``
+    for its model thread and its batch's time), and the model's slow-down there against ``fitted``
     (the fit made alone) over the requests served in a batch of their own (module docstring)."""
     preset = get_preset("local")
     preset = preset.with_workload(rate=opts.overhead_rate)
@@ -234,18 +235,13 @@ def measure_overhead(opts: CalibrateOptions, coefficients: dict[str, float]) -> 
     if not answered:
         raise RuntimeError("the overhead run had no answered request after its warm-up")
     outside = np.array([r.latency_ms - r.worker_queue_ms - r.worker_compute_ms for r in answered])
-    c = coefficients
     m = preset.workload.candidates  # every request of the synthetic workload ranks this many
     alone = [r for r in answered if r.batch_size == 1]
-    ratios = [
+    ratios = [  # a batch of one: its fixed cost and its one request's
         r.worker_compute_ms
         / (
-            c["batch_fixed_ms"]
-            + c["request_ms"]
-            + c["ms_per_new_token"] * (r.computed_tokens - m)
-            + c["ms_per_cached_token"] * r.cached_tokens
-            + c["ms_per_candidate"] * m
-            + c["ms_per_emb_miss"] * r.emb_misses
+            fitted.batch_fixed_ms
+            + fitted.request_cost_ms(r.computed_tokens - m, r.cached_tokens, m, r.emb_misses)
         )
         for r in alone
     ]
@@ -288,6 +284,14 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         opts = CalibrateOptions(**{**opts.__dict__, "batches": 60, "overhead_duration_s": 8.0})
     print(f"calibrating the {opts.model} model: {opts.batches} batches through the real engine ...")
     measured = measure_costs(opts)
+    profile = {
+        "name": f"calibrated-{opts.model}",
+        "source": f"onepool calibrate --model {opts.model} --link-gbps {opts.link_gbps:g} (CPU, emulated)",
+        **measured["coefficients"],
+        "tick_ms_per_chunk": measured["tick_ms_per_chunk"],
+        "link_gbps": opts.link_gbps,
+        "overhead_ms": 0.0,  # set below: the fit alone prices the overhead run
+    }
     overhead: dict[str, Any] | None = None
     if opts.overhead_ms is None:
         print(
@@ -295,21 +299,12 @@ def run_calibrate(opts: CalibrateOptions) -> int:
             f"{opts.overhead_rate:g} req/s for {opts.overhead_duration_s:g} s ...",
             flush=True,
         )
-        overhead = measure_overhead(opts, measured["coefficients"])
-    overhead_ms = opts.overhead_ms if overhead is None else overhead["overhead_ms"]
+        overhead = measure_overhead(opts, CostProfile.from_json(profile))
     quantiles = [] if overhead is None else overhead["overhead_quantiles_ms"]
     scales = [] if overhead is None else overhead["cluster_scale_quantiles"]
-    c = measured["coefficients"]
-    profile = {
-        "name": f"calibrated-{opts.model}",
-        "source": f"onepool calibrate --model {opts.model} --link-gbps {opts.link_gbps:g} (CPU, emulated)",
-        **c,
-        "tick_ms_per_chunk": measured["tick_ms_per_chunk"],
-        "link_gbps": opts.link_gbps,
-        "overhead_ms": overhead_ms,
-        "overhead_quantiles_ms": quantiles,
-        "cluster_scale_quantiles": scales,
-    }
+    profile["overhead_ms"] = opts.overhead_ms if overhead is None else overhead["overhead_ms"]
+    profile["overhead_quantiles_ms"] = quantiles
+    profile["cluster_scale_quantiles"] = scales
     report = {
         "bench": "calibrate",
         "model": opts.model,
@@ -320,7 +315,7 @@ def run_calibrate(opts: CalibrateOptions) -> int:
         "overhead": overhead
         if overhead is not None
         else {
-            "overhead_ms": overhead_ms,
+            "overhead_ms": profile["overhead_ms"],
             "overhead_quantiles_ms": [],
             "cluster_scale_quantiles": [],
             "given": True,

@@ -173,8 +173,9 @@ def add_trace_command(sub: Any) -> None:
 # ----------------------------------------------------------------------------------------------- sim
 def _config(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> SimConfig:
     return SimConfig(
-        workers=args.workers if args.workers is not None else preset.shape.workers,
-        geometry=geometry_for(preset, pool_mib=args.pool_mib),
+        # --workers and --pool-mib are in the preset's shape (_sim_preset)
+        workers=preset.shape.workers,
+        geometry=geometry_for(preset),
         cost=cost,
         routing=Policy(args.routing),
         refill_mode=RefillMode(args.refill_mode),
@@ -319,8 +320,6 @@ def _validate(args: argparse.Namespace, preset: Preset) -> int:
         raise ValueError(
             f"--validate runs {VALIDATE_WORKERS[0]}-{VALIDATE_WORKERS[1]} local workers, got {workers}"
         )
-    if args.pool_mib is not None:  # the real workers get the same pool as the simulated ones
-        preset = preset.with_shape(pool_mib=args.pool_mib)
     source = _source(args, preset)
     # priced as the model runs inside this machine's local cluster (the profile's cluster_scale_quantiles)
     cfg = replace(_config(args, preset, _cost(args, preset).in_cluster()), workers=workers)
