@@ -463,3 +463,66 @@ def add_calibrate_command(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="design seed")
     p.add_argument("--quick", action="store_true", help="60 batches (a smoke run, not figures)")
     p.set_defaults(func=_guarded("calibrate", _calibrate))
+
+
+# ------------------------------------------------------------------------------------------ train-controller
+def _train_controller(args: argparse.Namespace) -> int:
+    from sim.env import EnvConfig
+    from sim.ppo import TrainConfig, train  # imports torch
+
+    cfg = TrainConfig(
+        seed=args.seed,
+        iterations=args.iterations,
+        episodes_per_iteration=args.episodes,
+        env=EnvConfig(preset=args.preset, duration_s=args.duration),
+    )
+    print(
+        f"training HELM's base policy: {cfg.iterations} iterations x {cfg.episodes_per_iteration} "
+        f"episodes of {args.duration:g} s ({args.preset} preset, seed {cfg.seed})",
+        flush=True,
+    )
+    result = train(cfg, lambda line: print(f"  {line}", flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.actor.save(out)
+    report = {
+        "command": "onepool " + " ".join(sys.argv[1:]),
+        "weights": str(out),
+        "version": result.actor.version,
+        "sha256": result.actor.digest,
+        "cpu_s": result.cpu_s,
+        "wall_s": result.wall_s,
+        "transitions": result.transitions,
+        "train": cfg.to_json(),
+        "curve": result.curve,
+    }
+    write_report(
+        args.json,
+        report,
+        f"wrote the actor to {out} (sha256:{result.actor.digest}); CPU time {result.cpu_s:.0f} s, "
+        f"wall {result.wall_s:.0f} s, {result.transitions} transitions",
+    )
+    return 0
+
+
+def add_train_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "train-controller",
+        help="train HELM's base policy (PPO) in the simulator and write its frozen actor",
+        description="PPO on the simulator's environment (all three regimes, a seed per episode); writes the "
+        "actor as a .npz (weights, frozen normalisation, version, hash) that --alpha-policy helm loads "
+        "(docs/controller.md). Prints its CPU time.",
+    )
+    p.add_argument("--seed", type=int, default=0, help="training seed (0: the shipped actor)")
+    p.add_argument("--json", required=True, metavar="PATH", help="where to write the training report")
+    p.add_argument(
+        "--out",
+        default="out/helm-actor.npz",
+        metavar="PATH",
+        help="where to write the actor (out/helm-actor.npz)",
+    )
+    p.add_argument("--iterations", type=positive(int), default=12, help="PPO iterations (12)")
+    p.add_argument("--episodes", type=positive(int), default=4, help="episodes per iteration (4)")
+    p.add_argument("--duration", type=positive(float), default=120.0, help="seconds per episode (120)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="local", help="cluster preset (local)")
+    p.set_defaults(func=_guarded("train-controller", _train_controller))

@@ -523,16 +523,23 @@ class Simulation:
     # ------------------------------------------------------------------------------------------ controller
     def _window(self) -> None:
         for f in self.features.close(self.now):
-            current = f.alpha_target
-            target = self.clamp(self.policy.decide(f, current), current)
-            if abs(target - current) >= max(self.cfg.min_change, 1e-12):
-                w = self.by_id[f.worker_id]
-                self._push(self.now + self.cfg.decision_delay_ms / 1e3, _APPLY_ALPHA, (w.index, target))
+            self.propose(f.worker_id, self.policy.decide(f, f.alpha_target), f.alpha_target)
         tl = self.timeline
         tl.t.append(self.now)
         tl.alpha.append([w.pool.alpha for w in self.workers])
         tl.target.append([w.pool.target_alpha for w in self.workers])
         self._push(self.now + self.cfg.window_ms / 1e3, _WINDOW, None)
+
+    def propose(self, worker_id: str, proposal: float, current: float) -> float:
+        """The controller's rule for one proposal: the clamp around ``current`` (the worker's target as its
+        features reported it), then sent unless it moves the target less than ``min_change``; it reaches
+        the worker ``decision_delay_ms`` later. Returns the clamped target. The training environment
+        (:mod:`sim.env`) calls it with its agent's action after a window closes."""
+        target = self.clamp(proposal, current)
+        if abs(target - current) >= max(self.cfg.min_change, 1e-12):
+            w = self.by_id[worker_id]
+            self._push(self.now + self.cfg.decision_delay_ms / 1e3, _APPLY_ALPHA, (w.index, target))
+        return target
 
     # ------------------------------------------------------------------------------------------ results
     def set_targets(self, alpha: float) -> None:

@@ -1,0 +1,535 @@
+"""HELM: the three-layer alpha policy (``--alpha-policy helm``); the serving side, numpy only.
+
+Map
+---
+* :func:`observe` -- one worker's :class:`~shared.schemas.WorkerFeatures` as the actor's input vector
+  (:data:`FEATURES`); the simulator's training environment calls the same function.
+* :class:`Actor` -- layer 1, the frozen PPO actor: a small tanh MLP whose two outputs are the parameters of
+  a Beta distribution over the alpha target; serving takes the Beta's mean. Loaded from a ``.npz`` (no
+  pickle) holding the weights, the frozen normalisation statistics, a version and a hash
+  (:meth:`Actor.load`, :meth:`Actor.save`); the normalisation is folded into the first layer at load.
+* :class:`Adapter` -- layer 2, a bounded residual correction learnt online per worker.
+* :class:`BurstDetector` -- layer 3's change detector (two-sided CUSUM of z-scores against slow EWMA
+  baselines) and :class:`HelmPolicy`'s recovery mode around it.
+* :class:`HelmPolicy` -- the three layers per worker, the :class:`~.policies.AlphaPolicy` the controller
+  and the simulator call; ``helm:layers=1`` (the PPO base alone), ``adapter=0``, ``recovery=0`` are the
+  ablations.
+
+The decision is plain float arithmetic plus three small matrix products: no torch on the serving path
+(training lives in :mod:`sim.ppo`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.schemas import WorkerFeatures
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "FEATURES",
+    "Actor",
+    "Adapter",
+    "BurstDetector",
+    "HelmPolicy",
+    "observe",
+    "pressures",
+]
+
+F64 = npt.NDArray[np.float64]
+
+# The weights shipped with the package (written by `onepool train-controller`).
+DEFAULT_WEIGHTS: Final = Path(__file__).resolve().parent.parent / "weights" / "helm-actor.npz"
+ACTOR_FORMAT: Final = 1  # bump when the file's layout or FEATURES change
+
+# What the actor sees of one worker's window, in this order. Rates and sizes enter as logs (they span
+# orders of magnitude between the local and the paper presets); the two miss pressures as their share and
+# their log total (the share says which side hurts, the total how much).
+FEATURES: Final = (
+    "alpha",
+    "alpha_target",
+    "emb_hit_rate",
+    "kv_hit_rate",
+    "log_request_rate",
+    "rate_change",  # request_rate_delta x window / rate: the relative change over one window
+    "hot_user_share",
+    "log_mean_history",
+    "new_token_fraction",
+    "log_emb_misses_per_request",
+    "log_p99_ms",
+    "slo_violation_rate",
+    "emb_pressure_share",  # emb_ms / (emb_ms + kv_ms), 0.5 when both are zero
+    "log_pressure_ms",  # log1p(emb_ms + kv_ms)
+)
+
+
+def pressures(f: WorkerFeatures) -> tuple[float, float]:
+    """(emb_ms, kv_ms): per request, what each cache's misses cost in this window, priced with the worker's
+    fitted service-time model (zero while it has none): EMB misses x ms per miss, and the history tokens a
+    KV hit would have saved (``mean_history x min(1 - kv_hit_rate, new_token_fraction)``) x ms per token."""
+    cost = f.cost
+    if cost.samples <= 0:
+        return 0.0, 0.0
+    emb_ms = f.emb_misses_per_request * cost.ms_per_emb_miss
+    kv_ms = f.mean_history * min(1.0 - f.kv_hit_rate, f.new_token_fraction) * cost.ms_per_new_token
+    return emb_ms, kv_ms
+
+
+def observe(f: WorkerFeatures) -> list[float]:
+    """The actor's input for one worker's window (:data:`FEATURES`, in order)."""
+    rate = f.request_rate
+    change = f.request_rate_delta * f.window_ms * 1e-3 / rate if rate > 0.0 else 0.0
+    emb_ms, kv_ms = pressures(f)
+    total = emb_ms + kv_ms
+    return [
+        f.alpha,
+        f.alpha_target,
+        f.emb_hit_rate,
+        f.kv_hit_rate,
+        math.log1p(rate),
+        max(-4.0, min(4.0, change)),
+        f.hot_user_share,
+        math.log1p(f.mean_history),
+        f.new_token_fraction,
+        math.log1p(f.emb_misses_per_request),
+        math.log1p(f.p99_latency_ms),
+        f.slo_violation_rate,
+        emb_ms / total if total > 0.0 else 0.5,
+        math.log1p(total),
+    ]
+
+
+def _softplus(x: F64) -> F64:
+    out: F64 = np.logaddexp(0.0, x)
+    return out
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Layer 1: ``x -> tanh(W1 x' + b1) -> tanh(W2 . + b2) -> W3 . + b3 = (a, b)``, with ``x'`` the
+    features normalised by the frozen running statistics, and the Beta parameters ``1 + softplus(a)``,
+    ``1 + softplus(b)`` (both > 1: a unimodal Beta). Its output is the Beta's mean in [0, 1]; the policy
+    maps it onto the clamp's range."""
+
+    w1: F64
+    b1: F64
+    w2: F64
+    b2: F64
+    w3: F64
+    b3: F64
+    obs_mean: F64
+    obs_std: F64
+    version: str
+    meta: str = ""  # JSON text: how it was trained (seed, episodes, reward weights)
+    digest: str = field(init=False)
+    _w1: F64 = field(init=False, repr=False)  # normalisation folded in
+    _b1: F64 = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        d = len(FEATURES)
+        h1, h2 = self.w1.shape[0], self.w2.shape[0]
+        shapes = {
+            "w1": (h1, d),
+            "b1": (h1,),
+            "w2": (h2, h1),
+            "b2": (h2,),
+            "w3": (2, h2),
+            "b3": (2,),
+            "obs_mean": (d,),
+            "obs_std": (d,),
+        }
+        for name, shape in shapes.items():
+            arr = getattr(self, name)
+            if arr.shape != shape:
+                raise ValueError(f"HELM actor: {name} has shape {arr.shape}, expected {shape}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"HELM actor: {name} has non-finite values")
+        if np.any(self.obs_std <= 0.0):
+            raise ValueError("HELM actor: obs_std must be > 0")
+        w1 = self.w1 / self.obs_std
+        object.__setattr__(self, "_w1", np.ascontiguousarray(w1))
+        object.__setattr__(self, "_b1", self.b1 - w1 @ self.obs_mean)
+        object.__setattr__(self, "digest", self._digest())
+
+    def _digest(self) -> str:
+        h = hashlib.sha256()
+        for name in ("w1", "b1", "w2", "b2", "w3", "b3", "obs_mean", "obs_std"):
+            h.update(np.ascontiguousarray(getattr(self, name), dtype="<f8").tobytes())
+        return h.hexdigest()[:16]
+
+    def beta(self, x: F64) -> tuple[float, float]:
+        """The Beta's two parameters for one feature vector (raw, not normalised)."""
+        h = np.tanh(self._w1 @ x + self._b1)
+        h = np.tanh(self.w2 @ h + self.b2)
+        a, b = 1.0 + _softplus(self.w3 @ h + self.b3)
+        return float(a), float(b)
+
+    def mean(self, x: F64) -> float:
+        a, b = self.beta(x)
+        return a / (a + b)
+
+    # ------------------------------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> None:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            format=np.array(ACTOR_FORMAT),
+            features=np.array(FEATURES),
+            version=np.array(self.version),
+            digest=np.array(self.digest),
+            meta=np.array(self.meta),
+            **{n: getattr(self, n) for n in ("w1", "b1", "w2", "b2", "w3", "b3", "obs_mean", "obs_std")},
+        )
+        Path(path).write_bytes(buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Actor:
+        """Read a file :meth:`save` wrote; refuses another format, other features or a wrong hash."""
+        try:
+            with np.load(Path(path), allow_pickle=False) as z:
+                fmt = int(z["format"])
+                if fmt != ACTOR_FORMAT:
+                    raise ValueError(f"HELM actor {path}: format {fmt}, this code reads {ACTOR_FORMAT}")
+                features = tuple(str(x) for x in z["features"])
+                if features != FEATURES:
+                    raise ValueError(
+                        f"HELM actor {path}: trained on features {features}, expected {FEATURES}"
+                    )
+                arrays = {n: np.asarray(z[n], dtype=np.float64) for n in ("w1", "b1", "w2", "b2", "w3", "b3")}
+                actor = cls(
+                    **arrays,
+                    obs_mean=np.asarray(z["obs_mean"], dtype=np.float64),
+                    obs_std=np.asarray(z["obs_std"], dtype=np.float64),
+                    version=str(z["version"]),
+                    meta=str(z["meta"]),
+                )
+                stored = str(z["digest"])
+        except (OSError, KeyError) as e:
+            raise ValueError(f"HELM actor {path}: cannot read it ({e})") from None
+        if stored != actor.digest:
+            raise ValueError(f"HELM actor {path}: hash {actor.digest} does not match the stored {stored}")
+        return actor
+
+
+@dataclass(slots=True)
+class Adapter:
+    """Layer 2 for one worker: a residual ``r`` added to the base alpha with an authority that ramps in.
+
+    Each decision moves ``r`` toward the side whose misses cost more in the worker's own window (the
+    pressure imbalance ``e = (emb_ms - kv_ms) / (emb_ms + kv_ms)`` in [-1, 1], zero inside ``deadband``):
+    ``r <- (1 - leak) r + clip(rate e, +-step_cap)``, then ``|r| <= cap``. The correction applied is
+    ``authority x r`` with ``authority = min(1, decisions / ramp)``. It resets (``r = 0``, ramp restarted)
+    when the worker's P99 has been worse than where it stood when the correction started for ``patience``
+    decisions in a row: the adapter is then trailing the base policy, not helping it."""
+
+    rate: float
+    step_cap: float
+    cap: float
+    leak: float
+    deadband: float
+    ramp: int
+    patience: int
+    tolerance: float
+    r: float = 0.0
+    decisions: int = 0
+    reference_p99: float = math.nan
+    worse: int = 0
+    resets: int = 0
+
+    def correction(self) -> float:
+        return min(1.0, self.decisions / self.ramp) * self.r if self.ramp > 0 else self.r
+
+    def update(self, imbalance: float, p99_ms: float) -> None:
+        if abs(self.r) < 1e-9 or not math.isfinite(self.reference_p99):
+            self.reference_p99 = p99_ms  # where the worker stood when the correction (re)started
+        elif p99_ms > self.reference_p99 * (1.0 + self.tolerance):
+            self.worse += 1
+            if self.worse >= self.patience:
+                self.r, self.decisions, self.worse = 0.0, 0, 0
+                self.reference_p99 = math.nan
+                self.resets += 1
+                return
+        else:
+            self.worse = 0
+        e = imbalance if abs(imbalance) > self.deadband else 0.0
+        step = max(-self.step_cap, min(self.step_cap, self.rate * e))
+        r = (1.0 - self.leak) * self.r + step
+        self.r = max(-self.cap, min(self.cap, r))
+        self.decisions += 1
+
+
+@dataclass(slots=True)
+class BurstDetector:
+    """Two-sided CUSUM on z-scores of several signals against slow EWMA baselines (one worker).
+
+    For each signal ``x``: ``z = (x - mean) / sqrt(var + floor)``, ``S+ = max(0, S+ + z - k)``,
+    ``S- = max(0, S- - z - k)``; an alarm when any statistic exceeds ``h``. The baseline (mean, var) is an
+    EWMA with weight ``baseline`` that does not learn while alarmed (a burst must not become the norm).
+    ``k`` and ``h`` trade false alarms against detection delay: ``sim.ppo.detector_operating_point``
+    measures both and the defaults come from it (docs/controller.md)."""
+
+    k: float
+    h: float
+    baseline: float
+    warmup: int
+    floor: float
+    mean: list[float] = field(default_factory=list)
+    var: list[float] = field(default_factory=list)
+    pos: list[float] = field(default_factory=list)
+    neg: list[float] = field(default_factory=list)
+    seen: int = 0
+
+    def update(self, signals: list[float]) -> bool:
+        """Feed one window's signals; returns whether a change is flagged now."""
+        if not self.mean:
+            n = len(signals)
+            self.mean, self.var = list(signals), [0.0] * n
+            self.pos, self.neg = [0.0] * n, [0.0] * n
+            self.seen = 1
+            return False
+        self.seen += 1
+        alarmed = False
+        for i, x in enumerate(signals):
+            z = (x - self.mean[i]) / math.sqrt(self.var[i] + self.floor)
+            if self.seen > self.warmup:
+                self.pos[i] = max(0.0, self.pos[i] + z - self.k)
+                self.neg[i] = max(0.0, self.neg[i] - z - self.k)
+                alarmed = alarmed or self.pos[i] > self.h or self.neg[i] > self.h
+        if not alarmed:
+            w = self.baseline if self.seen > self.warmup else 1.0 / self.seen
+            for i, x in enumerate(signals):
+                d = x - self.mean[i]
+                self.mean[i] += w * d
+                self.var[i] = (1.0 - w) * (self.var[i] + w * d * d)
+        return alarmed
+
+    def statistic(self) -> float:
+        return max(max(self.pos, default=0.0), max(self.neg, default=0.0))
+
+    def reset(self) -> None:
+        self.pos = [0.0] * len(self.pos)
+        self.neg = [0.0] * len(self.neg)
+
+
+class _Mode:
+    NORMAL: Final = 0
+    RECOVERY: Final = 1
+    BLEND: Final = 2
+
+
+@dataclass(slots=True)
+class _WorkerState:
+    adapter: Adapter
+    detector: BurstDetector
+    mode: int = _Mode.NORMAL
+    calm: int = 0  # recovery: windows in a row with the detector's statistic below the release level
+    blend: int = 0  # blend: windows since recovery handed back
+    protective: float = math.nan  # recovery's alpha
+
+
+def detector_signals(f: WorkerFeatures) -> list[float]:
+    """What the burst detector watches: the log request rate, the hot-user share and the share of history
+    tokens computed (new users), the three things the paper's bursts spike."""
+    return [math.log1p(f.request_rate), f.hot_user_share, f.new_token_fraction]
+
+
+@dataclass
+class HelmPolicy:
+    """The three layers for every worker; see the module docstring and docs/controller.md.
+
+    Constants (all overridable as ``helm:key=value``):
+    - ``lo``/``hi``: the range the actor's [0, 1] output is mapped onto, the controller's clamp range.
+    - adapter: ``adapter_rate`` 0.02 (a fifth of the clamp's step: the adapter nudges, the base leads),
+      ``adapter_step`` 0.02 per decision, ``adapter_cap`` 0.15 (the base stays in charge of the split's
+      range), ``adapter_leak`` 0.05 (an unreinforced correction halves in ~14 windows), ``adapter_deadband``
+      0.2 (hit-balance's: pressure noise of +-20% is no signal), ``adapter_ramp`` 30 decisions (half a minute
+      of 1-s windows before full authority), ``adapter_patience`` 10 windows ``adapter_tolerance`` 0.2
+      above the reference P99 before a reset.
+    - recovery: ``cusum_k`` 0.5 and ``cusum_h`` 8 (a shift of one standard deviation is found in ~16
+      windows and a sustained 3-sigma burst in ~3; chosen from the measured false-alarm rate, see
+      docs/controller.md), baseline EWMA weight ``cusum_baseline`` 0.02 (a 50-window memory), ``cusum_warmup``
+      20 windows; ``release`` 0.25 of ``h`` held for ``calm_windows`` 5 windows hands back, blended over
+      ``blend_windows`` 5; the protective action moves ``protect_gain`` 0.1 per window toward the side whose
+      misses cost more (hit-balance's imbalance, no dead band) from where the burst found the worker.
+    """
+
+    actor: Actor
+    layers: int = 3
+    adapter: bool = True
+    recovery: bool = True
+    lo: float = 0.05
+    hi: float = 0.95
+    adapter_rate: float = 0.02
+    adapter_step: float = 0.02
+    adapter_cap: float = 0.15
+    adapter_leak: float = 0.05
+    adapter_deadband: float = 0.2
+    adapter_ramp: int = 30
+    adapter_patience: int = 10
+    adapter_tolerance: float = 0.2
+    cusum_k: float = 0.5
+    cusum_h: float = 8.0
+    cusum_baseline: float = 0.02
+    cusum_warmup: int = 20
+    release: float = 0.25
+    calm_windows: int = 5
+    blend_windows: int = 5
+    protect_gain: float = 0.1
+    name: str = field(init=False)
+    _workers: dict[str, _WorkerState] = field(init=False, default_factory=dict, repr=False)
+    _x: F64 = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.layers not in (1, 2, 3):
+            raise ValueError(f"helm: layers must be 1, 2 or 3, got {self.layers}")
+        if not 0.0 <= self.lo < self.hi <= 1.0:
+            raise ValueError(f"helm: need 0 <= lo < hi <= 1, got lo={self.lo}, hi={self.hi}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"helm: {f.name} must be a finite number >= 0, got {value}")
+        if self.layers < 2:
+            self.adapter = False
+        if self.layers < 3:
+            self.recovery = False
+        options = [f"layers={self.layers}"] if self.layers < 3 else []
+        if self.layers >= 2 and not self.adapter:
+            options.append("adapter=0")
+        if self.layers == 3 and not self.recovery:
+            options.append("recovery=0")
+        self.name = "helm:" + ",".join(options) if options else "helm"
+        self._x = np.zeros(len(FEATURES))
+
+    @property
+    def weights(self) -> str:
+        """The actor's version and hash (what the controller logs)."""
+        return f"{self.actor.version} sha256:{self.actor.digest}"
+
+    def _state(self, worker_id: str) -> _WorkerState:
+        st = self._workers.get(worker_id)
+        if st is None:
+            st = self._workers[worker_id] = _WorkerState(
+                Adapter(
+                    rate=self.adapter_rate,
+                    step_cap=self.adapter_step,
+                    cap=self.adapter_cap,
+                    leak=self.adapter_leak,
+                    deadband=self.adapter_deadband,
+                    ramp=self.adapter_ramp,
+                    patience=self.adapter_patience,
+                    tolerance=self.adapter_tolerance,
+                ),
+                BurstDetector(
+                    k=self.cusum_k,
+                    h=self.cusum_h,
+                    baseline=self.cusum_baseline,
+                    warmup=self.cusum_warmup,
+                    floor=1e-4,
+                ),
+            )
+        return st
+
+    def base(self, f: WorkerFeatures) -> float:
+        """Layer 1 alone: the actor's alpha for this window, in ``[lo, hi]``."""
+        self._x[:] = observe(f)
+        return self.lo + (self.hi - self.lo) * self.actor.mean(self._x)
+
+    def decide(self, features: WorkerFeatures, current: float) -> float:
+        f = features
+        if not (f.request_rate > 0.0 and f.window_ms > 0.0):
+            return current  # no traffic: nothing to decide on
+        base = self.base(f)
+        if self.layers == 1:
+            return base
+        st = self._state(f.worker_id)
+        emb_ms, kv_ms = pressures(f)
+        total = emb_ms + kv_ms
+        imbalance = (emb_ms - kv_ms) / total if total > 0.0 else 0.0
+        burst = False
+        if self.recovery:
+            burst = st.detector.update(detector_signals(f))
+            if burst and st.mode != _Mode.RECOVERY:
+                st.mode, st.calm = _Mode.RECOVERY, 0
+                st.protective = current
+            elif st.mode == _Mode.RECOVERY:
+                if st.detector.statistic() < self.release * self.cusum_h:
+                    st.calm += 1
+                    if st.calm >= self.calm_windows:
+                        st.mode, st.blend = _Mode.BLEND, 0
+                        st.detector.reset()
+                else:
+                    st.calm = 0
+        if self.adapter and st.mode == _Mode.NORMAL:
+            st.adapter.update(imbalance, f.p99_latency_ms)  # frozen during recovery and its blend
+        normal = base + (st.adapter.correction() if self.adapter else 0.0)
+        if st.mode == _Mode.RECOVERY:
+            st.protective = min(self.hi, max(self.lo, st.protective + self.protect_gain * imbalance))
+            return st.protective
+        if st.mode == _Mode.BLEND:
+            st.blend += 1
+            w = st.blend / self.blend_windows
+            if st.blend >= self.blend_windows:
+                st.mode = _Mode.NORMAL
+            return (1.0 - w) * st.protective + w * normal
+        return normal
+
+    def mode(self, worker_id: str) -> str:
+        st = self._workers.get(worker_id)
+        return ("normal", "recovery", "blend")[st.mode] if st is not None else "normal"
+
+
+_INT_KEYS: Final = (
+    "layers",
+    "adapter_ramp",
+    "adapter_patience",
+    "cusum_warmup",
+    "calm_windows",
+    "blend_windows",
+)
+_BOOL_KEYS: Final = ("adapter", "recovery")
+HELM_KEYS: Final = tuple(
+    f.name for f in fields(HelmPolicy) if f.name not in ("actor", "name") and not f.name.startswith("_")
+)
+
+
+def build_helm(arg: str, weights: str | Path | None = None) -> HelmPolicy:
+    """``helm[:key=value,...]`` (keys: :data:`HELM_KEYS`, plus ``weights=PATH``); ValueError names the key."""
+    params: dict[str, float | int | bool] = {}
+    path: str | Path = weights if weights is not None else DEFAULT_WEIGHTS
+    for item in arg.split(",") if arg else []:
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "weights" and eq:
+            path = value
+            continue
+        if not eq or key not in HELM_KEYS:
+            raise ValueError(
+                f"helm: {item.strip()!r} is not key=value with a known key "
+                f"({', '.join((*HELM_KEYS, 'weights'))})"
+            )
+        try:
+            if key in _BOOL_KEYS:
+                if value not in ("0", "1"):
+                    raise ValueError
+                params[key] = value == "1"
+            elif key in _INT_KEYS:
+                params[key] = int(value)
+            else:
+                params[key] = float(value)
+        except ValueError:
+            kind = "0 or 1" if key in _BOOL_KEYS else "an integer" if key in _INT_KEYS else "a number"
+            raise ValueError(f"helm: {key} must be {kind}, got {value!r}") from None
+    if not Path(path).is_file():
+        raise ValueError(
+            f"helm: no actor weights at {path}; train them with `onepool train-controller` "
+            "or pass weights=PATH"
+        )
+    return HelmPolicy(Actor.load(path), **params)  # type: ignore[arg-type]
