@@ -19,8 +19,9 @@ from services.worker.core.pool import RefillMode
 from services.worker.settings import DEFAULT_MAX_BATCH, DEFAULT_SLO_MS
 from shared.errors import EXIT_USAGE
 from sim.cluster import SimConfig
+from sim.compare import ABLATIONS, BASELINES, COMPARE_REGIMES, HELM, compare_regime
 from sim.cost import CostProfile, load_profile
-from sim.report import motivation_plot, run_plots, sweep_plots, write_markdown
+from sim.report import compare_plots, motivation_plot, run_plots, sweep_plots, write_markdown
 from sim.run import STATIC_GRID, RunOutcome, geometry_for, run_policy, sweep
 from workloads.presets import PRESETS, Preset, get_preset
 from workloads.sources import REGIMES, Source, open_source
@@ -244,21 +245,80 @@ def _motivation(args: argparse.Namespace, preset: Preset, cost: CostProfile) -> 
     }
 
 
+def _compare(
+    args: argparse.Namespace, preset: Preset, cost: CostProfile, report_dir: Path | None
+) -> dict[str, Any]:
+    policies = args.alpha_policy or [HELM, *BASELINES, *ABLATIONS]
+    keys = (
+        "opt_gap",
+        "p99_ms",
+        "p50_ms",
+        "slo_satisfaction",
+        "throughput_rps",
+        "emb_hit_rate",
+        "kv_hit_rate",
+    )
+    out: dict[str, Any] = {k: {} for k in keys}
+    for k in ("p99_reduction_vs_best_static", "p99_ratio_to_oracle", "best_static_alpha", "alpha_star"):
+        out[k] = {}
+    out["alpha_series"], out["refill_bytes"] = {}, {}
+    images: list[str] = []
+    speed: list[tuple[int, float]] = []
+    for regime in COMPARE_REGIMES:
+        print(f"[{regime}] static grid, alpha*, oracle and {len(policies)} policies ...", flush=True)
+        source = open_source(preset=preset, regime=regime, duration_s=args.duration, seed=args.seed)
+        cfg = _config(args, preset, cost)
+        warmup = args.warmup if args.warmup is not None else min(0.2 * source.duration_s, 60.0)
+        r = compare_regime(
+            cfg, source, warmup_s=warmup, window_s=args.window, policies=policies, progress=_progress
+        )
+        for name, row in r["policies"].items():
+            for k in keys:
+                out[k].setdefault(regime, {})[name] = row[k]
+        for k in ("p99_reduction_vs_best_static", "p99_ratio_to_oracle", "alpha_series", "refill_bytes"):
+            if k in r:
+                out[k][regime] = r[k]
+        out["best_static_alpha"][regime] = r["best_static_alpha"]
+        out["alpha_star"][regime] = r["alpha_star"]
+        speed += [(len(o.result.arrival), o.wall_s) for o in r["runs"].values()]
+    out["sim_requests_per_s"] = sum(n for n, _ in speed) / sum(w for _, w in speed)
+    if report_dir is not None:
+        images = compare_plots(out, report_dir)
+    out["_images"] = images
+    return out
+
+
 def _sim(args: argparse.Namespace) -> int:
     preset = _sim_preset(args)
     if args.validate:
         return _validate(args, preset)
-    if args.motivation and (args.trace or args.regime):
-        raise ValueError("--motivation runs the three synthetic regimes: it takes no --regime or --trace")
-    source = None if args.motivation else _source(args, preset)  # a bad trace is named before anything runs
+    for flag in ("motivation", "compare"):
+        if getattr(args, flag) and (args.trace or args.regime):
+            raise ValueError(f"--{flag} runs the three synthetic regimes: it takes no --regime or --trace")
+    if args.motivation and args.compare:
+        raise ValueError("give one of --motivation and --compare")
+    regimes_mode = args.motivation or args.compare
+    source = None if regimes_mode else _source(args, preset)  # a bad trace is named before anything runs
     cost = _cost(args, preset)
     command = "onepool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report_dir = Path(args.report) if args.report else None
-    if args.motivation:
+    if args.compare:
+        result = _compare(args, preset, cost, report_dir)
+        cfg = _config(args, preset, cost)
+        report = {"command": command, "setup": {"preset": preset.to_json(), "sim": cfg.to_json()}, **result}
+        images: list[str] = result.pop("_images")
+        summary = "\n".join(
+            f"  {regime}: helm p99 {report['p99_ms'][regime].get('helm', float('nan')):.2f} ms, "
+            f"best static {report['p99_ms'][regime]['best-static']:.2f} ms, "
+            f"oracle {report['p99_ms'][regime]['oracle']:.2f} ms; opt_gap helm "
+            f"{report['opt_gap'][regime].get('helm', float('nan')):.3f}"
+            for regime in report["p99_ms"]
+        )
+    elif args.motivation:
         result = _motivation(args, preset, cost)
         cfg = _config(args, preset, cost)
         report = {"command": command, "setup": {"preset": preset.to_json(), "sim": cfg.to_json()}, **result}
-        images: list[str] = motivation_plot(result["normalised_p99"], report_dir) if report_dir else []
+        images = motivation_plot(result["normalised_p99"], report_dir) if report_dir else []
         summary = (
             f"best static alpha per regime {result['best_static_alpha']}; "
             f"shift {result['best_static_shift']:.2f}; fixed split {result['overall_static_alpha']:g} "
@@ -399,6 +459,12 @@ def add_sim_command(sub: Any) -> None:
     p.add_argument("--window", type=positive(float), default=5.0, help="alpha* decision window, s (5)")
     p.add_argument("--sweep", action="store_true", help="static grid 0.1..0.9, alpha* and the oracle run")
     p.add_argument("--motivation", action="store_true", help="normalised P99 vs static alpha per regime")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="every alpha policy (HELM, baselines, ablations; or the --alpha-policy list) against the static "
+        "grid, alpha* and the oracle on the three regimes",
+    )
     p.add_argument(
         "--validate",
         action="store_true",

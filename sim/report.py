@@ -10,7 +10,7 @@ import numpy as np
 if TYPE_CHECKING:
     from sim.run import RunOutcome, SweepOutcome
 
-__all__ = ["motivation_plot", "run_plots", "sweep_plots", "write_markdown"]
+__all__ = ["compare_plots", "motivation_plot", "run_plots", "sweep_plots", "write_markdown"]
 
 SUMMARY_KEYS = ("p50_ms", "p99_ms", "slo_satisfaction", "throughput_rps", "emb_hit_rate", "kv_hit_rate")
 
@@ -96,6 +96,57 @@ def motivation_plot(normalised: dict[str, dict[str, float]], out: Path) -> list[
     return ["motivation.png"]
 
 
+def compare_plots(report: dict[str, Any], out: Path) -> list[str]:
+    """``--compare``: HELM's mean alpha against alpha* over the three regimes run back to back (regimes
+    marked, the controller's error below), and the refill bytes per regime, critical vs background."""
+    plt = _plt()
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    series = report.get("alpha_series", {})
+    if series:
+        fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, height_ratios=[3, 1])
+        offset = 0.0
+        for regime, s in series.items():
+            t = np.asarray(s["t"]) + offset
+            a1.plot(
+                t, s["helm_mean_alpha"], color="C0", label="HELM (mean over workers)" if offset == 0 else None
+            )
+            a1.step(t, s["alpha_star"], where="pre", color="C1", label="alpha*" if offset == 0 else None)
+            a2.plot(t, np.abs(np.asarray(s["helm_mean_alpha"]) - np.asarray(s["alpha_star"])), color="C2")
+            a1.axvline(offset, color="gray", linewidth=0.5)
+            a1.text(offset + 1, 0.95, regime, fontsize="small", va="top")
+            offset = float(t[-1]) if len(t) else offset
+        a1.set_ylabel("alpha")
+        a1.set_ylim(0, 1)
+        a1.legend(fontsize="small", loc="lower right")
+        a2.set_ylabel("|alpha - alpha*|")
+        a2.set_xlabel("time (s), regimes back to back")
+        fig.tight_layout()
+        fig.savefig(out / "alpha_vs_star.png", dpi=100)
+        plt.close(fig)
+        files.append("alpha_vs_star.png")
+    refill = report.get("refill_bytes", {})
+    if refill:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels, crit, back = [], [], []
+        for regime, modes in refill.items():
+            for mode, b in modes.items():
+                labels.append(f"{regime}\n{mode}")
+                crit.append(b["critical"] / 2**20)
+                back.append(b["background"] / 2**20)
+        x = np.arange(len(labels))
+        ax.bar(x, crit, label="critical path")
+        ax.bar(x, back, bottom=crit, label="background (prefetch)")
+        ax.set_xticks(x, labels, fontsize="small")
+        ax.set_ylabel("refill (MiB)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out / "refill.png", dpi=100)
+        plt.close(fig)
+        files.append("refill.png")
+    return files
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -109,6 +160,23 @@ def write_markdown(out: Path, title: str, report: dict[str, Any], images: list[s
         lines += ["| policy | " + " | ".join(SUMMARY_KEYS) + " |", "|---" * (len(SUMMARY_KEYS) + 1) + "|"]
         for name, row in policies.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k in SUMMARY_KEYS) + " |")
+        lines.append("")
+    if "opt_gap" in report:
+        for key in ("opt_gap", "p99_ms", "slo_satisfaction", "throughput_rps"):
+            table = report[key]
+            regimes = list(table)
+            names = list(table[regimes[0]]) if regimes else []
+            lines += [
+                f"## {key}",
+                "",
+                "| policy | " + " | ".join(regimes) + " |",
+                "|---" * (len(regimes) + 1) + "|",
+            ]
+            lines += [f"| {n} | " + " | ".join(_fmt(table[r].get(n)) for r in regimes) + " |" for n in names]
+            lines.append("")
+        for key in ("p99_reduction_vs_best_static", "p99_ratio_to_oracle", "best_static_alpha"):
+            if report.get(key):
+                lines.append(f"- {key}: " + ", ".join(f"{r} {_fmt(v)}" for r, v in report[key].items()))
         lines.append("")
     for key in (
         "best_static_alpha",

@@ -315,8 +315,14 @@ class BurstDetector:
         return max(max(self.pos, default=0.0), max(self.neg, default=0.0))
 
     def reset(self) -> None:
+        """Restart the sums (after an alarm: a burst that goes on raises a new one)."""
         self.pos = [0.0] * len(self.pos)
         self.neg = [0.0] * len(self.neg)
+
+    def rebase(self, signals: list[float]) -> None:
+        """Take ``signals`` as the new normal (a change that lasted is no longer a burst)."""
+        self.mean = list(signals)
+        self.reset()
 
 
 class _Mode:
@@ -330,7 +336,8 @@ class _WorkerState:
     adapter: Adapter
     detector: BurstDetector
     mode: int = _Mode.NORMAL
-    calm: int = 0  # recovery: windows in a row with the detector's statistic below the release level
+    calm: int = 0  # recovery: windows in a row without an alarm
+    held: int = 0  # recovery: windows since it took over
     blend: int = 0  # blend: windows since recovery handed back
     protective: float = math.nan  # recovery's alpha
 
@@ -356,8 +363,10 @@ class HelmPolicy:
     - recovery: ``cusum_k`` 0.5 and ``cusum_h`` 8 (a shift of one standard deviation is found in ~16
       windows and a sustained 3-sigma burst in ~3; chosen from the measured false-alarm rate, see
       docs/controller.md), baseline EWMA weight ``cusum_baseline`` 0.02 (a 50-window memory), ``cusum_warmup``
-      20 windows; ``release`` 0.25 of ``h`` held for ``calm_windows`` 5 windows hands back, blended over
-      ``blend_windows`` 5; the protective action moves ``protect_gain`` 0.1 per window toward the side whose
+      20 windows; an alarm restarts the sums, so a burst that goes on alarms again; ``calm_windows`` 5
+      windows without an alarm hand back, blended over ``blend_windows`` 5; a burst still alarming after
+      ``max_recovery`` 30 windows is taken as the new normal (the baseline rebased) and handed back too;
+      the protective action moves ``protect_gain`` 0.1 per window toward the side whose
       misses cost more (hit-balance's imbalance, no dead band) from where the burst found the worker.
     """
 
@@ -379,8 +388,8 @@ class HelmPolicy:
     cusum_h: float = 8.0
     cusum_baseline: float = 0.02
     cusum_warmup: int = 20
-    release: float = 0.25
     calm_windows: int = 5
+    max_recovery: int = 30
     blend_windows: int = 5
     protect_gain: float = 0.1
     name: str = field(init=False)
@@ -393,6 +402,8 @@ class HelmPolicy:
         if not 0.0 <= self.lo < self.hi <= 1.0:
             raise ValueError(f"helm: need 0 <= lo < hi <= 1, got lo={self.lo}, hi={self.hi}")
         for f in fields(self):
+            if not f.init:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, float) and not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"helm: {f.name} must be a finite number >= 0, got {value}")
@@ -453,20 +464,21 @@ class HelmPolicy:
         emb_ms, kv_ms = pressures(f)
         total = emb_ms + kv_ms
         imbalance = (emb_ms - kv_ms) / total if total > 0.0 else 0.0
-        burst = False
         if self.recovery:
-            burst = st.detector.update(detector_signals(f))
-            if burst and st.mode != _Mode.RECOVERY:
-                st.mode, st.calm = _Mode.RECOVERY, 0
+            signals = detector_signals(f)
+            alarm = st.detector.update(signals)
+            if alarm:
+                st.detector.reset()
+            if st.mode == _Mode.RECOVERY:
+                st.held += 1
+                st.calm = 0 if alarm else st.calm + 1
+                if st.held >= self.max_recovery:
+                    st.detector.rebase(signals)  # it lasted: the new level is the norm
+                if st.calm >= self.calm_windows or st.held >= self.max_recovery:
+                    st.mode, st.blend = _Mode.BLEND, 0
+            elif alarm:
+                st.mode, st.calm, st.held = _Mode.RECOVERY, 0, 0
                 st.protective = current
-            elif st.mode == _Mode.RECOVERY:
-                if st.detector.statistic() < self.release * self.cusum_h:
-                    st.calm += 1
-                    if st.calm >= self.calm_windows:
-                        st.mode, st.blend = _Mode.BLEND, 0
-                        st.detector.reset()
-                else:
-                    st.calm = 0
         if self.adapter and st.mode == _Mode.NORMAL:
             st.adapter.update(imbalance, f.p99_latency_ms)  # frozen during recovery and its blend
         normal = base + (st.adapter.correction() if self.adapter else 0.0)
