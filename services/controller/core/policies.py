@@ -374,9 +374,6 @@ class Holt:
         return self.level + self.trend
 
 
-# What predict-greedy forecasts: the split model's inputs in split-invariant form (SplitModel's docstring),
-# so that the policy's own moves do not read as trends.
-_FORECAST = ("request_rate", "emb_items", "emb_intercept", "kv_intercept", "mean_history", "recompute_share")
 # Its grid of splits (before the clamp range bounds it): a split nearer 0 or 1 starves one cache and leaves
 # the model's laws (ln a, (1 - a) ** g) where they are least true.
 GRID_MIN: Final = 0.05
@@ -396,7 +393,7 @@ class PredictGreedyPolicy:
     """Forecast one window ahead, then the split with the lowest predicted P99 (``predict-greedy[:k=v,...]``).
 
     Per worker, one :class:`Holt` forecaster (gains ``level`` and ``trend``) per input of the split model,
-    each kept in split-invariant form (``_FORECAST``): the request rate, EMB items per request, the EMB
+    each kept in split-invariant form (SplitModel's fields): the request rate, EMB items per request, the EMB
     law's intercept ``emb_hit_rate - b ln alpha`` (in place of the hit rate), the KV law's intercept
     ``kv_hit_rate / (1 - alpha) ** g`` (in place of the KV hit rate and ``hot_user_share``, which measure
     the same resident users), the mean history and the recompute share (``new_token_fraction`` per KV miss).
