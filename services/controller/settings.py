@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.controller.core.policies import parse_policy
+from services.controller.core.policies import (
+    DEFAULT_ALPHA_MAX,
+    DEFAULT_ALPHA_MIN,
+    DEFAULT_MAX_STEP,
+    parse_policy,
+)
 from shared.schemas import WORKER_ID_RE
 from shared.settings import doc, host_instance_id
 
@@ -22,11 +27,14 @@ class ControllerSettings:
     # ONEPOOL_WORKER_ALPHA could not; static:A is the baseline one asks for. HELM replaces it when it lands.
     policy: str = field(
         default="hit-balance",
-        metadata=doc("alpha policy: static:A (0<=A<=1), hit-balance[:key=value,...], helm (later issue)"),
+        metadata=doc(
+            "alpha policy: static:A (0<=A<=1), hit-balance[:key=value,...], pi[:key=value,...], "
+            "predict-greedy[:key=value,...], helm (later issue)"
+        ),
     )
-    alpha_min: float = field(default=0.05, metadata=doc("lowest alpha a decision may set"))
-    alpha_max: float = field(default=0.95, metadata=doc("highest alpha a decision may set"))
-    max_step: float = field(default=0.1, metadata=doc("largest alpha change per decision"))
+    alpha_min: float = field(default=DEFAULT_ALPHA_MIN, metadata=doc("lowest alpha a decision may set"))
+    alpha_max: float = field(default=DEFAULT_ALPHA_MAX, metadata=doc("highest alpha a decision may set"))
+    max_step: float = field(default=DEFAULT_MAX_STEP, metadata=doc("largest alpha change per decision"))
     min_change: float = field(
         default=0.01, metadata=doc("send no decision that moves a worker's alpha target less than this")
     )
