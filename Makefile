@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 RECBOLE_SPEC := recbole==1.2.1
 
-.PHONY: venv run test lint typecheck bench-worker bench-routing bench-faults mutation gpu-wheels gpu-check clean
+.PHONY: venv run test lint typecheck bench-worker bench-routing bench-faults bench-controller mutation gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,9 @@ bench-routing: venv
 
 bench-faults: venv
 	$(BIN)/onepool bench faults --json out/bench-faults.json
+
+bench-controller: venv
+	$(BIN)/onepool bench controller --policy hit-balance --policy static:0.5 --json out/bench-controller.json --report out/bench-controller
 
 # Mutation testing of the pure cores and shared/ (~30 min on 2 cores; docs/testing.md); not part of `make test`.
 MUTMUT_SPEC ?= mutmut==3.8.1

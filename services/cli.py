@@ -112,6 +112,50 @@ def _bench_faults(args: argparse.Namespace) -> int:
     )
 
 
+def _bench_controller(args: argparse.Namespace) -> int:
+    from bench.cluster import command_line
+    from bench.controller import ControllerBenchOptions, run_controller_bench
+
+    return run_controller_bench(
+        ControllerBenchOptions(
+            json_path=args.json,
+            policies=tuple(args.policy or ()),
+            workers=args.workers,
+            decisions=args.decisions,
+            seed=args.seed,
+            report_dir=args.report,
+            command=command_line(),
+        )
+    )
+
+
+def _alpha_policy(text: str) -> str:
+    """An argparse type: an alpha policy spec that parse_policy accepts (its message otherwise)."""
+    from services.controller.core.policies import parse_policy
+
+    try:
+        parse_policy(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
+class _AppendOnce(argparse.Action):
+    """`append`, but the same value twice is a usage error (the values key a report's sections)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        items = list(getattr(namespace, self.dest) or [])
+        if values in items:
+            raise argparse.ArgumentError(self, f"{values!r} given twice")
+        setattr(namespace, self.dest, [*items, values])
+
+
 def _scenarios(text: str) -> list[str]:
     from bench.faults import SCENARIOS
 
@@ -308,6 +352,47 @@ def build_parser() -> argparse.ArgumentParser:
         "worker_pause, overload)",
     )
     bf.set_defaults(func=_bench_faults)
+    from bench.controller import DEFAULT_DECISIONS, DEFAULT_SEED, DEFAULT_WORKERS, TARGET_P99_US
+
+    bcon = bench_sub.add_parser(
+        "controller",
+        help="controller decision latency per alpha policy: one worker's decide + clamp, and a whole round",
+        description="Controller decision latency on this machine: policy.decide + Clamp timed as the "
+        "controller times it, on seeded drifting per-worker features. Writes, per policy under 'policies', "
+        "decision_p50_us, decision_p99_us, decision_mean_us, decision_max_us, decision_32_workers_us (a "
+        f"round over --workers), a histogram and met (p99 <= {TARGET_P99_US:g} us) to --json "
+        "(docs/benchmarks.md).",
+    )
+    bcon.add_argument("--json", required=True, metavar="PATH", help="where to write the results")
+    bcon.add_argument(
+        "--policy",
+        type=_alpha_policy,
+        action=_AppendOnce,
+        default=None,
+        metavar="SPEC",
+        help="alpha policy to measure: static:A, hit-balance[:key=value,...], helm; repeatable, one "
+        "section each (default: the controller's default policy, hit-balance)",
+    )
+    bcon.add_argument(
+        "--workers",
+        type=_at_least(1),
+        default=DEFAULT_WORKERS,
+        help=f"workers in the synthetic cluster and in a timed round (default {DEFAULT_WORKERS})",
+    )
+    bcon.add_argument(
+        "--decisions",
+        type=_at_least(100),
+        default=DEFAULT_DECISIONS,
+        metavar="K",
+        help=f"timed one-worker decisions per policy, after a warm-up (default {DEFAULT_DECISIONS})",
+    )
+    bcon.add_argument(
+        "--seed", type=_at_least(0), default=DEFAULT_SEED, help="seed of the feature stream (default 0)"
+    )
+    bcon.add_argument(
+        "--report", metavar="DIR", default=None, help="also write controller.md and decision_latency.png here"
+    )
+    bcon.set_defaults(func=_bench_controller)
     from bench.cluster_cli import add_cluster_command
 
     add_cluster_command(bench_sub)
