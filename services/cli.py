@@ -397,8 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cluster_command(bench_sub)
 
-    from sim.cli import add_calibrate_command, add_sim_command, add_trace_command, add_train_command
+    from sim.cli import (
+        add_calibrate_command,
+        add_detector_command,
+        add_sim_command,
+        add_trace_command,
+        add_train_command,
+    )
 
+    add_detector_command(bench_sub)
     add_trace_command(sub)
     add_sim_command(sub)
     add_calibrate_command(sub)

@@ -532,6 +532,9 @@ def add_calibrate_command(sub: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ train-controller
+TRAIN_LR = 1e-3  # the actor barely left its initial split in 12 iterations at 3e-4 (docs/controller.md)
+
+
 def _train_controller(args: argparse.Namespace) -> int:
     from sim.env import EnvConfig
     from sim.ppo import TrainConfig, train  # imports torch
@@ -540,11 +543,13 @@ def _train_controller(args: argparse.Namespace) -> int:
         seed=args.seed,
         iterations=args.iterations,
         episodes_per_iteration=args.episodes,
-        env=EnvConfig(preset=args.preset, duration_s=args.duration),
+        env=EnvConfig(preset=args.preset, duration_s=args.duration, workers=args.workers, rate=args.rate),
+        lr=args.lr,
     )
     print(
         f"training HELM's base policy: {cfg.iterations} iterations x {cfg.episodes_per_iteration} "
-        f"episodes of {args.duration:g} s ({args.preset} preset, seed {cfg.seed})",
+        f"episodes of {args.duration:g} s ({args.preset} preset, {args.workers} workers at {args.rate:g} "
+        f"requests/s, seed {cfg.seed})",
         flush=True,
     )
     result = train(cfg, lambda line: print(f"  {line}", flush=True))
@@ -587,8 +592,75 @@ def add_train_command(sub: Any) -> None:
         metavar="PATH",
         help="where to write the actor (out/helm-actor.npz)",
     )
-    p.add_argument("--iterations", type=positive(int), default=12, help="PPO iterations (12)")
+    p.add_argument("--iterations", type=positive(int), default=16, help="PPO iterations (16)")
     p.add_argument("--episodes", type=positive(int), default=4, help="episodes per iteration (4)")
     p.add_argument("--duration", type=positive(float), default=120.0, help="seconds per episode (120)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="local", help="cluster preset (local)")
+    # Twice the local preset's workers at the same load per worker: twice the agents (transitions) per
+    # simulated second, which is what the training's CPU time buys.
+    p.add_argument("--workers", type=positive(int), default=4, help="workers per episode (4)")
+    p.add_argument("--rate", type=positive(float), default=600.0, help="requests/s per episode (600)")
+    p.add_argument("--lr", type=positive(float), default=TRAIN_LR, help=f"Adam learning rate ({TRAIN_LR:g})")
     p.set_defaults(func=_guarded("train-controller", _train_controller))
+
+
+# ------------------------------------------------------------------------------------------ bench detector
+def _detector(args: argparse.Namespace) -> int:
+    from services.controller.core.helm import CUSUM_BASELINE, CUSUM_H, CUSUM_K, CUSUM_WARMUP
+    from sim.detector import operating_points, record_features
+
+    preset = get_preset(args.preset)
+    cost = load_profile(preset.shape.cost)
+    cfg = SimConfig(workers=preset.shape.workers, geometry=geometry_for(preset), cost=cost, seed=args.seed)
+    print(
+        f"recording {args.steady_duration:g} s of steady and {args.burst_duration:g} s of burst ...",
+        flush=True,
+    )
+    started = time.perf_counter()
+    steady = record_features(
+        cfg, open_source(preset=preset, regime="steady", duration_s=args.steady_duration, seed=args.seed)
+    )
+    burst = record_features(
+        cfg, open_source(preset=preset, regime="burst", duration_s=args.burst_duration, seed=args.seed)
+    )
+    d = args.burst_duration
+    episodes = [(b.start * d, (b.start + b.length) * d) for b in preset.workload.bursts]
+    warmup, baseline = CUSUM_WARMUP, CUSUM_BASELINE
+    rows = operating_points(steady, burst, episodes, warmup=warmup, baseline=baseline)
+    chosen = next((r for r in rows if r["k"] == CUSUM_K and r["h"] == CUSUM_H), None)
+    report = {
+        "command": "onepool " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "preset": preset.name,
+        "episodes": [
+            {"kind": b.kind, "start_s": s, "end_s": e}
+            for b, (s, e) in zip(preset.workload.bursts, episodes, strict=True)
+        ],
+        "warmup_windows": warmup,
+        "baseline_weight": baseline,
+        "points": rows,
+        "helm_default": chosen,
+        "wall_s": time.perf_counter() - started,
+    }
+    lines = [
+        f"  k {r['k']:g} h {r['h']:g}: {r['false_alarms_per_hour']:.1f} false alarms per worker-hour, "
+        f"delay {r['detection_delay_s']:.1f} s, missed {r['missed']}/{r['episodes']}"
+        for r in rows
+    ]
+    write_report(args.json, report, "\n".join(lines))
+    return 0
+
+
+def add_detector_command(bench_sub: Any) -> None:
+    p = bench_sub.add_parser(
+        "detector",
+        help="HELM's burst detector: false alarms on steady and detection delay on burst, per (k, h)",
+        description="Runs the simulator at a fixed split on the steady and the burst regime, replays every "
+        "worker's window features through HELM's CUSUM detector for a grid of (k, h) and writes the false "
+        "alarms per worker-hour and the detection delay per point (docs/controller.md).",
+    )
+    p.add_argument("--json", required=True, metavar="PATH", help="where to write the operating points")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="local", help="cluster preset (local)")
+    p.add_argument("--steady-duration", type=positive(float), default=1200.0, help="seconds of steady (1200)")
+    p.add_argument("--burst-duration", type=positive(float), default=300.0, help="seconds of burst (300)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.set_defaults(func=_guarded("bench detector", _detector))

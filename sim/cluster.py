@@ -41,7 +41,14 @@ import numpy as np
 import numpy.typing as npt
 
 from services.cachestate.core.features import FeatureWindow
-from services.controller.core.policies import AlphaPolicy, Clamp, StaticPolicy
+from services.controller.core.policies import (
+    DEFAULT_ALPHA_MAX,
+    DEFAULT_ALPHA_MIN,
+    DEFAULT_MAX_STEP,
+    AlphaPolicy,
+    Clamp,
+    StaticPolicy,
+)
 from services.gateway.core.router import NoWorkers, Policy, Router, RouteRequest
 from services.gateway.core.routing_view import IndexView
 from services.worker.core.batch import BatchFormer, PrefixHasher, RoundCaches, RoundRequest, rounds
@@ -80,9 +87,9 @@ class SimConfig:
     window_ms: float = 1000.0
     decision_delay_ms: float = 2.0
     routing: Policy = Policy.JOINT
-    alpha_min: float = 0.05
-    alpha_max: float = 0.95
-    max_step: float = 0.1
+    alpha_min: float = DEFAULT_ALPHA_MIN
+    alpha_max: float = DEFAULT_ALPHA_MAX
+    max_step: float = DEFAULT_MAX_STEP
     min_change: float = 0.01
     seed: int = 0
 

@@ -46,7 +46,9 @@ class _Recording:
         return self.inner.decide(features, current)
 
 
-def record_features(cfg: SimConfig, source: Source, alpha: float = 0.5) -> dict[str, list[tuple[float, WorkerFeatures]]]:
+def record_features(
+    cfg: SimConfig, source: Source, alpha: float = 0.5
+) -> dict[str, list[tuple[float, WorkerFeatures]]]:
     """Every worker's (time, features) per controller window of one run at a fixed split."""
     rec = _Recording(StaticPolicy(alpha), {})
     sim = Simulation(replace(cfg, alpha0=alpha), rec)
@@ -55,7 +57,9 @@ def record_features(cfg: SimConfig, source: Source, alpha: float = 0.5) -> dict[
     return rec.seen
 
 
-def _alarms(series: Sequence[tuple[float, WorkerFeatures]], k: float, h: float, warmup: int, baseline: float) -> list[float]:
+def _alarms(
+    series: Sequence[tuple[float, WorkerFeatures]], k: float, h: float, warmup: int, baseline: float
+) -> list[float]:
     d = BurstDetector(k=k, h=h, baseline=baseline, warmup=warmup, floor=1e-4)
     out = []
     for t, f in series:

@@ -19,6 +19,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
 
+from services.controller.core.helm import HelmPolicy
 from services.controller.core.policies import AlphaPolicy, Clamp, parse_policy
 from services.controller.settings import ControllerSettings
 from shared import schemas as s
@@ -133,6 +134,8 @@ class ControllerService:
             controller_id=self.settings.id,
             incarnation=self.incarnation,
             policy=self.policy.name,
+            # HELM's frozen actor: its version and hash, so a run names the weights it decided with
+            weights=self.policy.weights if isinstance(self.policy, HelmPolicy) else None,
             clamp=[self.clamp.lo, self.clamp.hi],
             max_step=self.clamp.max_step,
             min_change=self.settings.min_change,

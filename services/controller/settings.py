@@ -29,7 +29,7 @@ class ControllerSettings:
         default="hit-balance",
         metadata=doc(
             "alpha policy: static:A (0<=A<=1), hit-balance[:key=value,...], pi[:key=value,...], "
-            "predict-greedy[:key=value,...], helm (later issue)"
+            "predict-greedy[:key=value,...], helm[:key=value,...]"
         ),
     )
     alpha_min: float = field(default=DEFAULT_ALPHA_MIN, metadata=doc("lowest alpha a decision may set"))

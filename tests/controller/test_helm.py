@@ -73,7 +73,9 @@ def test_observe_orders_the_features_and_prices_both_sides() -> None:
     assert named["log_pressure_ms"] == pytest.approx(math.log1p(1.5))
     # no fitted model yet: no pressure either way
     assert pressures(feat(cost=CostCoefficients()))[0] == 0.0
-    assert dict(zip(FEATURES, observe(feat(cost=CostCoefficients())), strict=True))["emb_pressure_share"] == 0.5
+    assert (
+        dict(zip(FEATURES, observe(feat(cost=CostCoefficients())), strict=True))["emb_pressure_share"] == 0.5
+    )
 
 
 def test_numpy_actor_matches_the_torch_actor_it_was_exported_from() -> None:
@@ -120,7 +122,9 @@ def test_actor_file_round_trips_and_refuses_tampering(tmp_path: Path) -> None:
 def test_actor_refuses_bad_shapes() -> None:
     z = np.zeros
     with pytest.raises(ValueError, match="w2 has shape"):
-        Actor(z((4, D)), z(4), z((4, 3)), z(4), z((2, 4)), z(2), obs_mean=z(D), obs_std=np.ones(D), version="x")
+        Actor(
+            z((4, D)), z(4), z((4, 3)), z(4), z((2, 4)), z(2), obs_mean=z(D), obs_std=np.ones(D), version="x"
+        )
     with pytest.raises(ValueError, match="obs_std must be > 0"):
         Actor(z((4, D)), z(4), z((4, 4)), z(4), z((2, 4)), z(2), obs_mean=z(D), obs_std=z(D), version="x")
 

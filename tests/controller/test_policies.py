@@ -230,8 +230,9 @@ def test_parse_policy_builds_each_policy() -> None:
         ("static:1.5", r"in \[0, 1\]"),
         ("static:-0.1", r"in \[0, 1\]"),
         ("static:nan", r"in \[0, 1\]"),
-        ("helm", "later issue"),
-        ("helm:whatever", "later issue"),
+        ("helm:whatever", "'whatever' is not key=value"),
+        ("helm:layers=0", "layers must be 1, 2 or 3"),
+        ("helm:weights=/nonexistent.npz", "no actor weights at /nonexistent.npz"),
         ("ppo", "unknown alpha policy 'ppo'.*static:A.*hit-balance"),
         ("", "unknown alpha policy"),
         ("hit-balance:bogus=1", "known key.*gain"),
@@ -283,7 +284,7 @@ def test_settings_defaults_and_env() -> None:
 @pytest.mark.parametrize(
     ("env", "match"),
     [
-        ({"ONEPOOL_CONTROLLER_POLICY": "helm"}, "ONEPOOL_CONTROLLER_POLICY.*later issue"),
+        ({"ONEPOOL_CONTROLLER_POLICY": "helm:bogus=1"}, "ONEPOOL_CONTROLLER_POLICY.*bogus"),
         ({"ONEPOOL_CONTROLLER_POLICY": "static:2"}, "ONEPOOL_CONTROLLER_POLICY"),
         ({"ONEPOOL_CONTROLLER_ALPHA_MIN": "0.9", "ONEPOOL_CONTROLLER_ALPHA_MAX": "0.1"}, "ALPHA_MIN"),
         ({"ONEPOOL_CONTROLLER_MAX_STEP": "0"}, "MAX_STEP"),

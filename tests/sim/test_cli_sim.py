@@ -144,6 +144,39 @@ def test_sim_motivation_keys(tmp_path: Path) -> None:
     assert (tmp_path / "r" / "motivation.png").is_file()
 
 
+def test_sim_compare_keys(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    common = ["--duration", "4", "--rate", "30", "--num-items", "20000", "--pool-mib", "2", "--cost", "a100"]
+    policies = ["--alpha-policy", "helm", "--alpha-policy", "hit-balance", "--window", "2", "--warmup", "1"]
+    sim = _run("sim", "--compare", *common, *policies, "--json", str(out), "--report", str(tmp_path / "r"))
+    assert sim.returncode == 0, sim.stderr
+    r = json.loads(out.read_text())
+    regimes = {"steady", "trend", "burst"}
+    rows = {f"static:{a / 10:g}" for a in range(1, 10)} | {"best-static", "oracle", "helm", "hit-balance"}
+    rows |= {f"helm+{p}" for p in ("kv", "emb", "least-loaded", "round-robin")}
+    for key in ("opt_gap", "p99_ms", "slo_satisfaction", "throughput_rps"):
+        assert set(r[key]) == regimes, key
+        for regime in regimes:
+            assert set(r[key][regime]) == rows, (key, regime)
+    for regime in regimes:
+        star = r["alpha_star"][regime]
+        assert len(star) == 2
+        best = r["best_static_alpha"][regime]
+        assert r["p99_ms"][regime]["best-static"] == r["p99_ms"][regime][f"static:{best:g}"]
+        # a static split's gap is its mean distance to alpha* over the windows after the warm-up
+        gap = sum(abs(0.5 - a) for a in star) / len(star)
+        assert r["opt_gap"][regime]["static:0.5"] == pytest.approx(gap)
+        helm, oracle = r["p99_ms"][regime]["helm"], r["p99_ms"][regime]["oracle"]
+        assert r["p99_ratio_to_oracle"][regime] == pytest.approx(helm / oracle)
+        assert r["p99_reduction_vs_best_static"][regime] == pytest.approx(
+            1 - helm / r["p99_ms"][regime]["best-static"]
+        )
+        assert set(r["refill_bytes"][regime]) == {"incremental", "naive"}
+        assert len(r["alpha_series"][regime]["t"]) == len(r["alpha_series"][regime]["alpha_star"]) > 0
+    assert (tmp_path / "r" / "alpha_vs_star.png").is_file() and (tmp_path / "r" / "refill.png").is_file()
+    assert "opt_gap" in (tmp_path / "r" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -154,6 +187,9 @@ def test_sim_motivation_keys(tmp_path: Path) -> None:
         (["--regime", "steady", "--workload", "hot=1"], "KEY=VALUE with KEY one of"),
         (["--regime", "steady", "--workload", "hot_users=many"], "hot_users must be an integer"),
         (["--regime", "steady", "--alpha-policy", "static:2"], "static alpha must be in [0, 1]"),
+        (["--regime", "steady", "--compare"], "--compare runs the three synthetic regimes"),
+        (["--compare", "--motivation"], "give one of --motivation and --compare"),
+        (["--regime", "steady", "--alpha-policy", "helm:bogus=1"], "'bogus=1' is not key=value"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:

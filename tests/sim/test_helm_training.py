@@ -85,7 +85,10 @@ def test_train_controller_cli_writes_an_actor_helm_loads(tmp_path: Path) -> None
     out, report = tmp_path / "actor.npz", tmp_path / "train.json"
     args = ["train-controller", "--seed", "2", "--iterations", "1", "--episodes", "1", "--duration", "5"]
     proc = subprocess.run(
-        [ONEPOOL, *args, "--json", str(report), "--out", str(out)], capture_output=True, text=True, timeout=240
+        [ONEPOOL, *args, "--json", str(report), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr
     assert "CPU time" in proc.stdout
@@ -95,7 +98,9 @@ def test_train_controller_cli_writes_an_actor_helm_loads(tmp_path: Path) -> None
     assert "machine_ref" in data
     policy = build_helm(f"weights={out}")
     assert policy.weights.endswith(actor.digest)
-    bad = subprocess.run([ONEPOOL, *args[:1], "--iterations", "0", "--json", str(report)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [ONEPOOL, *args[:1], "--iterations", "0", "--json", str(report)], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "--iterations" in bad.stderr
 
 
@@ -107,6 +112,8 @@ def test_opt_gap_of_a_run_uses_the_timeline() -> None:
     tl.alpha += [[0.5, 0.5], [0.4, 0.6], [0.9, 0.7]]
     tl.target += tl.alpha
     empty = np.zeros(0)
-    r = SimResult(empty, empty, empty.astype(np.int64), *(empty.astype(np.int64),) * 4, 0, 0, 0, 0, 0, 0, [], 6.0, tl)
+    r = SimResult(
+        empty, empty, empty.astype(np.int64), *(empty.astype(np.int64),) * 4, 0, 0, 0, 0, 0, 0, [], 6.0, tl
+    )
     # alpha* windows of 5 s: [0.5, 0.8]; after a 1.5-s warm-up: t=2 (|0.4-0.5|, |0.6-0.5|), t=6 (0.1, 0.1)
     assert opt_gap(r, [0.5, 0.8], window_s=5.0, warmup_s=1.5) == pytest.approx(0.1)

@@ -31,9 +31,15 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from services.controller.core.policies import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_MIN
+from services.controller.core.split_model import kv_miss_ms
 from shared.schemas import WorkerFeatures
 
 __all__ = [
+    "CUSUM_BASELINE",
+    "CUSUM_H",
+    "CUSUM_K",
+    "CUSUM_WARMUP",
     "DEFAULT_WEIGHTS",
     "FEATURES",
     "Actor",
@@ -73,21 +79,21 @@ FEATURES: Final = (
 
 def pressures(f: WorkerFeatures) -> tuple[float, float]:
     """(emb_ms, kv_ms): per request, what each cache's misses cost in this window, priced with the worker's
-    fitted service-time model (zero while it has none): EMB misses x ms per miss, and the history tokens a
-    KV hit would have saved (``mean_history x min(1 - kv_hit_rate, new_token_fraction)``) x ms per token."""
+    fitted service-time model (zero while it has none): EMB misses x ms per miss, and the recomputation a
+    KV hit would have saved (:func:`~.split_model.kv_miss_ms`)."""
     cost = f.cost
     if cost.samples <= 0:
         return 0.0, 0.0
     emb_ms = f.emb_misses_per_request * cost.ms_per_emb_miss
-    kv_ms = f.mean_history * min(1.0 - f.kv_hit_rate, f.new_token_fraction) * cost.ms_per_new_token
-    return emb_ms, kv_ms
+    return emb_ms, kv_miss_ms(f.mean_history, f.kv_hit_rate, f.new_token_fraction, cost.ms_per_new_token)
 
 
-def observe(f: WorkerFeatures) -> list[float]:
-    """The actor's input for one worker's window (:data:`FEATURES`, in order)."""
+def observe(f: WorkerFeatures, priced: tuple[float, float] | None = None) -> list[float]:
+    """The actor's input for one worker's window (:data:`FEATURES`, in order); ``priced``: the window's
+    :func:`pressures` if the caller has them already."""
     rate = f.request_rate
     change = f.request_rate_delta * f.window_ms * 1e-3 / rate if rate > 0.0 else 0.0
-    emb_ms, kv_ms = pressures(f)
+    emb_ms, kv_ms = pressures(f) if priced is None else priced
     total = emb_ms + kv_ms
     return [
         f.alpha,
@@ -107,9 +113,8 @@ def observe(f: WorkerFeatures) -> list[float]:
     ]
 
 
-def _softplus(x: F64) -> F64:
-    out: F64 = np.logaddexp(0.0, x)
-    return out
+def _softplus(x: float) -> float:
+    return x + math.log1p(math.exp(-x)) if x > 0.0 else math.log1p(math.exp(x))
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,15 @@ class Actor:
     version: str
     meta: str = ""  # JSON text: how it was trained (seed, episodes, reward weights)
     digest: str = field(init=False)
-    _w1: F64 = field(init=False, repr=False)  # normalisation folded in
-    _b1: F64 = field(init=False, repr=False)
+    # The forward pass, prepared at load: the normalisation folded into the first layer and every bias
+    # into its matrix (an input augmented with a constant 1), computed into preallocated buffers: five
+    # numpy calls a decision. Not reentrant (the controller decides one report at a time).
+    _m1: F64 = field(init=False, repr=False)
+    _m2: F64 = field(init=False, repr=False)
+    _m3: F64 = field(init=False, repr=False)
+    _x: F64 = field(init=False, repr=False)
+    _h1: F64 = field(init=False, repr=False)
+    _h2: F64 = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         d = len(FEATURES)
@@ -155,8 +167,17 @@ class Actor:
         if np.any(self.obs_std <= 0.0):
             raise ValueError("HELM actor: obs_std must be > 0")
         w1 = self.w1 / self.obs_std
-        object.__setattr__(self, "_w1", np.ascontiguousarray(w1))
-        object.__setattr__(self, "_b1", self.b1 - w1 @ self.obs_mean)
+        b1 = self.b1 - w1 @ self.obs_mean
+        prepared = {
+            "_m1": np.ascontiguousarray(np.hstack([w1, b1[:, None]])),
+            "_m2": np.ascontiguousarray(np.hstack([self.w2, self.b2[:, None]])),
+            "_m3": np.ascontiguousarray(np.hstack([self.w3, self.b3[:, None]])),
+            "_x": np.ones(d + 1),
+            "_h1": np.ones(h1 + 1),
+            "_h2": np.ones(h2 + 1),
+        }
+        for name, value in prepared.items():
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "digest", self._digest())
 
     def _digest(self) -> str:
@@ -165,14 +186,19 @@ class Actor:
             h.update(np.ascontiguousarray(getattr(self, name), dtype="<f8").tobytes())
         return h.hexdigest()[:16]
 
-    def beta(self, x: F64) -> tuple[float, float]:
+    def beta(self, x: F64 | list[float]) -> tuple[float, float]:
         """The Beta's two parameters for one feature vector (raw, not normalised)."""
-        h = np.tanh(self._w1 @ x + self._b1)
-        h = np.tanh(self.w2 @ h + self.b2)
-        a, b = 1.0 + _softplus(self.w3 @ h + self.b3)
-        return float(a), float(b)
+        xa, h1, h2 = self._x, self._h1, self._h2
+        xa[:-1] = x
+        v1, v2 = h1[:-1], h2[:-1]
+        np.dot(self._m1, xa, out=v1)
+        np.tanh(v1, out=v1)
+        np.dot(self._m2, h1, out=v2)
+        np.tanh(v2, out=v2)
+        o1, o2 = (self._m3 @ h2).tolist()
+        return 1.0 + _softplus(o1), 1.0 + _softplus(o2)
 
-    def mean(self, x: F64) -> float:
+    def mean(self, x: F64 | list[float]) -> float:
         a, b = self.beta(x)
         return a / (a + b)
 
@@ -296,19 +322,27 @@ class BurstDetector:
             self.seen = 1
             return False
         self.seen += 1
+        mean, var, pos, neg = self.mean, self.var, self.pos, self.neg
+        k, h, floor = self.k, self.h, self.floor
+        armed = self.seen > self.warmup
         alarmed = False
-        for i, x in enumerate(signals):
-            z = (x - self.mean[i]) / math.sqrt(self.var[i] + self.floor)
-            if self.seen > self.warmup:
-                self.pos[i] = max(0.0, self.pos[i] + z - self.k)
-                self.neg[i] = max(0.0, self.neg[i] - z - self.k)
-                alarmed = alarmed or self.pos[i] > self.h or self.neg[i] > self.h
+        deltas = []
+        for i, x in enumerate(signals):  # plain float arithmetic: this runs in every decision
+            d = x - mean[i]
+            deltas.append(d)
+            if armed:
+                z = d / math.sqrt(var[i] + floor)
+                p = pos[i] + z - k
+                q = neg[i] - z - k
+                pos[i] = p = p if p > 0.0 else 0.0
+                neg[i] = q = q if q > 0.0 else 0.0
+                if p > h or q > h:
+                    alarmed = True
         if not alarmed:
-            w = self.baseline if self.seen > self.warmup else 1.0 / self.seen
-            for i, x in enumerate(signals):
-                d = x - self.mean[i]
-                self.mean[i] += w * d
-                self.var[i] = (1.0 - w) * (self.var[i] + w * d * d)
+            w = self.baseline if armed else 1.0 / self.seen
+            for i, d in enumerate(deltas):
+                mean[i] += w * d
+                var[i] = (1.0 - w) * (var[i] + w * d * d)
         return alarmed
 
     def statistic(self) -> float:
@@ -323,6 +357,14 @@ class BurstDetector:
         """Take ``signals`` as the new normal (a change that lasted is no longer a burst)."""
         self.mean = list(signals)
         self.reset()
+
+
+# The burst detector's defaults: the operating point `onepool bench detector` measured with at most ~2 false
+# alarms per worker-hour on Steady and the shortest detection delay on Burst (docs/controller.md).
+CUSUM_K: Final = 1.0
+CUSUM_H: Final = 6.0
+CUSUM_BASELINE: Final = 0.02  # EWMA weight of the baseline: a 50-window memory
+CUSUM_WARMUP: Final = 20  # windows before the sums start (the baseline settles first)
 
 
 class _Mode:
@@ -360,22 +402,21 @@ class HelmPolicy:
       0.2 (hit-balance's: pressure noise of +-20% is no signal), ``adapter_ramp`` 30 decisions (half a minute
       of 1-s windows before full authority), ``adapter_patience`` 10 windows ``adapter_tolerance`` 0.2
       above the reference P99 before a reset.
-    - recovery: ``cusum_k`` 0.5 and ``cusum_h`` 8 (a shift of one standard deviation is found in ~16
-      windows and a sustained 3-sigma burst in ~3; chosen from the measured false-alarm rate, see
-      docs/controller.md), baseline EWMA weight ``cusum_baseline`` 0.02 (a 50-window memory), ``cusum_warmup``
-      20 windows; an alarm restarts the sums, so a burst that goes on alarms again; ``calm_windows`` 5
-      windows without an alarm hand back, blended over ``blend_windows`` 5; a burst still alarming after
-      ``max_recovery`` 30 windows is taken as the new normal (the baseline rebased) and handed back too;
-      the protective action moves ``protect_gain`` 0.1 per window toward the side whose
-      misses cost more (hit-balance's imbalance, no dead band) from where the burst found the worker.
+    - recovery: the detector's :data:`CUSUM_K`, :data:`CUSUM_H`, :data:`CUSUM_BASELINE`,
+      :data:`CUSUM_WARMUP` (a measured operating point); an alarm restarts the sums, so a burst that goes
+      on alarms again; ``calm_windows`` 5 windows without an alarm hand back, blended over
+      ``blend_windows`` 5; a burst still alarming after ``max_recovery`` 30 windows is taken as the new
+      normal (the baseline rebased) and handed back too; the protective action moves ``protect_gain`` 0.1
+      per window toward the side whose misses cost more (the pressure imbalance, no dead band) from where
+      the burst found the worker.
     """
 
     actor: Actor
     layers: int = 3
     adapter: bool = True
     recovery: bool = True
-    lo: float = 0.05
-    hi: float = 0.95
+    lo: float = DEFAULT_ALPHA_MIN
+    hi: float = DEFAULT_ALPHA_MAX
     adapter_rate: float = 0.02
     adapter_step: float = 0.02
     adapter_cap: float = 0.15
@@ -384,17 +425,16 @@ class HelmPolicy:
     adapter_ramp: int = 30
     adapter_patience: int = 10
     adapter_tolerance: float = 0.2
-    cusum_k: float = 0.5
-    cusum_h: float = 8.0
-    cusum_baseline: float = 0.02
-    cusum_warmup: int = 20
+    cusum_k: float = CUSUM_K
+    cusum_h: float = CUSUM_H
+    cusum_baseline: float = CUSUM_BASELINE
+    cusum_warmup: int = CUSUM_WARMUP
     calm_windows: int = 5
     max_recovery: int = 30
     blend_windows: int = 5
     protect_gain: float = 0.1
     name: str = field(init=False)
     _workers: dict[str, _WorkerState] = field(init=False, default_factory=dict, repr=False)
-    _x: F64 = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.layers not in (1, 2, 3):
@@ -417,7 +457,6 @@ class HelmPolicy:
         if self.layers == 3 and not self.recovery:
             options.append("recovery=0")
         self.name = "helm:" + ",".join(options) if options else "helm"
-        self._x = np.zeros(len(FEATURES))
 
     @property
     def weights(self) -> str:
@@ -448,20 +487,20 @@ class HelmPolicy:
             )
         return st
 
-    def base(self, f: WorkerFeatures) -> float:
+    def base(self, f: WorkerFeatures, priced: tuple[float, float] | None = None) -> float:
         """Layer 1 alone: the actor's alpha for this window, in ``[lo, hi]``."""
-        self._x[:] = observe(f)
-        return self.lo + (self.hi - self.lo) * self.actor.mean(self._x)
+        return self.lo + (self.hi - self.lo) * self.actor.mean(observe(f, priced))
 
     def decide(self, features: WorkerFeatures, current: float) -> float:
         f = features
         if not (f.request_rate > 0.0 and f.window_ms > 0.0):
             return current  # no traffic: nothing to decide on
-        base = self.base(f)
+        priced = pressures(f)
+        base = self.base(f, priced)
         if self.layers == 1:
             return base
         st = self._state(f.worker_id)
-        emb_ms, kv_ms = pressures(f)
+        emb_ms, kv_ms = priced
         total = emb_ms + kv_ms
         imbalance = (emb_ms - kv_ms) / total if total > 0.0 else 0.0
         if self.recovery:

@@ -59,8 +59,10 @@ Policies (``parse_policy`` specs)
     (0.05..0.95 by 0.01, inside the clamp range ``lo``..``hi``) with the lowest predicted P99.
     Both price misses with the worker's fitted model (``cost``) through :mod:`.split_model`; both hold, as
     hit-balance does, on no traffic and while the previous move is unsettled.
-``helm``
-    The HELM three-layer PPO policy: not implemented yet (a later issue); parsing it raises ValueError.
+``helm[:key=value,...]``
+    HELM's three layers (frozen PPO actor, online residual adapter, burst-aware recovery),
+    :class:`~.helm.HelmPolicy` built by :func:`~.helm.build_helm`: its keys, ``weights=PATH`` (default: the
+    shipped actor) and the ablations ``layers=1`` (the PPO base alone), ``adapter=0``, ``recovery=0``.
 """
 
 from __future__ import annotations
@@ -561,7 +563,7 @@ _KEYS: Final[dict[str, tuple[type, tuple[str, ...]]]] = {
 }
 _SPEC_HELP: Final = (
     "expected 'static:A' (0 <= A <= 1), 'hit-balance[:key=value,...]', 'pi[:key=value,...]', "
-    "'predict-greedy[:key=value,...]' or 'helm'"
+    "'predict-greedy[:key=value,...]' or 'helm[:key=value,...]'"
 )
 
 
@@ -586,8 +588,8 @@ def _key_values(spec: str, arg: str, keys: tuple[str, ...]) -> dict[str, float]:
 def parse_policy(spec: str) -> AlphaPolicy:
     """Build a policy from its spec: ``static:A``, or ``hit-balance``, ``pi`` or ``predict-greedy``, each
     optionally with ``:key=value,...`` (keys: the policy class's fields, e.g. ``hit-balance:gain=0.1``).
-    ``helm`` is reserved for the HELM policy (a later issue). Raises ValueError with a message that names
-    the problem."""
+    ``helm[:key=value,...]`` is HELM (:func:`~.helm.build_helm`). Raises ValueError with a message that
+    names the problem."""
     text = spec.strip()
     name, _, arg = text.partition(":")
     name = name.strip().lower()
@@ -611,11 +613,12 @@ def parse_policy(spec: str) -> AlphaPolicy:
             raise ValueError(f"alpha policy {spec!r}: {e}") from None
         return policy
     if name == "helm":
-        raise ValueError(
-            "alpha policy 'helm' (HELM's three-layer policy: frozen PPO actor, online residual adapter, "
-            "burst detector) is not implemented yet; it comes in a later issue. Use 'hit-balance' or "
-            "'static:A' meanwhile"
-        )
+        from services.controller.core.helm import build_helm  # helm imports this module
+
+        try:
+            return build_helm(arg)
+        except ValueError as e:
+            raise ValueError(f"alpha policy {spec!r}: {e}") from None
     raise ValueError(f"unknown alpha policy {spec!r}: {_SPEC_HELP}")
 
 
