@@ -532,24 +532,39 @@ def add_calibrate_command(sub: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ train-controller
-TRAIN_LR = 1e-3  # the actor barely left its initial split in 12 iterations at 3e-4 (docs/controller.md)
-
-
 def _train_controller(args: argparse.Namespace) -> int:
-    from sim.env import EnvConfig
     from sim.ppo import TrainConfig, train  # imports torch
 
-    cfg = TrainConfig(
-        seed=args.seed,
-        iterations=args.iterations,
-        episodes_per_iteration=args.episodes,
-        env=EnvConfig(preset=args.preset, duration_s=args.duration, workers=args.workers, rate=args.rate),
-        lr=args.lr,
-    )
+    base = TrainConfig(seed=args.seed)
+    env_changes = {
+        k: v
+        for k, v in (
+            ("preset", args.preset),
+            ("duration_s", args.duration),
+            ("workers", args.workers),
+            ("rate", args.rate),
+        )
+        if v is not None
+    }
+    changes: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("iterations", args.iterations),
+            ("episodes_per_iteration", args.episodes),
+            ("lr", args.lr),
+        )
+        if v is not None
+    }
+    if args.preset is not None and args.preset != base.env.preset:
+        # another preset: its own workers and rate unless given
+        env_changes.setdefault("workers", None)
+        env_changes.setdefault("rate", None)
+    cfg = dataclasses.replace(base, env=dataclasses.replace(base.env, **env_changes), **changes)
+    env = cfg.env
     print(
         f"training HELM's base policy: {cfg.iterations} iterations x {cfg.episodes_per_iteration} "
-        f"episodes of {args.duration:g} s ({args.preset} preset, {args.workers} workers at {args.rate:g} "
-        f"requests/s, seed {cfg.seed})",
+        f"episodes of {env.duration_s:g} s ({env.preset} preset, {env.workers or 'its'} workers at "
+        f"{env.rate or 'its'} requests/s, seed {cfg.seed})",
         flush=True,
     )
     result = train(cfg, lambda line: print(f"  {line}", flush=True))
@@ -582,7 +597,8 @@ def add_train_command(sub: Any) -> None:
         help="train HELM's base policy (PPO) in the simulator and write its frozen actor",
         description="PPO on the simulator's environment (all three regimes, a seed per episode); writes the "
         "actor as a .npz (weights, frozen normalisation, version, hash) that --alpha-policy helm loads "
-        "(docs/controller.md). Prints its CPU time.",
+        "(docs/controller.md). Prints its CPU time. Defaults: sim/ppo.py's TrainConfig, which made the "
+        "shipped actor.",
     )
     p.add_argument("--seed", type=int, default=0, help="training seed (0: the shipped actor)")
     p.add_argument("--json", required=True, metavar="PATH", help="where to write the training report")
@@ -592,15 +608,13 @@ def add_train_command(sub: Any) -> None:
         metavar="PATH",
         help="where to write the actor (out/helm-actor.npz)",
     )
-    p.add_argument("--iterations", type=positive(int), default=16, help="PPO iterations (16)")
-    p.add_argument("--episodes", type=positive(int), default=4, help="episodes per iteration (4)")
-    p.add_argument("--duration", type=positive(float), default=120.0, help="seconds per episode (120)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="local", help="cluster preset (local)")
-    # Twice the local preset's workers at the same load per worker: twice the agents (transitions) per
-    # simulated second, which is what the training's CPU time buys.
-    p.add_argument("--workers", type=positive(int), default=4, help="workers per episode (4)")
-    p.add_argument("--rate", type=positive(float), default=600.0, help="requests/s per episode (600)")
-    p.add_argument("--lr", type=positive(float), default=TRAIN_LR, help=f"Adam learning rate ({TRAIN_LR:g})")
+    p.add_argument("--iterations", type=positive(int), default=None, help="PPO iterations")
+    p.add_argument("--episodes", type=positive(int), default=None, help="episodes per iteration")
+    p.add_argument("--duration", type=positive(float), default=None, help="seconds per episode")
+    p.add_argument("--workers", type=positive(int), default=None, help="workers per episode")
+    p.add_argument("--rate", type=positive(float), default=None, help="requests/s per episode")
+    p.add_argument("--lr", type=positive(float), default=None, help="Adam's learning rate")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cluster preset")
     p.set_defaults(func=_guarded("train-controller", _train_controller))
 
 
