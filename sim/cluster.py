@@ -540,12 +540,14 @@ class Simulation:
     def propose(self, worker_id: str, proposal: float, current: float) -> float:
         """The controller's rule for one proposal: the clamp around ``current`` (the worker's target as its
         features reported it), then sent unless it moves the target less than ``min_change``; it reaches
-        the worker ``decision_delay_ms`` later. Returns the clamped target. The training environment
-        (:mod:`sim.env`) calls it with its agent's action after a window closes."""
+        the worker ``decision_delay_ms`` later. Returns the target the worker will have: the clamped one if
+        it was sent, ``current`` if not. The training environment (:mod:`sim.env`) calls it with its agent's
+        action after a window closes."""
         target = self.clamp(proposal, current)
-        if abs(target - current) >= max(self.cfg.min_change, 1e-12):
-            w = self.by_id[worker_id]
-            self._push(self.now + self.cfg.decision_delay_ms / 1e3, _APPLY_ALPHA, (w.index, target))
+        if abs(target - current) < max(self.cfg.min_change, 1e-12):
+            return current
+        w = self.by_id[worker_id]
+        self._push(self.now + self.cfg.decision_delay_ms / 1e3, _APPLY_ALPHA, (w.index, target))
         return target
 
     # ------------------------------------------------------------------------------------------ results

@@ -45,26 +45,35 @@ def _star_index(t: np.ndarray, window_s: float, n: int) -> np.ndarray:
     return out
 
 
+def _gap(
+    t: np.ndarray, alpha: np.ndarray, alpha_star: Sequence[float], window_s: float, warmup_s: float
+) -> float:
+    """Mean ``|alpha - alpha*|`` over the decision times ``t`` after ``warmup_s`` and inside alpha*'s span,
+    and over workers (``alpha``: decisions x workers)."""
+    n = len(alpha_star)
+    keep = (t > warmup_s) & (t <= n * window_s + 1e-9)
+    if not keep.any():
+        return math.nan
+    star = np.asarray(alpha_star, dtype=np.float64)[_star_index(t[keep], window_s, n)]
+    return float(np.abs(alpha[keep] - star[:, None]).mean())
+
+
 def opt_gap(result: SimResult, alpha_star: Sequence[float], window_s: float, warmup_s: float) -> float:
-    """Mean ``|alpha - alpha*|`` over the decision times after ``warmup_s`` and over workers."""
+    """Mean ``|alpha - alpha*|`` over a run's decision times after ``warmup_s`` and over workers; alpha is
+    each worker's split when the controller's window closes."""
     tl = result.timeline
     t = np.asarray(tl.t, dtype=np.float64)
     if len(t) == 0:
         return math.nan
-    alpha = np.asarray(tl.alpha, dtype=np.float64)  # (decisions, workers)
-    star = np.asarray(alpha_star, dtype=np.float64)[_star_index(t, window_s, len(alpha_star))]
-    keep = t > warmup_s
-    if not keep.any():
-        return math.nan
-    return float(np.abs(alpha[keep] - star[keep, None]).mean())
+    return _gap(t, np.asarray(tl.alpha, dtype=np.float64), alpha_star, window_s, warmup_s)
 
 
-def static_gap(alpha: float, alpha_star: Sequence[float], window_s: float, warmup_s: float) -> float:
-    """The same mean for a split that never moves (decision times every window of alpha*'s grid)."""
-    star = np.asarray(alpha_star, dtype=np.float64)
-    ends = (np.arange(len(star)) + 1) * window_s
-    keep = ends > warmup_s
-    return float(np.abs(alpha - star[keep]).mean()) if keep.any() else math.nan
+def static_gap(
+    alpha: float, times: Sequence[float], alpha_star: Sequence[float], window_s: float, warmup_s: float
+) -> float:
+    """The same mean for a split that never moves, over the same decision ``times`` as the runs."""
+    t = np.asarray(times, dtype=np.float64)
+    return _gap(t, np.full((len(t), 1), alpha), alpha_star, window_s, warmup_s)
 
 
 def compare_regime(
@@ -84,7 +93,7 @@ def compare_regime(
     for spec in policies:
         progress(spec)
         runs[spec] = run_policy(cfg, source, spec, warmup_s=warmup_s)
-    for routing in routings:
+    for routing in routings if HELM in policies else ():
         name = f"{HELM}+{routing}"
         progress(name)
         runs[name] = run_policy(replace(cfg, routing=Policy(routing)), source, HELM, warmup_s=warmup_s)
@@ -96,7 +105,8 @@ def compare_regime(
     best = f"static:{swept.best_static_alpha:g}"
     rows: dict[str, dict[str, float]] = {}
     for a, o in swept.static.items():
-        rows[f"static:{a}"] = {**_keys(o), "opt_gap": static_gap(float(a), star, window_s, warmup_s)}
+        times = o.result.timeline.t  # a static run closes the same windows as every other run
+        rows[f"static:{a}"] = {**_keys(o), "opt_gap": static_gap(float(a), times, star, window_s, warmup_s)}
     rows["best-static"] = {**rows[best], "alpha": swept.best_static_alpha}
     rows["oracle"] = {
         **_keys(swept.oracle),

@@ -1,6 +1,8 @@
 """The burst detector's operating points, measured: false alarms on Steady, detection delay on Burst.
 
-:func:`record_features` runs the simulator under a fixed split and keeps every worker's window features;
+:func:`record_features` runs the simulator under a policy (``bench detector``: HELM without its recovery
+layer, so the split moves as it does when the detector is in charge of nothing yet) and keeps every
+worker's window features;
 :func:`operating_points` replays them through :class:`~services.controller.core.helm.BurstDetector`
 (HELM's own detector and signals, nothing re-implemented) for a grid of ``(k, h)``:
 
@@ -21,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from services.controller.core.helm import BurstDetector, detector_signals
-from services.controller.core.policies import StaticPolicy
+from services.controller.core.helm import CUSUM_FLOOR, BurstDetector, detector_signals
+from services.controller.core.policies import AlphaPolicy, StaticPolicy, parse_policy
 from shared.schemas import WorkerFeatures
 from sim.cluster import SimConfig, Simulation
 from workloads.sources import Source
@@ -35,7 +37,7 @@ GRID_H = (4.0, 6.0, 8.0, 12.0, 16.0)
 
 @dataclass
 class _Recording:
-    inner: StaticPolicy
+    inner: AlphaPolicy
     seen: dict[str, list[tuple[float, WorkerFeatures]]]
     sim: Simulation | None = None
     name: str = "recording"
@@ -47,11 +49,14 @@ class _Recording:
 
 
 def record_features(
-    cfg: SimConfig, source: Source, alpha: float = 0.5
+    cfg: SimConfig, source: Source, policy: str = "helm:recovery=0"
 ) -> dict[str, list[tuple[float, WorkerFeatures]]]:
-    """Every worker's (time, features) per controller window of one run at a fixed split."""
-    rec = _Recording(StaticPolicy(alpha), {})
-    sim = Simulation(replace(cfg, alpha0=alpha), rec)
+    """Every worker's (time, features) per controller window of one run under ``policy``."""
+    inner = parse_policy(policy)
+    rec = _Recording(inner, {})
+    if isinstance(inner, StaticPolicy):
+        cfg = replace(cfg, alpha0=inner.alpha)
+    sim = Simulation(cfg, rec)
     rec.sim = sim
     sim.advance(source.open())
     return rec.seen
@@ -60,13 +65,8 @@ def record_features(
 def _alarms(
     series: Sequence[tuple[float, WorkerFeatures]], k: float, h: float, warmup: int, baseline: float
 ) -> list[float]:
-    d = BurstDetector(k=k, h=h, baseline=baseline, warmup=warmup, floor=1e-4)
-    out = []
-    for t, f in series:
-        if d.update(detector_signals(f)):
-            out.append(t)
-            d.reset()
-    return out
+    d = BurstDetector(k=k, h=h, baseline=baseline, warmup=warmup, floor=CUSUM_FLOOR)
+    return [t for t, f in series if d.step(detector_signals(f))]
 
 
 def operating_points(

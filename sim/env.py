@@ -8,8 +8,12 @@ then through the controller's own rule, :meth:`sim.cluster.Simulation.propose`: 
 ``min_change``). Workers share the policy; each has its own reward, in ``info["rewards"]`` (the scalar
 reward is their mean):
 
-    r = -(p99_weight x p99 / slo + violation_weight x slo_violation_rate
-          + refill_weight x critical refill MiB in the window + churn_weight x |target - previous target|)
+    r = -(p99 x P99 / SLO (capped at 10) + violations x slo_violation_rate
+          + critical_mib x critical-path refill MiB + background_mib x prefetch MiB in the window
+          + churn x |target sent - target before|)
+
+A worker that reported no features in a window (none does with the default periods: digests every 0.5 s,
+windows of 1 s) gets the mean of the others' rewards.
 
 (docs/controller.md says why these weights).
 """
@@ -44,14 +48,18 @@ MIB = 1024 * 1024
 class RewardWeights:
     p99: float = 1.0  # P99 in units of the SLO: the tail is what the split is for
     violations: float = 2.0  # a window's share of requests over the SLO, on top of the P99
-    refill_mib: float = 0.05  # critical-path refill (MiB per window): reallocation must not stall requests
+    # Refill traffic per window: on the critical path (naive refill) a MiB stalls requests, so it costs as
+    # much as 5% of the SLO; in the background (prefetch) it only uses the link, a fifth of that.
+    critical_mib: float = 0.05
+    background_mib: float = 0.01
     churn: float = 0.5  # |target move| per window: a split that dithers costs ticks and refills
 
     def to_json(self) -> dict[str, float]:
         return {
             "p99": self.p99,
             "violations": self.violations,
-            "refill_mib": self.refill_mib,
+            "critical_mib": self.critical_mib,
+            "background_mib": self.background_mib,
             "churn": self.churn,
         }
 
@@ -115,7 +123,7 @@ class SplitEnv(gymnasium.Env[F32, F32]):
         self._k = 0
         self._last = np.zeros((self.n_workers, d), dtype=np.float32)
         self._features: list[WorkerFeatures | None] = [None] * self.n_workers
-        self._refill = np.zeros(self.n_workers)
+        self._refill = np.zeros((self.n_workers, 2))  # critical, background bytes so far
         self._targets = np.zeros(self.n_workers)
 
     # ------------------------------------------------------------------------------------------ gymnasium
@@ -138,7 +146,9 @@ class SplitEnv(gymnasium.Env[F32, F32]):
         self._pending = next(self._requests, None)
         self._k = 0
         self._targets = np.full(self.n_workers, alpha0)
-        self._refill = np.zeros(self.n_workers)
+        self._refill = np.zeros((self.n_workers, 2))
+        self._last = np.zeros_like(self._last)
+        self._features = [None] * self.n_workers
         self._advance()
         return self._observe(), {"regime": self.regime, "workload_seed": workload_seed}
 
@@ -153,7 +163,7 @@ class SplitEnv(gymnasium.Env[F32, F32]):
             f = self._features[i]
             current = f.alpha_target if f is not None else w.pool.target_alpha
             target = sim.propose(w.id, lo + (hi - lo) * float(act[i]), current)
-            moved[i] = abs(target - self._targets[i])
+            moved[i] = abs(target - current)
             self._targets[i] = target
         self._advance()
         obs = self._observe()
@@ -190,20 +200,25 @@ class SplitEnv(gymnasium.Env[F32, F32]):
         sim = self.sim
         assert sim is not None
         rw, slo = self.config.reward, sim.cfg.slo_ms
-        out = np.zeros(self.n_workers)
+        out = np.full(self.n_workers, np.nan)
         for i, w in enumerate(sim.workers):
-            refill = float(w.pool.counters.critical_refill_bytes)
-            refill_mib = (refill - self._refill[i]) / MIB
-            self._refill[i] = refill
+            c = w.pool.counters
+            now = np.array([c.critical_refill_bytes, c.prefetch_bytes], dtype=np.float64)
+            critical, background = (now - self._refill[i]) / MIB
+            self._refill[i] = now
             f = self._features[i]
-            p99 = f.p99_latency_ms / slo if f is not None else 0.0
-            violations = f.slo_violation_rate if f is not None else 0.0
+            if f is None:
+                continue
             out[i] = -(
-                rw.p99 * min(p99, 10.0)
-                + rw.violations * violations
-                + rw.refill_mib * refill_mib
+                rw.p99 * min(f.p99_latency_ms / slo, 10.0)
+                + rw.violations * f.slo_violation_rate
+                + rw.critical_mib * critical
+                + rw.background_mib * background
                 + rw.churn * float(moved[i])
             )
+        missing = np.isnan(out)
+        if missing.any():
+            out[missing] = float(out[~missing].mean()) if (~missing).any() else 0.0
         return out
 
     def features(self) -> list[WorkerFeatures | None]:

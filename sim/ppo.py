@@ -28,7 +28,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from services.controller.core.helm import FEATURES, Actor
+from services.controller.core.helm import FEATURES, OBS_CLIP, Actor
 from sim.env import EnvConfig, SplitEnv
 
 __all__ = ["ActorCritic", "RunningNorm", "TrainConfig", "TrainResult", "train"]
@@ -97,7 +97,8 @@ class RunningNorm:
         return out
 
     def __call__(self, x: F64) -> F64:
-        out: F64 = (x - self.mean) / self.std
+        """Normalised and clipped to +-OBS_CLIP, as the serving actor clips its inputs."""
+        out: F64 = np.clip((x - self.mean) / self.std, -OBS_CLIP, OBS_CLIP)
         return out
 
 
@@ -241,7 +242,9 @@ def _update(
             loss = -surr.mean() + cfg.value_coef * value_loss - cfg.entropy * entropy
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            # each network its own norm: the critic's larger gradients must not shrink the actor's steps
+            nn.utils.clip_grad_norm_(model.actor.parameters(), cfg.max_grad_norm)
+            nn.utils.clip_grad_norm_(model.critic.parameters(), cfg.max_grad_norm)
             opt.step()
             stats["policy_loss"] += float(-surr.mean().detach())
             stats["value_loss"] += float(value_loss.detach())

@@ -76,8 +76,12 @@ def test_training_is_deterministic_for_a_seed() -> None:
     assert json.loads(a.actor.meta)["train"]["seed"] == 5
 
 
-def test_opt_gap_measures_distance_to_alpha_star() -> None:
-    assert static_gap(0.5, [0.3, 0.7, 0.5], window_s=5.0, warmup_s=5.0) == pytest.approx((0.2 + 0.0) / 2)
+def test_static_gap_uses_the_runs_decision_times() -> None:
+    # alpha* windows of 5 s: 0.3, 0.7, 0.5; decisions every second; after a 4.5-s warm-up the times 5..15
+    # fall in windows 0 (t=5), 1 (6..10), 2 (11..15); t=16 lies past alpha*'s span and is left out
+    times = [float(t) for t in range(1, 17)]
+    expected = (0.2 + 5 * 0.2 + 5 * 0.0) / 11
+    assert static_gap(0.5, times, [0.3, 0.7, 0.5], window_s=5.0, warmup_s=4.5) == pytest.approx(expected)
 
 
 @pytest.mark.slow

@@ -31,17 +31,19 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from services.controller.core.policies import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_MIN
-from services.controller.core.split_model import kv_miss_ms
+from services.controller.core.policies import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_MIN, DEFAULT_MAX_STEP
+from services.controller.core.split_model import miss_pressures
 from shared.schemas import WorkerFeatures
 
 __all__ = [
     "CUSUM_BASELINE",
+    "CUSUM_FLOOR",
     "CUSUM_H",
     "CUSUM_K",
     "CUSUM_WARMUP",
     "DEFAULT_WEIGHTS",
     "FEATURES",
+    "OBS_CLIP",
     "Actor",
     "Adapter",
     "BurstDetector",
@@ -55,6 +57,9 @@ F64 = npt.NDArray[np.float64]
 # The weights shipped with the package (written by `onepool train-controller`).
 DEFAULT_WEIGHTS: Final = Path(__file__).resolve().parent.parent / "weights" / "helm-actor.npz"
 ACTOR_FORMAT: Final = 1  # bump when the file's layout or FEATURES change
+# Normalised inputs are clipped to +-5 standard deviations, in training and in serving: a feature almost
+# constant in training (an SLO violation rate of ~0) must not saturate the network when it moves.
+OBS_CLIP: Final = 5.0
 
 # What the actor sees of one worker's window, in this order. Rates and sizes enter as logs (they span
 # orders of magnitude between the local and the paper presets); the two miss pressures as their share and
@@ -79,13 +84,8 @@ FEATURES: Final = (
 
 def pressures(f: WorkerFeatures) -> tuple[float, float]:
     """(emb_ms, kv_ms): per request, what each cache's misses cost in this window, priced with the worker's
-    fitted service-time model (zero while it has none): EMB misses x ms per miss, and the recomputation a
-    KV hit would have saved (:func:`~.split_model.kv_miss_ms`)."""
-    cost = f.cost
-    if cost.samples <= 0:
-        return 0.0, 0.0
-    emb_ms = f.emb_misses_per_request * cost.ms_per_emb_miss
-    return emb_ms, kv_miss_ms(f.mean_history, f.kv_hit_rate, f.new_token_fraction, cost.ms_per_new_token)
+    fitted service-time model (:func:`~.split_model.miss_pressures`), zero while it has none."""
+    return miss_pressures(f) if f.cost.samples > 0 else (0.0, 0.0)
 
 
 def observe(f: WorkerFeatures, priced: tuple[float, float] | None = None) -> list[float]:
@@ -117,7 +117,7 @@ def _softplus(x: float) -> float:
     return x + math.log1p(math.exp(-x)) if x > 0.0 else math.log1p(math.exp(x))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Actor:
     """Layer 1: ``x -> tanh(W1 x' + b1) -> tanh(W2 . + b2) -> W3 . + b3 = (a, b)``, with ``x'`` the
     features normalised by the frozen running statistics, and the Beta parameters ``1 + softplus(a)``,
@@ -142,6 +142,8 @@ class Actor:
     _m2: F64 = field(init=False, repr=False)
     _m3: F64 = field(init=False, repr=False)
     _x: F64 = field(init=False, repr=False)
+    _lo: F64 = field(init=False, repr=False)  # inputs clipped to mean +- OBS_CLIP std, as in training
+    _hi: F64 = field(init=False, repr=False)
     _h1: F64 = field(init=False, repr=False)
     _h2: F64 = field(init=False, repr=False)
 
@@ -173,6 +175,8 @@ class Actor:
             "_m2": np.ascontiguousarray(np.hstack([self.w2, self.b2[:, None]])),
             "_m3": np.ascontiguousarray(np.hstack([self.w3, self.b3[:, None]])),
             "_x": np.ones(d + 1),
+            "_lo": self.obs_mean - OBS_CLIP * self.obs_std,
+            "_hi": self.obs_mean + OBS_CLIP * self.obs_std,
             "_h1": np.ones(h1 + 1),
             "_h2": np.ones(h2 + 1),
         }
@@ -189,8 +193,8 @@ class Actor:
     def beta(self, x: F64 | list[float]) -> tuple[float, float]:
         """The Beta's two parameters for one feature vector (raw, not normalised)."""
         xa, h1, h2 = self._x, self._h1, self._h2
-        xa[:-1] = x
-        v1, v2 = h1[:-1], h2[:-1]
+        v0, v1, v2 = xa[:-1], h1[:-1], h2[:-1]
+        np.clip(x, self._lo, self._hi, out=v0)
         np.dot(self._m1, xa, out=v1)
         np.tanh(v1, out=v1)
         np.dot(self._m2, h1, out=v2)
@@ -253,8 +257,10 @@ class Adapter:
     pressure imbalance ``e = (emb_ms - kv_ms) / (emb_ms + kv_ms)`` in [-1, 1], zero inside ``deadband``):
     ``r <- (1 - leak) r + clip(rate e, +-step_cap)``, then ``|r| <= cap``. The correction applied is
     ``authority x r`` with ``authority = min(1, decisions / ramp)``. It resets (``r = 0``, ramp restarted)
-    when the worker's P99 has been worse than where it stood when the correction started for ``patience``
-    decisions in a row: the adapter is then trailing the base policy, not helping it."""
+    when the worker's P99 has been more than ``tolerance`` above its reference for ``patience`` decisions in
+    a row: the adapter is then trailing the base policy, not helping it. The reference is the P99 when the
+    correction (re)started, re-armed whenever the correction is back near zero (``|r|`` below a quarter of
+    ``step_cap``) or changes sign: it judges the correction now applied, not an old one."""
 
     rate: float
     step_cap: float
@@ -274,8 +280,9 @@ class Adapter:
         return min(1.0, self.decisions / self.ramp) * self.r if self.ramp > 0 else self.r
 
     def update(self, imbalance: float, p99_ms: float) -> None:
-        if abs(self.r) < 1e-9 or not math.isfinite(self.reference_p99):
+        if abs(self.r) < 0.25 * self.step_cap or not math.isfinite(self.reference_p99):
             self.reference_p99 = p99_ms  # where the worker stood when the correction (re)started
+            self.worse = 0
         elif p99_ms > self.reference_p99 * (1.0 + self.tolerance):
             self.worse += 1
             if self.worse >= self.patience:
@@ -287,8 +294,10 @@ class Adapter:
             self.worse = 0
         e = imbalance if abs(imbalance) > self.deadband else 0.0
         step = max(-self.step_cap, min(self.step_cap, self.rate * e))
-        r = (1.0 - self.leak) * self.r + step
-        self.r = max(-self.cap, min(self.cap, r))
+        r = max(-self.cap, min(self.cap, (1.0 - self.leak) * self.r + step))
+        if r * self.r < 0.0:  # the correction turned: judge the new one from here
+            self.reference_p99, self.worse = p99_ms, 0
+        self.r = r
         self.decisions += 1
 
 
@@ -298,9 +307,11 @@ class BurstDetector:
 
     For each signal ``x``: ``z = (x - mean) / sqrt(var + floor)``, ``S+ = max(0, S+ + z - k)``,
     ``S- = max(0, S- - z - k)``; an alarm when any statistic exceeds ``h``. The baseline (mean, var) is an
-    EWMA with weight ``baseline`` that does not learn while alarmed (a burst must not become the norm).
-    ``k`` and ``h`` trade false alarms against detection delay: ``sim.ppo.detector_operating_point``
-    measures both and the defaults come from it (docs/controller.md)."""
+    EWMA with weight ``baseline``; it learns only when the caller says the worker is in its normal mode and
+    the window raised no alarm (a burst must not become the norm). :meth:`step` restarts the sums after an
+    alarm, so a burst that goes on alarms again. ``k`` and ``h`` trade false alarms against detection
+    delay: :func:`sim.detector.operating_points` measures both and the defaults come from it
+    (docs/controller.md)."""
 
     k: float
     h: float
@@ -313,7 +324,14 @@ class BurstDetector:
     neg: list[float] = field(default_factory=list)
     seen: int = 0
 
-    def update(self, signals: list[float]) -> bool:
+    def step(self, signals: list[float], *, learn: bool = True) -> bool:
+        """One window: :meth:`update`, and the sums restarted if it alarmed."""
+        alarm = self.update(signals, learn=learn)
+        if alarm:
+            self.reset()
+        return alarm
+
+    def update(self, signals: list[float], *, learn: bool = True) -> bool:
         """Feed one window's signals; returns whether a change is flagged now."""
         if not self.mean:
             n = len(signals)
@@ -338,7 +356,7 @@ class BurstDetector:
                 neg[i] = q = q if q > 0.0 else 0.0
                 if p > h or q > h:
                     alarmed = True
-        if not alarmed:
+        if learn and not alarmed:
             w = self.baseline if armed else 1.0 / self.seen
             for i, d in enumerate(deltas):
                 mean[i] += w * d
@@ -365,6 +383,9 @@ CUSUM_K: Final = 1.0
 CUSUM_H: Final = 6.0
 CUSUM_BASELINE: Final = 0.02  # EWMA weight of the baseline: a 50-window memory
 CUSUM_WARMUP: Final = 20  # windows before the sums start (the baseline settles first)
+# Added to the baseline's variance: a signal that was flat through the warm-up (variance 0) still gives
+# finite z-scores; 1e-4 is a standard deviation of 0.01, 1% of a log rate or a share's hundredth.
+CUSUM_FLOOR: Final = 1e-4
 
 
 class _Mode:
@@ -396,12 +417,13 @@ class HelmPolicy:
 
     Constants (all overridable as ``helm:key=value``):
     - ``lo``/``hi``: the range the actor's [0, 1] output is mapped onto, the controller's clamp range.
-    - adapter: ``adapter_rate`` 0.02 (a fifth of the clamp's step: the adapter nudges, the base leads),
-      ``adapter_step`` 0.02 per decision, ``adapter_cap`` 0.15 (the base stays in charge of the split's
+    - adapter: ``adapter_rate`` a fifth of the clamp's step (the adapter nudges, the base leads),
+      ``adapter_step`` 0.01 per decision (binds beyond an imbalance of 0.5: one window's extreme reading
+      moves it no more than a moderate one), ``adapter_cap`` 0.15 (the base stays in charge of the split's
       range), ``adapter_leak`` 0.05 (an unreinforced correction halves in ~14 windows), ``adapter_deadband``
-      0.2 (hit-balance's: pressure noise of +-20% is no signal), ``adapter_ramp`` 30 decisions (half a minute
-      of 1-s windows before full authority), ``adapter_patience`` 10 windows ``adapter_tolerance`` 0.2
-      above the reference P99 before a reset.
+      0.2 (an imbalance within +-20% is window-to-window noise), ``adapter_ramp`` 30 decisions (half a
+      minute of 1-s windows before full authority), ``adapter_patience`` 10 windows ``adapter_tolerance``
+      0.2 above the reference P99 before a reset.
     - recovery: the detector's :data:`CUSUM_K`, :data:`CUSUM_H`, :data:`CUSUM_BASELINE`,
       :data:`CUSUM_WARMUP` (a measured operating point); an alarm restarts the sums, so a burst that goes
       on alarms again; ``calm_windows`` 5 windows without an alarm hand back, blended over
@@ -417,8 +439,8 @@ class HelmPolicy:
     recovery: bool = True
     lo: float = DEFAULT_ALPHA_MIN
     hi: float = DEFAULT_ALPHA_MAX
-    adapter_rate: float = 0.02
-    adapter_step: float = 0.02
+    adapter_rate: float = DEFAULT_MAX_STEP / 5
+    adapter_step: float = 0.01
     adapter_cap: float = 0.15
     adapter_leak: float = 0.05
     adapter_deadband: float = 0.2
@@ -447,6 +469,15 @@ class HelmPolicy:
             value = getattr(self, f.name)
             if isinstance(value, float) and not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"helm: {f.name} must be a finite number >= 0, got {value}")
+        for name in ("adapter_patience", "calm_windows", "max_recovery", "blend_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"helm: {name} must be an integer >= 1, got {getattr(self, name)}")
+        for name in ("adapter_ramp", "cusum_warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"helm: {name} must be an integer >= 0, got {getattr(self, name)}")
+        for name in ("adapter_leak", "cusum_baseline"):
+            if getattr(self, name) > 1.0:
+                raise ValueError(f"helm: {name} is a weight and must be <= 1, got {getattr(self, name)}")
         if self.layers < 2:
             self.adapter = False
         if self.layers < 3:
@@ -482,7 +513,7 @@ class HelmPolicy:
                     h=self.cusum_h,
                     baseline=self.cusum_baseline,
                     warmup=self.cusum_warmup,
-                    floor=1e-4,
+                    floor=CUSUM_FLOOR,
                 ),
             )
         return st
@@ -505,9 +536,7 @@ class HelmPolicy:
         imbalance = (emb_ms - kv_ms) / total if total > 0.0 else 0.0
         if self.recovery:
             signals = detector_signals(f)
-            alarm = st.detector.update(signals)
-            if alarm:
-                st.detector.reset()
+            alarm = st.detector.step(signals, learn=st.mode == _Mode.NORMAL)
             if st.mode == _Mode.RECOVERY:
                 st.held += 1
                 st.calm = 0 if alarm else st.calm + 1
@@ -543,6 +572,7 @@ _INT_KEYS: Final = (
     "adapter_patience",
     "cusum_warmup",
     "calm_windows",
+    "max_recovery",
     "blend_windows",
 )
 _BOOL_KEYS: Final = ("adapter", "recovery")

@@ -79,6 +79,7 @@ from services.controller.core.split_model import (
     ModelParams,
     SplitModel,
     kv_miss_ms,
+    miss_pressures,
     recompute_share,
 )
 from shared.schemas import WorkerFeatures
@@ -186,15 +187,11 @@ class HitBalancePolicy:
 
     def pressures(self, f: WorkerFeatures) -> tuple[float, float]:
         """(emb_ms, kv_ms): the latency per request that each cache's misses cost in this window."""
-        cost = f.cost
-        if self.worker_cost > 0.0 and cost.samples > 0:
-            emb_ms = f.emb_misses_per_request * cost.ms_per_emb_miss
-            token_ms = cost.ms_per_new_token
-        else:
-            requests = f.request_rate * f.window_ms * 1e-3
-            emb_ms = f.miss_bytes / requests / self.row_bytes * self.miss_ms if requests > 0 else 0.0
-            token_ms = self.token_ms
-        return emb_ms, kv_miss_ms(f.mean_history, f.kv_hit_rate, f.new_token_fraction, token_ms)
+        if self.worker_cost > 0.0 and f.cost.samples > 0:
+            return miss_pressures(f)
+        requests = f.request_rate * f.window_ms * 1e-3
+        emb_ms = f.miss_bytes / requests / self.row_bytes * self.miss_ms if requests > 0 else 0.0
+        return emb_ms, kv_miss_ms(f.mean_history, f.kv_hit_rate, f.new_token_fraction, self.token_ms)
 
     def decide(self, features: WorkerFeatures, current: float) -> float:
         f = features

@@ -61,6 +61,16 @@ def kv_miss_ms(
     return mean_history * min(1.0 - kv_hit_rate, new_token_fraction) * ms_per_token
 
 
+def miss_pressures(f: WorkerFeatures) -> tuple[float, float]:
+    """(emb_ms, kv_ms): per request, what each cache's misses cost in the window, priced with the worker's
+    fitted model ``f.cost``: EMB misses x ms per miss, and :func:`kv_miss_ms` per new token's price."""
+    cost = f.cost
+    return (
+        f.emb_misses_per_request * cost.ms_per_emb_miss,
+        kv_miss_ms(f.mean_history, f.kv_hit_rate, f.new_token_fraction, cost.ms_per_new_token),
+    )
+
+
 def recompute_share(kv_hit_rate: float, new_token_fraction: float) -> float:
     """Share of a missing user's history that a KV miss recomputed in the window, in [0, 1]:
     ``kv_miss_ms`` per missing request over ``mean_history * ms_per_token``. With no miss in the window
@@ -163,8 +173,7 @@ class SplitModel:
         emb_hit, kv_hit = f.emb_hit_rate, f.kv_hit_rate
         misses = f.emb_misses_per_request
         items = misses / (1.0 - emb_hit) if emb_hit < 1.0 else 0.0
-        kv_ms = kv_miss_ms(f.mean_history, kv_hit, f.new_token_fraction, token_ms)
-        emb_ms = misses * cost.ms_per_emb_miss
+        emb_ms, kv_ms = miss_pressures(f)
         history = f.mean_history
         new_tokens = history * f.new_token_fraction
         priced = (
@@ -238,5 +247,6 @@ __all__ = [
     "ModelParams",
     "SplitModel",
     "kv_miss_ms",
+    "miss_pressures",
     "recompute_share",
 ]
