@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from services.controller.core.helm import (
     pressures,
 )
 from shared.schemas import CostCoefficients, WorkerFeatures
-from sim.ppo import ActorCritic, RunningNorm
+from sim.ppo import VERSION, ActorCritic, RunningNorm, TrainConfig
 
 D = len(FEATURES)
 
@@ -215,18 +216,36 @@ def test_helm_recovery_takes_over_in_a_burst_and_hands_back_with_a_blend() -> No
         assert policy.decide(feat(), 0.5) == pytest.approx(0.5)
     assert policy.mode("w1") == "normal"
     burst = feat(request_rate=400.0, hot_user_share=0.9)
-    out = policy.decide(burst, 0.42)
-    assert policy.mode("w1") == "recovery"
     emb_ms, kv_ms = pressures(burst)
-    assert out == pytest.approx(0.42 + 0.1 * (emb_ms - kv_ms) / (emb_ms + kv_ms))
-    # back to normal traffic: the statistic decays; after two calm windows, a blend of two windows
-    modes = []
-    for _ in range(40):
-        policy.decide(feat(request_rate=100.0), 0.5)
-        modes.append(policy.mode("w1"))
-        if modes[-1] == "normal" and "blend" in modes:
-            break
-    assert "blend" in modes and modes[-1] == "normal"
+    protective = 0.42 + 0.1 * (emb_ms - kv_ms) / (emb_ms + kv_ms)
+    assert policy.decide(burst, 0.42) == pytest.approx(protective)
+    assert policy.mode("w1") == "recovery"
+    # back to the baseline: no alarm, calm 1 (still protecting, moved by the normal window's imbalance)
+    e = (1.0 - 0.5) / 1.5
+    protective += 0.1 * e
+    assert policy.decide(feat(), 0.5) == pytest.approx(protective)
+    assert policy.mode("w1") == "recovery"
+    # calm 2: hand back, half of the blend
+    assert policy.decide(feat(), 0.5) == pytest.approx(0.5 * protective + 0.5 * 0.5)
+    assert policy.mode("w1") == "blend"
+    assert policy.decide(feat(), 0.5) == pytest.approx(0.5)
+    assert policy.mode("w1") == "normal"
+
+
+def test_helm_detector_does_not_learn_a_burst_while_recovering() -> None:
+    policy = HelmPolicy(zero_actor(), adapter=False, cusum_warmup=3, cusum_h=4.0, max_recovery=3)
+    for _ in range(10):
+        policy.decide(feat(), 0.5)
+    det = policy._state("w1").detector
+    baseline = list(det.mean)
+    burst = feat(request_rate=400.0)
+    policy.decide(burst, 0.5)
+    policy.decide(burst, 0.5)
+    assert det.mean == baseline  # alarmed, then recovering: the baseline holds
+    policy.decide(burst, 0.5)
+    policy.decide(burst, 0.5)  # still bursting after max_recovery windows: the new level is the norm
+    assert det.mean[0] == pytest.approx(math.log1p(400.0))
+    assert policy.mode("w1") == "blend"
 
 
 def test_build_helm_parses_keys_and_names_bad_ones(tmp_path: Path) -> None:
@@ -243,12 +262,21 @@ def test_build_helm_parses_keys_and_names_bad_ones(tmp_path: Path) -> None:
         build_helm("layers=1.5", weights=path)
     with pytest.raises(ValueError, match="layers must be 1, 2 or 3"):
         build_helm("layers=4", weights=path)
+    with pytest.raises(ValueError, match="blend_windows must be an integer >= 1"):
+        build_helm("blend_windows=0", weights=path)
+    with pytest.raises(ValueError, match="adapter_ramp must be an integer >= 0"):
+        build_helm("adapter_ramp=-1", weights=path)
+    with pytest.raises(ValueError, match="max_recovery must be an integer"):
+        build_helm("max_recovery=2.5", weights=path)
+    with pytest.raises(ValueError, match="adapter_leak is a weight"):
+        build_helm("adapter_leak=1.5", weights=path)
     with pytest.raises(ValueError, match="no actor weights at"):
         build_helm(f"weights={tmp_path / 'none.npz'}")
 
 
-def test_the_shipped_actor_loads() -> None:
+def test_the_shipped_actor_is_what_train_controller_makes_by_default() -> None:
     actor = Actor.load(DEFAULT_WEIGHTS)
-    assert actor.version.startswith("helm-ppo")
-    x = np.array(observe(feat()))
-    assert 0.0 < actor.mean(x) < 1.0
+    assert actor.version == VERSION
+    meta = json.loads(actor.meta)
+    assert meta["train"] == TrainConfig().to_json()
+    assert meta["reward"] == TrainConfig().env.reward.to_json()

@@ -23,17 +23,35 @@ def test_env_steps_are_windows_and_actions_go_through_the_clamp() -> None:
     obs, info = env.reset(seed=3, options={"regime": "steady", "alpha0": 0.5})
     assert obs.shape == (2, len(FEATURES)) and info["regime"] == "steady"
     assert env.observation_space.shape == obs.shape and env.action_space.shape == (2,)
+    assert env.sim is not None
+    before = [
+        (w.pool.counters.critical_refill_bytes, w.pool.counters.prefetch_bytes) for w in env.sim.workers
+    ]
     obs, reward, terminated, truncated, step = env.step(np.array([1.0, 0.0], dtype=np.float32))
     # targets 0.95 and 0.05 asked; the controller's clamp moves at most max_step (0.1) from 0.5
     assert step["targets"] == pytest.approx([0.6, 0.4])
     assert not terminated and not truncated
     assert reward == pytest.approx(float(np.mean(step["rewards"])))
     # the reward is the documented sum for each worker's window
-    rw, slo = env.config.reward, env.sim.cfg.slo_ms if env.sim else 0.0
-    for f, r in zip(env.features(), step["rewards"], strict=True):
+    rw, slo = env.config.reward, env.sim.cfg.slo_ms
+    for w, (crit0, bg0), f, r in zip(env.sim.workers, before, env.features(), step["rewards"], strict=True):
         assert f is not None
-        assert r <= -(rw.p99 * min(f.p99_latency_ms / slo, 10.0) + rw.churn * 0.1) + 1e-9
-    steps = 1
+        crit = (w.pool.counters.critical_refill_bytes - crit0) / 2**20
+        bg = (w.pool.counters.prefetch_bytes - bg0) / 2**20
+        expected = -(
+            rw.p99 * min(f.p99_latency_ms / slo, 10.0)
+            + rw.violations * f.slo_violation_rate
+            + rw.critical_mib * crit
+            + rw.background_mib * bg
+            + rw.churn * 0.1
+        )
+        assert r == pytest.approx(expected)
+    # a move below min_change is not sent: the target stays and no churn is charged
+    obs, reward, terminated, truncated, step = env.step(
+        np.array([(0.6 - 0.05 + 0.004) / 0.9, 0.5], dtype=np.float32)
+    )
+    assert step["targets"][0] == pytest.approx(0.6)
+    steps = 2
     while not truncated:
         obs, reward, terminated, truncated, step = env.step(np.array([0.5, 0.5], dtype=np.float32))
         steps += 1
