@@ -370,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=_AppendOnce,
         default=None,
         metavar="SPEC",
-        help="alpha policy to measure: static:A, hit-balance[:key=value,...], helm; repeatable, one "
-        "section each (default: the controller's default policy, hit-balance)",
+        help="alpha policy to measure: static:A, hit-balance, pi, predict-greedy, helm (each with "
+        "[:key=value,...]); repeatable, one section each (default helm, the full three-layer decision)",
     )
     bcon.add_argument(
         "--workers",

@@ -80,13 +80,16 @@ def test_bench_controller_writes_every_key_and_the_report(tmp_path: Path) -> Non
     assert "hit-balance: decision p50" in run.stdout and "static:0.5: decision p50" in run.stdout
 
 
-def test_default_policy_is_the_controllers(tmp_path: Path) -> None:
+def test_default_policy_is_helm_with_its_figures_at_the_top(tmp_path: Path) -> None:
     out = tmp_path / "controller.json"
     run = _bench("--decisions", "100", "--workers", "2", "--seed", "3", "--json", str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(out.read_text())
-    assert list(report["policies"]) == [ControllerSettings().policy]
-    assert sum(report["policies"][ControllerSettings().policy]["histogram"]["counts"]) == 100
+    assert list(report["policies"]) == ["helm"] and report["policy"] == "helm"
+    helm = report["policies"]["helm"]
+    for key in ("decision_p50_us", "decision_p99_us", "decision_32_workers_us", "histogram"):
+        assert report[key] == helm[key], key
+    assert sum(helm["histogram"]["counts"]) == 100
     assert report["setup"]["seed"] == 3
 
 
