@@ -23,7 +23,8 @@ PURE_SHARED = (SHARED / "residency",)
 IMPURE = ("asyncio", "nats", "aiohttp", "torch", "uvloop")
 OURS = ("services", "shared", "sim", "workloads", "bench")
 PURE_TOOLS = (ROOT / "sim", ROOT / "workloads")
-TOOL_SHELLS = (ROOT / "sim" / "cli.py",)
+# The simulator's CLI shell, and HELM's PPO training: torch by design (the serving side, helm.py, is numpy).
+TOOL_SHELLS = (ROOT / "sim" / "cli.py", ROOT / "sim" / "ppo.py")
 
 
 def _imports(path: Path) -> list[str]:
