@@ -47,7 +47,7 @@ bench-faults: venv
 	$(BIN)/onepool bench faults --json out/bench-faults.json
 
 bench-controller: venv
-	$(BIN)/onepool bench controller --policy hit-balance --policy static:0.5 --json out/bench-controller.json --report out/bench-controller
+	$(BIN)/onepool bench controller --policy helm --policy helm:layers=1 --policy hit-balance --policy pi --policy predict-greedy --policy static:0.5 --json out/bench-controller.json --report out/bench-controller
 
 # Mutation testing of the pure cores and shared/ (~30 min on 2 cores; docs/testing.md); not part of `make test`.
 MUTMUT_SPEC ?= mutmut==3.8.1

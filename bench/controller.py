@@ -1,36 +1,15 @@
-"""Controller decision latency: how long one alpha decision takes on this machine, per policy.
+"""Controller decision latency (``onepool bench controller``): one alpha decision, per policy.
 
-What is timed is exactly what ``ControllerService.decide`` (services/controller/service.py) times:
-``current = features.alpha_target``, then ``clamp(policy.decide(features, current), current)`` between two
-``time.perf_counter_ns()`` calls, with the controller's own clamp (``Clamp(alpha_min, alpha_max, max_step)``
-of ``ControllerSettings``' defaults, read from there) and the policy built by ``parse_policy`` from its
-spec, so any policy that ``parse_policy`` knows is measured unchanged. A fresh policy (and a fresh feature
-stream from the same seed) per spec: a stateful policy starts from nothing each time.
-
-The features: a seeded stream (``FeatureStream``) of ``WorkerFeatures`` for ``workers`` workers, one per
-worker per feature window (cachestate's default window), drifting as a cluster's do: each worker's request
-rate follows a log random walk around its own base with noise, occasional bursts (2-3.5x for a few
-windows) and rare idle windows; its mean history length drifts (32-2048 tokens); its EMB and KV hit rates
-follow their split (EMB up with alpha, KV down) through a lagged, noisy filter, dented by bursts (cold
-items, new users); its cost model is the prior (``samples == 0``) for its first windows and a noisy fit
-after; alpha follows its target by at most ``ALPHA_SPEED`` per window, and the target moves when a decision
-moves it by ``min_change`` or more (what the controller would send). Feature generation is not timed.
-
-Figures per policy (``report["policies"][spec]``):
-- decision_p50_us / decision_p99_us / decision_mean_us / decision_max_us: ``decisions`` (K) one-worker
-  decisions after a warm-up, the workers' features taken in turn as in a report; nearest-rank percentiles
-  (the controller's ``DecisionLatency``); ``histogram``: their log-spaced bins (edges in us, counts sum to K).
-- decision_32_workers_us: the median wall time of a whole round, ``workers`` decisions one after the other
-  as the controller runs through a report (its features are decoded already); over
-  ``max(MIN_ROUNDS, K // workers)`` rounds after a warm-up. The key says 32 (the default and the target's
-  cluster size); ``workers`` holds the real count, ``decision_32_workers_p99_us`` the rounds' p99.
-- moved_share: the share of the K decisions that moved their worker's target by ``min_change`` or more
-  (what the controller would send).
-- target_p99_us (10) and met (decision_p99_us <= target_p99_us).
-The first policy (default ``helm``, the full three-layer decision) also gives the top level its
-``policy``, ``decision_p50_us``, ``decision_p99_us``, ``decision_32_workers_us`` and ``histogram``.
-The garbage collector is disabled while timing (after a ``gc.collect()``) and re-enabled after, so a
-collection triggered by the untimed feature generation does not land in a decision.
+Map
+---
+* :class:`FeatureStream` -- seeded synthetic ``WorkerFeatures`` that drift as a cluster's do (rates with
+  bursts and idle windows, history lengths, hit rates following the split, the cost fit arriving late);
+  decisions are fed back into it. Not timed.
+* :func:`measure_policy` -- times exactly what ``ControllerService.decide`` times: ``policy.decide`` then
+  the controller's ``Clamp`` (from ``ControllerSettings``), between two ``perf_counter_ns`` calls, the GC
+  off; one worker's decisions and whole rounds of ``workers``.
+* :func:`run_controller_bench` -- every ``--policy`` (default ``helm``), the JSON report and
+  ``--report``'s markdown and histogram. Keys and figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
