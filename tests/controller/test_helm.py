@@ -197,7 +197,9 @@ def test_helm_layers_and_names() -> None:
 
 
 def test_helm_adapter_follows_the_dearer_side() -> None:
-    policy = HelmPolicy(zero_actor(), recovery=False, adapter_ramp=1, adapter_leak=0.0)
+    policy = HelmPolicy(
+        zero_actor(), recovery=False, adapter_ramp=1, adapter_leak=0.0, adapter_rate=0.02, adapter_step=0.01
+    )
     # EMB misses cost 1 ms, KV 0.5 ms: imbalance 1/3 > dead band 0.2 -> +0.02 x 1/3 per decision
     first = policy.decide(feat(), 0.5)
     assert first == pytest.approx(0.5 + 0.02 / 3)
@@ -254,6 +256,8 @@ def test_build_helm_parses_keys_and_names_bad_ones(tmp_path: Path) -> None:
     p = build_helm(f"layers=2,adapter_cap=0.1,weights={path}")
     assert p.layers == 2 and p.adapter_cap == 0.1 and not p.recovery
     assert build_helm("recovery=0", weights=path).name == "helm:recovery=0"
+    assert build_helm("protect_gain=0.05", weights=path).name == "helm:protect_gain=0.05"
+    assert build_helm("", weights=path).name == "helm"
     with pytest.raises(ValueError, match="'bogus=1' is not key=value"):
         build_helm("bogus=1", weights=path)
     with pytest.raises(ValueError, match="adapter must be 0 or 1"):

@@ -421,20 +421,22 @@ class HelmPolicy:
 
     Constants (all overridable as ``helm:key=value``):
     - ``lo``/``hi``: the range the actor's [0, 1] output is mapped onto, the controller's clamp range.
-    - adapter: ``adapter_rate`` a fifth of the clamp's step (the adapter nudges, the base leads),
-      ``adapter_step`` 0.01 per decision (binds beyond an imbalance of 0.5: one window's extreme reading
-      moves it no more than a moderate one), ``adapter_cap`` 0.15 (the base stays in charge of the split's
-      range), ``adapter_leak`` 0.05 (an unreinforced correction halves in ~14 windows), ``adapter_deadband``
-      0.2 (an imbalance within +-20% is window-to-window noise), ``adapter_ramp`` 30 decisions (half a
-      minute of 1-s windows before full authority), ``adapter_patience`` 10 windows ``adapter_tolerance``
-      0.2 above the reference P99 before a reset.
+    - adapter: ``adapter_rate`` a twentieth of the clamp's step (0.005: the adapter nudges, the base
+      leads; at a fifth, the pressure imbalance, which leans toward KV on the local preset, took trend's
+      P99 from the base's 39.8 to 44.0 ms, docs/controller.md), ``adapter_step`` half of that per decision
+      (binds beyond an imbalance of 0.5: one window's extreme reading moves it no more than a moderate
+      one), ``adapter_cap`` 0.15 (the base stays in charge of the split's range), ``adapter_leak`` 0.05 (an
+      unreinforced correction halves in ~14 windows), ``adapter_deadband`` 0.2 (an imbalance within +-20%
+      is window-to-window noise), ``adapter_ramp`` 30 decisions (half a minute of 1-s windows before full
+      authority), ``adapter_patience`` 10 windows ``adapter_tolerance`` 0.2 above the reference P99 before
+      a reset.
     - recovery: the detector's :data:`CUSUM_K`, :data:`CUSUM_H`, :data:`CUSUM_BASELINE`,
       :data:`CUSUM_WARMUP` (a measured operating point); an alarm restarts the sums, so a burst that goes
       on alarms again; ``calm_windows`` 5 windows without an alarm hand back, blended over
       ``blend_windows`` 5; a burst still alarming after ``max_recovery`` 30 windows is taken as the new
-      normal (the baseline rebased) and handed back too; the protective action moves ``protect_gain`` 0.1
-      per window toward the side whose misses cost more (the pressure imbalance, no dead band) from where
-      the burst found the worker.
+      normal (the baseline rebased) and handed back too; the protective action holds the split where the
+      burst found the worker (``protect_gain`` 0; a positive gain moves it that much per window toward the
+      side whose misses cost more, which measured worse: docs/controller.md).
     """
 
     actor: Actor
@@ -443,8 +445,8 @@ class HelmPolicy:
     recovery: bool = True
     lo: float = DEFAULT_ALPHA_MIN
     hi: float = DEFAULT_ALPHA_MAX
-    adapter_rate: float = DEFAULT_MAX_STEP / 5
-    adapter_step: float = 0.01
+    adapter_rate: float = DEFAULT_MAX_STEP / 20
+    adapter_step: float = DEFAULT_MAX_STEP / 40
     adapter_cap: float = 0.15
     adapter_leak: float = 0.05
     adapter_deadband: float = 0.2
@@ -458,7 +460,7 @@ class HelmPolicy:
     calm_windows: int = 5
     max_recovery: int = 30
     blend_windows: int = 5
-    protect_gain: float = 0.1
+    protect_gain: float = 0.0
     name: str = field(init=False)
     _workers: dict[str, _WorkerState] = field(init=False, default_factory=dict, repr=False)
 
@@ -617,4 +619,7 @@ def build_helm(arg: str, weights: str | Path | None = None) -> HelmPolicy:
             f"helm: no actor weights at {path}; train them with `onepool train-controller` "
             "or pass weights=PATH"
         )
-    return HelmPolicy(Actor.load(path), **params)  # type: ignore[arg-type]
+    policy = HelmPolicy(Actor.load(path), **params)  # type: ignore[arg-type]
+    if arg:
+        policy.name = f"helm:{arg}"  # every key given, so that two variants never share a name in a report
+    return policy
