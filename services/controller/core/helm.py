@@ -21,6 +21,7 @@ The decision is plain float arithmetic plus three small matrix products: no torc
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import math
@@ -392,17 +393,19 @@ CUSUM_WARMUP: Final = 20  # windows before the sums start (the baseline settles 
 CUSUM_FLOOR: Final = 1e-4
 
 
-class _Mode:
-    NORMAL: Final = 0
-    RECOVERY: Final = 1
-    BLEND: Final = 2
+class _Mode(enum.Enum):
+    """One worker's lifecycle under layer 3."""
+
+    NORMAL = "normal"
+    RECOVERY = "recovery"  # a burst: the split held, the adapter frozen
+    BLEND = "blend"  # handing back: protective and normal outputs blended
 
 
 @dataclass(slots=True)
 class _WorkerState:
     adapter: Adapter
     detector: BurstDetector
-    mode: int = _Mode.NORMAL
+    mode: _Mode = _Mode.NORMAL
     calm: int = 0  # recovery: windows in a row without an alarm
     held: int = 0  # recovery: windows since it took over
     blend: int = 0  # blend: windows since recovery handed back
@@ -569,7 +572,7 @@ class HelmPolicy:
 
     def mode(self, worker_id: str) -> str:
         st = self._workers.get(worker_id)
-        return ("normal", "recovery", "blend")[st.mode] if st is not None else "normal"
+        return st.mode.value if st is not None else _Mode.NORMAL.value
 
 
 _INT_KEYS: Final = (
