@@ -24,32 +24,25 @@ from services.controller.core.helm import (
 )
 from shared.schemas import CostCoefficients, WorkerFeatures
 from sim.ppo import VERSION, ActorCritic, RunningNorm, TrainConfig
+from tests.controller.features import worker_features
 
 D = len(FEATURES)
 
 
 def feat(**overrides: Any) -> WorkerFeatures:
-    base: dict[str, Any] = {
-        "worker_id": "w1",
-        "window_ms": 1000.0,
-        "request_rate": 100.0,
-        "request_rate_delta": 0.0,
-        "hot_user_share": 0.5,
-        "mean_history": 100.0,
-        "max_history": 400,
-        "new_token_fraction": 0.5,
-        "emb_hit_rate": 0.5,
-        "kv_hit_rate": 0.5,
-        "miss_bytes": 0,
-        "emb_misses_per_request": 20.0,
-        "p99_latency_ms": 20.0,
-        "slo_violation_rate": 0.0,
-        "alpha": 0.5,
-        "alpha_target": 0.5,
-        "cost": CostCoefficients(fixed_ms=1.0, ms_per_new_token=0.01, ms_per_emb_miss=0.05, samples=10),
-    }
-    base.update(overrides)
-    return WorkerFeatures(**base)
+    return worker_features(
+        **{
+            **{
+                "new_token_fraction": 0.5,
+                "emb_misses_per_request": 20.0,
+                "slo_violation_rate": 0.0,
+                "cost": CostCoefficients(
+                    fixed_ms=1.0, ms_per_new_token=0.01, ms_per_emb_miss=0.05, samples=10
+                ),
+            },
+            **overrides,
+        }
+    )
 
 
 def zero_actor(h: int = 4, bias: tuple[float, float] = (0.0, 0.0)) -> Actor:

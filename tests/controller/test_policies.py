@@ -16,6 +16,7 @@ from services.controller.settings import ENV_PREFIX, ControllerSettings
 from shared.errors import SettingsError
 from shared.schemas import CostCoefficients, WorkerFeatures
 from shared.settings import load_settings
+from tests.controller.features import worker_features
 
 # 100 requests in the window; with the default cost model one 128-byte row missed per request costs 1 us
 # and one recomputed token 10 us.
@@ -24,24 +25,7 @@ REQUESTS = 100
 
 
 def feat(**overrides: Any) -> WorkerFeatures:
-    base: dict[str, Any] = {
-        "worker_id": "w1",
-        "window_ms": 1000.0,
-        "request_rate": 100.0,
-        "request_rate_delta": 0.0,
-        "hot_user_share": 0.5,
-        "mean_history": 100.0,
-        "max_history": 400,
-        "new_token_fraction": 0.0,
-        "emb_hit_rate": 0.5,
-        "kv_hit_rate": 0.5,
-        "miss_bytes": 0,
-        "p99_latency_ms": 20.0,
-        "slo_violation_rate": 0.05,
-        "alpha": 0.5,
-        "alpha_target": 0.5,
-    }
-    return WorkerFeatures(**{**base, **overrides})
+    return worker_features(**{**{}, **overrides})
 
 
 def pressure(emb_ms: float, kv_ms: float, **overrides: Any) -> WorkerFeatures:

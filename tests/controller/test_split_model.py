@@ -16,6 +16,7 @@ from services.controller.core.split_model import (
     recompute_share,
 )
 from shared.schemas import CostCoefficients, WorkerFeatures
+from tests.controller.features import worker_features
 
 # Prices: 1 ms fixed, 20 us per recomputed token, 1 us per cached token, 10 us per EMB miss.
 COST = CostCoefficients(
@@ -27,26 +28,19 @@ LINEAR = ModelParams(emb_slope=0.1, kv_exponent=1.0)  # g = 1: hand arithmetic s
 def window(**overrides: Any) -> WorkerFeatures:
     """Observed at alpha 0.5: 100 EMB items per request, 60% hit (40 misses); half the users' KV hit, 100
     history tokens, 60 of them computed; 100 requests per second; no P99 (the fit's price alone)."""
-    base: dict[str, Any] = {
-        "worker_id": "w1",
-        "window_ms": 1000.0,
-        "request_rate": 100.0,
-        "request_rate_delta": 0.0,
-        "hot_user_share": 0.5,
-        "mean_history": 100.0,
-        "max_history": 400,
-        "new_token_fraction": 0.6,
-        "emb_hit_rate": 0.6,
-        "kv_hit_rate": 0.5,
-        "miss_bytes": 0,
-        "emb_misses_per_request": 40.0,
-        "p99_latency_ms": 0.0,
-        "slo_violation_rate": 0.0,
-        "alpha": 0.5,
-        "alpha_target": 0.5,
-        "cost": COST,
-    }
-    return WorkerFeatures(**{**base, **overrides})
+    return worker_features(
+        **{
+            **{
+                "new_token_fraction": 0.6,
+                "emb_hit_rate": 0.6,
+                "emb_misses_per_request": 40.0,
+                "p99_latency_ms": 0.0,
+                "slo_violation_rate": 0.0,
+                "cost": COST,
+            },
+            **overrides,
+        }
+    )
 
 
 def model(params: ModelParams = LINEAR, **overrides: Any) -> SplitModel:

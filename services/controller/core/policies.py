@@ -102,6 +102,12 @@ class AlphaPolicy(Protocol):
     def decide(self, features: WorkerFeatures, current: float) -> float: ...
 
 
+def _nothing_to_learn(f: WorkerFeatures, settle: float) -> bool:
+    """The holds every feedback policy shares: no traffic in the window (nothing to learn from), or the
+    previous move still under way (``|alpha - alpha_target| > settle``: these features predate it)."""
+    return not (f.request_rate > 0.0 and f.window_ms > 0.0) or abs(f.alpha - f.alpha_target) > settle
+
+
 @dataclass(frozen=True, slots=True)
 class Clamp:
     """Applied after every policy: at most ``max_step`` from ``current``, then inside ``[lo, hi]``."""
@@ -195,10 +201,8 @@ class HitBalancePolicy:
 
     def decide(self, features: WorkerFeatures, current: float) -> float:
         f = features
-        if not (f.request_rate > 0.0 and f.window_ms > 0.0):
-            return current  # no traffic: nothing to learn from
-        if abs(f.alpha - f.alpha_target) > self.settle:
-            return current  # the previous move is still under way: these features predate it
+        if _nothing_to_learn(f, self.settle):
+            return current
         high = self.high_hit
         if f.slo_violation_rate <= self.slo_ok and f.emb_hit_rate >= high and f.kv_hit_rate >= high:
             return current  # healthy: do not chase noise
@@ -323,10 +327,8 @@ class PIPolicy:
 
     def decide(self, features: WorkerFeatures, current: float) -> float:
         f = features
-        if not (f.request_rate > 0.0 and f.window_ms > 0.0):
-            return current  # no traffic: nothing to learn from
-        if abs(f.alpha - f.alpha_target) > self.settle:
-            return current  # the previous move is still under way: these features predate it
+        if _nothing_to_learn(f, self.settle):
+            return current
         e = self.error(f, current)
         if e is None:
             return current
@@ -533,10 +535,8 @@ class PredictGreedyPolicy:
 
     def decide(self, features: WorkerFeatures, current: float) -> float:
         f = features
-        if not (f.request_rate > 0.0 and f.window_ms > 0.0):
-            return current  # no traffic: nothing to learn from
-        if abs(f.alpha - f.alpha_target) > self.settle:
-            return current  # the previous move is still under way: these features predate it
+        if _nothing_to_learn(f, self.settle):
+            return current
         if not self.observe(f):
             return current
         model = self.forecast(f.worker_id)
