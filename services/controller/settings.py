@@ -46,6 +46,10 @@ class ControllerSettings:
         default=4096, metadata=doc("decision latencies kept for the p50/p99 figures (most recent)")
     )
     stats_s: float = field(default=60.0, metadata=doc("how often decision statistics are logged (0: never)"))
+    metrics_port: int = field(
+        default=0, metadata=doc("port of the HTTP server with /metrics and /healthz (0: off)")
+    )
+    metrics_host: str = field(default="0.0.0.0", metadata=doc("address the metrics server binds"))
 
     def __post_init__(self) -> None:
         if not WORKER_ID_RE.match(self.id):
@@ -71,5 +75,7 @@ class ControllerSettings:
         for name in ("resend_s", "stats_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"{ENV_PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
         if self.latency_samples < 1:
             raise ValueError(f"{ENV_PREFIX}LATENCY_SAMPLES must be >= 1, got {self.latency_samples}")

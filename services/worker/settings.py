@@ -30,6 +30,10 @@ class WorkerSettings:
         default="tiny", metadata=doc("HSTU size preset: tiny (CPU tests), bench (CPU), paper (GPU)")
     )
     checkpoint: str = field(default="", metadata=doc("HSTU checkpoint file; empty: seeded random weights"))
+    embedding_table: str = field(
+        default="",
+        metadata=doc("host embedding table file (docs/deploy.md); empty: a seeded synthetic table"),
+    )
     seed: int = field(
         default=0, metadata=doc("seed for random weights and the synthetic host embedding table")
     )
@@ -72,6 +76,10 @@ class WorkerSettings:
     )
     torch_threads: int = field(default=1, metadata=doc("torch intra-op threads (0: torch's default)"))
     drain_s: float = field(default=5.0, metadata=doc("on shutdown, time allowed for in-flight requests"))
+    metrics_port: int = field(
+        default=0, metadata=doc("port of the HTTP server with /metrics and /healthz (0: off)")
+    )
+    metrics_host: str = field(default="0.0.0.0", metadata=doc("address the metrics server binds"))
 
     def __post_init__(self) -> None:
         # Checked here so that a bad variable fails at start-up with its name, not deep in the engine.
@@ -102,6 +110,8 @@ class WorkerSettings:
         }.items():
             if value < 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {value}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"{ENV_PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
         if not 0.0 <= self.alpha_min <= self.alpha <= self.alpha_max <= 1.0:
             raise ValueError(
                 f"need 0 <= {ENV_PREFIX}ALPHA_MIN <= {ENV_PREFIX}ALPHA <= {ENV_PREFIX}ALPHA_MAX <= 1, "
