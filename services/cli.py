@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shared.errors import EXIT_USAGE, SettingsError
+from shared.version import onepool_version
 
 
 def _load_worker_main() -> Any:
@@ -18,10 +19,14 @@ def _load_worker_main() -> Any:
 
 
 def _up(args: argparse.Namespace) -> int:
+    import os
     import signal
 
     from services.localcluster import ClusterSettings, GatewaySpec, run_local_cluster
     from shared.lifecycle import run, run_until_signalled
+    from shared.telemetry import check_telemetry_env
+
+    check_telemetry_env(os.environ)  # the services inherit this environment
 
     try:
         settings = ClusterSettings(
@@ -209,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve HSTU recommenders on workers that share one memory pool between an embedding "
         "hot cache and a per-user KV cache.",
     )
+    parser.add_argument("--version", action="version", version=f"onepool {onepool_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add_service_command(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -14,7 +15,7 @@ from opentelemetry.trace import Tracer
 from shared.bus import Bus
 from shared.lifecycle import run, run_until_signalled
 from shared.settings import add_settings_arguments, load_settings, overrides_from_args
-from shared.telemetry import setup_telemetry
+from shared.telemetry import check_telemetry_env, setup_telemetry
 
 S = TypeVar("S")
 
@@ -68,6 +69,7 @@ def service_command(
 
     def command(args: argparse.Namespace) -> int:
         settings = load_settings(cls, prefix=prefix, overrides=overrides_from_args(args, cls))
+        check_telemetry_env(os.environ)
         service_main = load_main()
 
         async def main() -> None:

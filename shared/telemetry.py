@@ -2,14 +2,17 @@
 
 One call per process, from the service shell: :func:`setup_telemetry`. It installs an
 OpenTelemetry SDK TracerProvider (exporting over OTLP/HTTP when the standard
-``OTEL_EXPORTER_OTLP_*ENDPOINT`` variables are set) and routes structlog and stdlib
-logging into one stream of JSON lines (console rendering on a tty), each line carrying
-the ``trace_id``/``span_id`` of the span current when it was logged.
+``OTEL_EXPORTER_OTLP_*ENDPOINT`` variables are set, sampling as the standard
+``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` say, checked here) and routes structlog and
+stdlib logging into one stream of JSON lines (console rendering on a tty) at the level
+``ONEPOOL_LOG_LEVEL`` names, each line carrying the ``trace_id``/``span_id`` of the span
+current when it was logged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -18,11 +21,21 @@ from typing import IO, Any, Literal
 
 import structlog
 from opentelemetry import trace
-from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from shared.errors import SettingsError
+from shared.version import onepool_version
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -80,23 +93,91 @@ def traces_endpoint_from_env(env: Mapping[str, str]) -> str | None:
     return None
 
 
+LOG_LEVEL_VAR = "ONEPOOL_LOG_LEVEL"
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SAMPLER_VAR = "OTEL_TRACES_SAMPLER"
+SAMPLER_ARG_VAR = "OTEL_TRACES_SAMPLER_ARG"
+# The OTel SDK's sampler names (sdk-environment-variables spec), with the spec's default first.
+_SAMPLERS = (
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+    "always_on",
+    "always_off",
+    "traceidratio",
+)
+
+
+def log_level_from_env(env: Mapping[str, str]) -> int:
+    """``ONEPOOL_LOG_LEVEL`` (debug, info, warning, error, critical; any case), INFO when unset."""
+    raw = env.get(LOG_LEVEL_VAR, "").strip()
+    if not raw:
+        return logging.INFO
+    if raw.lower() not in _LOG_LEVELS:
+        raise SettingsError(
+            LOG_LEVEL_VAR,
+            f"{LOG_LEVEL_VAR}={raw!r} is not a log level: expected one of {', '.join(_LOG_LEVELS)}",
+        )
+    level: int = getattr(logging, raw.upper())
+    return level
+
+
+def sampler_from_env(env: Mapping[str, str]) -> Sampler:
+    """The sampler the standard variables name, as the OTel SDK reads them, except that a name or a ratio it
+    does not know is an error here (the SDK would warn and sample everything)."""
+    name = env.get(SAMPLER_VAR, "").strip().lower() or _SAMPLERS[0]
+    if name not in _SAMPLERS:
+        raise SettingsError(
+            SAMPLER_VAR, f"{SAMPLER_VAR}={name!r} is not a sampler: expected one of {', '.join(_SAMPLERS)}"
+        )
+    if name.endswith("traceidratio"):
+        raw = env.get(SAMPLER_ARG_VAR, "").strip()
+        try:
+            ratio = float(raw) if raw else 1.0  # the spec's default ratio
+        except ValueError:
+            ratio = math.nan
+        if not 0.0 <= ratio <= 1.0:
+            raise SettingsError(
+                SAMPLER_ARG_VAR, f"{SAMPLER_ARG_VAR}={raw!r} is not a ratio: expected a number in [0, 1]"
+            )
+        return ParentBasedTraceIdRatio(ratio) if name.startswith("parentbased") else TraceIdRatioBased(ratio)
+    return {
+        "parentbased_always_on": ParentBased(ALWAYS_ON),
+        "parentbased_always_off": ParentBased(ALWAYS_OFF),
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+    }[name]
+
+
+def check_telemetry_env(env: Mapping[str, str]) -> None:
+    """Raise SettingsError for a bad ``ONEPOOL_LOG_LEVEL`` or ``OTEL_TRACES_SAMPLER*``: commands call it
+    before they start anything, so that the mistake is a usage error, not a service failing later."""
+    log_level_from_env(env)
+    sampler_from_env(env)
+
+
 def setup_telemetry(
     service_name: str,
     *,
     service_instance_id: str | None = None,
     env: Mapping[str, str] | None = None,
-    log_level: int | str = logging.INFO,
+    log_level: int | str | None = None,
     log_format: LogFormat = "auto",
     stream: IO[str] | None = None,
 ) -> Telemetry:
     """Configure tracing and logging for this process; safe to call more than once (tests do).
 
-    ``stream`` defaults to whatever ``sys.stderr`` is at write time; ``log_format="auto"``
-    renders JSON lines unless that stream is a tty.
+    ``log_level`` defaults to ``ONEPOOL_LOG_LEVEL`` from ``env``. ``stream`` defaults to whatever
+    ``sys.stderr`` is at write time; ``log_format="auto"`` renders JSON lines unless that stream is a tty.
+    A bad ``ONEPOOL_LOG_LEVEL`` or ``OTEL_TRACES_SAMPLER*`` raises SettingsError before anything is set up.
     """
     env = os.environ if env is None else env
-    _configure_logging(service_name, log_level=log_level, log_format=log_format, stream=stream)
+    level = log_level_from_env(env) if log_level is None else log_level
     endpoint = traces_endpoint_from_env(env)
+    # Without an exporter nothing would read a recorded span: make spans non-recording (they still carry
+    # valid trace ids, so logs, x-trace-id and propagation work) and spare every request their cost.
+    sampler = sampler_from_env(env) if endpoint else ALWAYS_OFF
+    _configure_logging(service_name, log_level=level, log_format=log_format, stream=stream)
     with _lock:
         current = trace.get_tracer_provider()
         if not isinstance(current, trace.ProxyTracerProvider):
@@ -108,12 +189,9 @@ def setup_telemetry(
                 ignored_endpoint=endpoint,
             )
             return Telemetry(service_name, current, owns_provider=False, traces_endpoint=None)
-        attributes: dict[str, str] = {SERVICE_NAME: service_name}
+        attributes: dict[str, str] = {SERVICE_NAME: service_name, SERVICE_VERSION: onepool_version()}
         if service_instance_id:
             attributes[SERVICE_INSTANCE_ID] = service_instance_id
-        # Without an exporter nothing would read a recorded span: make spans non-recording (they still carry
-        # valid trace ids, so logs, x-trace-id and propagation work) and spare every request their cost.
-        sampler = None if endpoint else ALWAYS_OFF
         provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
         if endpoint:
             # Imported lazily: the exporter pulls in requests/protobuf, unneeded without an endpoint.
@@ -121,7 +199,12 @@ def setup_telemetry(
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         trace.set_tracer_provider(provider)
-    _log.info("telemetry configured", traces_endpoint=endpoint or "none (spans are not exported)")
+    _log.info(
+        "telemetry configured",
+        traces_endpoint=endpoint or "none (spans are not exported)",
+        sampler=sampler.get_description(),
+        version=onepool_version(),
+    )
     return Telemetry(service_name, provider, owns_provider=True, traces_endpoint=endpoint)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from services.worker.settings import WorkerSettings
+from shared.version import onepool_version
 from tests.helpers import free_port
 
 ONEPOOL = [sys.executable, "-m", "services.cli"]
@@ -40,6 +41,17 @@ def test_worker_help_names_every_setting() -> None:
     out = subprocess.run([*ONEPOOL, "worker", "--help"], capture_output=True, text=True, check=True, cwd=ROOT)
     for name in WorkerSettings.__dataclass_fields__:
         assert f"ONEPOOL_WORKER_{name.upper()}" in out.stdout.replace("\n", " ").replace("  ", ""), name
+
+
+def test_version_and_bad_telemetry_variables() -> None:
+    out = subprocess.run([*ONEPOOL, "--version"], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == f"onepool {onepool_version()}"
+    for var, value in (("ONEPOOL_LOG_LEVEL", "chatty"), ("OTEL_TRACES_SAMPLER", "sometimes")):
+        env = {**os.environ, var: value}
+        out = subprocess.run(
+            [*ONEPOOL, "controller"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
+        )
+        assert out.returncode == 2 and var in out.stderr, out.stderr
 
 
 def test_bad_setting_is_a_clear_error() -> None:

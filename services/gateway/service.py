@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -486,25 +487,30 @@ def _breakdown_attributes(span: trace.Span, role: str, b: ScoreBreakdown) -> Non
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# The HTTP methods the semantic conventions know; any other is reported as "_OTHER" (bounded cardinality).
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
 def tracing_middleware(tracer: Tracer) -> Middleware:
     """A SERVER span per HTTP request, child of the caller's traceparent if any; its trace id goes back in
-    the x-trace-id header so a client can find the request in Jaeger."""
+    the x-trace-id header so a client can find the request in Jaeger.
+
+    Names and attributes follow the stable HTTP server conventions: the span is named `{method} {route}`, or
+    only `{method}` when no route matched (a scanned path must not make a span name of its own); an unknown
+    method is `_OTHER`; a 5xx answer sets `error.type` to its status code."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         # case-insensitive headers: "Traceparent" counts too; no header (the usual case): a new trace
         ctx = propagate.extract(request.headers) if "traceparent" in request.headers else None
-        route = (
-            request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
-        )
-        with tracer.start_as_current_span(
-            f"{request.method} {route}", context=ctx, kind=SpanKind.SERVER
-        ) as span:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else None
+        method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
+        name = f"{'HTTP' if method == '_OTHER' else method}{f' {route}' if route else ''}"
+        with tracer.start_as_current_span(name, context=ctx, kind=SpanKind.SERVER) as span:
             recording = span.is_recording()
             if recording:
-                span.set_attribute("http.request.method", request.method)
-                span.set_attribute("url.path", request.path)
-                span.set_attribute("http.route", route)
+                span.set_attributes(_server_attributes(request, method, route))
             try:
                 response = await handler(request)
             except web.HTTPException as exc:
@@ -513,11 +519,32 @@ def tracing_middleware(tracer: Tracer) -> Middleware:
             if recording:
                 span.set_attribute("http.response.status_code", response.status)
                 if response.status >= 500:
+                    span.set_attribute("error.type", str(response.status))
                     span.set_status(Status(StatusCode.ERROR))
             response.headers["x-trace-id"] = format(span.get_span_context().trace_id, "032x")
             return response
 
     return middleware
+
+
+def _server_attributes(request: web.Request, method: str, route: str | None) -> dict[str, AttributeValue]:
+    """The request's attributes required (or recommended, when cheap) by the HTTP server conventions."""
+    url = request.url  # built from the Host header: server.address/port are what the client asked for
+    attrs: dict[str, AttributeValue] = {
+        "http.request.method": method,
+        "url.scheme": request.scheme,
+        "url.path": request.path,
+        "network.protocol.version": f"{request.version.major}.{request.version.minor}",
+    }
+    if method == "_OTHER":
+        attrs["http.request.method_original"] = request.method
+    if route:
+        attrs["http.route"] = route
+    if url.host:
+        attrs["server.address"] = url.host
+    if url.port is not None:
+        attrs["server.port"] = url.port
+    return attrs
 
 
 def json_errors_middleware() -> Middleware:

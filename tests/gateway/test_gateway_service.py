@@ -6,7 +6,10 @@ from typing import Any
 
 import aiohttp
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import SpanKind, StatusCode
 
 from services.gateway.core.router import RouteRequest
 from services.gateway.service import Gateway, build_app, serve_http
@@ -79,3 +82,52 @@ async def test_the_gateway_joins_a_callers_trace_and_starts_one_otherwise(nats_s
                 assert all(len(t) == 32 and int(t, 16) != 0 for t in seen)
     finally:
         await bus.close()
+
+
+async def test_server_spans_follow_the_http_conventions_and_stay_bounded(nats_server: Any) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    bus = await Bus.connect(nats_server.url, name="gw-span-test")
+    settings = GatewaySettings(nats_url=nats_server.url, instance="gw-span-test")
+    try:
+        app = build_app(Gateway(settings, bus, tracer=tracer), tracer)
+        async with serve_http(app, settings, port=0) as runner:
+            port = runner.addresses[0][1]
+            base = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{base}/healthz") as resp:
+                    assert resp.status == 200
+                for path in ("/wp-admin/1", "/wp-admin/2"):  # a scanner: no route, no span name of its own
+                    async with http.get(base + path) as resp:
+                        assert resp.status == 404
+                async with http.request("PROPFIND", f"{base}/healthz") as resp:
+                    assert resp.status == 405
+                # No workers yet: the gateway cannot serve and says so with a 503.
+                body = {"user_id": 1, "history": [1, 2], "candidates": [3]}
+                async with http.post(f"{base}/v1/recommend", json=body) as resp:
+                    assert resp.status == 503
+    finally:
+        await bus.close()
+    spans = [sp for sp in exporter.get_finished_spans() if sp.kind == SpanKind.SERVER]
+    assert [sp.name for sp in spans] == ["GET /healthz", "GET", "GET", "HTTP", "POST /v1/recommend"]
+    ok = dict(spans[0].attributes or {})
+    assert ok == {
+        "http.request.method": "GET",
+        "url.scheme": "http",
+        "url.path": "/healthz",
+        "network.protocol.version": "1.1",
+        "http.route": "/healthz",
+        "server.address": "127.0.0.1",
+        "server.port": port,
+        "http.response.status_code": 200,
+    }
+    scanned = dict(spans[1].attributes or {})
+    assert "http.route" not in scanned and scanned["url.path"] == "/wp-admin/1"
+    assert "error.type" not in scanned  # a 4xx is the client's error, not the server's
+    other = dict(spans[3].attributes or {})
+    assert other["http.request.method"] == "_OTHER" and other["http.request.method_original"] == "PROPFIND"
+    failed = dict(spans[4].attributes or {})
+    assert failed["http.response.status_code"] == 503 and failed["error.type"] == "503"
+    assert spans[4].status.status_code == StatusCode.ERROR

@@ -15,8 +15,23 @@ import pytest
 import structlog
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    TraceIdRatioBased,
+)
 
-from shared.telemetry import get_logger, setup_telemetry, traces_endpoint_from_env
+from shared.errors import SettingsError
+from shared.telemetry import (
+    get_logger,
+    log_level_from_env,
+    sampler_from_env,
+    setup_telemetry,
+    traces_endpoint_from_env,
+)
+from shared.version import onepool_version
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -167,4 +182,42 @@ def test_spans_are_exported_over_otlp_http(tmp_path: Path) -> None:
     [resource_spans] = request.resource_spans
     resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
     assert resource["service.name"] == "svc-otlp" and resource["service.instance.id"] == "i-7"
+    assert resource["service.version"] == onepool_version() != ""
     assert [s.name for ss in resource_spans.scope_spans for s in ss.spans] == ["exported span"]
+
+
+def test_log_level_comes_from_onepool_log_level() -> None:
+    assert log_level_from_env({}) == logging.INFO
+    assert log_level_from_env({"ONEPOOL_LOG_LEVEL": " Debug "}) == logging.DEBUG
+    assert log_level_from_env({"ONEPOOL_LOG_LEVEL": "ERROR"}) == logging.ERROR
+    with pytest.raises(SettingsError, match="ONEPOOL_LOG_LEVEL='verbose'") as err:
+        log_level_from_env({"ONEPOOL_LOG_LEVEL": "verbose"})
+    assert err.value.field == "ONEPOOL_LOG_LEVEL"
+    buf = io.StringIO()
+    setup_telemetry("svc-level", env={"ONEPOOL_LOG_LEVEL": "warning"}, log_format="json", stream=buf)
+    get_logger("probe").info("hidden")
+    get_logger("probe").warning("shown")
+    assert [line["event"] for line in _lines(buf)] == ["shown"]
+
+
+def test_the_sampler_follows_the_standard_variables_and_refuses_what_it_does_not_know() -> None:
+    default = sampler_from_env({})
+    assert (
+        isinstance(default, ParentBased)
+        and default.get_description() == ParentBased(ALWAYS_ON).get_description()
+    )
+    assert sampler_from_env({"OTEL_TRACES_SAMPLER": "always_off"}) is ALWAYS_OFF
+    ratio = sampler_from_env(
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    )
+    assert isinstance(ratio, ParentBasedTraceIdRatio)
+    assert ratio.get_description() == ParentBasedTraceIdRatio(0.1).get_description()
+    plain = sampler_from_env({"OTEL_TRACES_SAMPLER": "TraceIdRatio"})  # names are case-insensitive
+    assert isinstance(plain, TraceIdRatioBased) and plain.rate == 1.0  # the spec's default ratio
+    with pytest.raises(SettingsError) as err:
+        sampler_from_env({"OTEL_TRACES_SAMPLER": "sometimes"})
+    assert err.value.field == "OTEL_TRACES_SAMPLER"
+    for bad in ("1.5", "-0.1", "half", "nan"):
+        with pytest.raises(SettingsError) as err:
+            sampler_from_env({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": bad})
+        assert err.value.field == "OTEL_TRACES_SAMPLER_ARG"
