@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from shared.errors import EXIT_USAGE, SettingsError
@@ -78,6 +79,28 @@ def _infer(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
         )
     )
+
+
+def _make_inputs(args: argparse.Namespace) -> int:
+    from services.worker.model_config import PRESETS
+    from services.worker.model_inputs import write_checkpoint, write_table
+
+    model = PRESETS[args.model]
+    table = write_table(args.out, num_items=args.num_items, model=model, seed=args.seed, dtype=args.dtype)
+    print(f"wrote embedding table {table.describe()}")
+    env = [f"ONEPOOL_WORKER_MODEL={args.model}", f"ONEPOOL_WORKER_EMBEDDING_TABLE={args.out}"]
+    if args.checkpoint_out is not None:
+        checkpoint = write_checkpoint(args.checkpoint_out, model=model, seed=args.seed)
+        print(f"wrote HSTU checkpoint {checkpoint.describe()}")
+        env.append(f"ONEPOOL_WORKER_CHECKPOINT={args.checkpoint_out}")
+    print("a worker serves them with: " + " ".join(env))
+    return 0
+
+
+def _npy_path(text: str) -> Path:
+    if not text.endswith(".npy"):
+        raise argparse.ArgumentTypeError(f"a table file ends in .npy, got {text!r}")
+    return Path(text)
 
 
 def _int_list(text: str) -> list[int]:
@@ -283,6 +306,50 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--k", type=int, default=None, help="how many to return (default: all)")
     infer.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default %(default)s)")
     infer.set_defaults(func=_infer)
+
+    from services.worker.model_config import PRESETS, TABLE_DTYPES
+    from services.worker.settings import DEFAULT_NUM_ITEMS
+
+    worker_defaults = WorkerSettings.__dataclass_fields__
+    make_inputs = sub.add_parser(
+        "make-inputs",
+        help="write a host embedding table file (and an HSTU checkpoint) that a worker loads",
+        description="Write a host embedding table [num-items, item_dim of --model] as .npy, the worker's "
+        "synthetic rows of --seed, and optionally an HSTU checkpoint of the --model preset with the seeded "
+        "weights of --seed; print each file's shape, size and SHA-256 (docs/model-inputs.md). The table is "
+        "held in memory while it is written.",
+    )
+    make_inputs.add_argument(
+        "--out", type=_npy_path, required=True, metavar="PATH", help="the table file to write (.npy)"
+    )
+    make_inputs.add_argument(
+        "--num-items",
+        type=_at_least(1),
+        default=DEFAULT_NUM_ITEMS,
+        help="rows of the table: the item catalogue (default %(default)s)",
+    )
+    make_inputs.add_argument(
+        "--model",
+        choices=sorted(PRESETS),
+        default=worker_defaults["model"].default,
+        help="model preset: its item_dim is the table's width (default %(default)s)",
+    )
+    make_inputs.add_argument(
+        "--seed",
+        type=_at_least(0),
+        default=worker_defaults["seed"].default,
+        help="seed of the rows and the weights (default %(default)s)",
+    )
+    make_inputs.add_argument(
+        "--dtype",
+        choices=TABLE_DTYPES,
+        default=TABLE_DTYPES[0],
+        help="value type of the table file (default %(default)s; the worker holds float32)",
+    )
+    make_inputs.add_argument(
+        "--checkpoint-out", type=Path, default=None, metavar="PATH", help="also write a checkpoint here"
+    )
+    make_inputs.set_defaults(func=_make_inputs)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")

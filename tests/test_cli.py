@@ -277,6 +277,50 @@ def test_up_arguments_are_checked_before_anything_starts(args: list[str], named:
     assert run.returncode == 2 and named in run.stderr, run.stderr
 
 
+def test_make_inputs_writes_files_a_worker_engine_serves_from(tmp_path: Path) -> None:
+    import hashlib
+    import re
+
+    import numpy as np
+
+    from services.worker.engine import Engine
+    from services.worker.service import engine_config_from
+
+    table, checkpoint = tmp_path / "models" / "table.npy", tmp_path / "models" / "hstu.pt"
+    args = ["--out", str(table), "--num-items", "500", "--model", "tiny", "--seed", "7", "--dtype", "float16"]
+    run = subprocess.run(
+        [*ONEPOOL, "make-inputs", *args, "--checkpoint-out", str(checkpoint)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    for path in (table, checkpoint):  # each printed with its size and SHA-256
+        line = next(x for x in run.stdout.splitlines() if f" {path}: " in x)
+        size, digest = re.search(r"(\d+) bytes, sha256 ([0-9a-f]{64})", line).groups()  # type: ignore[union-attr]
+        assert (int(size), digest) == (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert "shape [500, 32] float16" in run.stdout
+    rows = np.load(table)
+    assert rows.shape == (500, 32) and rows.dtype == np.float16
+
+    settings = WorkerSettings(
+        id="w0", device="cpu", model="tiny", embedding_table=str(table), checkpoint=str(checkpoint)
+    )
+    engine = Engine(engine_config_from(settings))
+    try:
+        assert engine.num_items == 500 and engine.model_source == f"checkpoint {checkpoint}"
+        items = np.arange(0, 500, 7, dtype=np.int64)
+        gathered, _ = engine.embeddings(items)
+        assert np.array_equal(gathered.numpy(), rows[items].astype(np.float32))
+    finally:
+        engine.stop()
+    bad = subprocess.run(
+        [*ONEPOOL, "make-inputs", "--out", str(tmp_path / "t.bin")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode == 2 and ".npy" in bad.stderr
+
+
 def _quick_bench(name: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
     """Run `onepool bench <name> --quick`; its printed summary and its JSON report."""
     out = tmp_path / "bench.json"

@@ -39,6 +39,7 @@ from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode, ResidencyDelta, ResidencySnapshot
 from services.worker.errors import DeadlineExceeded, Draining, InternalError, WorkerError
 from services.worker.hstu import HSTU, HSTUBatchOutput, HSTUConfig, HSTUInput
+from services.worker.model_config import preset_name
 from services.worker.settings import DEFAULT_MAX_BATCH
 from services.worker.storage import HostEmbeddingTable, LinkSpec, PoolStorage, PrefetchChannel, open_host_link
 from services.worker.validation import PreparedRequest, RequestLimits
@@ -64,7 +65,9 @@ class EngineConfig:
     """Plain numbers; the service builds this from its settings."""
 
     model: HSTUConfig
-    num_items: int
+    # Items in the catalogue. With an `embedding_table` file: None takes the file's row count, any other
+    # count than the file's is refused. Without one it is required: the rows of the synthetic table.
+    num_items: int | None
     budget_bytes: int
     chunk_bytes: int
     page_tokens: int
@@ -78,6 +81,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     checkpoint: str | None = None
+    embedding_table: str | None = None  # host table file (docs/model-inputs.md); None: seeded synthetic rows
     max_candidates: int = 512
     max_batch: int = DEFAULT_MAX_BATCH  # requests served together at most (1: no batching)
     # Prior of the cost fit, used until requests teach it better (rough CPU figures for the tiny model).
@@ -204,8 +208,12 @@ class Engine:
             kv_width=cfg.model.kv_width,
             device=self.device,
         )
-        self.table = HostEmbeddingTable(
-            cfg.num_items, cfg.model.item_dim, seed=cfg.seed, pin=self.device.type == "cuda"
+        self.table = self._load_table()
+        self.num_items = self.table.num_items
+        self.table_source = (
+            f"file {cfg.embedding_table}"
+            if cfg.embedding_table is not None
+            else f"seeded synthetic rows (seed={cfg.seed}): no table file given"
         )
         self.link = open_host_link(self.table, self.device, cfg.link)
         self._prefetch = (
@@ -214,7 +222,7 @@ class Engine:
             else None
         )
         self.limits = RequestLimits(
-            num_items=cfg.num_items, max_history=cfg.model.max_history, max_candidates=cfg.max_candidates
+            num_items=self.num_items, max_history=cfg.model.max_history, max_candidates=cfg.max_candidates
         )
         self._costs = CostFitter(cfg.cost_prior)
         # Control calls (digests, alpha targets) go before queued requests: a loaded worker must still
@@ -239,6 +247,22 @@ class Engine:
         self.batches = 0
         self._last_batch_end = -math.inf
 
+    def _load_table(self) -> HostEmbeddingTable:
+        """The host table: the file's (checked against the model, see `HostEmbeddingTable.from_file`) or
+        seeded synthetic rows; page-locked when the pool is on CUDA."""
+        cfg, pin = self.cfg, self.device.type == "cuda"
+        if cfg.embedding_table is not None:
+            return HostEmbeddingTable.from_file(
+                cfg.embedding_table,
+                pin=pin,
+                emb_dim=cfg.model.item_dim,
+                num_items=cfg.num_items,
+                model=preset_name(cfg.model),
+            )
+        if cfg.num_items is None:
+            raise ValueError("num_items is required without an embedding table file")
+        return HostEmbeddingTable(cfg.num_items, cfg.model.item_dim, seed=cfg.seed, pin=pin)
+
     def _new_pool(self, alpha: float) -> Pool:
         return Pool(
             self.geometry,
@@ -260,9 +284,9 @@ class Engine:
         for i, (want_len, want_cached, cands) in enumerate(shapes):
             length = min(want_len, limit)
             cached = min(want_cached, length - 1)
-            history = rng.integers(0, self.cfg.num_items, length).astype(np.int64)
+            history = rng.integers(0, self.num_items, length).astype(np.int64)
             timestamps = np.arange(length, dtype=np.int64)
-            candidates = rng.integers(0, self.cfg.num_items, cands).astype(np.int64)
+            candidates = rng.integers(0, self.num_items, cands).astype(np.int64)
             for repeat in range(2):
                 user = f"warm-up-{i}-{repeat}"
                 if cached:

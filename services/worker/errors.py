@@ -1,7 +1,11 @@
-"""Errors of the worker package. Each carries its wire code, the offending field and what the caller does."""
+"""Errors of the worker package. Each carries its wire code, the offending field and what the caller does:
+request errors (`WorkerError`, on the wire) and model input files refused at start-up (`ModelInputError`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from services.worker.settings import ENV_PREFIX
 from shared.errors import ErrorKind, OnepoolError
 from shared.schemas import DRAINING, ErrorBody
 
@@ -57,3 +61,41 @@ class InternalError(WorkerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
+
+
+class ModelInputError(OnepoolError):
+    """A model input file the worker refuses at start-up, before it serves: `path`, the `problem`, and what
+    was `found` against what was `expected` where a comparison says it; `field` names the setting."""
+
+    code = "bad_model_input"
+    kind = ErrorKind.CLIENT
+    what = "model input"
+    setting = ""
+
+    def __init__(
+        self, path: str | Path, problem: str, *, found: str | None = None, expected: str | None = None
+    ) -> None:
+        text = f"{self.what} {path}: {problem}"
+        if found is not None or expected is not None:
+            text += f" (found {found or '?'}, expected {expected or '?'})"
+        super().__init__(text, field=f"{ENV_PREFIX}{self.setting.upper()}" if self.setting else None)
+        self.path = str(path)
+        self.problem = problem
+        self.found = found
+        self.expected = expected
+
+
+class EmbeddingTableError(ModelInputError):
+    """The host embedding table file (`ONEPOOL_WORKER_EMBEDDING_TABLE`) cannot serve this model."""
+
+    code = "bad_embedding_table"
+    what = "embedding table"
+    setting = "embedding_table"
+
+
+class CheckpointError(ModelInputError):
+    """The HSTU checkpoint (`ONEPOOL_WORKER_CHECKPOINT`) cannot be read or does not fit the model preset."""
+
+    code = "bad_checkpoint"
+    what = "HSTU checkpoint"
+    setting = "checkpoint"

@@ -72,7 +72,7 @@ import enum
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.worker.model_config import PRESETS, HSTUConfig
+from services.worker.errors import CheckpointError
+from services.worker.model_config import PRESETS, HSTUConfig, preset_name
 
 __all__ = [
     "HSTU",
@@ -94,10 +95,6 @@ __all__ = [
 ]
 
 _LN_EPS = 1e-6  # as in Meta's STULayer (norm_eps=1e-6)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be loaded or does not match the configured model."""
 
 
 @dataclass
@@ -578,35 +575,15 @@ class HSTU(nn.Module):
     ) -> tuple[HSTU, str]:
         """Build the model in eval mode on `device`, from `checkpoint` (written by `save`) if given,
         else from seeded random weights.  Returns (model, short description of where the weights came
-        from) for the caller to log."""
+        from) for the caller to log.  A checkpoint that cannot be read or does not fit `cfg` raises
+        `CheckpointError` (docs/model-inputs.md)."""
         if checkpoint is None:
             model = cls(cfg, seed=seed)
             description = f"seeded random weights (seed={seed}): no checkpoint given"
         else:
             path = Path(checkpoint)
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise CheckpointError(f"cannot read HSTU checkpoint {path}: {exc}") from exc
-            if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-                raise CheckpointError(
-                    f"{path} is not an HSTU checkpoint (expected a dict with 'config' and 'state_dict')"
-                )
-            try:
-                stored = HSTUConfig(**blob["config"])
-            except (TypeError, ValueError) as exc:
-                raise CheckpointError(
-                    f"checkpoint {path} has an invalid config {blob['config']!r}: {exc}"
-                ) from exc
-            if stored != cfg:
-                raise CheckpointError(
-                    f"checkpoint {path} was saved for {stored}, but the model is configured as {cfg}"
-                )
             model = cls(cfg, seed=seed)
-            try:
-                model.load_state_dict(blob["state_dict"], strict=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from exc
+            model.load_state_dict(_checkpoint_state(path, cfg, model.state_dict()), strict=True)
             description = f"checkpoint {path}"
         model = model.to(device)
         model.eval()
@@ -764,3 +741,62 @@ class HSTU(nn.Module):
                 raise ValueError(f"{name}[{i}] must be [{cached_len}, {width}], got {list(t.shape)}")
             out.append(t.to(dev, torch.float32))
         return out
+
+
+def _checkpoint_state(path: Path, cfg: HSTUConfig, expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state_dict of the checkpoint at `path` (written by `HSTU.save`), checked against the model
+    `cfg` builds (whose parameters are `expected`): the config, every parameter's name and shape, finite
+    values. Raises `CheckpointError` naming the mismatch."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # whatever torch raises for a missing, truncated or foreign file
+        raise CheckpointError(path, f"cannot read it: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        found = f"a dict of {sorted(map(str, blob))}" if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(
+            path,
+            "it is not an HSTU checkpoint",
+            found=found,
+            expected="a dict of ['config', 'state_dict'] (HSTU.save)",
+        )
+    try:
+        stored = HSTUConfig(**blob["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"its config is invalid: {exc}", found=repr(blob["config"])) from exc
+    if stored != cfg:
+        diff = [f.name for f in fields(cfg) if getattr(stored, f.name) != getattr(cfg, f.name)]
+        raise CheckpointError(
+            path,
+            f"it was saved for model preset {preset_name(stored)}, the worker runs {preset_name(cfg)}",
+            found=", ".join(f"{name}={getattr(stored, name)}" for name in diff),
+            expected=", ".join(f"{name}={getattr(cfg, name)}" for name in diff),
+        )
+    state = blob["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(path, "its state_dict is not a dict of tensors")
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            path, f"its parameters are not the model's: missing {missing}, not in the model {unexpected}"
+        )
+    for name, want in expected.items():
+        got = state[name]
+        if got.shape != want.shape:
+            raise CheckpointError(
+                path,
+                f"parameter {name} has the wrong shape",
+                found=str(list(got.shape)),
+                expected=str(list(want.shape)),
+            )
+        if want.is_floating_point() and not got.is_floating_point():
+            raise CheckpointError(
+                path, f"parameter {name} is not floating point", found=str(got.dtype), expected="float32"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CheckpointError(
+                path,
+                f"parameter {name} holds a NaN or an infinity",
+                found="non-finite values",
+                expected="finite",
+            )
+    return state

@@ -5,9 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-__all__ = ["F32", "PRESETS", "HSTUConfig", "emb_entry_bytes", "kv_bytes_per_token"]
+__all__ = [
+    "F32",
+    "PRESETS",
+    "TABLE_DTYPES",
+    "TABLE_SUFFIXES",
+    "HSTUConfig",
+    "emb_entry_bytes",
+    "kv_bytes_per_token",
+    "preset_name",
+]
 
 F32 = 4  # bytes per float32: the pool stores embedding rows and K/V in float32
+# Host embedding table files (docs/model-inputs.md): their suffixes and value types (the first: the default).
+TABLE_SUFFIXES = (".npy", ".pt")
+TABLE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,11 @@ PRESETS: dict[str, HSTUConfig] = {
     "bench": HSTUConfig(item_dim=64, d_model=128, n_layers=4, n_heads=4, head_dim=32, max_history=1024),
     "paper": HSTUConfig(item_dim=256, d_model=512, n_layers=8, n_heads=4, head_dim=128, max_history=4096),
 }
+
+
+def preset_name(cfg: HSTUConfig) -> str:
+    """The name of the preset `cfg` is, for messages ("custom" when it is none of them)."""
+    return next((name for name, preset in PRESETS.items() if preset == cfg), "custom")
 
 
 def emb_entry_bytes(cfg: HSTUConfig) -> int:

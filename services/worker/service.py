@@ -18,7 +18,7 @@ from services.worker.core.pool import RefillMode
 from services.worker.engine import Engine, EngineConfig, EngineReport, Job, ServeResult, ewma
 from services.worker.errors import Draining, InvalidRequest, Overloaded, WorkerError
 from services.worker.hstu import PRESETS
-from services.worker.settings import WorkerSettings
+from services.worker.settings import DEFAULT_NUM_ITEMS, WorkerSettings
 from services.worker.storage import LinkSpec
 from services.worker.validation import prepare
 from shared import schemas as s
@@ -37,9 +37,12 @@ def engine_config_from(settings: WorkerSettings) -> EngineConfig:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    num_items = settings.num_items
+    if num_items is None and not settings.embedding_table:
+        num_items = DEFAULT_NUM_ITEMS
     return EngineConfig(
         model=PRESETS[settings.model],
-        num_items=settings.num_items,
+        num_items=num_items,
         budget_bytes=int(settings.budget_mib * 1024 * 1024),
         chunk_bytes=settings.chunk_kib * 1024,
         page_tokens=settings.page_tokens,
@@ -53,6 +56,7 @@ def engine_config_from(settings: WorkerSettings) -> EngineConfig:
         device=device,
         seed=settings.seed,
         checkpoint=settings.checkpoint or None,
+        embedding_table=settings.embedding_table or None,
         max_candidates=settings.max_candidates,
         max_batch=settings.max_batch,
     )

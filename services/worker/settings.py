@@ -14,6 +14,8 @@ ENV_PREFIX = "ONEPOOL_WORKER_"
 DEFAULT_MAX_BATCH = 8
 # The latency SLO the worker's digests count violations against (the simulator and the benches use it too).
 DEFAULT_SLO_MS = 50.0
+# The catalogue of the seeded synthetic host table when neither NUM_ITEMS nor a table file says otherwise.
+DEFAULT_NUM_ITEMS = 100_000
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,29 @@ class WorkerSettings:
     model: Literal["tiny", "bench", "paper"] = field(
         default="tiny", metadata=doc("HSTU size preset: tiny (CPU tests), bench (CPU), paper (GPU)")
     )
-    checkpoint: str = field(default="", metadata=doc("HSTU checkpoint file; empty: seeded random weights"))
+    checkpoint: str = field(
+        default="",
+        metadata=doc(
+            "HSTU checkpoint file of the MODEL preset (docs/model-inputs.md); empty: seeded random weights"
+        ),
+    )
     embedding_table: str = field(
         default="",
-        metadata=doc("host embedding table file (docs/deploy.md); empty: a seeded synthetic table"),
+        metadata=doc(
+            "host embedding table file, .npy [num_items, item_dim] float32/float16 (docs/model-inputs.md); "
+            "empty: a seeded synthetic table"
+        ),
     )
     seed: int = field(
         default=0, metadata=doc("seed for random weights and the synthetic host embedding table")
     )
-    num_items: int = field(default=100_000, metadata=doc("item catalogue size (rows of the host table)"))
+    num_items: int | None = field(
+        default=None,
+        metadata=doc(
+            "item catalogue size (rows of the host table); empty: the table file's row count, or "
+            f"{DEFAULT_NUM_ITEMS} for the synthetic table. With a table file, another value is refused"
+        ),
+    )
     budget_mib: float = field(default=16.0, metadata=doc("pool size in MiB (one device allocation)"))
     chunk_kib: int = field(default=256, metadata=doc("chunk size in KiB: the unit the split moves by"))
     page_tokens: int = field(default=16, metadata=doc("history tokens per KV page"))
@@ -88,7 +104,6 @@ class WorkerSettings:
             "budget_mib": self.budget_mib,
             "chunk_kib": self.chunk_kib,
             "page_tokens": self.page_tokens,
-            "num_items": self.num_items,
             "max_chunks_per_tick": self.max_chunks_per_tick,
             "tick_ms": self.tick_ms,
             "tick_defer_ms": self.tick_defer_ms,
@@ -102,6 +117,8 @@ class WorkerSettings:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {value}")
+        if self.num_items is not None and self.num_items <= 0:
+            raise ValueError(f"{ENV_PREFIX}NUM_ITEMS must be > 0 (or empty), got {self.num_items}")
         for name, value in {
             "link_latency_us": self.link_latency_us,
             "prefetch_kib_per_tick": self.prefetch_kib_per_tick,

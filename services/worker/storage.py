@@ -47,7 +47,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from services.worker.model_config import F32
+from services.worker.errors import EmbeddingTableError
+from services.worker.model_config import F32, TABLE_DTYPES, TABLE_SUFFIXES
 
 __all__ = [
     "BackgroundTransfer",
@@ -68,6 +69,7 @@ ItemIds: TypeAlias = Sequence[int] | IntArray | Tensor  # item ids or EMB slots
 
 
 _SPIN_S = 200e-6  # busy-wait at most this long at the end of an emulated transfer
+_LOAD_BLOCK_BYTES = 64 * 1024 * 1024  # a table file is copied in blocks of about this size
 
 
 def _positive(name: str, value: int) -> None:
@@ -121,6 +123,41 @@ def _batchable(relocations: Sequence[tuple[int, int]]) -> bool:
             return False
         written.add(dst)
     return True
+
+
+def _check_pin(pin: bool) -> None:
+    if pin and not torch.cuda.is_available():
+        raise ValueError("pin=True needs CUDA (page-locked memory only helps H2D copies)")
+
+
+def _open_table_file(path: Path) -> np.ndarray[Any, Any]:
+    """The array in a table file, memory-mapped (nothing past the header is read yet)."""
+    if path.suffix not in TABLE_SUFFIXES:
+        raise EmbeddingTableError(
+            path,
+            "unsupported file type",
+            found=path.suffix or "no suffix",
+            expected=" or ".join(TABLE_SUFFIXES),
+        )
+    try:
+        if path.suffix == ".npy":
+            array: np.ndarray[Any, Any] = np.load(path, mmap_mode="r", allow_pickle=False)
+            return array
+        loaded: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # whatever numpy or torch raise for a missing, truncated or foreign file
+        raise EmbeddingTableError(path, f"cannot read it: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(loaded, Tensor):
+        raise EmbeddingTableError(
+            path, "it does not hold a tensor", found=type(loaded).__name__, expected="a torch.Tensor"
+        )
+    if loaded.dtype not in (torch.float32, torch.float16):
+        raise EmbeddingTableError(
+            path,
+            "its values have the wrong dtype",
+            found=str(loaded.dtype).removeprefix("torch."),
+            expected=" or ".join(TABLE_DTYPES),
+        )
+    return loaded.numpy()
 
 
 class PoolStorage:
@@ -304,8 +341,7 @@ class HostEmbeddingTable:
     ) -> None:
         _positive("num_items", num_items)
         _positive("emb_dim", emb_dim)
-        if pin and not torch.cuda.is_available():
-            raise ValueError("pin=True needs CUDA (page-locked memory only helps H2D copies)")
+        _check_pin(pin)
         if data is None:
             g = torch.Generator(device="cpu").manual_seed(seed)
             table = torch.randn((num_items, emb_dim), generator=g, dtype=torch.float32).mul_(0.1)
@@ -314,26 +350,70 @@ class HostEmbeddingTable:
                 raise ValueError(f"data must be [{num_items}, {emb_dim}], got {list(data.shape)}")
             table = data.detach().to(device="cpu", dtype=torch.float32).contiguous()
         self.pin = pin
-        self.table: Tensor = table.pin_memory() if pin else table
+        self.table: Tensor = table.pin_memory() if pin and not table.is_pinned() else table
         self.num_items = num_items
         self.emb_dim = emb_dim
 
     @classmethod
-    def from_file(cls, path: str | Path, *, pin: bool) -> HostEmbeddingTable:
-        """Load a 2-D table from a .npy file (numpy) or a .pt file (a tensor saved with torch.save)."""
+    def from_file(
+        cls,
+        path: str | Path,
+        *,
+        pin: bool,
+        emb_dim: int,
+        num_items: int | None = None,
+        model: str = "",
+    ) -> HostEmbeddingTable:
+        """Load a table file (docs/model-inputs.md): a .npy array, or a tensor saved with torch.save in a
+        .pt file, [rows, emb_dim] float32 or float16, every value finite.  Memory-mapped, then copied in
+        blocks (as float32) into the table, page-locked at once with ``pin=True``.
+
+        Raises `EmbeddingTableError` (path, found, expected) for a file that is not such a table, has
+        rows of another width than `emb_dim` (the item_dim of `model`, named in the message) or, when
+        `num_items` is given, another row count.  The file is only read past its header once its shape and
+        dtype are right."""
         p = Path(path)
-        if p.suffix == ".npy":
-            data = torch.from_numpy(np.ascontiguousarray(np.load(p), dtype=np.float32))
-        elif p.suffix == ".pt":
-            loaded: Any = torch.load(p, map_location="cpu", weights_only=True)
-            if not isinstance(loaded, Tensor):
-                raise ValueError(f"{p} does not hold a tensor (got {type(loaded).__name__})")
-            data = loaded
-        else:
-            raise ValueError(f"unsupported embedding table file {p}: expected .npy or .pt")
-        if data.dim() != 2:
-            raise ValueError(f"embedding table in {p} must be 2-D, got shape {list(data.shape)}")
-        return cls(int(data.shape[0]), int(data.shape[1]), seed=0, pin=pin, data=data)
+        arr = _open_table_file(p)
+        dtype = arr.dtype.name  # whatever the byte order
+        if dtype not in TABLE_DTYPES:
+            raise EmbeddingTableError(
+                p, "its values have the wrong dtype", found=dtype, expected=" or ".join(TABLE_DTYPES)
+            )
+        if num_items is not None:
+            rows = str(num_items)
+        else:  # the file's own row count, where it has one
+            rows = str(arr.shape[0]) if arr.ndim == 2 and arr.shape[0] > 0 else "num_items"
+        width = f"{emb_dim} (item_dim of model preset {model})" if model else str(emb_dim)
+        expected = f"shape [{rows}, {width}]"
+        found = f"shape {list(arr.shape)}"
+        if arr.ndim != 2:
+            raise EmbeddingTableError(p, "it is not a 2-D array", found=found, expected=expected)
+        if arr.shape[0] == 0:
+            raise EmbeddingTableError(p, "it has no rows", found=found, expected=expected)
+        if arr.shape[1] != emb_dim:
+            raise EmbeddingTableError(p, "its rows have the wrong width", found=found, expected=expected)
+        if num_items is not None and arr.shape[0] != num_items:
+            raise EmbeddingTableError(
+                p,
+                "its row count is not the configured num_items (leave that unset to take the file's)",
+                found=found,
+                expected=expected,
+            )
+        n = int(arr.shape[0])
+        _check_pin(pin)
+        table = torch.empty((n, emb_dim), dtype=torch.float32, pin_memory=pin)
+        dst = table.numpy()
+        step = max(1, _LOAD_BLOCK_BYTES // (emb_dim * F32))
+        for start in range(0, n, step):
+            block = dst[start : start + step]
+            block[...] = arr[start : start + step]  # reads the file; float16 becomes float32 here
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                row = start + int(np.argmin(finite))
+                raise EmbeddingTableError(
+                    p, f"row {row} holds a NaN or an infinity", found="non-finite values", expected="finite"
+                )
+        return cls(n, emb_dim, seed=0, pin=pin, data=table)
 
     @property
     def row_bytes(self) -> int:
