@@ -8,6 +8,8 @@ from pathlib import Path
 
 from services.worker.settings import ENV_PREFIX as WORKER_PREFIX
 from services.worker.settings import WorkerSettings
+from shared.bus_auth import ENV_PREFIX as BUS_AUTH_PREFIX
+from shared.bus_auth import BusAuth
 from shared.settings import describe_settings
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -32,6 +34,17 @@ WORKER_NOTES = """Notes:
   sources are in `services/worker/storage.py` (`LinkSpec`). Every benchmark report says when it ran on the
   emulated link.
 - `REFILL_MODE=naive` exists as the baseline the benchmark compares against; do not run it in production.
+"""
+
+BUS_AUTH_NOTES = """Every service (and `onepool infer`) reads these; `onepool up` gives its children none of
+them (its own nats-server takes no credentials). At most one way to authenticate: user and password, a
+token, or a creds file; credentials in the URL (`nats://user:password@host:4222`,
+`nats://token@host:4222`) work too, and a URL's credentials appear in logs and errors only as `***`
+(`nats://***@host:4222`). A `*_FILE` variable names a file holding the secret (compose/Docker secrets);
+one trailing newline is dropped, and giving a secret and its file together is an error. Any TLS file or a
+`tls://` URL makes the service insist on TLS: a server that does not require TLS is refused before any
+credential is sent. Files are read at start-up; a missing or unreadable one stops the service with a
+message naming the variable and the path (exit code 2).
 """
 
 TELEMETRY = """## Telemetry (every service)
@@ -81,6 +94,8 @@ def render() -> str:
         f"{_table(CacheStateSettings, CACHESTATE_PREFIX)}\n",
         f"## Controller (`onepool controller`, prefix `{CONTROLLER_PREFIX}`)\n\n"
         f"{_table(ControllerSettings, CONTROLLER_PREFIX)}\n",
+        f"## NATS credentials and TLS (every service, prefix `{BUS_AUTH_PREFIX}`)\n\n"
+        f"{_table(BusAuth, BUS_AUTH_PREFIX)}\n\n{BUS_AUTH_NOTES}",
         TELEMETRY,
     ]
     return "\n".join(sections)

@@ -12,6 +12,7 @@ import msgspec
 
 from shared import schemas as s
 from shared.bus import Bus
+from shared.bus_auth import load_bus_auth
 from shared.errors import OnepoolError
 from shared.telemetry import setup_telemetry
 
@@ -38,7 +39,8 @@ async def infer_once(args: InferArgs) -> s.InferenceReply:
         k=args.k,
         deadline_ms=args.timeout_s * 1e3,
     )
-    bus = await Bus.connect(args.nats_url, name="onepool-infer")
+    # Credentials and TLS files as every service takes them (ONEPOOL_NATS_*).
+    bus = await Bus.connect(args.nats_url, name="onepool-infer", auth=load_bus_auth())
     try:
         raw = await bus.request(s.infer_subject(args.worker), s.encode(request), timeout_s=args.timeout_s)
     finally:

@@ -44,6 +44,8 @@ import structlog
 
 from shared import schemas as s
 from shared.bus import Bus, Message
+from shared.bus_auth import ENV_PREFIX as BUS_AUTH_PREFIX
+from shared.bus_auth import redact_url
 from shared.errors import EXIT_USAGE, OnepoolError
 
 log = structlog.get_logger("onepool.up")
@@ -369,7 +371,10 @@ class LocalCluster:
 
     def _specs(self) -> list[Child]:
         st = self.settings
-        base = {**os.environ, "PYTHONUNBUFFERED": "1", **st.env}
+        # The cluster's own nats-server takes no credentials and no TLS: the children get no ONEPOOL_NATS_*
+        # from this environment (only what `env` says).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(BUS_AUTH_PREFIX)}
+        base = {**inherited, "PYTHONUNBUFFERED": "1", **st.env}
         url = st.nats_url
         onepool = [sys.executable, "-m", "services.cli"]
         nats_argv = [find_nats_server(), "-a", st.host, "-p", str(st.nats_port)]
@@ -642,9 +647,10 @@ async def run_local_cluster(settings: ClusterSettings, stop: asyncio.Event) -> i
         else:
             starting.result()
             gateways = ", ".join(f"{g.name} at {cluster.gateway_url(g.name)}" for g in settings.gateways)
+            nats_url = redact_url(settings.nats_url)
             print(
                 f"onepool local cluster is up: gateway {gateways} (POST /v1/recommend, routing "
-                f"{', '.join(g.routing for g in settings.gateways)}); NATS at {settings.nats_url}; "
+                f"{', '.join(g.routing for g in settings.gateways)}); NATS at {nats_url}; "
                 f"workers {', '.join(settings.worker_ids)}. Ctrl-C stops everything.",
                 flush=True,
             )

@@ -18,6 +18,11 @@ line; anything else is logged with its traceback.
 Connection state: ``state``; while the client reconnects, ``request()`` fails
 at once with :class:`BusDisconnected` (and so do requests waiting for a reply when the connection drops),
 ``publish()`` still queues (nats-py sends it after the reconnect).
+
+Security: ``connect(auth=...)`` takes a :class:`shared.bus_auth.BusAuth` (credentials, TLS files); with TLS
+asked for, a server that does not require it is refused before any credential is sent. URLs are logged and
+put in errors through ``redact_url``. Span names use the subject's template (``schemas.subject_template``:
+``send onepool.worker.{worker}.infer``); a reply inbox is left out of the name (``publish``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from shared import schemas as s
+from shared.bus_auth import BusAuth, redact_url
 from shared.errors import (
     BusClosed,
     BusDisconnected,
@@ -116,8 +122,8 @@ class Subscription:
         self._nsub: NatsSubscription | None = None
         self._accepting = True
         self._stopped = False
-        # Wildcard subscriptions name their spans by the pattern (low cardinality), per semconv.
-        self._template = subject if any(tok in ("*", ">") for tok in subject.split(".")) else None
+        # A wildcard subscription names spans by its pattern when the subject has no template of its own.
+        self._pattern = subject if any(tok in ("*", ">") for tok in subject.split(".")) else None
 
     @property
     def in_flight(self) -> int:
@@ -155,12 +161,9 @@ class Subscription:
         # current when subscribe() ran (the delivery task inherited that context).
         parent = propagate.extract({k.lower(): v for k, v in msg.headers.items()}, context=Context())
         creation = trace.get_current_span(parent).get_span_context()
-        attrs = self._bus._attributes("process", "process", msg.subject, len(msg.data))
+        name, attrs = self._bus._span_head("process", "process", msg.subject, len(msg.data), self._pattern)
         if self.queue:
             attrs["messaging.consumer.group.name"] = self.queue
-        if self._template:
-            attrs["messaging.destination.template"] = self._template
-        name = f"process {self._template or msg.subject}"
         try:
             # Single-message push delivery: semconv allows the creation context as parent; we also link it.
             links = [Link(creation)] if creation.is_valid else None
@@ -242,12 +245,27 @@ class Subscription:
             await asyncio.gather(*leftovers, return_exceptions=True)
 
 
+class _Client(NatsClient):
+    """nats-py's client, refusing to send its CONNECT (credentials included) over plain TCP when TLS was
+    asked for: nats-py upgrades to TLS only when the server's INFO requires it, whatever the URL says."""
+
+    require_tls = False
+
+    def _connect_command(self) -> bytes:
+        if self.require_tls and not self._server_info.get("tls_required"):
+            raise nats.errors.Error(
+                "nats: TLS was asked for (tls:// URL or TLS files) but the server does not require it; "
+                "not connecting in the clear"
+            )
+        return super()._connect_command()
+
+
 class Bus:
     """A named NATS connection. Create with ``await Bus.connect(...)``; end with ``await close()``."""
 
     def __init__(self, nc: NatsClient, *, url: str, name: str, tracer: Tracer | None) -> None:
         self._nc = nc
-        self._url = url
+        self._url = redact_url(url)  # what logs and errors show; the real one went to nats-py only
         self._name = name
         self._tracer = tracer if tracer is not None else trace.get_tracer("shared.bus")
         self._subs: set[Subscription] = set()
@@ -268,6 +286,7 @@ class Bus:
         *,
         name: str,
         tracer: Tracer | None = None,
+        auth: BusAuth | None = None,
         connect_timeout_s: float = 2.0,
         max_reconnect_attempts: int = -1,
         reconnect_time_wait_s: float = 0.5,
@@ -278,14 +297,19 @@ class Bus:
         otherwise retry it forever when ``max_reconnect_attempts`` is -1); after that the client
         reconnects on its own, ``max_reconnect_attempts`` times (-1: forever). A connection that answers
         no PING for ``max_outstanding_pings`` x ``ping_interval_s`` is declared lost (nats-py's default,
-        2 x 120 s, would leave a silent partition unnoticed for minutes)."""
-        nc = NatsClient()
+        2 x 120 s, would leave a silent partition unnoticed for minutes). ``auth``: credentials and TLS
+        files (default none; credentials in the URL work too); with TLS files or a ``tls://`` URL, a server
+        that does not require TLS is refused."""
+        auth = BusAuth() if auth is None else auth
+        nc = _Client()
+        nc.require_tls = auth.tls is not None or url.lower().startswith("tls://")
         bus = cls(nc, url=url, name=name, tracer=tracer)
         try:
             await asyncio.wait_for(
                 nc.connect(
                     servers=[url],
                     name=name,
+                    inbox_prefix=s.INBOX_PREFIX,
                     # nats-py annotates these as int but uses them as float seconds.
                     connect_timeout=connect_timeout_s,  # type: ignore[arg-type]
                     reconnect_time_wait=reconnect_time_wait_s,  # type: ignore[arg-type]
@@ -296,13 +320,18 @@ class Bus:
                     disconnected_cb=bus._on_disconnected,
                     reconnected_cb=bus._on_reconnected,
                     closed_cb=bus._on_closed,
+                    **auth.connect_options(),
                 ),
                 timeout=connect_timeout_s,
             )
         except (TimeoutError, OSError, nats.errors.Error) as e:
+            last = nc.last_error  # why the attempts failed (e.g. an authorization violation), not "timeout"
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise BusError(f"could not connect to NATS at {url} as {name!r}: {type(e).__name__} {e}") from e
+            why = f"{type(e).__name__} {e}".strip()
+            if last is not None and last is not e:
+                why += f" (last error: {type(last).__name__} {last})"
+            raise BusError(f"could not connect to NATS at {bus._url} as {name!r}: {why}") from e
         bus._inbox_prefix = nc.new_inbox() + "."
         try:
             # nats-py resubscribes it after a reconnect; the SUB precedes any request's PUB on the wire.
@@ -310,10 +339,10 @@ class Bus:
         except nats.errors.Error as e:
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise BusError(f"could not subscribe to the reply inbox at {url}: {e!r}") from e
+            raise BusError(f"could not subscribe to the reply inbox at {bus._url}: {e!r}") from e
         bus._peer = bus._peer_attributes()
         bus._connected_once = True
-        _log.info("bus connected", url=url, client=name)
+        _log.info("bus connected", url=bus._url, client=name, auth=auth.method, tls=nc.require_tls)
         return bus
 
     @property
@@ -322,6 +351,7 @@ class Bus:
 
     @property
     def url(self) -> str:
+        """The server URL, its credentials redacted (``redact_url``)."""
         return self._url
 
     @property
@@ -451,8 +481,13 @@ class Bus:
         if self._close_task is not None or self._nc.is_closed:
             raise BusClosed(f"bus {self._name!r} is closed")
 
-    def _attributes(self, op_name: str, op_type: str, subject: str, size: int) -> dict[str, AttributeValue]:
-        return {
+    def _span_head(
+        self, op_name: str, op_type: str, subject: str, size: int, pattern: str | None = None
+    ) -> tuple[str, dict[str, AttributeValue]]:
+        """A messaging span's name and attributes (semconv): the name is ``{operation} {destination}``, the
+        destination the subject's template (``schemas.subject_template``, else a wildcard subscription's
+        ``pattern``), else the subject itself; a reply inbox is temporary and left out of the name."""
+        attrs: dict[str, AttributeValue] = {
             "messaging.system": MESSAGING_SYSTEM,
             "messaging.operation.name": op_name,
             "messaging.operation.type": op_type,
@@ -461,6 +496,14 @@ class Bus:
             "messaging.client.id": self._name,
             **self._peer,
         }
+        if s.is_reply_subject(subject):
+            attrs["messaging.destination.temporary"] = True
+            return op_name, attrs
+        template = s.subject_template(subject) or pattern
+        if template is None:
+            return f"{op_name} {subject}", attrs
+        attrs["messaging.destination.template"] = template
+        return f"{op_name} {template}", attrs
 
     def _peer_attributes(self) -> dict[str, AttributeValue]:
         url = self._nc.connected_url
@@ -479,8 +522,8 @@ class Bus:
         (valid ids, nothing recorded) is what the message carries, at no cost per message."""
         if in_unsampled_trace():
             return contextlib.nullcontext(trace.get_current_span())
-        attrs = self._attributes(op_name, "send", subject, size)
-        return self._span(f"{op_name} {subject}", SpanKind.PRODUCER, attrs)
+        name, attrs = self._span_head(op_name, "send", subject, size)
+        return self._span(name, SpanKind.PRODUCER, attrs)
 
     @contextlib.contextmanager
     def _span(

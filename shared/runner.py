@@ -13,6 +13,7 @@ import structlog
 from opentelemetry.trace import Tracer
 
 from shared.bus import Bus
+from shared.bus_auth import load_bus_auth
 from shared.lifecycle import run, run_until_signalled
 from shared.settings import add_settings_arguments, load_settings, overrides_from_args
 from shared.telemetry import check_telemetry_env, setup_telemetry
@@ -37,12 +38,14 @@ async def run_bus_service(
     """Run the service `build` makes until `stop` is set; everything is closed in reverse order, also on
     failure. `name` is the short service name ("cachestate"): `onepool-<name>` in traces and on the bus.
     `build` may take its time (a worker builds and warms up its model): the bus is connected meanwhile,
-    but the service subscribes to nothing before its start()."""
+    but the service subscribes to nothing before its start(). NATS credentials and TLS files come from the
+    `ONEPOOL_NATS_*` environment (`shared.bus_auth`); a bad one is a SettingsError (exit code 2)."""
     telemetry = setup_telemetry(f"onepool-{name}", service_instance_id=instance_id)
     log = structlog.get_logger(f"onepool.{name}")
     try:
+        auth = load_bus_auth()
         tracer = telemetry.tracer(f"onepool.{name}")
-        bus = await Bus.connect(nats_url, name=f"onepool-{name}-{instance_id}", tracer=tracer)
+        bus = await Bus.connect(nats_url, name=f"onepool-{name}-{instance_id}", tracer=tracer, auth=auth)
         try:
             service = await build(bus, tracer)
             try:

@@ -7,6 +7,7 @@ offending field. Each message carries `v`, the schema version; a receiver reject
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Final, Literal, TypeVar
 
@@ -71,6 +72,42 @@ def echo_subject(token: str) -> str:
 
 # cachestate -> controller: per-worker windowed workload features (FeatureReport).
 FEATURES_SUBJECT: Final = f"{SUBJECT_PREFIX}.features"
+
+# Replies go to the requester's own inbox, `_INBOX.<random>.<counter>` (shared.bus): a temporary subject.
+INBOX_PREFIX: Final = "_INBOX"
+
+# The subjects above that carry a per-worker or per-process token, as templates (OTel's
+# `messaging.destination.template`), so that span names stay few however many workers there are.
+_SUBJECT_TEMPLATES: Final = tuple(
+    (template, tuple(template.split(".")))
+    for template in (
+        infer_subject("{worker}"),
+        alpha_subject("{worker}"),
+        snapshot_request_subject("{worker}"),
+        digest_subject("{worker}"),
+        echo_subject("{token}"),
+    )
+)
+
+
+@functools.lru_cache(maxsize=1024)  # on every traced message: a few subjects, looked up again and again
+def subject_template(subject: str) -> str | None:
+    """The template of a subject built above with a variable token (`onepool.worker.w3.infer` ->
+    `onepool.worker.{worker}.infer`; a wildcard pattern such as `onepool.digest.*` too); None for a fixed
+    subject or one that is not ours."""
+    tokens = subject.split(".")
+    for template, parts in _SUBJECT_TEMPLATES:
+        if len(parts) == len(tokens) and all(
+            part == token or part.startswith("{") for part, token in zip(parts, tokens, strict=True)
+        ):
+            return template
+    return None
+
+
+def is_reply_subject(subject: str) -> bool:
+    """True for a reply inbox (`_INBOX.…`), a temporary subject with a random token."""
+    return subject.startswith(INBOX_PREFIX + ".")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Constrained scalar types.

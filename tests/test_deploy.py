@@ -27,6 +27,8 @@ def test_compose_settings_are_real_settings() -> None:
     from services.controller.settings import ControllerSettings
     from services.gateway.settings import GatewaySettings
     from services.worker.settings import WorkerSettings
+    from shared.bus_auth import ENV_PREFIX as BUS_AUTH_PREFIX
+    from shared.bus_auth import BusAuth
 
     spec = yaml.safe_load(COMPOSE.read_text())
     known = {
@@ -36,8 +38,10 @@ def test_compose_settings_are_real_settings() -> None:
             ("ONEPOOL_GATEWAY_", GatewaySettings),
             ("ONEPOOL_CACHESTATE_", CacheStateSettings),
             ("ONEPOOL_CONTROLLER_", ControllerSettings),
+            (BUS_AUTH_PREFIX, BusAuth),  # every service's NATS credentials and TLS files
         )
         for name in cls.__dataclass_fields__
+        if cls.__dataclass_fields__[name].init
     }
     for service in ("worker", "gateway", "cachestate", "controller"):
         env = spec["services"][service]["environment"]

@@ -269,7 +269,9 @@ async def test_each_decision_is_a_span_with_its_features(nats_server: Any) -> No
     assert b is not None and b["onepool.decision.sent"] is False and b["onepool.alpha.target"] == 0.7
     # The decision's publish is a child of its span, and the span a child of the report's "process" span.
     decide = by_worker["w1"]
-    publish = next(sp for sp in exporter.get_finished_spans() if sp.name == "publish onepool.worker.w1.alpha")
+    publish = next(
+        sp for sp in exporter.get_finished_spans() if sp.name == "publish onepool.worker.{worker}.alpha"
+    )
     assert publish.parent is not None and publish.parent.span_id == decide.context.span_id
     process = next(sp for sp in exporter.get_finished_spans() if sp.name == "process onepool.features")
     assert decide.parent is not None and decide.parent.span_id == process.context.span_id

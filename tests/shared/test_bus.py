@@ -464,6 +464,62 @@ async def test_publish_subscribe_carries_context(
     assert process.attributes["messaging.destination.template"] == "events.>"
 
 
+async def test_per_worker_subjects_make_templated_span_names(
+    make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    # Span names must not grow with the number of workers (or of requests: reply inboxes), per semconv.
+    provider, exporter = spans
+    tracer = provider.get_tracer("test")
+    worker = await make_bus("worker", tracer=tracer)
+    client = await make_bus("gateway", tracer=tracer)
+    digests: list[Message] = []
+
+    async def infer(msg: Message) -> bytes:
+        return b"ranked"
+
+    async def snapshot(msg: Message) -> None:
+        assert msg.reply is not None
+        await worker.publish(msg.reply, b"ack")  # answered by hand: a publish to a reply inbox
+
+    async def on_digest(msg: Message) -> None:
+        digests.append(msg)
+
+    await worker.subscribe(s.infer_subject("w3"), infer)
+    await worker.subscribe(s.snapshot_request_subject("w3"), snapshot)
+    await client.subscribe(s.DIGEST_WILDCARD, on_digest)
+    with tracer.start_as_current_span("caller"):
+        assert await client.request(s.infer_subject("w3"), b"q", timeout_s=2) == b"ranked"
+        assert await client.request(s.snapshot_request_subject("w3"), b"", timeout_s=2) == b"ack"
+        await worker.publish(s.digest_subject("w3"), b"d")
+    await eventually(lambda: len(digests) == 1)
+    await eventually(lambda: len(exporter.get_finished_spans()) == 8)
+
+    finished = exporter.get_finished_spans()
+    assert sorted(sp.name for sp in finished) == [
+        "caller",
+        "process onepool.digest.{worker}",
+        "process onepool.worker.{worker}.infer",
+        "process onepool.worker.{worker}.snapshot",
+        "publish",
+        "publish onepool.digest.{worker}",
+        "send onepool.worker.{worker}.infer",
+        "send onepool.worker.{worker}.snapshot",
+    ]
+    for sp in finished:
+        if sp.name == "caller":
+            continue
+        assert sp.attributes is not None
+        destination = sp.attributes["messaging.destination.name"]
+        if sp.name == "publish":  # the reply: its inbox is temporary, and no template
+            assert s.is_reply_subject(str(destination))
+            assert sp.attributes["messaging.destination.temporary"] is True
+            assert "messaging.destination.template" not in sp.attributes
+        else:
+            template = str(sp.attributes["messaging.destination.template"])
+            assert sp.name.endswith(f" {template}") and "w3" in str(destination)
+            assert s.subject_template(str(destination)) == template
+
+
 async def test_message_without_trace_context_starts_a_new_trace(
     make_bus: MakeBus, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:

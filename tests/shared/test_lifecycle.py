@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from shared.errors import EXIT_USAGE, SettingsError
 from shared.lifecycle import ForcedShutdown, TaskOwner, run, run_until_signalled
 from tests.helpers import eventually
 
@@ -150,10 +151,14 @@ def test_run_returns_exit_codes() -> None:
     async def exits() -> None:
         raise SystemExit(3)
 
+    async def refuses_its_settings() -> None:
+        raise SettingsError("ONEPOOL_NATS_USER", "ONEPOOL_NATS_USER is set but neither ...")
+
     assert run(ok) == 0
     assert run(ok, use_uvloop=False) == 0
     assert run(fails) == 1
     assert run(exits) == 3
+    assert run(refuses_its_settings) == EXIT_USAGE == 2
 
 
 def test_run_uses_uvloop_when_available() -> None:

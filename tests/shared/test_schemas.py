@@ -61,3 +61,31 @@ def test_worker_ids_that_are_one_subject_token(worker_id: str) -> None:
 def test_worker_ids_that_are_not(worker_id: str) -> None:
     with pytest.raises(ValueError, match="NATS subject token"):
         s.check_worker_id(worker_id)
+
+
+@pytest.mark.parametrize(
+    ("subject", "template"),
+    [
+        (s.infer_subject("w3"), "onepool.worker.{worker}.infer"),
+        (s.alpha_subject("gpu-7"), "onepool.worker.{worker}.alpha"),
+        (s.snapshot_request_subject("w0"), "onepool.worker.{worker}.snapshot"),
+        (s.digest_subject("w12"), "onepool.digest.{worker}"),
+        (s.DIGEST_WILDCARD, "onepool.digest.{worker}"),
+        ("onepool.worker.*.alpha", "onepool.worker.{worker}.alpha"),
+        (s.echo_subject("0f3a"), "onepool.echo.{token}"),
+        (s.VIEW_SUBJECT, None),
+        (s.VIEW_SNAPSHOT_SUBJECT, None),
+        (s.FEATURES_SUBJECT, None),
+        ("onepool.worker.w3.other", None),
+        ("onepool.worker.w3.infer.more", None),
+        ("svc.traced", None),
+        ("_INBOX.abc.1", None),
+    ],
+)
+def test_subject_templates_name_per_worker_subjects(subject: str, template: str | None) -> None:
+    assert s.subject_template(subject) == template
+
+
+def test_reply_subjects_are_inboxes() -> None:
+    assert s.is_reply_subject("_INBOX.Xy7.1f")
+    assert not s.is_reply_subject("_INBOXES.x") and not s.is_reply_subject(s.infer_subject("w0"))

@@ -280,8 +280,8 @@ async def test_request_trace_crosses_nats_into_the_worker(nats_server: Any) -> N
         await client.close()
         engine.stop()
     spans = {span.name: span for span in exporter.get_finished_spans() if span.context.trace_id == trace_id}
-    send = spans["send onepool.worker.wtest.infer"]
-    process = spans["process onepool.worker.wtest.infer"]
+    send = spans["send onepool.worker.{worker}.infer"]
+    process = spans["process onepool.worker.{worker}.infer"]
     infer = spans["worker.infer"]
     assert send.parent is not None and send.parent.span_id == root.get_span_context().span_id
     assert process.parent is not None and process.parent.span_id == send.context.span_id
