@@ -73,11 +73,12 @@ _KEYWORDS |= {"offset", "inf", "nan", "Inf", "NaN"}
 
 def promql_metric_names(expr: str) -> set[str]:
     """The metric names a PromQL expression reads (functions, aggregations, label matchers, ranges,
-    grouping labels and numbers left out)."""
+    grouping labels, durations and numbers left out)."""
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     text = re.sub(r"\{[^}]*\}", " ", text)
     text = re.sub(r"\[[^\]]*\]", " ", text)
     text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"(?<![\w:])(\d+(ms|[smhdwy]))+\b", " ", text)  # durations (offset 5m)
     text = re.sub(r"(?<![\w:])\d+(\.\d+)?([eE][+-]?\d+)?", " ", text)
     names = set()
     for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
