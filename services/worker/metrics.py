@@ -57,9 +57,9 @@ class _Collector(Collector):
             },
         )
         yield info
-        yield counter("requests_received", "inference requests received", c.requests_total)
+        yield counter("requests", "inference requests received", c.requests_total)
         replies = CounterMetricFamily(
-            P + "requests",
+            P + "replies",
             "inference requests answered, by outcome: ok or the error code",
             labels=["outcome"],
         )

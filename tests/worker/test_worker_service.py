@@ -411,9 +411,9 @@ async def test_metrics_read_the_live_counters_and_healthz_answers(nats_server: A
     pool = w.engine.pool
     chunk = w.engine.geometry.chunk_bytes
     expected = {
-        "onepool_worker_requests_received_total": 4,
-        'onepool_worker_requests_total{outcome="ok"}': 3,
-        'onepool_worker_requests_total{outcome="invalid_request"}': 1,
+        "onepool_worker_requests_total": 4,
+        'onepool_worker_replies_total{outcome="ok"}': 3,
+        'onepool_worker_replies_total{outcome="invalid_request"}': 1,
         "onepool_worker_bad_messages_total": 1,
         "onepool_worker_request_seconds_count": 3,
         'onepool_worker_request_seconds_bucket{le="+Inf"}': 3,
