@@ -16,6 +16,10 @@ the launcher's own death (PR_SET_PDEATHSIG) kills them all at once: nothing is l
 
 Output: with `log_dir`, each child appends to `<log_dir>/<name>.log` (no pipe through the launcher);
 otherwise its lines go to stdout prefixed with `[name] `.
+
+Metrics: with `metrics` (the default) cachestate, the controller and every worker serve /metrics and
+/healthz on a free port of their own, chosen once (a restarted child gets the same one), unless their env
+names one already; `metrics_url(name)` says where (a gateway's are on its HTTP port).
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class ClusterSettings:
     cachestate_env: Mapping[str, str] = field(default_factory=dict)
     controller_env: Mapping[str, str] = field(default_factory=dict)
     log_dir: Path | None = None  # None: children's lines on stdout, prefixed with [name]
+    metrics: bool = True  # cachestate, the controller and the workers serve /metrics on free ports
     ready_timeout_s: float = 120.0
     stop_timeout_s: float = 15.0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -228,6 +233,7 @@ class LocalCluster:
         self._stop_wake = asyncio.Event()  # wakes supervisors sleeping out a back-off
         self._supervisors: dict[str, asyncio.Task[None]] = {}
         self._log_files: dict[str, IO[bytes]] = {}
+        self.metrics_ports: dict[str, int] = {}  # child name -> its metrics server's port (gateways: none)
         self.children: dict[str, Child] = {}
         for child in self._specs():
             self.children[child.name] = child
@@ -240,6 +246,14 @@ class LocalCluster:
     def gateway_url(self, name: str | None = None) -> str:
         spec = self._gateway(name)
         return f"http://{self.settings.host}:{spec.port}"
+
+    def metrics_url(self, name: str) -> str:
+        """Where the child `name` (a gateway, cachestate, the controller, a worker) serves /metrics."""
+        if name in self.metrics_ports:
+            return f"http://{self.settings.host}:{self.metrics_ports[name]}/metrics"
+        if any(g.name == name for g in self.settings.gateways):
+            return self.gateway_url(name) + "/metrics"
+        raise KeyError(f"{name!r} serves no metrics (metrics servers: {', '.join(self.metrics_ports)})")
 
     def child(self, name: str) -> Child:
         try:
@@ -369,6 +383,23 @@ class LocalCluster:
                 return spec
         raise KeyError(f"no gateway {name!r}")
 
+    def _with_metrics(self, name: str, prefix: str, env: dict[str, str]) -> dict[str, str]:
+        """`env` with a metrics port (a free one, unless it names one) and host; records the port."""
+        st = self.settings
+        given = env.get(f"{prefix}METRICS_PORT", "").strip()
+        if given and given != "0":
+            with contextlib.suppress(ValueError):  # a bad value is the child's to refuse (exit code 2)
+                self.metrics_ports[name] = int(given)
+            return env
+        if not st.metrics:
+            return env
+        taken = {st.nats_port, *(g.port for g in st.gateways), *self.metrics_ports.values()}
+        port = free_port(st.host)
+        while port in taken:
+            port = free_port(st.host)
+        self.metrics_ports[name] = port
+        return {f"{prefix}METRICS_HOST": st.host, **env, f"{prefix}METRICS_PORT": str(port)}
+
     def _specs(self) -> list[Child]:
         st = self.settings
         # The cluster's own nats-server takes no credentials and no TLS: the children get no ONEPOOL_NATS_*
@@ -379,21 +410,23 @@ class LocalCluster:
         onepool = [sys.executable, "-m", "services.cli"]
         nats_argv = [find_nats_server(), "-a", st.host, "-p", str(st.nats_port)]
         children = [Child("nats", nats_argv, dict(base), essential=True)]
+        env = {**base, "ONEPOOL_CACHESTATE_NATS_URL": url, **st.cachestate_env}
         children.append(
             Child(
                 "cachestate",
                 [*onepool, "cachestate"],
-                {**base, "ONEPOOL_CACHESTATE_NATS_URL": url, **st.cachestate_env},
+                self._with_metrics("cachestate", "ONEPOOL_CACHESTATE_", env),
             )
         )
         if st.controller:
             env = {**base, "ONEPOOL_CONTROLLER_NATS_URL": url}
             if st.alpha_policy:
                 env["ONEPOOL_CONTROLLER_POLICY"] = st.alpha_policy
-            children.append(Child("controller", [*onepool, "controller"], {**env, **st.controller_env}))
+            env = self._with_metrics("controller", "ONEPOOL_CONTROLLER_", {**env, **st.controller_env})
+            children.append(Child("controller", [*onepool, "controller"], env))
         for wid in st.worker_ids:
             env = {**base, "ONEPOOL_WORKER_ID": wid, "ONEPOOL_WORKER_NATS_URL": url, **st.worker_env}
-            children.append(Child(wid, [*onepool, "worker"], env))
+            children.append(Child(wid, [*onepool, "worker"], self._with_metrics(wid, "ONEPOOL_WORKER_", env)))
         for g in st.gateways:
             env = {
                 **base,
@@ -654,6 +687,9 @@ async def run_local_cluster(settings: ClusterSettings, stop: asyncio.Event) -> i
                 f"workers {', '.join(settings.worker_ids)}. Ctrl-C stops everything.",
                 flush=True,
             )
+            served = [*(g.name for g in settings.gateways), *cluster.metrics_ports]
+            where = ", ".join(f"{name} {cluster.metrics_url(name)}" for name in served)
+            print(f"onepool metrics (Prometheus text): {where}", flush=True)
             await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
             if cluster.failed.is_set() and not stop.is_set():
                 log.error("the local cluster failed; stopping it")

@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from services.localcluster import free_port
 
-__all__ = ["eventually", "find_nats_server", "free_port", "wait_for_port"]
+__all__ = ["eventually", "find_nats_server", "free_port", "samples", "wait_for_port"]
 
 
 def find_nats_server() -> Path | None:
@@ -52,3 +54,13 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s: {predicate!r}")
         await asyncio.sleep(interval_s)
+
+
+def samples(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text page by `name` or `name{a="x",b="y"}` (labels in name order)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,6 +176,14 @@ def test_up_serves_through_its_gateway_with_the_flags_given_and_stops_cleanly() 
         # --routing reached the gateway: one user's visits go round the workers instead of sticking.
         workers = [_recommend(http_port, "rr-user", [1, 2, 3, i])["worker"] for i in range(4)]
         assert set(workers) == {"w0", "w1"}, workers
+        # Every service's metrics, where the launcher says they are.
+        _wait_for(lines, "onepool metrics (Prometheus text):")
+        said = next(line for line in lines if line.startswith("onepool metrics (Prometheus text):"))
+        where = dict(re.findall(r"(\S+) (http://\S+/metrics)", said))
+        assert set(where) == {"gateway", "cachestate", "controller", "w0", "w1"}, said
+        for url in where.values():
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert resp.status == 200 and b"process_cpu_seconds_total" in resp.read()
         # --alpha-policy reached the controller: it moves both workers' split to 0.6.
         _wait_for(lines, "alpha target set", count=2)
         assert sum('"target_alpha": 0.6' in line for line in lines if "alpha target set" in line) == 2

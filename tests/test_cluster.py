@@ -15,6 +15,7 @@ import pytest_asyncio
 
 from services.localcluster import LocalCluster
 from tests.cluster import cluster_settings
+from tests.metrics_doc import Metric, for_service, scraped
 from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -197,6 +198,48 @@ async def test_service_endpoints(cluster: LocalCluster, http: aiohttp.ClientSess
     async with http.get(cluster.gateway_url() + "/nope") as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
         assert len(r.headers["x-trace-id"]) == 32  # every answer can be found in the traces
+
+
+async def test_every_service_serves_exactly_the_documented_metrics(
+    cluster: LocalCluster, http: aiohttp.ClientSession
+) -> None:
+    # Some traffic first, so that the labelled series exist and their labels can be compared too.
+    for i in range(4):
+        status, _, _ = await post(
+            http, cluster.gateway_url(), {"user_id": f"doc{i}", "history": [1, 2, 3], "candidates": [4]}
+        )
+        assert status == 200
+    services = {"g0": "gateway", "g1": "gateway", "cachestate": "cachestate", "controller": "controller"}
+    services |= {wid: "worker" for wid in cluster.settings.worker_ids}
+
+    async def scrape(name: str) -> dict[str, Metric]:
+        async with http.get(cluster.metrics_url(name)) as r:
+            assert r.status == 200 and r.content_type == "text/plain", name
+            return scraped(await r.text())
+
+    # The per-worker series of cachestate and the controller follow the feature reports (one a second).
+    deadline = time.monotonic() + 15
+    while (await scrape("cachestate"))["onepool_cachestate_worker_emb_hit_ratio"].labels is None or (
+        await scrape("controller")
+    )["onepool_controller_alpha_target"].labels is None:
+        assert time.monotonic() < deadline, "no feature report reached cachestate's metrics or the controller"
+        await asyncio.sleep(0.2)
+    for name, service in services.items():
+        got, want = await scrape(name), for_service(service)
+        assert set(got) == set(want), (
+            name,
+            "undocumented:",
+            set(got) - set(want),
+            "missing:",
+            set(want) - set(got),
+        )
+        for metric in got.values():
+            assert metric.type == want[metric.name].type, (name, metric)
+            if metric.labels is not None:  # a labelled family with no series yet says nothing of its labels
+                assert metric.labels == want[metric.name].labels, (name, metric)
+        if service != "gateway":  # the gateway's /healthz is on its HTTP port (test_service_endpoints)
+            async with http.get(cluster.metrics_url(name).removesuffix("/metrics") + "/healthz") as r:
+                assert r.status == 200 and (await r.json())["status"] == "ok", name
 
 
 async def test_one_trace_per_request_across_gateway_and_worker(

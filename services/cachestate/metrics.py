@@ -1,5 +1,6 @@
-"""cachestate's Prometheus metrics: read from the live counters at scrape time (no double bookkeeping),
-in a registry of its own (no process globals), plus the small aiohttp server that exposes them."""
+"""cachestate's Prometheus metrics (docs/metrics.md), read from the live counters, the tracker's live workers
+and the last feature report at scrape time (no double bookkeeping), in a registry of its own. Per-worker
+series cover the live workers only: a forgotten worker's series go with it."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from shared import schemas as s
+from shared.metrics import service_registry
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
+    from services.cachestate.core.tracker import LiveWorker
     from services.cachestate.service import CacheStateService
 
 P = "onepool_cachestate_"
@@ -135,24 +139,91 @@ class _Collector(Collector):
         for wid, seconds in sorted(svc.tracker.staleness(self._clock()).items()):
             stale.add_metric([wid], seconds)
         yield stale
+        yield from _per_worker(sorted(live, key=lambda w: w.worker_id), svc.last_features)
+
+
+def _per_worker(live: list[LiveWorker], features: dict[str, s.WorkerFeatures]) -> Iterator[Metric]:
+    """What the live workers' last digests (and the last feature report) say, labelled `worker`."""
+    W = P + "worker_"
+
+    def family(
+        cls: type[GaugeMetricFamily] | type[CounterMetricFamily],
+        name: str,
+        doc: str,
+        value: Callable[[LiveWorker], float],
+    ) -> Metric:
+        fam = cls(W + name, doc, labels=["worker"])
+        for w in live:
+            fam.add_metric([w.worker_id], value(w))
+        return fam
+
+    def gauge(name: str, doc: str, value: Callable[[LiveWorker], float]) -> Metric:
+        return family(GaugeMetricFamily, name, doc, value)
+
+    def counter(name: str, doc: str, value: Callable[[LiveWorker], float]) -> Metric:
+        return family(CounterMetricFamily, name, doc, value)
+
+    yield gauge("alpha", "EMB share of the pool (chunks), from the last digest", lambda w: w.alpha)
+    yield gauge("alpha_target", "the EMB share the worker is moving to", lambda w: w.alpha_target)
+    yield gauge("in_flight", "requests accepted and not yet answered", lambda w: w.load.in_flight)
+    yield gauge("queue_depth", "requests waiting for the model thread", lambda w: w.load.queue_depth)
+    yield gauge("max_queue", "the worker's queue limit (requests in flight)", lambda w: w.load.max_queue)
+    yield gauge(
+        "latency_ewma_seconds",
+        "EWMA of the request latency, receipt to reply",
+        lambda w: w.load.ewma_latency_ms / 1e3,
+    )
+    yield gauge(
+        "service_ewma_seconds",
+        "EWMA of what one request costs the model thread",
+        lambda w: w.load.ewma_service_ms / 1e3,
+    )
+    yield gauge("mean_batch_size", "EWMA of the batch size", lambda w: w.load.mean_batch_size)
+    yield gauge("emb_entries", "EMB entries resident", lambda w: w.stats.emb_size)
+    yield gauge("emb_capacity_entries", "EMB slots in the EMB chunks", lambda w: w.stats.emb_capacity)
+    yield gauge("kv_users", "users with a KV entry", lambda w: w.stats.kv_users)
+    yield gauge("in_sync", "1 when its residency is known (no snapshot awaited)", lambda w: float(w.in_sync))
+    yield gauge("draining", "1 while it shuts down", lambda w: float(w.draining))
+    yield counter("requests", "inference requests received", lambda w: w.load.requests_total)
+    yield counter("errors", "inference requests answered with an error", lambda w: w.load.errors_total)
+    yield counter("emb_hits", "EMB lookups found in the pool", lambda w: w.stats.emb_hits)
+    yield counter("emb_misses", "EMB lookups fetched from the host table", lambda w: w.stats.emb_misses)
+    yield counter("kv_hits", "KV lookups that found the user's prefix", lambda w: w.stats.kv_hits)
+    yield counter("kv_misses", "KV lookups that did not", lambda w: w.stats.kv_misses)
+    yield counter("emb_evictions", "EMB entries evicted", lambda w: w.stats.emb_evictions)
+    yield counter("kv_evictions", "KV entries evicted to make room", lambda w: w.stats.kv_evictions)
+    yield counter("chunks_moved", "chunks moved between EMB and KV", lambda w: w.stats.chunks_moved)
+    yield counter("emb_miss_bytes", "bytes of EMB rows fetched on misses", lambda w: w.stats.emb_miss_bytes)
+    refill = CounterMetricFamily(
+        W + "refill_bytes",
+        "EMB refill after reallocation: critical (synchronous, before serving) or background (prefetch)",
+        labels=["worker", "mode"],
+    )
+    for w in live:
+        refill.add_metric([w.worker_id, "critical"], w.stats.critical_refill_bytes)
+        refill.add_metric([w.worker_id, "background"], w.stats.prefetch_bytes)
+    yield refill
+    reported = [(w.worker_id, features[w.worker_id]) for w in live if w.worker_id in features]
+
+    def window(name: str, doc: str, value: Callable[[s.WorkerFeatures], float]) -> Metric:
+        fam = GaugeMetricFamily(W + name, doc + " (last feature window)", labels=["worker"])
+        for wid, f in reported:
+            fam.add_metric([wid], value(f))
+        return fam
+
+    yield window("emb_hit_ratio", "EMB hits / lookups", lambda f: f.emb_hit_rate)
+    yield window("kv_hit_ratio", "KV hits / lookups", lambda f: f.kv_hit_rate)
+    yield window(
+        "slo_violation_ratio",
+        "requests slower than the worker's SLO / requests",
+        lambda f: f.slo_violation_rate,
+    )
+    yield window(
+        "latency_p99_seconds", "largest p99 latency of the window's digests", lambda f: f.p99_latency_ms / 1e3
+    )
 
 
 def build_registry(service: CacheStateService, clock: Callable[[], float] = time.time) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
+    registry = service_registry()
     registry.register(_Collector(service, clock))
     return registry
-
-
-def metrics_app(service: CacheStateService, registry: CollectorRegistry) -> web.Application:
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response(
-            {"status": "ok", "source": service.source, "workers_live": len(service.tracker.live_workers())}
-        )
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    return app

@@ -18,19 +18,19 @@ import uuid
 from collections.abc import Callable
 
 import structlog
-from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from services.cachestate.core.changes import ViewChanges
 from services.cachestate.core.features import FeatureWindow
 from services.cachestate.core.tracker import DigestTracker
-from services.cachestate.metrics import ServiceCounters, build_registry, metrics_app
+from services.cachestate.metrics import ServiceCounters, build_registry
 from services.cachestate.settings import CacheStateSettings
 from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.errors import OnepoolError
 from shared.lifecycle import TaskOwner
+from shared.metrics import MetricsServer, start_metrics_server
 from shared.residency import DEFAULT_PART_BYTES, ResidencyIndex, pack_updates
 
 log = structlog.get_logger("onepool.cachestate")
@@ -65,6 +65,7 @@ class CacheStateService:
         )
         self.features = FeatureWindow(settings.features_window_ms / 1e3, start=clock())
         self.counters = ServiceCounters()
+        self.last_features: dict[str, s.WorkerFeatures] = {}  # the last report's, by worker (for metrics)
         self.registry = build_registry(self, clock)
         self._tracer = tracer or trace.get_tracer("onepool.cachestate")
         self._part_bytes = part_bytes
@@ -86,13 +87,19 @@ class CacheStateService:
         self._synced: dict[str, asyncio.Event] = {}
         self._subs: list[Subscription] = []
         self._tasks = TaskOwner("cachestate")
-        self._http: web.AppRunner | None = None
+        self.metrics_server: MetricsServer | None = None
         self._dec_digest = s.decoder(s.WorkerDigest)
         self._dec_view_req = s.decoder(s.ViewSnapshotRequest)
         self._dec_ack = s.decoder(s.SnapshotAck)
 
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        self.metrics_server = await start_metrics_server(
+            self.registry,
+            host=self.settings.metrics_host,
+            port=self.settings.metrics_port,
+            health=lambda: {"source": self.source, "workers_live": len(self.tracker.live_workers())},
+        )
         self._started_at = self._clock()
         self._heard_self = self._clock()
         self._subs.append(await self.bus.subscribe(self._echo_subject, self._on_echo, traced=False))
@@ -105,18 +112,12 @@ class CacheStateService:
         self._tasks.spawn(self._echo_loop(), name="echo")
         self._tasks.spawn(self._expire_loop(), name="expiry")
         self._tasks.spawn(self._features_loop(), name="features")
-        if self.settings.metrics_port:
-            self._http = web.AppRunner(
-                metrics_app(self, self.registry), access_log=None, handle_signals=False
-            )
-            await self._http.setup()
-            await web.TCPSite(self._http, self.settings.metrics_host, self.settings.metrics_port).start()
         log.info(
             "cachestate ready",
             source=self.source,
             max_entries=self.settings.max_entries,
             dead_after_periods=self.settings.dead_after_periods,
-            metrics_port=self.settings.metrics_port or None,
+            metrics=self.metrics_server.url if self.metrics_server is not None else None,
         )
 
     async def stop(self) -> None:
@@ -125,9 +126,8 @@ class CacheStateService:
             await sub.stop(drain=True, timeout_s=2.0)
         self._subs.clear()
         await self._tasks.close(timeout_s=2.0)
-        if self._http is not None:
-            await self._http.cleanup()
-            self._http = None
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
 
     # ---- digests --------------------------------------------------------------------------------------
     async def _on_digest(self, msg: Message) -> None:
@@ -275,6 +275,7 @@ class CacheStateService:
             for wid in dead:
                 self._pending.remove_worker(wid)
                 self.features.forget(wid)
+                self.last_features.pop(wid, None)
                 task = self._resyncs.pop(wid, None)
                 if task is not None:
                     task.cancel()
@@ -381,6 +382,7 @@ class CacheStateService:
                 workers=self.features.close(self._clock()),
             )
             self._feature_seq += 1
+            self.last_features = {f.worker_id: f for f in report.workers}
             try:
                 await self.bus.publish(s.FEATURES_SUBJECT, s.encode(report))
                 self.counters.feature_reports += 1

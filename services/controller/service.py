@@ -21,10 +21,12 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 
 from services.controller.core.helm import HelmPolicy
 from services.controller.core.policies import AlphaPolicy, Clamp, parse_policy
+from services.controller.metrics import DECISION_SECONDS_BUCKETS, build_registry
 from services.controller.settings import ControllerSettings
 from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.lifecycle import TaskOwner
+from shared.metrics import Buckets, MetricsServer, start_metrics_server
 from shared.sequence import SeqOrder, classify, gap_start
 
 log = structlog.get_logger("onepool.controller")
@@ -55,6 +57,7 @@ class ControllerCounters:
     bad_workers: int = 0  # worker entries with an id that cannot be a subject token, skipped
     decisions: int = 0  # policy evaluations
     decisions_sent: int = 0
+    unchanged: int = 0  # a target within min_change of the worker's: nothing to send
     resends_suppressed: int = 0  # an unchanged decision not repeated within resend_s
     policy_errors: int = 0
     publish_errors: int = 0
@@ -67,15 +70,18 @@ class SentDecision:
 
 
 class DecisionLatency:
-    """The most recent ``maxlen`` decision latencies (policy + clamp), in ns; percentiles in us."""
+    """The most recent ``maxlen`` decision latencies (policy + clamp), in ns, for percentiles in us; and
+    every one in histogram buckets (seconds), for the metrics."""
 
     def __init__(self, maxlen: int) -> None:
         self._ns: deque[int] = deque(maxlen=maxlen)
         self.total = 0
+        self.buckets = Buckets(DECISION_SECONDS_BUCKETS)
 
     def add(self, ns: int) -> None:
         self._ns.append(ns)
         self.total += 1
+        self.buckets.observe(ns / 1e9)
 
     def __len__(self) -> int:
         return len(self._ns)
@@ -106,6 +112,10 @@ class ControllerService:
         self.counters = ControllerCounters()
         self.latency = DecisionLatency(settings.latency_samples)
         self.sent: dict[str, SentDecision] = {}  # the last decision sent to each worker
+        # The target decided (after the clamp, sent or not) for each worker of the last report.
+        self.targets: dict[str, float] = {}
+        self.registry = build_registry(self)
+        self.metrics_server: MetricsServer | None = None
         self._tracer = tracer or trace.get_tracer("onepool.controller")
         self._decoder = s.decoder(s.FeatureReport)
         self._last_report: tuple[str, int] | None = None  # (source, seq)
@@ -125,6 +135,12 @@ class ControllerService:
 
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        self.metrics_server = await start_metrics_server(
+            self.registry,
+            host=self.settings.metrics_host,
+            port=self.settings.metrics_port,
+            health=lambda: {"controller_id": self.settings.id, "policy": self.policy.name},
+        )
         # One handler at a time: reports are decided in arrival order.
         self._sub = await self.bus.subscribe(s.FEATURES_SUBJECT, self._handle_report, concurrency=1)
         if self.settings.stats_s > 0:
@@ -140,6 +156,7 @@ class ControllerService:
             max_step=self.clamp.max_step,
             min_change=self.settings.min_change,
             subject=s.FEATURES_SUBJECT,
+            metrics=self.metrics_server.url if self.metrics_server is not None else None,
         )
 
     async def stop(self) -> None:
@@ -150,6 +167,8 @@ class ControllerService:
         if self._sub is not None:
             await self._sub.stop(drain=True)
         await self._tasks.close(timeout_s=2.0)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         self._log_stats("controller stopped")
 
     # ---------------------------------------------------------------------------------------------------
@@ -177,6 +196,7 @@ class ControllerService:
             self._gap_from = None  # a new source: a new numbering
         self._last_report = (report.source, report.seq)
         self.counters.reports += 1
+        self.targets = {}
         for features in report.workers:
             await self.decide(features)
 
@@ -205,6 +225,7 @@ class ControllerService:
                 log.exception("policy failed; worker left as it is", worker_id=features.worker_id)
                 return None
             self.latency.add(elapsed)
+            self.targets[features.worker_id] = target
             span.set_attribute("onepool.alpha.target", target)
             span.set_attribute("onepool.decide_ns", elapsed)
             if not self._worth_sending(features.worker_id, current, target):
@@ -246,6 +267,7 @@ class ControllerService:
     def _worth_sending(self, worker_id: str, current: float, target: float) -> bool:
         min_change = self.settings.min_change
         if abs(target - current) < min_change or (min_change == 0 and target == current):
+            self.counters.unchanged += 1
             return False
         last = self.sent.get(worker_id)
         if (

@@ -69,6 +69,7 @@ from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.errors import BusDisconnected, BusError, BusTimeout, NoResponders, OnepoolError
 from shared.lifecycle import TaskOwner
+from shared.metrics import add_process_collectors
 from shared.residency import DEFAULT_MAX_ENTRIES, ResidencyIndex
 from shared.telemetry import in_unsampled_trace
 
@@ -84,6 +85,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        add_process_collectors(r)
         self.requests = Counter(
             "onepool_gateway_requests", "HTTP recommend requests by status", ["status"], registry=r
         )

@@ -39,10 +39,12 @@ from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode, ResidencyDelta, ResidencySnapshot
 from services.worker.errors import DeadlineExceeded, Draining, InternalError, WorkerError
 from services.worker.hstu import HSTU, HSTUBatchOutput, HSTUConfig, HSTUInput
+from services.worker.metrics import BATCH_SECONDS_BUCKETS, BATCH_SIZE_BUCKETS
 from services.worker.model_config import preset_name
 from services.worker.settings import DEFAULT_MAX_BATCH
 from services.worker.storage import HostEmbeddingTable, LinkSpec, PoolStorage, PrefetchChannel, open_host_link
 from services.worker.validation import PreparedRequest, RequestLimits
+from shared.metrics import Buckets
 
 log = structlog.get_logger("onepool.worker.engine")
 
@@ -245,6 +247,9 @@ class Engine:
         self.service_ms = 0.0
         self.mean_batch_size = 0.0  # EWMA over batches (0: none served yet)
         self.batches = 0
+        # Per batch (size, and model-thread time from its start to its last answer), for the metrics.
+        self.batch_sizes = Buckets(BATCH_SIZE_BUCKETS)
+        self.batch_seconds = Buckets(BATCH_SECONDS_BUCKETS)
         self._last_batch_end = -math.inf
 
     def _load_table(self) -> HostEmbeddingTable:
@@ -493,6 +498,8 @@ class Engine:
         self.service_ms = ewma(self.service_ms, sample * 1e3 / len(live), SERVICE_EWMA, len(live))
         self.mean_batch_size = ewma(self.mean_batch_size, float(len(live)), BATCH_EWMA)
         self.batches += 1
+        self.batch_sizes.observe(len(live))
+        self.batch_seconds.observe(end - start)
 
     def _serve_jobs(self, jobs: list[Job], start: float) -> list[ServeResult | WorkerError]:
         """Serve the batch; if it fails as a whole, serve its requests one by one so that only the one at

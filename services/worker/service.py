@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
@@ -18,12 +18,14 @@ from services.worker.core.pool import RefillMode
 from services.worker.engine import Engine, EngineConfig, EngineReport, Job, ServeResult, ewma
 from services.worker.errors import Draining, InvalidRequest, Overloaded, WorkerError
 from services.worker.hstu import PRESETS
+from services.worker.metrics import REQUEST_SECONDS_BUCKETS, build_registry
 from services.worker.settings import DEFAULT_NUM_ITEMS, WorkerSettings
 from services.worker.storage import LinkSpec
 from services.worker.validation import prepare
 from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.lifecycle import TaskOwner
+from shared.metrics import Buckets, MetricsServer, start_metrics_server
 from shared.residency import DEFAULT_PART_BYTES, digest_parts, part_numbers
 
 log = structlog.get_logger("onepool.worker")
@@ -112,11 +114,18 @@ class Window:
 
 @dataclass
 class WorkerCounters:
-    requests_total: int = 0
-    errors_total: int = 0
+    requests_total: int = 0  # inference requests received
+    replies: dict[str, int] = field(default_factory=dict)  # answered, by outcome: "ok" or the error code
     bad_messages: int = 0  # undecodable/invalid bus messages, counted and dropped (or answered)
     alpha_rejected: int = 0
     ewma_latency_ms: float = 0.0
+
+    @property
+    def errors_total(self) -> int:
+        return sum(n for outcome, n in self.replies.items() if outcome != "ok")
+
+    def count_reply(self, outcome: str) -> None:
+        self.replies[outcome] = self.replies.get(outcome, 0) + 1
 
 
 class WorkerService:
@@ -135,6 +144,10 @@ class WorkerService:
         self.engine = engine
         self.bus = bus
         self.counters = WorkerCounters()
+        # Receipt to reply of the requests answered ok; the SLO is one of the bounds.
+        self.request_seconds = Buckets({*REQUEST_SECONDS_BUCKETS, settings.slo_ms / 1e3})
+        self.registry = build_registry(self)
+        self.metrics_server: MetricsServer | None = None
         self._tracer = tracer or trace.get_tracer("onepool.worker")
         self._part_bytes = part_bytes  # a digest too large for one message goes in parts of this size
         self._seq = 0
@@ -155,9 +168,24 @@ class WorkerService:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     # ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         wid = self.worker_id
+        self.metrics_server = await start_metrics_server(
+            self.registry,
+            host=self.settings.metrics_host,
+            port=self.settings.metrics_port,
+            health=lambda: {
+                "worker_id": wid,
+                "incarnation": self.incarnation,
+                "draining": self._draining,
+                "in_flight": self._in_flight,
+            },
+        )
         # A few more handlers than queue places: up to OVERLOAD_HEADROOM requests beyond the limit are
         # refused at once ("overloaded", retry elsewhere) rather than waiting unseen in the client buffer.
         handlers = self.settings.max_queue + OVERLOAD_HEADROOM
@@ -181,6 +209,7 @@ class WorkerService:
             total_chunks=self.engine.geometry.total_chunks,
             alpha=split.alpha,
             max_batch=self.engine.cfg.max_batch,
+            metrics=self.metrics_server.url if self.metrics_server is not None else None,
         )
 
     async def stop(self) -> None:
@@ -191,6 +220,7 @@ class WorkerService:
         if not self._subs:  # start() never subscribed: nothing to drain
             await self._tasks.close(timeout_s=2.0)
             await asyncio.to_thread(self.engine.stop)
+            await self._stop_metrics()
             return
         infer_sub, *others = self._subs
         await infer_sub.stop(drain=True, timeout_s=self.settings.drain_s)
@@ -208,13 +238,17 @@ class WorkerService:
             await sub.stop(drain=False)
         self._subs.clear()
         await asyncio.to_thread(self.engine.stop)
+        await self._stop_metrics()
+
+    async def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
 
     # ---------------------------------------------------------------------------------------------------
     def _reply(
         self, request_id: str, *, ok: s.InferenceResult | None = None, error: WorkerError | None = None
     ) -> bytes:
-        if error is not None:
-            self.counters.errors_total += 1
+        self.counters.count_reply("ok" if error is None else error.code)
         return s.encode(
             s.InferenceReply(
                 request_id=request_id,
@@ -279,6 +313,7 @@ class WorkerService:
             span.set_attribute("onepool.compute_ms", result.compute_ms)
             span.set_attribute("onepool.batch_size", result.batch_size)
         self._window.record(len(req.history), result, total_ms)
+        self.request_seconds.observe(total_ms / 1e3)
         c = self.counters
         c.ewma_latency_ms = ewma(c.ewma_latency_ms, total_ms, EWMA_WEIGHT)
         ok = s.InferenceResult(

@@ -26,7 +26,7 @@ from services.gateway.settings import GatewaySettings
 from shared import schemas as s
 from shared.bus import Bus, Message
 from shared.errors import ErrorKind, RemoteError
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually, free_port, samples
 from tests.worker.harness import running_worker
 
 SETTINGS = CacheStateSettings(
@@ -552,6 +552,71 @@ async def test_metrics_and_healthz(nats_server: Any) -> None:
     ):
         assert line in text, line
     assert 'onepool_cachestate_worker_staleness_seconds{worker="w1"}' in text
+
+
+async def test_per_worker_metrics_follow_the_live_workers(nats_server: Any) -> None:
+    settings = replace(SETTINGS, metrics_port=free_port(), metrics_host="127.0.0.1")
+    async with running_cachestate(nats_server.url, settings) as cs, fake_worker(nats_server.url) as w:
+        assert cs.metrics_server is not None
+        url = cs.metrics_server.url + "/metrics"
+        await w.send_snapshot()
+        await eventually(lambda: cs.tracker.is_verified("w1"))
+        digest = {
+            "alpha": 0.4,
+            "alpha_target": 0.5,
+            "load": s.LoadInfo(queue_depth=2, in_flight=3, max_queue=8, requests_total=5, errors_total=1),
+            "stats": s.PoolStats(
+                emb_hits=30,
+                emb_misses=10,
+                kv_hits=4,
+                kv_misses=1,
+                critical_refill_bytes=64,
+                prefetch_bytes=4096,
+            ),
+            "window": s.WindowStats(window_ms=100.0, requests=5, emb_hits=3, emb_misses=1, slo_violations=1),
+        }
+
+        async def keep_sending() -> None:  # a live worker: a digest every period
+            while True:
+                await w.send(**digest)
+                await asyncio.sleep(0.05)
+
+        sending = asyncio.create_task(keep_sending())
+        async with aiohttp.ClientSession() as http:
+
+            async def scrape() -> dict[str, float]:
+                async with http.get(url) as resp:
+                    return samples(await resp.text())
+
+            try:
+                deadline = time.monotonic() + 5
+                while 'onepool_cachestate_worker_slo_violation_ratio{worker="w1"}' not in (
+                    got := await scrape()
+                ):
+                    assert time.monotonic() < deadline, "no feature window for w1"
+                    await asyncio.sleep(0.05)
+            finally:
+                sending.cancel()
+            W = "onepool_cachestate_worker_"
+            expected = {
+                f'{W}alpha{{worker="w1"}}': 0.4,
+                f'{W}alpha_target{{worker="w1"}}': 0.5,
+                f'{W}queue_depth{{worker="w1"}}': 2,
+                f'{W}max_queue{{worker="w1"}}': 8,
+                f'{W}requests_total{{worker="w1"}}': 5,
+                f'{W}errors_total{{worker="w1"}}': 1,
+                f'{W}emb_hits_total{{worker="w1"}}': 30,
+                f'{W}kv_misses_total{{worker="w1"}}': 1,
+                f'{W}refill_bytes_total{{mode="critical",worker="w1"}}': 64,
+                f'{W}refill_bytes_total{{mode="background",worker="w1"}}': 4096,
+                f'{W}in_sync{{worker="w1"}}': 1,
+                f'{W}emb_hit_ratio{{worker="w1"}}': 0.75,
+                f'{W}slo_violation_ratio{{worker="w1"}}': 0.2,
+            }
+            assert {k: got.get(k) for k in expected} == expected
+            # Silent: declared dead, fenced and purged; its series go with it.
+            await eventually(lambda: cs.tracker.counters.workers_dead == 1, timeout_s=3.0)
+            assert not [k for k in await scrape() if 'worker="w1"' in k]
 
 
 async def test_stop_ends_every_task(nats_server: Any) -> None:

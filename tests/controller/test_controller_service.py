@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 
@@ -26,7 +27,7 @@ from shared import schemas as s
 from shared.bus import Bus, Message
 from shared.errors import NoResponders
 from tests.controller.test_policies import pressure
-from tests.helpers import eventually
+from tests.helpers import eventually, free_port, samples
 from tests.worker.harness import SETTINGS as WORKER_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -445,3 +446,36 @@ async def test_controller_moves_a_real_workers_alpha(nats_server: Any) -> None:
     alphas = [d.alpha for d in digests]
     assert alphas[0] == pytest.approx(0.5) and max(alphas) == pytest.approx(goal)
     assert alphas == sorted(alphas)
+
+
+async def test_metrics_count_decisions_by_outcome_and_show_the_last_targets(nats_server: Any) -> None:
+    settings = replace(SETTINGS, metrics_port=free_port(), metrics_host="127.0.0.1")
+    async with running_controller(nats_server.url, settings) as c:
+        await c.send(features("w1", 0.5), features("w2", 0.7))  # w1 -> 0.7 sent; w2 already there
+        await c.settle()
+        await c.send(features("w1", 0.5))  # not applied yet: not sent again within resend_s
+        await c.settle()
+        assert c.service.metrics_server is not None
+        url = c.service.metrics_server.url
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            async with http.get(url + "/healthz") as resp:
+                health = await resp.json()
+    assert health == {"status": "ok", "controller_id": "ctl-test", "policy": "static:0.7"}
+    got = samples(text)
+    p = 'policy="static:0.7"'
+    expected = {
+        "onepool_controller_reports_total": 2,
+        f'onepool_controller_decisions_total{{outcome="sent",{p}}}': 1,
+        f'onepool_controller_decisions_total{{outcome="unchanged",{p}}}': 1,
+        f'onepool_controller_decisions_total{{outcome="resend_suppressed",{p}}}': 1,
+        f'onepool_controller_decisions_total{{outcome="policy_error",{p}}}': 0,
+        "onepool_controller_decision_seconds_count": 3,
+        'onepool_controller_alpha_target{worker="w1"}': pytest.approx(0.7),
+        'onepool_controller_policy_info{policy="static:0.7",weights=""}': 1,
+    }
+    assert {k: got.get(k) for k in expected} == expected
+    # only the workers of the last report
+    assert not any(k.startswith('onepool_controller_alpha_target{worker="w2"') for k in got)

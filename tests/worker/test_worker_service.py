@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 import msgspec
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from shared import schemas as s
 from shared.bus import Bus
 from shared.errors import BusError
 from shared.residency import DEFAULT_PART_BYTES
-from tests.helpers import eventually
+from tests.helpers import eventually, free_port, samples
 from tests.worker.harness import SETTINGS, Running, running_worker
 
 
@@ -379,3 +380,61 @@ async def test_a_digest_that_cannot_be_published_leaves_a_gap_and_the_loop_goes_
     assert seqs[after] == gap + 1  # the receiver sees the next digest skip one: a gap, not a renumbering
     assert seqs == [n for n in range(seqs[-1] + 1) if n != gap]
     assert {d.incarnation for d in worker.digests} == {worker.service.incarnation}
+
+
+async def test_metrics_read_the_live_counters_and_healthz_answers(nats_server: Any) -> None:
+    settings = replace(SETTINGS, metrics_port=free_port(), metrics_host="127.0.0.1", slo_ms=30.0)
+    async with running_worker(nats_server.url, settings) as w:
+        assert w.service.metrics_server is not None
+        url = w.service.metrics_server.url
+        with w.engine_held():  # queued together: one batch of 3
+            pending = [
+                asyncio.ensure_future(w.infer(request_id=f"r{i}", user_id=f"u{i}", history=[i, i + 1]))
+                for i in range(3)
+            ]
+            await eventually(lambda: w.engine.queue_depth == 3)
+        assert all(r.ok is not None for r in await asyncio.gather(*pending))
+        assert (await w.infer(history=[1, -1])).error is not None  # does not decode: invalid_request
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/metrics") as resp:
+                assert resp.status == 200
+                got = samples(await resp.text())
+            async with http.get(url + "/healthz") as resp:
+                health = await resp.json()
+    assert health == {
+        "status": "ok",
+        "worker_id": "wtest",
+        "incarnation": w.service.incarnation,
+        "draining": False,
+        "in_flight": 0,
+    }
+    pool = w.engine.pool
+    chunk = w.engine.geometry.chunk_bytes
+    expected = {
+        "onepool_worker_requests_total": 4,
+        'onepool_worker_replies_total{outcome="ok"}': 3,
+        'onepool_worker_replies_total{outcome="invalid_request"}': 1,
+        "onepool_worker_bad_messages_total": 1,
+        "onepool_worker_request_seconds_count": 3,
+        'onepool_worker_request_seconds_bucket{le="+Inf"}': 3,
+        "onepool_worker_batch_size_count": 1,
+        'onepool_worker_batch_size_bucket{le="2.0"}': 0,
+        'onepool_worker_batch_size_bucket{le="4.0"}': 1,
+        "onepool_worker_batch_seconds_count": 1,
+        "onepool_worker_queue_depth": 0,
+        "onepool_worker_max_queue": SETTINGS.max_queue,
+        "onepool_worker_alpha": pool.alpha,
+        "onepool_worker_alpha_target": 0.5,
+        'onepool_worker_pool_bytes{owner="emb"}': pool.emb_chunks * chunk,
+        'onepool_worker_pool_bytes{owner="kv"}': pool.kv_chunks * chunk,
+        "onepool_worker_emb_hits_total": pool.counters.emb_hits,
+        "onepool_worker_emb_misses_total": pool.counters.emb_misses,
+        "onepool_worker_kv_users": 3,
+        'onepool_worker_refill_bytes_total{mode="critical"}': 0,
+    }
+    assert {k: got.get(k) for k in expected} == expected
+    assert pool.counters.emb_hits + pool.counters.emb_misses > 0
+    assert 'onepool_worker_request_seconds_bucket{le="0.03"}' in got  # the SLO is a bucket bound
+    info = next(k for k in got if k.startswith("onepool_worker_info{"))
+    assert f'incarnation="{w.service.incarnation}"' in info and 'worker="wtest"' in info
+    assert got["process_cpu_seconds_total"] > 0
