@@ -44,5 +44,5 @@ def test_compose_settings_are_real_settings() -> None:
         onepool_vars = {k for k in env if k.startswith("ONEPOOL_")}
         assert onepool_vars and onepool_vars <= known, (service, onepool_vars - known)
         assert spec["services"][service]["command"] == [service]
-    dockerfile = (ROOT / "deploy" / "compose" / "Dockerfile").read_text()
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["onepool"]' in dockerfile

