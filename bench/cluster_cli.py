@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from shared.errors import EXIT_USAGE
+from shared.extras import require_extra
 
 __all__ = ["add_cluster_command"]
 
@@ -22,6 +23,10 @@ def _cluster(args: argparse.Namespace) -> int:
     from bench.cluster import ClusterBenchOptions, check_options, command_line, run_cluster_bench
     from sim.cli import _preset, _source
 
+    if args.url is None:
+        require_extra("worker", "onepool bench cluster (its local cluster's CPU workers; or give --url)")
+    if args.report:
+        require_extra("plots", "onepool bench cluster --report")
     try:
         preset = _preset(args)
         source = _source(args, preset)  # a bad trace line is named here, before any cluster starts

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bench.cluster import WINDOW_S
+from shared.extras import extra_imports
 
 if TYPE_CHECKING:
     from bench.cluster import PolicyRun
@@ -35,7 +36,8 @@ TABLE_KEYS = (
 
 
 def _plt() -> Any:
-    import matplotlib
+    with extra_imports("plots", "a report's plots"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -33,6 +33,7 @@ from services.controller.core.policies import AlphaPolicy, Clamp, parse_policy
 from services.controller.service import DecisionLatency
 from services.controller.settings import ControllerSettings
 from services.worker.settings import DEFAULT_SLO_MS
+from shared.extras import extra_imports
 from shared.schemas import CostCoefficients, WorkerFeatures
 
 __all__ = [
@@ -437,7 +438,8 @@ def run_controller_bench(opts: ControllerBenchOptions) -> int:
 # --report DIR: controller.md and decision_latency.png
 # ---------------------------------------------------------------------------------------------------------
 def _plt() -> Any:
-    import matplotlib
+    with extra_imports("plots", "a report's plots"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,7 +6,7 @@
 # Never installs or upgrades torch. Steps, each bounded by `timeout`, all within ONEPOOL_GPU_CHECK_BUDGET_S:
 #   probe            torch/CUDA versions and devices with the system Python; stops here without a CUDA device
 #   venv             a venv with --system-site-packages (it sees the system torch)
-#   install          the other dependencies + dev extras from local wheels (pip --no-index --find-links)
+#   install          the other dependencies + the tests' extras from local wheels (pip --no-index --find-links)
 #   install-project  the project itself, editable, --no-deps
 #   probe-venv       the same probe inside the venv (the venv must use the system torch)
 #   pytest           pytest -m cuda: every test marked cuda must pass; a skipped one fails the check
@@ -118,7 +118,7 @@ fi
 
 # --- venv on top of the system torch, dependencies from the wheel folder --------------------------------
 run_step venv 90 "$PY" -m venv --clear --system-site-packages "$VENV" || exit 1
-"$PY" "$HELPER" requirements --pyproject "$REPO/pyproject.toml" --extra dev >"$WORK/requirements.txt"
+"$PY" "$HELPER" requirements --pyproject "$REPO/pyproject.toml" >"$WORK/requirements.txt"
 run_step install 240 "$VPY" -m pip install --no-index --find-links "$WHEELS" -r "$WORK/requirements.txt" || exit 1
 run_step install-project 120 "$VPY" -m pip install --no-index --find-links "$WHEELS" --no-deps -e "$REPO" || exit 1
 run_step probe-venv 60 "$VPY" "$HELPER" probe --out "$WORK/probe-venv.json" || [[ $DRY_RUN == 1 ]] || exit 1

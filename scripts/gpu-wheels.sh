@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the wheels that scripts/gpu-check.sh installs on a GPU host, on any machine with PyPI access (no
-# GPU needed): every dependency of the project and of its dev extra EXCEPT torch (the GPU host brings its own
-# CUDA build), plus the build backend, for Linux x86_64 / CPython 3.11, binary wheels only.
+# GPU needed): every dependency of the project and of the extras the tests need EXCEPT torch (the GPU host
+# brings its own CUDA build), plus the build backend, for Linux x86_64 / CPython 3.11, binary wheels only.
 #
 #   scripts/gpu-wheels.sh [DIR]      DIR: $ONEPOOL_WHEELS, else scripts/gpu-wheels/
 #
@@ -18,7 +18,7 @@ read -r -a PLATFORMS <<<"${ONEPOOL_WHEEL_PLATFORMS:-manylinux2014_x86_64 manylin
 
 mkdir -p "$DEST"
 REQS="$DEST/requirements.txt"
-"$PY" "$REPO/scripts/gpu_check.py" requirements --pyproject "$REPO/pyproject.toml" --extra dev --build-system >"$REQS"
+"$PY" "$REPO/scripts/gpu_check.py" requirements --pyproject "$REPO/pyproject.toml" --build-system >"$REQS"
 {
     echo "# onepool $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "# platforms: ${PLATFORMS[*]}; CPython 3.11; torch left out"

@@ -3,8 +3,9 @@ the worker bench on the device, and assembles the one JSON report.
 
 Subcommands (the shell script calls each under `timeout`):
 
-* ``requirements`` - the project's dependencies and the given extras from pyproject.toml, torch left out
-  (the GPU host brings its own CUDA build); ``--build-system`` adds the build requirements.
+* ``requirements`` - the project's dependencies and the given extras from pyproject.toml (by default the
+  ones the test suite needs), torch left out (the GPU host brings its own CUDA build); ``--build-system``
+  adds the build requirements.
 * ``probe`` - torch version, CUDA build, devices; exit 0 only when ``torch.cuda.is_available()``.
 * ``cuda-paths`` - the real classes on the device: `PoolStorage` arena on CUDA, `HostEmbeddingTable` pinned,
   `CudaLink` H2D (timed with CUDA events), `PrefetchChannel` on its side stream, an `Engine` serving.
@@ -39,6 +40,8 @@ DESCRIPTION = (
     "GPU check helper: probe, CUDA path checks, bench on the device, JSON report (see scripts/gpu-check.sh)"
 )
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The extras the test suite needs (the Makefile's `make venv` installs the same ones).
+TEST_EXTRAS = ("dev", "worker", "train", "plots")
 GIB = 1024**3
 MIB = 1024**2
 
@@ -107,7 +110,7 @@ def _requirement_name(line: str) -> str:
 
 def requirements(
     pyproject: Path,
-    extras: Sequence[str] = ("dev",),
+    extras: Sequence[str] = TEST_EXTRAS,
     exclude: Sequence[str] = ("torch",),
     build: bool = False,
 ) -> list[str]:
@@ -794,7 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("requirements", help="print the requirement lines to download/install (no torch)")
     r.add_argument("--pyproject", type=Path, default=REPO_ROOT / "pyproject.toml")
-    r.add_argument("--extra", action="append", default=None, help="extras to include (default: dev)")
+    r.add_argument(
+        "--extra", action="append", default=None, help=f"extras to include (default: {','.join(TEST_EXTRAS)})"
+    )
     r.add_argument("--build-system", action="store_true", help="also the build-system requires")
     p = sub.add_parser("probe", help="torch/CUDA versions and devices; exit 0 only with a CUDA device")
     p.add_argument("--out", type=Path, required=True)
@@ -812,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.cmd == "requirements":
-        print("\n".join(requirements(args.pyproject, args.extra or ["dev"], build=args.build_system)))
+        print("\n".join(requirements(args.pyproject, args.extra or TEST_EXTRAS, build=args.build_system)))
         return 0
     if args.cmd == "probe":
         return probe(args.out)

@@ -1,4 +1,5 @@
-"""The `onepool` console script. Heavy imports (torch) happen inside the subcommand that needs them."""
+"""The `onepool` console script. Heavy imports (torch) happen inside the subcommand that needs them, and a
+subcommand that needs an extra (shared/extras.py) says so in one line when it is not installed."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.errors import EXIT_USAGE, SettingsError
+from shared.errors import EXIT_USAGE, MissingExtra, SettingsError
+from shared.extras import extra_imports, require_extra
 from shared.version import onepool_version
 
 
 def _load_worker_main() -> Any:
-    from services.worker.main import run_worker  # imports torch: only when the worker runs
+    with extra_imports("worker", "onepool worker"):
+        from services.worker.main import run_worker  # imports torch: only when the worker runs
 
     return run_worker
 
@@ -29,6 +32,7 @@ def _up(args: argparse.Namespace) -> int:
 
     check_telemetry_env(os.environ)  # the services inherit this environment
 
+    require_extra("worker", "onepool up (its CPU workers)")
     try:
         settings = ClusterSettings(
             workers=args.workers,
@@ -57,7 +61,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _bench_worker(args: argparse.Namespace) -> int:
-    from bench.worker import BenchOptions, run_bench
+    with extra_imports("worker", "onepool bench worker"):
+        from bench.worker import BenchOptions, run_bench
 
     return run_bench(
         BenchOptions(json_path=args.json, quick=args.quick, repeats=args.repeats, device=args.device)
@@ -113,6 +118,8 @@ def _int_list(text: str) -> list[int]:
 def _bench_routing(args: argparse.Namespace) -> int:
     from bench.routing_report import RoutingBenchOptions, run_routing_bench
 
+    require_extra("worker", "onepool bench routing (its local cluster's CPU worker)")
+
     return run_routing_bench(
         RoutingBenchOptions(
             json_path=args.json,
@@ -127,6 +134,8 @@ def _bench_routing(args: argparse.Namespace) -> int:
 
 def _bench_faults(args: argparse.Namespace) -> int:
     from bench.faults import SCENARIOS, FaultBenchOptions, run_fault_bench
+
+    require_extra("worker", "onepool bench faults (its local cluster's CPU workers)")
 
     return run_fault_bench(
         FaultBenchOptions(
@@ -143,6 +152,9 @@ def _bench_faults(args: argparse.Namespace) -> int:
 def _bench_controller(args: argparse.Namespace) -> int:
     from bench.cluster import command_line
     from bench.controller import ControllerBenchOptions, run_controller_bench
+
+    if args.report:
+        require_extra("plots", "onepool bench controller --report")
 
     return run_controller_bench(
         ControllerBenchOptions(
@@ -493,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except SettingsError as exc:
         print(f"onepool: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

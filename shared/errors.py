@@ -121,3 +121,21 @@ class SettingsError(OnepoolError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message, field=field)
+
+
+class MissingExtra(OnepoolError):
+    """A command needs an optional part of onepool (an extra of pyproject.toml) that is not installed.
+
+    Like a SettingsError it ends the process with EXIT_USAGE: restarting would not help."""
+
+    code = "missing_extra"
+    kind = ErrorKind.CLIENT
+
+    def __init__(self, what: str, extra: str, module: str) -> None:
+        # Not `pip install 'onepool[...]'`: on PyPI, "onepool" is another project.
+        super().__init__(
+            f"{what} needs {module}, which is not installed: install onepool[{extra}] "
+            f"(in a checkout of onepool: pip install '.[{extra}]')"
+        )
+        self.extra = extra
+        self.module = module

@@ -18,6 +18,7 @@ from services.gateway.core.router import Policy
 from services.worker.core.pool import RefillMode
 from services.worker.settings import DEFAULT_MAX_BATCH, DEFAULT_SLO_MS
 from shared.errors import EXIT_USAGE
+from shared.extras import extra_imports, require_extra
 from sim.cluster import SimConfig
 from sim.compare import ABLATIONS, BASELINES, COMPARE_REGIMES, HELM, compare_regime
 from sim.cost import CostProfile, load_profile
@@ -291,7 +292,10 @@ def _compare(
 def _sim(args: argparse.Namespace) -> int:
     preset = _sim_preset(args)
     if args.validate:
+        require_extra("worker", "onepool sim --validate (its local cluster's CPU workers)")
         return _validate(args, preset)
+    if args.report:
+        require_extra("plots", "onepool sim --report")
     for flag in ("motivation", "compare"):
         if getattr(args, flag) and (args.trace or args.regime):
             raise ValueError(f"--{flag} runs the three synthetic regimes: it takes no --regime or --trace")
@@ -477,7 +481,8 @@ def add_sim_command(sub: Any) -> None:
 
 # ----------------------------------------------------------------------------------------------- calibrate
 def _calibrate(args: argparse.Namespace) -> int:
-    from bench.calibrate import CalibrateOptions, run_calibrate  # imports torch
+    with extra_imports("worker", "onepool calibrate"):
+        from bench.calibrate import CalibrateOptions, run_calibrate  # imports torch
 
     return run_calibrate(
         CalibrateOptions(
@@ -533,7 +538,8 @@ def add_calibrate_command(sub: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ train-controller
 def _train_controller(args: argparse.Namespace) -> int:
-    from sim.ppo import TrainConfig, train  # imports torch
+    with extra_imports("train", "onepool train-controller"):
+        from sim.ppo import TrainConfig, train  # imports torch and gymnasium
 
     base = TrainConfig(seed=args.seed)
     env_changes = {

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from shared.extras import extra_imports
+
 if TYPE_CHECKING:
     from sim.run import RunOutcome, SweepOutcome
 
@@ -16,7 +18,8 @@ SUMMARY_KEYS = ("p50_ms", "p99_ms", "slo_satisfaction", "throughput_rps", "emb_h
 
 
 def _plt() -> Any:
-    import matplotlib
+    with extra_imports("plots", "a report's plots"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
