@@ -581,10 +581,9 @@ class HelmPolicy:
         if not (f.request_rate > 0.0 and f.window_ms > 0.0):
             return current  # no traffic: nothing to decide on
         x, imbalance = _observe(f, None)  # the window priced once, for the actor and the adapter
-        a, b = self.actor.beta(x)
-        base = self.lo + (self.hi - self.lo) * (a / (a + b))  # base(f), with the actor's mean inline
         if self.layers == 1:
-            return base
+            a, b = self.actor.beta(x)
+            return self.lo + (self.hi - self.lo) * (a / (a + b))  # base(f), the actor's mean inline
         st = self._workers.get(f.worker_id) or self._state(f.worker_id)
         mode = st.mode
         if self.recovery:
@@ -605,16 +604,16 @@ class HelmPolicy:
                 mode = st.mode = _RECOVERY
                 st.calm, st.held = 0, 0
                 st.protective = current
-        if mode is _RECOVERY:
+        if mode is _RECOVERY:  # the split held: the actor need not be asked (it keeps no state)
             st.protective = min(self.hi, max(self.lo, st.protective + self.protect_gain * imbalance))
             return st.protective
+        a, b = self.actor.beta(x)
+        normal = self.lo + (self.hi - self.lo) * (a / (a + b))  # base(f)
         if self.adapter:
             adapter = st.adapter
             if mode is _NORMAL:
                 adapter.update(imbalance, f.p99_latency_ms)  # frozen during recovery and its blend
-            normal = base + adapter.correction()
-        else:
-            normal = base
+            normal += adapter.correction()
         if mode is _BLEND:
             st.blend += 1
             w = st.blend / self.blend_windows
