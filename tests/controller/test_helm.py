@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,16 @@ import pytest
 import torch
 
 from services.controller.core.helm import (
+    CUSUM_FLOOR,
     DEFAULT_WEIGHTS,
     FEATURES,
+    OBS_CLIP,
     Actor,
     Adapter,
     BurstDetector,
     HelmPolicy,
     build_helm,
+    detector_signals,
     observe,
     pressures,
 )
@@ -277,3 +281,350 @@ def test_the_shipped_actor_is_what_train_controller_makes_by_default() -> None:
     meta = json.loads(actor.meta)
     assert meta["train"] == TrainConfig().to_json()
     assert meta["reward"] == TrainConfig().env.reward.to_json()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The tuned decision (issue 9: HELM's decision in <= 10 us) against the plain computation it replaced
+# ------------------------------------------------------------------------------------------------------
+def plain_beta(actor: Actor, raw: Any) -> tuple[float, float]:
+    """The actor as the training side computes it: normalise, clip to +-OBS_CLIP, three layers, softplus."""
+    z = np.clip((np.asarray(raw, dtype=np.float64) - actor.obs_mean) / actor.obs_std, -OBS_CLIP, OBS_CLIP)
+    h = np.tanh(actor.w1 @ z + actor.b1)
+    h = np.tanh(actor.w2 @ h + actor.b2)
+    a, b = np.logaddexp(0.0, actor.w3 @ h + actor.b3)  # softplus
+    return 1.0 + float(a), 1.0 + float(b)
+
+
+def random_actor(rng: np.random.Generator, h: int = 32) -> Actor:
+    return Actor(
+        rng.normal(0.0, 0.6, (h, D)), rng.normal(0.0, 0.3, h), rng.normal(0.0, 0.4, (h, h)),
+        rng.normal(0.0, 0.3, h), rng.normal(0.0, 1.5, (2, h)), rng.normal(0.0, 1.0, 2),
+        obs_mean=rng.normal(0.0, 3.0, D), obs_std=rng.uniform(0.01, 5.0, D), version="random",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["shipped", "random"])
+def test_actor_equals_the_plain_network_on_random_inputs(which: str) -> None:
+    rng = np.random.default_rng(7)
+    actor = Actor.load(DEFAULT_WEIGHTS) if which == "shipped" else random_actor(rng)
+    for i in range(500):
+        # inside the clip, and far outside it (every third draw: up to 20 standard deviations away)
+        spread = 20.0 if i % 3 == 0 else 2.0
+        raw = actor.obs_mean + actor.obs_std * rng.normal(0.0, spread, D)
+        want = plain_beta(actor, raw)
+        for x in (raw, raw.tolist()):  # an array or the list observe() returns
+            a, b = actor.beta(x)
+            assert a == pytest.approx(want[0], rel=1e-9, abs=1e-12)
+            assert b == pytest.approx(want[1], rel=1e-9, abs=1e-12)
+            assert actor.mean(x) == pytest.approx(want[0] / (want[0] + want[1]), rel=1e-9, abs=1e-12)
+    assert actor.beta(raw.tolist()) == actor.beta(raw.tolist())  # its buffers carry nothing over
+
+
+def test_the_detector_watches_three_of_the_actors_features() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        f = feat(
+            request_rate=float(rng.uniform(0.5, 500.0)),
+            hot_user_share=float(rng.uniform()),
+            new_token_fraction=float(rng.uniform()),
+        )
+        named = dict(zip(FEATURES, observe(f), strict=True))
+        want = [named["log_request_rate"], named["hot_user_share"], named["new_token_fraction"]]
+        assert detector_signals(f) == want  # HelmPolicy.decide takes them from the observation
+
+
+@dataclass
+class PlainAdapter:
+    """Adapter.update and correction as first written (min/max, abs), for the tuned ones to equal."""
+
+    rate: float
+    step_cap: float
+    cap: float
+    leak: float
+    deadband: float
+    ramp: int
+    patience: int
+    tolerance: float
+    r: float = 0.0
+    decisions: int = 0
+    reference_p99: float = math.nan
+    worse: int = 0
+    resets: int = 0
+
+    def correction(self) -> float:
+        return min(1.0, self.decisions / self.ramp) * self.r if self.ramp > 0 else self.r
+
+    def update(self, imbalance: float, p99_ms: float) -> None:
+        if abs(self.r) < 0.25 * self.step_cap or not math.isfinite(self.reference_p99):
+            self.reference_p99 = p99_ms
+            self.worse = 0
+        elif p99_ms > self.reference_p99 * (1.0 + self.tolerance):
+            self.worse += 1
+            if self.worse >= self.patience:
+                self.r, self.decisions, self.worse = 0.0, 0, 0
+                self.reference_p99 = math.nan
+                self.resets += 1
+                return
+        else:
+            self.worse = 0
+        e = imbalance if abs(imbalance) > self.deadband else 0.0
+        step = max(-self.step_cap, min(self.step_cap, self.rate * e))
+        r = max(-self.cap, min(self.cap, (1.0 - self.leak) * self.r + step))
+        if r * self.r < 0.0:
+            self.reference_p99, self.worse = p99_ms, 0
+        self.r = r
+        self.decisions += 1
+
+
+@dataclass
+class PlainDetector:
+    """BurstDetector.step as first written (one loop, the deltas kept), for the tuned one to equal."""
+
+    k: float
+    h: float
+    baseline: float
+    warmup: int
+    floor: float
+    mean: list[float] = field(default_factory=list)
+    var: list[float] = field(default_factory=list)
+    pos: list[float] = field(default_factory=list)
+    neg: list[float] = field(default_factory=list)
+    seen: int = 0
+
+    def step(self, signals: list[float], *, learn: bool = True) -> bool:
+        if not self.mean:
+            n = len(signals)
+            self.mean, self.var, self.pos, self.neg = list(signals), [0.0] * n, [0.0] * n, [0.0] * n
+            self.seen = 1
+            return False
+        self.seen += 1
+        armed = self.seen > self.warmup
+        alarmed = False
+        deltas = []
+        for i, x in enumerate(signals):
+            d = x - self.mean[i]
+            deltas.append(d)
+            if armed:
+                z = d / math.sqrt(self.var[i] + self.floor)
+                self.pos[i] = max(0.0, self.pos[i] + z - self.k)
+                self.neg[i] = max(0.0, self.neg[i] - z - self.k)
+                alarmed = alarmed or self.pos[i] > self.h or self.neg[i] > self.h
+        if learn and not alarmed:
+            w = self.baseline if armed else 1.0 / self.seen
+            for i, d in enumerate(deltas):
+                self.mean[i] += w * d
+                self.var[i] = (1.0 - w) * (self.var[i] + w * d * d)
+        if alarmed:
+            self.pos, self.neg = [0.0] * len(self.pos), [0.0] * len(self.neg)
+        return alarmed
+
+    def rebase(self, signals: list[float]) -> None:
+        self.mean = list(signals)
+        self.pos, self.neg = [0.0] * len(self.pos), [0.0] * len(self.neg)
+
+
+def test_adapter_and_detector_equal_their_plain_forms_on_random_input() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        kw: dict[str, Any] = {
+            "rate": float(rng.uniform(0.0, 0.3)), "step_cap": float(rng.uniform(0.001, 0.05)),
+            "cap": float(rng.uniform(0.01, 0.2)), "leak": float(rng.uniform(0.0, 0.5)),
+            "deadband": float(rng.uniform(0.0, 0.5)), "ramp": int(rng.integers(0, 20)),
+            "patience": int(rng.integers(1, 5)), "tolerance": float(rng.uniform(0.0, 0.3)),
+        }  # fmt: skip
+        tuned, plain = adapter(**kw), PlainAdapter(**kw)
+        for _ in range(300):
+            imbalance, p99 = float(rng.uniform(-1.0, 1.0)), float(rng.uniform(5.0, 50.0))
+            tuned.update(imbalance, p99)
+            plain.update(imbalance, p99)
+            assert tuned.correction() == plain.correction()
+            got = (tuned.r, tuned.decisions, tuned.reference_p99, tuned.worse, tuned.resets)
+            want = (plain.r, plain.decisions, plain.reference_p99, plain.worse, plain.resets)
+            assert got == pytest.approx(want, rel=0, abs=0, nan_ok=True), trial
+        assert plain.resets > 0 or kw["patience"] > 2
+        n = int(rng.integers(1, 5))
+        dkw: dict[str, Any] = {
+            "k": float(rng.uniform(0.0, 1.5)), "h": float(rng.uniform(1.0, 8.0)),
+            "baseline": float(rng.uniform(0.0, 0.2)), "warmup": int(rng.integers(0, 10)),
+            "floor": float(rng.uniform(1e-6, 1e-2)),
+        }  # fmt: skip
+        det, ref = BurstDetector(**dkw), PlainDetector(**dkw)
+        level = rng.normal(0.0, 1.0, n)
+        for _ in range(300):
+            if rng.random() < 0.05:
+                level = level + rng.normal(0.0, 1.0, n)  # a step: alarms
+            signals = (level + rng.normal(0.0, 0.05, n)).tolist()
+            learn = bool(rng.random() < 0.8)
+            assert det.step(signals, learn=learn) == ref.step(signals, learn=learn)
+            assert (det.mean, det.var, det.pos, det.neg, det.seen) == (
+                ref.mean,
+                ref.var,
+                ref.pos,
+                ref.neg,
+                ref.seen,
+            )
+
+
+def plain_observe(f: WorkerFeatures, priced: tuple[float, float]) -> list[float]:
+    """observe() as first written (min/max, math.log1p)."""
+    rate = f.request_rate
+    change = f.request_rate_delta * f.window_ms * 1e-3 / rate if rate > 0.0 else 0.0
+    emb_ms, kv_ms = priced
+    total = emb_ms + kv_ms
+    return [
+        f.alpha, f.alpha_target, f.emb_hit_rate, f.kv_hit_rate, math.log1p(rate), max(-4.0, min(4.0, change)),
+        f.hot_user_share, math.log1p(f.mean_history), f.new_token_fraction,
+        math.log1p(f.emb_misses_per_request), math.log1p(f.p99_latency_ms), f.slo_violation_rate,
+        emb_ms / total if total > 0.0 else 0.5, math.log1p(total),
+    ]  # fmt: skip
+
+
+class PlainHelm:
+    """HelmPolicy.decide as it read before it was tuned for speed, on the plain adapter and detector, with
+    the settings of ``policy`` (whose own state it leaves alone)."""
+
+    def __init__(self, policy: HelmPolicy) -> None:
+        self.p = policy
+        self.adapters: dict[str, PlainAdapter] = {}
+        self.detectors: dict[str, PlainDetector] = {}
+        self.mode: dict[str, str] = {}
+        self.calm: dict[str, int] = {}
+        self.held: dict[str, int] = {}
+        self.blend: dict[str, int] = {}
+        self.protective: dict[str, float] = {}
+
+    def decide(self, f: WorkerFeatures, current: float) -> float:
+        p, w = self.p, f.worker_id
+        if not (f.request_rate > 0.0 and f.window_ms > 0.0):
+            return current
+        priced = pressures(f)
+        base = p.lo + (p.hi - p.lo) * p.actor.mean(plain_observe(f, priced))
+        if p.layers == 1:
+            return base
+        if w not in self.mode:
+            self.mode[w] = "normal"
+            self.adapters[w] = PlainAdapter(
+                p.adapter_rate, p.adapter_step, p.adapter_cap, p.adapter_leak, p.adapter_deadband,
+                p.adapter_ramp, p.adapter_patience, p.adapter_tolerance,
+            )  # fmt: skip
+            self.detectors[w] = PlainDetector(
+                p.cusum_k, p.cusum_h, p.cusum_baseline, p.cusum_warmup, CUSUM_FLOOR
+            )
+        adapter, detector = self.adapters[w], self.detectors[w]
+        emb_ms, kv_ms = priced
+        total = emb_ms + kv_ms
+        imbalance = (emb_ms - kv_ms) / total if total > 0.0 else 0.0
+        if p.recovery:
+            signals = detector_signals(f)
+            alarm = detector.step(signals, learn=self.mode[w] == "normal")
+            if self.mode[w] == "recovery":
+                self.held[w] += 1
+                self.calm[w] = 0 if alarm else self.calm[w] + 1
+                if self.held[w] >= p.max_recovery:
+                    detector.rebase(signals)
+                if self.calm[w] >= p.calm_windows or self.held[w] >= p.max_recovery:
+                    self.mode[w], self.blend[w] = "blend", 0
+            elif alarm:
+                self.mode[w], self.calm[w], self.held[w] = "recovery", 0, 0
+                self.protective[w] = current
+        if p.adapter and self.mode[w] == "normal":
+            adapter.update(imbalance, f.p99_latency_ms)
+        normal = base + (adapter.correction() if p.adapter else 0.0)
+        if self.mode[w] == "recovery":
+            self.protective[w] = min(p.hi, max(p.lo, self.protective[w] + p.protect_gain * imbalance))
+            return self.protective[w]
+        if self.mode[w] == "blend":
+            self.blend[w] += 1
+            weight = self.blend[w] / p.blend_windows
+            if self.blend[w] >= p.blend_windows:
+                self.mode[w] = "normal"
+            return (1.0 - weight) * self.protective[w] + weight * normal
+        return normal
+
+
+def drifting_windows(seed: int, windows: int, workers: int = 3) -> list[WorkerFeatures]:
+    """Windows taken in turn from a few workers: drifting load with bursts, idle windows, no cost fit at
+    first, P99 moving with the load (the adapter resets), values far outside the actor's clip now and then."""
+    rng = np.random.default_rng(seed)
+    out = []
+    rates = [float(r) for r in rng.uniform(20.0, 200.0, workers)]
+    burst = [0] * workers
+    last = list(rates)  # each worker's previous window's rate
+    for k in range(windows):
+        i = k % workers
+        if burst[i] > 0:
+            burst[i] -= 1
+        elif rng.random() < 0.03:
+            burst[i] = int(rng.integers(2, 40))
+        rates[i] *= float(np.exp(rng.normal(0.0, 0.05)))
+        rate = 0.0 if rng.random() < 0.02 else rates[i] * (6.0 if burst[i] else 1.0)
+        prev, last[i] = last[i], rate  # a burst's start and end: rate changes beyond +-4 (clipped)
+        jump = float(rng.normal(0.0, 10.0 * rate)) if rng.random() < 0.1 else 0.0  # a noisy delta: +-4 too
+        samples = 0 if k < 6 * workers else int(rng.integers(1, 1000))
+        out.append(
+            feat(
+                worker_id=f"w{i}",
+                request_rate=rate,
+                request_rate_delta=(rate - prev) * float(rng.uniform(0.5, 1.5)) + jump,
+                hot_user_share=float(rng.uniform(0.0, 0.3) if burst[i] else rng.uniform(0.5, 0.7)),
+                mean_history=float(rng.uniform(50.0, 500.0)),
+                new_token_fraction=float(rng.uniform(0.0, 1.0)),
+                emb_hit_rate=float(rng.uniform()),
+                kv_hit_rate=float(rng.uniform()),
+                emb_misses_per_request=float(rng.uniform(0.0, 400.0)),
+                p99_latency_ms=float(rng.uniform(5.0, 50.0) * (1.0 + rate / 100.0)),
+                slo_violation_rate=float(rng.uniform(0.0, 0.02) if rng.random() < 0.9 else rng.uniform()),
+                alpha=float(rng.uniform()),
+                alpha_target=float(rng.uniform()),
+                cost=CostCoefficients(
+                    fixed_ms=1.0,
+                    ms_per_new_token=float(rng.uniform(0.001, 0.05)),
+                    ms_per_emb_miss=float(rng.uniform(0.0005, 0.01)),
+                    samples=samples,
+                ),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"layers": 1},
+        {"layers": 2},
+        {"recovery": False},
+        {"adapter": False},
+        {"protect_gain": 0.05, "max_recovery": 8, "adapter_patience": 2, "adapter_rate": 0.05},
+        {
+            "adapter_rate": 0.2,
+            "adapter_step": 0.05,
+            "adapter_cap": 0.06,
+            "adapter_leak": 0.0,
+            "adapter_ramp": 0,
+            "adapter_patience": 2,
+        },
+    ],
+)
+def test_helm_decide_equals_its_layers_composed_plainly(options: dict[str, Any]) -> None:
+    actor = Actor.load(DEFAULT_WEIGHTS)
+    settings: dict[str, Any] = {"cusum_warmup": 5, "adapter_ramp": 10, **options}
+    tuned, plain = HelmPolicy(actor, **settings), PlainHelm(HelmPolicy(actor, **settings))
+    modes = set()
+    for f in drifting_windows(11, 3000):
+        current = f.alpha_target
+        assert observe(f) == plain_observe(f, pressures(f))
+        assert tuned.decide(f, current) == plain.decide(f, current)  # bit for bit
+        assert tuned.mode(f.worker_id) == plain.mode.get(f.worker_id, "normal")
+        modes.add(tuned.mode(f.worker_id))
+        if tuned.layers > 1 and f.request_rate > 0.0:  # and the layers' state, to the last bit
+            st, det, ad = tuned._state(f.worker_id), plain.detectors[f.worker_id], plain.adapters[f.worker_id]
+            assert (st.detector.mean, st.detector.var, st.detector.pos) == (det.mean, det.var, det.pos)
+            assert st.detector.neg == det.neg
+            got = (st.adapter.r, st.adapter.decisions, st.adapter.reference_p99, st.adapter.worse)
+            want = (ad.r, ad.decisions, ad.reference_p99, ad.worse)
+            assert got == pytest.approx(want, rel=0, abs=0, nan_ok=True)
+    if tuned.recovery:
+        assert modes == {"normal", "recovery", "blend"}
+    if tuned.adapter:
+        assert sum(plain.adapters[w].resets for w in ("w0", "w1", "w2")) > 0

@@ -16,7 +16,11 @@ Map
   ablations.
 
 The decision is plain float arithmetic plus three small matrix products: no torch on the serving path
-(training lives in :mod:`sim.ppo`).
+(training lives in :mod:`sim.ppo`). It is timed against a 10-us P99 (``onepool bench controller``,
+docs/controller.md): at a few numbers per call every numpy call costs ~0.3 us and a Python call or a
+builtin min/max ~0.05 us, so the hot path counts them (eight numpy calls in the actor, the window's
+features built once, scalar state in Python floats); tests/controller/test_helm.py holds it equal, bit for
+bit, to the plain composition of the layers.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import enum
 import hashlib
 import io
 import math
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Final
@@ -92,30 +98,36 @@ def pressures(f: WorkerFeatures) -> tuple[float, float]:
 def observe(f: WorkerFeatures, priced: tuple[float, float] | None = None) -> list[float]:
     """The actor's input for one worker's window (:data:`FEATURES`, in order); ``priced``: the window's
     :func:`pressures` if the caller has them already."""
+    return _observe(f, priced)[0]
+
+
+def _observe(f: WorkerFeatures, priced: tuple[float, float] | None) -> tuple[list[float], float]:
+    """:func:`observe`'s features and the window's pressure imbalance ``(emb_ms - kv_ms) / (emb_ms + kv_ms)``
+    (0 when both are zero), from one pricing: what :meth:`HelmPolicy.decide` needs of the window."""
     rate = f.request_rate
     change = f.request_rate_delta * f.window_ms * 1e-3 / rate if rate > 0.0 else 0.0
+    change = change if change < 4.0 else 4.0  # max(-4, min(4, change)) as the builtins do it, NaN included
+    change = change if change > -4.0 else -4.0
     emb_ms, kv_ms = pressures(f) if priced is None else priced
     total = emb_ms + kv_ms
-    return [
+    log1p = math.log1p
+    x = [
         f.alpha,
         f.alpha_target,
         f.emb_hit_rate,
         f.kv_hit_rate,
-        math.log1p(rate),
-        max(-4.0, min(4.0, change)),
+        log1p(rate),
+        change,
         f.hot_user_share,
-        math.log1p(f.mean_history),
+        log1p(f.mean_history),
         f.new_token_fraction,
-        math.log1p(f.emb_misses_per_request),
-        math.log1p(f.p99_latency_ms),
+        log1p(f.emb_misses_per_request),
+        log1p(f.p99_latency_ms),
         f.slo_violation_rate,
         emb_ms / total if total > 0.0 else 0.5,
-        math.log1p(total),
+        log1p(total),
     ]
-
-
-def _softplus(x: float) -> float:
-    return x + math.log1p(math.exp(-x)) if x > 0.0 else math.log1p(math.exp(x))
+    return x, ((emb_ms - kv_ms) / total if total > 0.0 else 0.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,18 +148,11 @@ class Actor:
     version: str
     meta: str = ""  # JSON text: how it was trained (seed, episodes, reward weights)
     digest: str = field(init=False)
-    # The forward pass, prepared at load: the normalisation folded into the first layer and every bias
-    # into its matrix (an input augmented with a constant 1), computed into preallocated buffers: five
-    # numpy calls a decision. Not reentrant (the controller decides one report at a time).
-    _m1: F64 = field(init=False, repr=False)
-    _m2: F64 = field(init=False, repr=False)
-    _m3: F64 = field(init=False, repr=False)
-    _x: F64 = field(init=False, repr=False)
-    _lo: F64 = field(init=False, repr=False)  # inputs clipped to mean +- OBS_CLIP std, as in training
-    _hi: F64 = field(init=False, repr=False)
-    _h1: F64 = field(init=False, repr=False)
-    _h2: F64 = field(init=False, repr=False)
-    _o: F64 = field(init=False, repr=False)
+    # beta(x): the Beta's two parameters for one feature vector (raw, not normalised). The forward pass,
+    # prepared at load (:meth:`_compile`): the normalisation folded into the first layer and every bias into
+    # its matrix (an input augmented with a constant 1), computed into preallocated buffers by a closure
+    # over them. Not reentrant (the controller decides one report at a time).
+    beta: Callable[[Sequence[float] | F64], tuple[float, float]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         d = len(FEATURES)
@@ -170,22 +175,50 @@ class Actor:
                 raise ValueError(f"HELM actor: {name} has non-finite values")
         if np.any(self.obs_std <= 0.0):
             raise ValueError("HELM actor: obs_std must be > 0")
+        object.__setattr__(self, "beta", self._compile())
+        object.__setattr__(self, "digest", self._digest())
+
+    def _compile(self) -> Callable[[Sequence[float] | F64], tuple[float, float]]:
+        """The forward pass as a closure over its buffers: the features packed into the input, then eight
+        numpy calls on at most 33 numbers (the input clipped from below and from above, one matrix product
+        per layer, one in-place tanh per hidden layer, the two outputs out as Python floats) and the Beta's
+        parameters in Python floats. Each call costs ~0.3 us whatever the size, so the count is the cost:
+        ``np.clip`` (~2 us: a Python wrapper) is ``maximum`` then ``minimum`` here, and every matrix
+        product ``ndarray.dot`` into a buffer (the BLAS call of ``np.dot(..., out=)`` without its
+        dispatch). Same arithmetic as before the rewrite, to the last bit (tests/controller/test_helm.py
+        compares it with the plain computation)."""
+        d = len(FEATURES)
         w1 = self.w1 / self.obs_std
         b1 = self.b1 - w1 @ self.obs_mean
-        prepared = {
-            "_m1": np.ascontiguousarray(np.hstack([w1, b1[:, None]])),
-            "_m2": np.ascontiguousarray(np.hstack([self.w2, self.b2[:, None]])),
-            "_m3": np.ascontiguousarray(np.hstack([self.w3, self.b3[:, None]])),
-            "_x": np.ones(d + 1),
-            "_lo": self.obs_mean - OBS_CLIP * self.obs_std,
-            "_hi": self.obs_mean + OBS_CLIP * self.obs_std,
-            "_h1": np.ones(h1 + 1),
-            "_h2": np.ones(h2 + 1),
-            "_o": np.zeros(2),
-        }
-        for name, value in prepared.items():
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "digest", self._digest())
+        m1 = np.ascontiguousarray(np.hstack([w1, b1[:, None]]))
+        m2 = np.ascontiguousarray(np.hstack([self.w2, self.b2[:, None]]))
+        m3 = np.ascontiguousarray(np.hstack([self.w3, self.b3[:, None]]))
+        lo = self.obs_mean - OBS_CLIP * self.obs_std  # inputs clipped to mean +- OBS_CLIP std, as in training
+        hi = self.obs_mean + OBS_CLIP * self.obs_std
+        xa, ha, hb, o = np.ones(d + 1), np.ones(m1.shape[0] + 1), np.ones(m2.shape[0] + 1), np.zeros(2)
+        x, va, vb = xa[:d], ha[:-1], hb[:-1]  # views: each layer's input ends with its constant 1
+        dot1, dot2, dot3 = m1.dot, m2.dot, m3.dot
+        # The features written straight into the input's memory as d native doubles: half the time of
+        # `x[:] = features` on a list (exactly d numbers, or struct.error).
+        pack_into, memory = struct.Struct(f"={d}d").pack_into, xa.data
+        maximum, minimum, tanh, log1p, exp = np.maximum, np.minimum, np.tanh, math.log1p, math.exp
+
+        def forward(features: Sequence[float] | F64) -> tuple[float, float]:
+            pack_into(memory, 0, *features)
+            maximum(x, lo, out=x)
+            minimum(x, hi, out=x)
+            dot1(xa, va)
+            tanh(va, va)
+            dot2(ha, vb)
+            tanh(vb, vb)
+            dot3(hb, o)
+            p, q = o.tolist()
+            # 1 + softplus, the overflow-safe form
+            p = 1.0 + (p + log1p(exp(-p)) if p > 0.0 else log1p(exp(p)))
+            q = 1.0 + (q + log1p(exp(-q)) if q > 0.0 else log1p(exp(q)))
+            return p, q
+
+        return forward
 
     def _digest(self) -> str:
         h = hashlib.sha256()
@@ -193,21 +226,8 @@ class Actor:
             h.update(np.ascontiguousarray(getattr(self, name), dtype="<f8").tobytes())
         return h.hexdigest()[:16]
 
-    def beta(self, x: F64 | list[float]) -> tuple[float, float]:
-        """The Beta's two parameters for one feature vector (raw, not normalised)."""
-        xa, h1, h2 = self._x, self._h1, self._h2
-        v0, v1, v2 = xa[:-1], h1[:-1], h2[:-1]
-        np.clip(x, self._lo, self._hi, out=v0)
-        np.dot(self._m1, xa, out=v1)
-        np.tanh(v1, out=v1)
-        np.dot(self._m2, h1, out=v2)
-        np.tanh(v2, out=v2)
-        o = self._o
-        np.dot(self._m3, h2, out=o)
-        o1, o2 = o.tolist()
-        return 1.0 + _softplus(o1), 1.0 + _softplus(o2)
-
-    def mean(self, x: F64 | list[float]) -> float:
+    def mean(self, x: F64 | Sequence[float]) -> float:
+        """The Beta's mean for one feature vector (raw): the actor's output, in [0, 1]."""
         a, b = self.beta(x)
         return a / (a + b)
 
@@ -282,15 +302,21 @@ class Adapter:
     resets: int = 0
 
     def correction(self) -> float:
-        return min(1.0, self.decisions / self.ramp) * self.r if self.ramp > 0 else self.r
+        ramp = self.ramp
+        if ramp > 0:
+            authority = self.decisions / ramp
+            return (authority if authority < 1.0 else 1.0) * self.r  # min(1, decisions / ramp) x r
+        return self.r
 
     def update(self, imbalance: float, p99_ms: float) -> None:
-        if abs(self.r) < 0.25 * self.step_cap or not math.isfinite(self.reference_p99):
+        # Plain float arithmetic, min/max written out (builtin calls cost more than the arithmetic).
+        r0, step_cap, reference = self.r, self.step_cap, self.reference_p99
+        if abs(r0) < 0.25 * step_cap or not math.isfinite(reference):
             self.reference_p99 = p99_ms  # where the worker stood when the correction (re)started
             self.worse = 0
-        elif p99_ms > self.reference_p99 * (1.0 + self.tolerance):
-            self.worse += 1
-            if self.worse >= self.patience:
+        elif p99_ms > reference * (1.0 + self.tolerance):
+            self.worse = worse = self.worse + 1
+            if worse >= self.patience:
                 self.r, self.decisions, self.worse = 0.0, 0, 0
                 self.reference_p99 = math.nan
                 self.resets += 1
@@ -298,9 +324,14 @@ class Adapter:
         else:
             self.worse = 0
         e = imbalance if abs(imbalance) > self.deadband else 0.0
-        step = max(-self.step_cap, min(self.step_cap, self.rate * e))
-        r = max(-self.cap, min(self.cap, (1.0 - self.leak) * self.r + step))
-        if r * self.r < 0.0:  # the correction turned: judge the new one from here
+        step = self.rate * e  # max(-step_cap, min(step_cap, .)), r then max(-cap, min(cap, .)), NaN alike
+        step = step if step < step_cap else step_cap
+        step = step if step > -step_cap else -step_cap
+        cap = self.cap
+        r = (1.0 - self.leak) * r0 + step
+        r = r if r < cap else cap
+        r = r if r > -cap else -cap
+        if r * r0 < 0.0:  # the correction turned: judge the new one from here
             self.reference_p99, self.worse = p99_ms, 0
         self.r = r
         self.decisions += 1
@@ -338,35 +369,40 @@ class BurstDetector:
 
     def update(self, signals: list[float], *, learn: bool = True) -> bool:
         """Feed one window's signals; returns whether a change is flagged now."""
-        if not self.mean:
+        mean = self.mean
+        if not mean:
             n = len(signals)
             self.mean, self.var = list(signals), [0.0] * n
             self.pos, self.neg = [0.0] * n, [0.0] * n
             self.seen = 1
             return False
-        self.seen += 1
-        mean, var, pos, neg = self.mean, self.var, self.pos, self.neg
-        k, h, floor = self.k, self.h, self.floor
-        armed = self.seen > self.warmup
-        alarmed = False
-        deltas = []
-        for i, x in enumerate(signals):  # plain float arithmetic: this runs in every decision
-            d = x - mean[i]
-            deltas.append(d)
-            if armed:
-                z = d / math.sqrt(var[i] + floor)
+        self.seen = seen = self.seen + 1
+        var = self.var
+        # plain float arithmetic on a few signals: this runs in every decision
+        if seen > self.warmup:
+            pos, neg, k, h, floor, sqrt = self.pos, self.neg, self.k, self.h, self.floor, math.sqrt
+            alarmed = False
+            for i, x in enumerate(signals):
+                z = (x - mean[i]) / sqrt(var[i] + floor)
                 p = pos[i] + z - k
                 q = neg[i] - z - k
                 pos[i] = p = p if p > 0.0 else 0.0
                 neg[i] = q = q if q > 0.0 else 0.0
                 if p > h or q > h:
                     alarmed = True
-        if learn and not alarmed:
-            w = self.baseline if armed else 1.0 / self.seen
-            for i, d in enumerate(deltas):
-                mean[i] += w * d
-                var[i] = (1.0 - w) * (var[i] + w * d * d)
-        return alarmed
+            if alarmed or not learn:
+                return alarmed
+            w = self.baseline
+        elif learn:
+            w = 1.0 / seen
+        else:
+            return False
+        keep = 1.0 - w
+        for i, x in enumerate(signals):
+            d = x - mean[i]
+            mean[i] += w * d
+            var[i] = keep * (var[i] + w * d * d)
+        return False
 
     def statistic(self) -> float:
         return max(max(self.pos, default=0.0), max(self.neg, default=0.0))
@@ -416,6 +452,15 @@ def detector_signals(f: WorkerFeatures) -> list[float]:
     """What the burst detector watches: the log request rate, the hot-user share and the share of history
     tokens computed (new users), the three things the paper's bursts spike."""
     return [math.log1p(f.request_rate), f.hot_user_share, f.new_token_fraction]
+
+
+# Where observe() holds detector_signals' three values (HelmPolicy.decide takes them from there).
+_RATE: Final = FEATURES.index("log_request_rate")
+_HOT: Final = FEATURES.index("hot_user_share")
+_NEW: Final = FEATURES.index("new_token_fraction")
+_NORMAL: Final = _Mode.NORMAL
+_RECOVERY: Final = _Mode.RECOVERY
+_BLEND: Final = _Mode.BLEND
 
 
 @dataclass
@@ -535,38 +580,45 @@ class HelmPolicy:
         f = features
         if not (f.request_rate > 0.0 and f.window_ms > 0.0):
             return current  # no traffic: nothing to decide on
-        priced = pressures(f)
-        base = self.base(f, priced)
+        x, imbalance = _observe(f, None)  # the window priced once, for the actor and the adapter
         if self.layers == 1:
-            return base
-        st = self._state(f.worker_id)
-        emb_ms, kv_ms = priced
-        total = emb_ms + kv_ms
-        imbalance = (emb_ms - kv_ms) / total if total > 0.0 else 0.0
+            a, b = self.actor.beta(x)
+            return self.lo + (self.hi - self.lo) * (a / (a + b))  # base(f), the actor's mean inline
+        st = self._workers.get(f.worker_id) or self._state(f.worker_id)
+        mode = st.mode
         if self.recovery:
-            signals = detector_signals(f)
-            alarm = st.detector.step(signals, learn=st.mode == _Mode.NORMAL)
-            if st.mode == _Mode.RECOVERY:
+            signals = [x[_RATE], x[_HOT], x[_NEW]]  # detector_signals(f), from the features at hand
+            detector = st.detector
+            alarm = detector.update(signals, learn=mode is _NORMAL)
+            if alarm:
+                detector.reset()  # detector.step(), inline
+            if mode is _RECOVERY:
                 st.held += 1
                 st.calm = 0 if alarm else st.calm + 1
                 if st.held >= self.max_recovery:
-                    st.detector.rebase(signals)  # it lasted: the new level is the norm
+                    detector.rebase(signals)  # it lasted: the new level is the norm
                 if st.calm >= self.calm_windows or st.held >= self.max_recovery:
-                    st.mode, st.blend = _Mode.BLEND, 0
+                    mode = st.mode = _BLEND
+                    st.blend = 0
             elif alarm:
-                st.mode, st.calm, st.held = _Mode.RECOVERY, 0, 0
+                mode = st.mode = _RECOVERY
+                st.calm, st.held = 0, 0
                 st.protective = current
-        if self.adapter and st.mode == _Mode.NORMAL:
-            st.adapter.update(imbalance, f.p99_latency_ms)  # frozen during recovery and its blend
-        normal = base + (st.adapter.correction() if self.adapter else 0.0)
-        if st.mode == _Mode.RECOVERY:
+        if mode is _RECOVERY:  # the split held: the actor need not be asked (it keeps no state)
             st.protective = min(self.hi, max(self.lo, st.protective + self.protect_gain * imbalance))
             return st.protective
-        if st.mode == _Mode.BLEND:
+        a, b = self.actor.beta(x)
+        normal = self.lo + (self.hi - self.lo) * (a / (a + b))  # base(f)
+        if self.adapter:
+            adapter = st.adapter
+            if mode is _NORMAL:
+                adapter.update(imbalance, f.p99_latency_ms)  # frozen during recovery and its blend
+            normal += adapter.correction()
+        if mode is _BLEND:
             st.blend += 1
             w = st.blend / self.blend_windows
             if st.blend >= self.blend_windows:
-                st.mode = _Mode.NORMAL
+                st.mode = _NORMAL
             return (1.0 - w) * st.protective + w * normal
         return normal
 
