@@ -18,8 +18,9 @@ Output: with `log_dir`, each child appends to `<log_dir>/<name>.log` (no pipe th
 otherwise its lines go to stdout prefixed with `[name] `.
 
 Metrics: with `metrics` (the default) cachestate, the controller and every worker serve /metrics and
-/healthz on a free port of their own, chosen once (a restarted child gets the same one), unless their env
-names one already; `metrics_url(name)` says where (a gateway's are on its HTTP port).
+/healthz on a free port of their own, chosen once (a restarted child gets the same one), unless the
+settings' env names one (0: none); ports exported in this process's environment are not inherited (one
+would be every worker's). `metrics_url(name)` says where (a gateway's are on its HTTP port).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import structlog
 from shared import schemas as s
 from shared.bus import Bus, Message
 from shared.bus_auth import ENV_PREFIX as BUS_AUTH_PREFIX
-from shared.bus_auth import redact_url
 from shared.errors import EXIT_USAGE, OnepoolError
 
 log = structlog.get_logger("onepool.up")
@@ -133,6 +133,12 @@ class ClusterSettings:
         for port in ports:
             if not 0 < port <= 65535:
                 raise ValueError(f"port {port} is out of range")
+        fixed = self.worker_env.get("ONEPOOL_WORKER_METRICS_PORT", "").strip()
+        if self.workers > 1 and fixed not in ("", "0"):
+            raise ValueError(
+                f"ONEPOOL_WORKER_METRICS_PORT={fixed} would give {self.workers} workers one port: "
+                "leave it unset (each worker gets a free one) or 0 (off)"
+            )
 
     @property
     def worker_ids(self) -> list[str]:
@@ -384,10 +390,13 @@ class LocalCluster:
         raise KeyError(f"no gateway {name!r}")
 
     def _with_metrics(self, name: str, prefix: str, env: dict[str, str]) -> dict[str, str]:
-        """`env` with a metrics port (a free one, unless it names one) and host; records the port."""
+        """`env` with a metrics port (a free one, unless it names one, or 0 for none) and host; records the
+        port."""
         st = self.settings
         given = env.get(f"{prefix}METRICS_PORT", "").strip()
-        if given and given != "0":
+        if given == "0":
+            return env
+        if given:
             with contextlib.suppress(ValueError):  # a bad value is the child's to refuse (exit code 2)
                 self.metrics_ports[name] = int(given)
             return env
@@ -403,8 +412,13 @@ class LocalCluster:
     def _specs(self) -> list[Child]:
         st = self.settings
         # The cluster's own nats-server takes no credentials and no TLS: the children get no ONEPOOL_NATS_*
-        # from this environment (only what `env` says).
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(BUS_AUTH_PREFIX)}
+        # from this environment (only what `env` says). Nor metrics ports: one port exported in a shell would
+        # be every worker's (the cluster hands out free ports; `env` and the per-service envs may name one).
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(BUS_AUTH_PREFIX) and not (k.startswith("ONEPOOL_") and "_METRICS_" in k)
+        }
         base = {**inherited, "PYTHONUNBUFFERED": "1", **st.env}
         url = st.nats_url
         onepool = [sys.executable, "-m", "services.cli"]
@@ -680,7 +694,7 @@ async def run_local_cluster(settings: ClusterSettings, stop: asyncio.Event) -> i
         else:
             starting.result()
             gateways = ", ".join(f"{g.name} at {cluster.gateway_url(g.name)}" for g in settings.gateways)
-            nats_url = redact_url(settings.nats_url)
+            nats_url = settings.nats_url
             print(
                 f"onepool local cluster is up: gateway {gateways} (POST /v1/recommend, routing "
                 f"{', '.join(g.routing for g in settings.gateways)}); NATS at {nats_url}; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from services.localcluster import ClusterSettings, GatewaySpec, LocalCluster
 
 
@@ -30,3 +32,24 @@ def test_metrics_off_leaves_the_ports_alone() -> None:
     cluster = LocalCluster(ClusterSettings(workers=1, metrics=False))
     assert cluster.metrics_ports == {}
     assert "ONEPOOL_WORKER_METRICS_PORT" not in cluster.child("w0").env
+
+
+def test_a_port_exported_in_the_shell_is_not_every_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ONEPOOL_WORKER_METRICS_PORT", "9102")
+    monkeypatch.setenv("ONEPOOL_CONTROLLER_METRICS_HOST", "0.0.0.0")
+    cluster = LocalCluster(ClusterSettings(workers=2))
+    ports = cluster.metrics_ports
+    assert ports["w0"] != ports["w1"] and 9102 not in (ports["w0"], ports["w1"])
+    assert cluster.child("controller").env["ONEPOOL_CONTROLLER_METRICS_HOST"] == "127.0.0.1"
+
+
+def test_zero_is_off_and_one_fixed_port_for_several_workers_is_refused() -> None:
+    cluster = LocalCluster(
+        ClusterSettings(workers=2, controller_env={"ONEPOOL_CONTROLLER_METRICS_PORT": "0"})
+    )
+    assert "controller" not in cluster.metrics_ports
+    assert cluster.child("controller").env["ONEPOOL_CONTROLLER_METRICS_PORT"] == "0"
+    with pytest.raises(ValueError, match="ONEPOOL_WORKER_METRICS_PORT=9102"):
+        ClusterSettings(workers=2, worker_env={"ONEPOOL_WORKER_METRICS_PORT": "9102"})
+    one = LocalCluster(ClusterSettings(workers=1, worker_env={"ONEPOOL_WORKER_METRICS_PORT": "9102"}))
+    assert one.metrics_ports["w0"] == 9102
