@@ -531,7 +531,6 @@ def tracing_middleware(tracer: Tracer) -> Middleware:
 
 def _server_attributes(request: web.Request, method: str, route: str | None) -> dict[str, AttributeValue]:
     """The request's attributes required (or recommended, when cheap) by the HTTP server conventions."""
-    url = request.url  # built from the Host header: server.address/port are what the client asked for
     attrs: dict[str, AttributeValue] = {
         "http.request.method": method,
         "url.scheme": request.scheme,
@@ -542,6 +541,10 @@ def _server_attributes(request: web.Request, method: str, route: str | None) -> 
         attrs["http.request.method_original"] = request.method
     if route:
         attrs["http.route"] = route
+    try:
+        url = request.url  # built from the Host header: server.address/port are what the client asked for
+    except ValueError:  # a Host header that is no host[:port] (the client's to get wrong): no server.*
+        return attrs
     if url.host:
         attrs["server.address"] = url.host
     if url.port is not None:

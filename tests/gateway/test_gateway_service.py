@@ -104,6 +104,9 @@ async def test_server_spans_follow_the_http_conventions_and_stay_bounded(nats_se
                         assert resp.status == 404
                 async with http.request("PROPFIND", f"{base}/healthz") as resp:
                     assert resp.status == 405
+                for host in ("h:abc", "h:99999"):  # no host[:port]: answered, traced without server.*
+                    async with http.get(f"{base}/healthz", headers={"Host": host}) as resp:
+                        assert resp.status == 200 and "x-trace-id" in resp.headers
                 # No workers yet: the gateway cannot serve and says so with a 503.
                 body = {"user_id": 1, "history": [1, 2], "candidates": [3]}
                 async with http.post(f"{base}/v1/recommend", json=body) as resp:
@@ -111,7 +114,8 @@ async def test_server_spans_follow_the_http_conventions_and_stay_bounded(nats_se
     finally:
         await bus.close()
     spans = [sp for sp in exporter.get_finished_spans() if sp.kind == SpanKind.SERVER]
-    assert [sp.name for sp in spans] == ["GET /healthz", "GET", "GET", "HTTP", "POST /v1/recommend"]
+    names = ["GET /healthz", "GET", "GET", "HTTP", "GET /healthz", "GET /healthz", "POST /v1/recommend"]
+    assert [sp.name for sp in spans] == names
     ok = dict(spans[0].attributes or {})
     assert ok == {
         "http.request.method": "GET",
@@ -128,6 +132,8 @@ async def test_server_spans_follow_the_http_conventions_and_stay_bounded(nats_se
     assert "error.type" not in scanned  # a 4xx is the client's error, not the server's
     other = dict(spans[3].attributes or {})
     assert other["http.request.method"] == "_OTHER" and other["http.request.method_original"] == "PROPFIND"
-    failed = dict(spans[4].attributes or {})
+    odd_host = dict(spans[4].attributes or {})
+    assert "server.address" not in odd_host and odd_host["http.response.status_code"] == 200
+    failed = dict(spans[6].attributes or {})
     assert failed["http.response.status_code"] == 503 and failed["error.type"] == "503"
-    assert spans[4].status.status_code == StatusCode.ERROR
+    assert spans[6].status.status_code == StatusCode.ERROR
