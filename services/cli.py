@@ -88,7 +88,9 @@ def _infer(args: argparse.Namespace) -> int:
 
 def _make_inputs(args: argparse.Namespace) -> int:
     from services.worker.model_config import PRESETS
-    from services.worker.model_inputs import write_checkpoint, write_table
+
+    with extra_imports("worker", "onepool make-inputs"):
+        from services.worker.model_inputs import write_checkpoint, write_table
 
     model = PRESETS[args.model]
     table = write_table(args.out, num_items=args.num_items, model=model, seed=args.seed, dtype=args.dtype)

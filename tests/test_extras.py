@@ -227,6 +227,7 @@ NEEDS = [
     (["calibrate", "--quick", "--json", "{tmp}/cal.json"], "worker", "torch"),
     (["sim", "--regime", "steady", "--validate", "--json", "{tmp}/v.json"], "worker", "torch"),
     (["train-controller", "--json", "{tmp}/t.json"], "train", "torch"),
+    (["make-inputs", "--out", "{tmp}/t.npy"], "worker", "torch"),
     (["sim", "--regime", "steady", "--json", "{tmp}/s.json", "--report", "{tmp}/s"], "plots", "matplotlib"),
     (["bench", "controller", "--json", "{tmp}/bc.json", "--report", "{tmp}/bc"], "plots", "matplotlib"),
     (
