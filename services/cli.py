@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.errors import EXIT_USAGE, MissingExtra, SettingsError
+from shared.errors import EXIT_USAGE, MissingExtra, UsageError
 from shared.extras import extra_imports, require_extra
 from shared.version import onepool_version
 
@@ -505,11 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except SettingsError as exc:
-        print(f"onepool: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except MissingExtra as exc:
+    except MissingExtra as exc:  # its message names the command
         print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"onepool: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

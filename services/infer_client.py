@@ -13,7 +13,7 @@ import msgspec
 from shared import schemas as s
 from shared.bus import Bus
 from shared.bus_auth import load_bus_auth
-from shared.errors import OnepoolError
+from shared.errors import EXIT_USAGE, OnepoolError, UsageError
 from shared.telemetry import setup_telemetry
 
 
@@ -56,6 +56,9 @@ def run_infer(args: InferArgs) -> int:
     except s.DecodeError as exc:
         print(f"onepool infer: the reply did not decode: {exc.message}", file=sys.stderr)
         return 1
+    except UsageError as exc:  # e.g. bad ONEPOOL_NATS_* credentials settings
+        print(f"onepool infer: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     except OnepoolError as exc:
         print(f"onepool infer: {exc.message}", file=sys.stderr)
         return 1

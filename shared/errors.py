@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Final
 
-# The exit code of a process that refused its settings (a SettingsError) or its arguments (argparse's
+# The exit code of a process that refused its operator's input (a UsageError) or its arguments (argparse's
 # too): restarting it would not help, and `onepool up` gives such a child up at once.
 EXIT_USAGE: Final = 2
 
@@ -113,7 +113,15 @@ class BusError(OnepoolError):
         self.subject = subject
 
 
-class SettingsError(OnepoolError):
+class UsageError(OnepoolError):
+    """The operator's input cannot work (a setting, a missing extra, a model file): the process ends with
+    EXIT_USAGE, since starting it again would fail the same way. ``field`` names the setting if one."""
+
+    code = "usage_error"
+    kind = ErrorKind.CLIENT
+
+
+class SettingsError(UsageError):
     """An operator's bad environment variable or flag; ``field`` names the variable."""
 
     code = "bad_setting"
@@ -123,10 +131,8 @@ class SettingsError(OnepoolError):
         super().__init__(message, field=field)
 
 
-class MissingExtra(OnepoolError):
-    """A command needs an optional part of onepool (an extra of pyproject.toml) that is not installed.
-
-    Like a SettingsError it ends the process with EXIT_USAGE: restarting would not help."""
+class MissingExtra(UsageError):
+    """A command needs an optional part of onepool (an extra of pyproject.toml) that is not installed."""
 
     code = "missing_extra"
     kind = ErrorKind.CLIENT

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import FrameType
 from typing import Any, TypeVar
 
-from shared.errors import EXIT_USAGE, SettingsError
+from shared.errors import EXIT_USAGE, UsageError
 from shared.telemetry import get_logger
 
 T = TypeVar("T")
@@ -130,7 +130,7 @@ async def run_until_signalled(
 def run(main_coro_factory: Callable[[], Coroutine[Any, Any, None]], *, use_uvloop: bool = True) -> int:
     """Run a service's async main to completion and return its process exit code:
     0 when it returned, 1 when it raised (the reason is logged), 2 (``EXIT_USAGE``) when it refused its
-    settings (a ``SettingsError``), 130 on KeyboardInterrupt."""
+    operator's input (a ``UsageError``: settings, a missing extra, a model file), 130 on KeyboardInterrupt."""
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if use_uvloop:
         try:
@@ -150,8 +150,8 @@ def run(main_coro_factory: Callable[[], Coroutine[Any, Any, None]], *, use_uvloo
         return 1
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except SettingsError as e:
-        _log.error("bad setting", setting=e.field, reason=e.message)
+    except UsageError as e:
+        _log.error("refused to start", code=e.code, setting=e.field, reason=e.message)
         return EXIT_USAGE
     except Exception as e:
         _log.error("service failed", reason=f"{type(e).__name__}: {e}", exc_info=e)

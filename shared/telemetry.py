@@ -94,7 +94,13 @@ def traces_endpoint_from_env(env: Mapping[str, str]) -> str | None:
 
 
 LOG_LEVEL_VAR = "ONEPOOL_LOG_LEVEL"
-_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 SAMPLER_VAR = "OTEL_TRACES_SAMPLER"
 SAMPLER_ARG_VAR = "OTEL_TRACES_SAMPLER_ARG"
 # The OTel SDK's sampler names (sdk-environment-variables spec), with the spec's default first.
@@ -113,12 +119,12 @@ def log_level_from_env(env: Mapping[str, str]) -> int:
     raw = env.get(LOG_LEVEL_VAR, "").strip()
     if not raw:
         return logging.INFO
-    if raw.lower() not in _LOG_LEVELS:
+    level = _LOG_LEVELS.get(raw.lower())
+    if level is None:
         raise SettingsError(
             LOG_LEVEL_VAR,
             f"{LOG_LEVEL_VAR}={raw!r} is not a log level: expected one of {', '.join(_LOG_LEVELS)}",
         )
-    level: int = getattr(logging, raw.upper())
     return level
 
 
@@ -174,9 +180,11 @@ def setup_telemetry(
     env = os.environ if env is None else env
     level = log_level_from_env(env) if log_level is None else log_level
     endpoint = traces_endpoint_from_env(env)
-    # Without an exporter nothing would read a recorded span: make spans non-recording (they still carry
-    # valid trace ids, so logs, x-trace-id and propagation work) and spare every request their cost.
-    sampler = sampler_from_env(env) if endpoint else ALWAYS_OFF
+    sampler = sampler_from_env(env)  # checked with or without an exporter: one rule for every command
+    if not endpoint:
+        # Nothing would read a recorded span: make spans non-recording (they still carry valid trace ids, so
+        # logs, x-trace-id and propagation work) and spare every request their cost.
+        sampler = ALWAYS_OFF
     _configure_logging(service_name, log_level=level, log_format=log_format, stream=stream)
     with _lock:
         current = trace.get_tracer_provider()

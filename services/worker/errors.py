@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.worker.settings import ENV_PREFIX
-from shared.errors import ErrorKind, OnepoolError
+from shared.errors import ErrorKind, OnepoolError, UsageError
 from shared.schemas import DRAINING, ErrorBody
 
 
@@ -63,7 +63,7 @@ class InternalError(WorkerError):
         super().__init__(message)
 
 
-class ModelInputError(OnepoolError):
+class ModelInputError(UsageError):
     """A model input file the worker refuses at start-up, before it serves: `path`, the `problem`, and what
     was `found` against what was `expected` where a comparison says it; `field` names the setting."""
 

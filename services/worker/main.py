@@ -9,11 +9,9 @@ import torch
 from opentelemetry.trace import Tracer
 
 from services.worker.engine import Engine
-from services.worker.errors import ModelInputError
 from services.worker.service import WorkerService, engine_config_from
 from services.worker.settings import WorkerSettings
 from shared.bus import Bus
-from shared.errors import EXIT_USAGE
 from shared.runner import run_bus_service
 
 log = structlog.get_logger("onepool.worker")
@@ -51,20 +49,7 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
     async def build(bus: Bus, tracer: Tracer) -> WorkerService:
         return await build_worker(settings, bus, tracer)
 
-    try:
-        await run_bus_service(
-            "worker", instance_id=settings.id, nats_url=settings.nats_url, build=build, stop=stop
-        )
-    except ModelInputError as exc:
-        # The operator's file, not a transient failure: exit with the code of bad settings, so that a
-        # supervisor (`onepool up`) gives the worker up instead of restarting it into the same refusal.
-        log.error(
-            "worker refused its model input",
-            error=exc.message,
-            setting=exc.field,
-            path=exc.path,
-            problem=exc.problem,
-            found=exc.found,
-            expected=exc.expected,
-        )
-        raise SystemExit(EXIT_USAGE) from exc
+    # A refused model file is a ModelInputError, a UsageError: the process exits with EXIT_USAGE.
+    await run_bus_service(
+        "worker", instance_id=settings.id, nats_url=settings.nats_url, build=build, stop=stop
+    )

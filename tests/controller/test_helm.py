@@ -628,3 +628,11 @@ def test_helm_decide_equals_its_layers_composed_plainly(options: dict[str, Any])
         assert modes == {"normal", "recovery", "blend"}
     if tuned.adapter:
         assert sum(plain.adapters[w].resets for w in ("w0", "w1", "w2")) > 0
+
+
+def test_a_feature_vector_of_the_wrong_length_is_a_clear_error() -> None:
+    actor = Actor.load(DEFAULT_WEIGHTS)
+    for n in (len(FEATURES) - 1, len(FEATURES) + 1):
+        with pytest.raises(ValueError, match=f"takes {len(FEATURES)} features, got {n}"):
+            actor.beta([0.0] * n)
+    actor.beta([0.0] * len(FEATURES))  # and the actor still works after a refusal

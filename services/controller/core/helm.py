@@ -95,20 +95,19 @@ def pressures(f: WorkerFeatures) -> tuple[float, float]:
     return miss_pressures(f) if f.cost.samples > 0 else (0.0, 0.0)
 
 
-def observe(f: WorkerFeatures, priced: tuple[float, float] | None = None) -> list[float]:
-    """The actor's input for one worker's window (:data:`FEATURES`, in order); ``priced``: the window's
-    :func:`pressures` if the caller has them already."""
-    return _observe(f, priced)[0]
+def observe(f: WorkerFeatures) -> list[float]:
+    """The actor's input for one worker's window (:data:`FEATURES`, in order)."""
+    return _observe(f)[0]
 
 
-def _observe(f: WorkerFeatures, priced: tuple[float, float] | None) -> tuple[list[float], float]:
+def _observe(f: WorkerFeatures) -> tuple[list[float], float]:
     """:func:`observe`'s features and the window's pressure imbalance ``(emb_ms - kv_ms) / (emb_ms + kv_ms)``
     (0 when both are zero), from one pricing: what :meth:`HelmPolicy.decide` needs of the window."""
     rate = f.request_rate
     change = f.request_rate_delta * f.window_ms * 1e-3 / rate if rate > 0.0 else 0.0
     change = change if change < 4.0 else 4.0  # max(-4, min(4, change)) as the builtins do it, NaN included
     change = change if change > -4.0 else -4.0
-    emb_ms, kv_ms = pressures(f) if priced is None else priced
+    emb_ms, kv_ms = pressures(f)
     total = emb_ms + kv_ms
     log1p = math.log1p
     x = [
@@ -199,12 +198,15 @@ class Actor:
         x, va, vb = xa[:d], ha[:-1], hb[:-1]  # views: each layer's input ends with its constant 1
         dot1, dot2, dot3 = m1.dot, m2.dot, m3.dot
         # The features written straight into the input's memory as d native doubles: half the time of
-        # `x[:] = features` on a list (exactly d numbers, or struct.error).
+        # `x[:] = features` on a list (exactly d numbers).
         pack_into, memory = struct.Struct(f"={d}d").pack_into, xa.data
         maximum, minimum, tanh, log1p, exp = np.maximum, np.minimum, np.tanh, math.log1p, math.exp
 
         def forward(features: Sequence[float] | F64) -> tuple[float, float]:
-            pack_into(memory, 0, *features)
+            try:
+                pack_into(memory, 0, *features)
+            except struct.error:  # the wrong number of features (a try costs nothing when it passes)
+                raise ValueError(f"the actor takes {d} features, got {len(features)}") from None
             maximum(x, lo, out=x)
             minimum(x, hi, out=x)
             dot1(xa, va)
@@ -572,18 +574,18 @@ class HelmPolicy:
             )
         return st
 
-    def base(self, f: WorkerFeatures, priced: tuple[float, float] | None = None) -> float:
-        """Layer 1 alone: the actor's alpha for this window, in ``[lo, hi]``."""
-        return self.lo + (self.hi - self.lo) * self.actor.mean(observe(f, priced))
+    def _base(self, x: list[float]) -> float:
+        """Layer 1: the actor's alpha for the window's features ``x``, in ``[lo, hi]``."""
+        a, b = self.actor.beta(x)
+        return self.lo + (self.hi - self.lo) * (a / (a + b))
 
     def decide(self, features: WorkerFeatures, current: float) -> float:
         f = features
         if not (f.request_rate > 0.0 and f.window_ms > 0.0):
             return current  # no traffic: nothing to decide on
-        x, imbalance = _observe(f, None)  # the window priced once, for the actor and the adapter
+        x, imbalance = _observe(f)  # the window priced once, for the actor and the adapter
         if self.layers == 1:
-            a, b = self.actor.beta(x)
-            return self.lo + (self.hi - self.lo) * (a / (a + b))  # base(f), the actor's mean inline
+            return self._base(x)
         st = self._workers.get(f.worker_id) or self._state(f.worker_id)
         mode = st.mode
         if self.recovery:
@@ -607,8 +609,7 @@ class HelmPolicy:
         if mode is _RECOVERY:  # the split held: the actor need not be asked (it keeps no state)
             st.protective = min(self.hi, max(self.lo, st.protective + self.protect_gain * imbalance))
             return st.protective
-        a, b = self.actor.beta(x)
-        normal = self.lo + (self.hi - self.lo) * (a / (a + b))  # base(f)
+        normal = self._base(x)
         if self.adapter:
             adapter = st.adapter
             if mode is _NORMAL:
