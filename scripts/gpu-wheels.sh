@@ -29,12 +29,24 @@ for p in "${PLATFORMS[@]}"; do
     platform_args+=(--platform "$p")
 done
 
+start=$SECONDS
+# Pure-Python dependencies that PyPI has as source only (nkeys, of nats-py[nkeys]): built here into
+# py3-none-any wheels, which fit any host, and found by the download below through --find-links.
+SDIST_ONLY=(nkeys)
+echo "building wheels of ${SDIST_ONLY[*]} (source only on PyPI) into $DEST"
+"$PY" -m pip wheel --disable-pip-version-check --no-input --no-deps --wheel-dir "$DEST" "${SDIST_ONLY[@]}"
+for name in "${SDIST_ONLY[@]}"; do
+    if ! compgen -G "$DEST/${name}-*-py3-none-any.whl" >/dev/null; then
+        echo "FAIL: no py3-none-any wheel of $name in $DEST (is it still pure Python?)" >&2
+        exit 1
+    fi
+done
+
 echo "downloading into $DEST:"
 grep -v '^#' "$REQS" | sed 's/^/  /'
-start=$SECONDS
 "$PY" -m pip download --disable-pip-version-check --no-input \
     --only-binary=:all: "${platform_args[@]}" --python-version 3.11 --implementation cp \
-    --dest "$DEST" -r "$REQS"
+    --find-links "$DEST" --dest "$DEST" -r "$REQS"
 
 if compgen -G "$DEST/torch-*.whl" >/dev/null; then
     echo "FAIL: a torch wheel landed in $DEST (a dependency asked for it); remove it and find out why" >&2

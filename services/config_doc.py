@@ -45,6 +45,12 @@ one trailing newline is dropped, and giving a secret and its file together is an
 `tls://` URL makes the service insist on TLS: a server that does not require TLS is refused before any
 credential is sent. Files are read at start-up; a missing or unreadable one stops the service with a
 message naming the variable and the path (exit code 2).
+
+`CREDS_FILE` is for a server in operator (decentralized JWT) mode: the file `nsc generate creds` writes, a
+user JWT and that user's NKey seed. At start-up it must have both sections, closed, with LF line endings,
+the seed a user's and the one the JWT was issued to; the message names the path and public keys, never the
+seed. The client rereads the file at each (re)connection, so a file replaced in place is used from the next
+one, unchecked.
 """
 
 TELEMETRY = """## Telemetry (every service)

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import base64
+import json
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,8 +25,8 @@ ENV_PREFIX: Final = "ONEPOOL_NATS_"
 
 AuthMethod = Literal["user", "token", "creds", "none"]
 
-# The markers nats-py looks for in a creds file (a user JWT and its NKey seed).
-_CREDS_MARKERS: Final = ("BEGIN NATS USER JWT", "BEGIN USER NKEY SEED")
+# A JWT: header.claims.signature, each base64url without padding.
+_JWT: Final = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 def _var(name: str) -> str:
@@ -50,7 +52,7 @@ class BusAuth:
     )
     creds_file: Path | None = field(
         default=None,
-        metadata=doc("a NATS credentials file (user JWT and NKey seed; needs the nkeys package)"),
+        metadata=doc("a NATS credentials file (a user JWT and its NKey seed; `nsc generate creds`)"),
     )
     tls_ca_file: Path | None = field(
         default=None, metadata=doc("CA certificates (PEM) to verify the server with; none: the system's")
@@ -194,14 +196,59 @@ def _read(var: str, path: Path) -> bytes:
 
 
 def _check_creds(path: Path) -> None:
+    """``path`` as nats-py reads it at each (re)connect: the line after ``BEGIN NATS USER JWT`` is the JWT,
+    the line after ``BEGIN USER NKEY SEED`` the seed, each section closed by its END line. Checked here
+    because nats-py reads a file without the JWT marker forever, keeps a carriage return or drops a last
+    character of a seed not followed by a newline, and a seed that is not the JWT's key would only be an
+    "Authorization Violation" from the server. Messages name the variable, the path and public keys, never
+    the seed."""
+    import nkeys  # nats-py's own dependency for creds (the nkeys extra); only a creds file needs it
+
     var = _var("creds_file")
     text = _read(var, path)
-    if not all(marker.encode() in text for marker in _CREDS_MARKERS):
+    if b"BEGIN NATS USER JWT" not in text and b"BEGIN USER NKEY SEED" not in text:
         raise SettingsError(var, f"{var}: {path} is not a NATS credentials file (no user JWT and NKey seed)")
-    if importlib.util.find_spec("nkeys") is None:
+    if b"\r" in text:
+        raise SettingsError(var, f"{var}: {path} has CRLF line endings, which nats-py cannot read: use LF")
+    lines = text.split(b"\n")
+    subject = _jwt_subject(_creds_section(var, path, lines, "NATS USER JWT", "user JWT"))
+    if subject is None:
+        raise SettingsError(var, f"{var}: {path}: the user JWT is not a JWT (header.claims.signature)")
+    seed = _creds_section(var, path, lines, "USER NKEY SEED", "NKey seed")
+    try:
+        public: str = nkeys.from_seed(seed).public_key.decode()
+    except (nkeys.NkeysError, ValueError):  # not base32, a wrong prefix or length
+        raise SettingsError(var, f"{var}: {path}: the NKey seed is not a valid NKey seed") from None
+    if not public.startswith("U"):
+        raise SettingsError(var, f"{var}: {path}: the NKey seed is not a user's (SU...): its key is {public}")
+    if subject != public:
         raise SettingsError(
-            var, f"{var} needs the nkeys package, which is not installed (pip install 'nats-py[nkeys]')"
+            var, f"{var}: {path}: the user JWT is for {subject} but the NKey seed is of {public}"
         )
+
+
+def _creds_section(var: str, path: Path, lines: list[bytes], name: str, what: str) -> bytes:
+    """The one line of a creds file between ``-----BEGIN <name>-----`` and ``------END <name>------``."""
+    begin = next((i for i, line in enumerate(lines) if f"BEGIN {name}".encode() in line), None)
+    if begin is None:
+        raise SettingsError(var, f"{var}: {path} is incomplete: no {what} section (-----BEGIN {name}-----)")
+    body = lines[begin + 1] if begin + 1 < len(lines) else b""  # as nats-py reads it: spaces included
+    if not body or not any(f"END {name}".encode() in line for line in lines[begin + 2 :]):
+        raise SettingsError(var, f"{var}: {path} is incomplete: the {what} section is empty or not closed")
+    return body
+
+
+def _jwt_subject(jwt: bytes) -> str | None:
+    """The ``sub`` claim of ``jwt`` (unverified: the server verifies the JWT), or None if it is no JWT."""
+    if _JWT.fullmatch(jwt) is None:
+        return None
+    payload = jwt.split(b".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+    except ValueError:  # bad base64, UTF-8 or JSON
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject if isinstance(subject, str) else None
 
 
 def _no_key_password() -> bytes:

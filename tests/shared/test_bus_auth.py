@@ -1,5 +1,6 @@
 """NATS credentials and TLS (shared/bus_auth.py, shared/bus.py) against real nats-servers started with a
-configuration file; the TLS fixtures in tests/shared/tls/ are throwaway certificates (make.sh wrote them)."""
+configuration file; the TLS fixtures in tests/shared/tls/ are throwaway certificates (make.sh wrote them), the
+operator, accounts, users and creds files of the JWT tests are made afresh by tests/shared/nats_jwt.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from shared.errors import BusError, SettingsError
 from shared.runner import run_bus_service
 from shared.settings import describe_settings
 from shared.telemetry import Telemetry
+from tests.shared.nats_jwt import NKey, Operator, creds_text, user_jwt, write_creds
 
 TLS = Path(__file__).resolve().parent / "tls"
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +160,43 @@ def test_unreadable_files_are_named_with_their_path_never_their_content(tmp_path
         assert refused.value.field == field and why in message, message
         assert message.startswith(field) and env[field] in message
         assert PASSWORD not in message
+
+
+def _broken_creds() -> list[tuple[str, str, str]]:
+    """(name, creds file text, what the SettingsError says) for files nats-py could not use."""
+    operator = Operator.create()
+    user, other = NKey.create("user"), NKey.create("user")
+    jwt = user_jwt(operator.account, user)
+    good = creds_text(jwt, user)
+    cut_in_seed = good.index(user.seed) + 20
+    return [
+        ("truncated in the JWT", good[: good.index(jwt) + 40], "the user JWT section is empty or not closed"),
+        ("truncated before the seed", good[: good.index("****")], "no NKey seed section"),
+        ("truncated in the seed", good[:cut_in_seed], "the NKey seed section is empty or not closed"),
+        ("no JWT", good[good.index("****") :], "no user JWT section"),
+        ("CRLF line endings", good.replace("\n", "\r\n"), "CRLF line endings"),
+        ("a blank line for the JWT", good.replace(jwt, ""), "the user JWT section is empty"),
+        ("not a JWT", good.replace(jwt, "not-a-jwt"), "the user JWT is not a JWT"),
+        ("a JWT of bad base64", good.replace(jwt, "a.b.c"), "the user JWT is not a JWT"),
+        ("a seed of bad base32", good.replace(user.seed, user.seed[:-3] + "!!!"), "not a valid NKey seed"),
+        ("a seed cut short", good.replace(user.seed, user.seed[:40]), "not a valid NKey seed"),
+        ("a seed with a space", good.replace(user.seed, user.seed + " "), "not a valid NKey seed"),
+        ("an account's seed", good.replace(user.seed, operator.account.seed), "not a user's (SU...)"),
+        ("another user's seed", creds_text(jwt, other), f"is for {user.public} but the NKey seed is of"),
+    ]
+
+
+def test_a_broken_creds_file_is_refused_by_name_never_showing_the_seed(tmp_path: Path) -> None:
+    for i, (name, text, why) in enumerate(_broken_creds()):
+        path = tmp_path / f"{i}.creds"
+        path.write_bytes(text.encode())
+        with pytest.raises(SettingsError) as refused:
+            load_bus_auth(env=_env(creds_file=str(path)))
+        message = refused.value.message
+        assert refused.value.field == "ONEPOOL_NATS_CREDS_FILE" and why in message, (name, message)
+        assert message.startswith(f"ONEPOOL_NATS_CREDS_FILE: {path}"), (name, message)
+        seeds = [line for line in text.splitlines() if line.startswith("S")]
+        assert all(seed[:8] not in message for seed in seeds), (name, message)
 
 
 def test_an_encrypted_client_key_is_refused_without_a_prompt(tmp_path: Path) -> None:
@@ -315,6 +354,56 @@ async def test_every_service_takes_its_credentials_from_the_environment(
 
     await run_bus_service("authtest", instance_id="i1", nats_url=server.url, build=build, stop=stop)
     assert answered == [b"ok"]
+
+
+async def test_a_creds_file_authenticates_against_an_operator_mode_server(
+    make_nats_server: MakeServer, connect: Connect, tmp_path: Path
+) -> None:
+    operator = Operator.create()
+    server = make_nats_server(operator.server_config())
+    user = NKey.create("user")
+    creds = write_creds(tmp_path / "user.creds", user_jwt(operator.account, user), user)
+    auth = load_bus_auth(env=_env(creds_file=str(creds)))
+    assert auth.method == "creds" and auth.connect_options() == {"user_credentials": str(creds)}
+    assert user.seed not in repr(auth)
+    bus = await connect(server.url, auth)
+    await _round_trip(bus)
+    received: list[bytes] = []
+    got = asyncio.Event()
+
+    async def sink(msg: Message) -> None:
+        received.append(msg.data)
+        got.set()
+
+    sub = await bus.subscribe("auth.creds", sink)
+    await bus.publish("auth.creds", b"published")
+    await asyncio.wait_for(got.wait(), timeout=2)
+    assert received == [b"published"]
+    await sub.stop()
+    with pytest.raises(BusError, match="Authorization Violation"):
+        await connect(server.url, connect_timeout_s=FAIL_FAST)  # no credentials
+
+
+async def test_users_the_operator_did_not_vouch_for_are_refused_and_no_secret_is_shown(
+    make_nats_server: MakeServer, connect: Connect, tmp_path: Path
+) -> None:
+    operator, stranger = Operator.create(), Operator.create("stranger")
+    server = make_nats_server(operator.server_config())
+    user = NKey.create("user")
+    # Signed by an account the server does not know; then one naming the trusted account as its issuer but
+    # signed by another key (the server checks the signature, not just the issuer's name).
+    forger = NKey(seed=stranger.account.seed, public=operator.account.public)
+    jwts = {"unknown account": user_jwt(stranger.account, user), "forged": user_jwt(forger, user)}
+    with structlog.testing.capture_logs() as logs:
+        for name, jwt in jwts.items():
+            creds = write_creds(tmp_path / f"{name}.creds", jwt, user)
+            auth = load_bus_auth(env=_env(creds_file=str(creds)))
+            with pytest.raises(BusError) as refused:
+                await connect(server.url, auth, connect_timeout_s=FAIL_FAST)
+            message = refused.value.message
+            assert "Authorization Violation" in message, (name, message)
+            assert user.seed not in message and jwt not in message and str(creds) not in message, name
+    assert user.seed not in repr(logs) and stranger.account.seed not in repr(logs)
 
 
 def test_a_bad_bus_setting_stops_a_service_with_exit_code_2() -> None:
