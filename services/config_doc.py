@@ -60,9 +60,15 @@ TELEMETRY = """## Telemetry (every service)
 | `OTEL_EXPORTER_OTLP_ENDPOINT` | OTLP/HTTP base URL (e.g. `http://jaeger:4318`); traces go to \
 `<url>/v1/traces`. Unset: no export, and spans are not recorded (they keep their trace ids). |
 | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` | full traces URL, overrides the above |
+| `OTEL_TRACES_SAMPLER` | `parentbased_always_on` (default), `parentbased_always_off`, \
+`parentbased_traceidratio`, `always_on`, `always_off` or `traceidratio` (the OTel SDK's names); \
+applies with an endpoint |
+| `OTEL_TRACES_SAMPLER_ARG` | the ratio of the `*traceidratio` samplers, in [0, 1] (default 1) |
+| `ONEPOOL_LOG_LEVEL` | `debug`, `info` (default), `warning`, `error` or `critical` |
 
 Logs are JSON lines on stderr when it is not a terminal (console format otherwise), each with `trace_id` and
-`span_id` when written inside a span.
+`span_id` when written inside a span. An unknown sampler, a ratio outside [0, 1] or an unknown log level
+stops the command at start-up (exit code 2), exporter or not.
 """
 
 

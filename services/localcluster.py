@@ -51,6 +51,7 @@ from shared import schemas as s
 from shared.bus import Bus, Message
 from shared.bus_auth import ENV_PREFIX as BUS_AUTH_PREFIX
 from shared.errors import EXIT_USAGE, OnepoolError
+from shared.settings import check_port
 
 log = structlog.get_logger("onepool.up")
 
@@ -131,8 +132,7 @@ class ClusterSettings:
         if len(set(names)) != len(names) or len(set(ports)) != len(ports):
             raise ValueError(f"gateway names and ports (NATS's included) must differ: {names}, {ports}")
         for port in ports:
-            if not 0 < port <= 65535:
-                raise ValueError(f"port {port} is out of range")
+            check_port("a gateway's or NATS's port", port)
         fixed = self.worker_env.get("ONEPOOL_WORKER_METRICS_PORT", "").strip()
         if self.workers > 1 and fixed not in ("", "0"):
             raise ValueError(

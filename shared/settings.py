@@ -260,6 +260,19 @@ def _check(value: object, tp: Any, var: str, where: str) -> Any:
     raise _bad(var, where, value, tp)
 
 
+# Where cachestate, the controller and a worker serve /metrics and /healthz by default: every interface, as a
+# container needs for Prometheus to reach it (the port itself is off until set).
+DEFAULT_METRICS_HOST = "0.0.0.0"
+
+
+def check_port(var: str, port: int, *, allow_zero: bool = False) -> None:
+    """Raise ValueError naming ``var`` unless ``port`` is a TCP port (1-65535; 0 too with ``allow_zero``,
+    which settings use for "off")."""
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"{var} must be {low}-65535, got {port}")
+
+
 def doc(text: str) -> dict[str, str]:
     """Field metadata carrying the help text of a setting: `field(default=..., metadata=doc("..."))`."""
     return {"help": text}

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from services.cachestate.core.tracker import DEFAULT_DEAD_AFTER_PERIODS, DEFAULT_MAX_PERIOD_S, MIN_PERIOD_S
 from shared.residency import DEFAULT_MAX_ENTRIES
-from shared.settings import doc, host_instance_id
+from shared.settings import DEFAULT_METRICS_HOST, check_port, doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_CACHESTATE_"
 
@@ -82,7 +82,7 @@ class CacheStateSettings:
     metrics_port: int = field(
         default=0, metadata=doc("port of the HTTP server with /metrics and /healthz (0: off)")
     )
-    metrics_host: str = field(default="0.0.0.0", metadata=doc("address the metrics server binds"))
+    metrics_host: str = field(default=DEFAULT_METRICS_HOST, metadata=doc("address the metrics server binds"))
 
     def __post_init__(self) -> None:
         if not self.id or len(self.id) > 128:
@@ -114,5 +114,4 @@ class CacheStateSettings:
         }.items():
             if not value >= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {value}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"{ENV_PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
+        check_port(f"{ENV_PREFIX}METRICS_PORT", self.metrics_port, allow_zero=True)

@@ -11,7 +11,7 @@ from services.controller.core.policies import (
     parse_policy,
 )
 from shared.schemas import WORKER_ID_RE
-from shared.settings import doc, host_instance_id
+from shared.settings import DEFAULT_METRICS_HOST, check_port, doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_CONTROLLER_"
 
@@ -49,7 +49,7 @@ class ControllerSettings:
     metrics_port: int = field(
         default=0, metadata=doc("port of the HTTP server with /metrics and /healthz (0: off)")
     )
-    metrics_host: str = field(default="0.0.0.0", metadata=doc("address the metrics server binds"))
+    metrics_host: str = field(default=DEFAULT_METRICS_HOST, metadata=doc("address the metrics server binds"))
 
     def __post_init__(self) -> None:
         if not WORKER_ID_RE.match(self.id):
@@ -75,7 +75,6 @@ class ControllerSettings:
         for name in ("resend_s", "stats_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"{ENV_PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
+        check_port(f"{ENV_PREFIX}METRICS_PORT", self.metrics_port, allow_zero=True)
         if self.latency_samples < 1:
             raise ValueError(f"{ENV_PREFIX}LATENCY_SAMPLES must be >= 1, got {self.latency_samples}")

@@ -7,7 +7,7 @@ from typing import Literal
 
 from services.worker.core.pool import RefillMode
 from shared.schemas import check_worker_id
-from shared.settings import doc, host_instance_id
+from shared.settings import DEFAULT_METRICS_HOST, check_port, doc, host_instance_id
 
 ENV_PREFIX = "ONEPOOL_WORKER_"
 # Requests the model serves together at most, by default: as NVIDIA's HSTU inference example batches.
@@ -40,8 +40,8 @@ class WorkerSettings:
     embedding_table: str = field(
         default="",
         metadata=doc(
-            "host embedding table file, .npy [num_items, item_dim] float32/float16 (docs/model-inputs.md); "
-            "empty: a seeded synthetic table"
+            "host embedding table file, .npy (or .pt) [num_items, item_dim] float32/float16 "
+            "(docs/model-inputs.md); empty: a seeded synthetic table"
         ),
     )
     seed: int = field(
@@ -95,7 +95,7 @@ class WorkerSettings:
     metrics_port: int = field(
         default=0, metadata=doc("port of the HTTP server with /metrics and /healthz (0: off)")
     )
-    metrics_host: str = field(default="0.0.0.0", metadata=doc("address the metrics server binds"))
+    metrics_host: str = field(default=DEFAULT_METRICS_HOST, metadata=doc("address the metrics server binds"))
 
     def __post_init__(self) -> None:
         # Checked here so that a bad variable fails at start-up with its name, not deep in the engine.
@@ -127,8 +127,7 @@ class WorkerSettings:
         }.items():
             if value < 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 0, got {value}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"{ENV_PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
+        check_port(f"{ENV_PREFIX}METRICS_PORT", self.metrics_port, allow_zero=True)
         if not 0.0 <= self.alpha_min <= self.alpha <= self.alpha_max <= 1.0:
             raise ValueError(
                 f"need 0 <= {ENV_PREFIX}ALPHA_MIN <= {ENV_PREFIX}ALPHA <= {ENV_PREFIX}ALPHA_MAX <= 1, "
