@@ -72,7 +72,10 @@ def service_command(
 
     def command(args: argparse.Namespace) -> int:
         settings = load_settings(cls, prefix=prefix, overrides=overrides_from_args(args, cls))
+        # Every setting the service will read, checked before anything slow (torch's import) or half-started:
+        # a mistake is a usage error at once (run_bus_service reads the credentials again when it connects).
         check_telemetry_env(os.environ)
+        load_bus_auth()
         service_main = load_main()
 
         async def main() -> None:
