@@ -41,13 +41,13 @@ from bench.report import json_safe, write_report
 from services.controller.core.policies import StaticPolicy, parse_policy
 from services.gateway.core.router import Policy
 from services.localcluster import ClusterSettings, GatewaySpec, LocalCluster, free_port
-from services.worker.settings import DEFAULT_SLO_MS, WorkerSettings
+from services.worker.settings import WorkerSettings
 from shared import schemas as s
+from shared.slo import DEFAULT_SLO_MS
 from workloads.presets import Preset
 from workloads.sources import Source
 
 __all__ = [
-    "DEFAULT_SLO_MS",
     "ClusterBenchOptions",
     "DigestRecorder",
     "PolicyRun",

@@ -53,7 +53,7 @@ def _cluster(args: argparse.Namespace) -> int:
 
 
 def add_cluster_command(bench_sub: Any) -> None:
-    from bench.cluster import DEFAULT_SLO_MS
+    from shared.slo import DEFAULT_SLO_MS
     from sim.cli import add_workload_args, positive
 
     p = bench_sub.add_parser(

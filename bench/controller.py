@@ -32,9 +32,9 @@ from services.cachestate.settings import CacheStateSettings
 from services.controller.core.policies import AlphaPolicy, Clamp, parse_policy
 from services.controller.service import DecisionLatency
 from services.controller.settings import ControllerSettings
-from services.worker.settings import DEFAULT_SLO_MS
 from shared.extras import extra_imports
 from shared.schemas import CostCoefficients, WorkerFeatures
+from shared.slo import DEFAULT_SLO_MS
 
 __all__ = [
     "DEFAULT_DECISIONS",

@@ -3,6 +3,8 @@
 - `service_registry()`: a registry of the service's own (no process globals) holding the process and
   platform collectors (`add_process_collectors` adds them to one made elsewhere: the gateway's);
 - `Buckets`: a histogram's counts kept by the code that observes (any one thread), read at scrape time;
+- `LATENCY_SECONDS_BUCKETS`: the bucket bounds of every request-latency histogram (the gateway's and the
+  workers'), the default SLO (`shared.slo.DEFAULT_SLO_MS`) among them;
 - `MetricsServer`: GET /metrics (Prometheus text) and GET /healthz (200 + JSON) for one registry, started
   and stopped by its owner; port 0 binds a free port (`port` says which). `start_metrics_server` is the
   settings' way: there a port of 0 means no server at all.
@@ -23,7 +25,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import HistogramMetricFamily
 
+from shared.slo import DEFAULT_SLO_MS
+
 __all__ = [
+    "LATENCY_SECONDS_BUCKETS",
     "Buckets",
     "MetricsServer",
     "add_process_collectors",
@@ -32,6 +37,12 @@ __all__ = [
 ]
 
 Health = Callable[[], Mapping[str, object]]
+
+# Request latency, in seconds: 1 ms to 5 s in 1-2-5 steps, and the default SLO (a bound, whatever its value:
+# "within the SLO" is then one bucket, not an interpolation). A worker adds its own SLO if it differs.
+LATENCY_SECONDS_BUCKETS: tuple[float, ...] = tuple(
+    sorted({0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, DEFAULT_SLO_MS / 1e3})
+)
 
 
 def add_process_collectors(registry: CollectorRegistry) -> None:

@@ -16,9 +16,10 @@ from services.controller.core.policies import parse_policy
 from services.controller.settings import ControllerSettings
 from services.gateway.core.router import Policy
 from services.worker.core.pool import RefillMode
-from services.worker.settings import DEFAULT_MAX_BATCH, DEFAULT_SLO_MS
+from services.worker.settings import DEFAULT_MAX_BATCH
 from shared.errors import EXIT_USAGE
 from shared.extras import extra_imports, require_extra
+from shared.slo import DEFAULT_SLO_MS
 from sim.cluster import SimConfig
 from sim.compare import ABLATIONS, BASELINES, COMPARE_REGIMES, HELM, compare_regime
 from sim.cost import CostProfile, load_profile

@@ -56,6 +56,7 @@ from services.worker.core.geometry import PoolGeometry
 from services.worker.core.pool import Pool, RefillMode
 from shared import schemas as s
 from shared.residency import ResidencyIndex
+from shared.slo import DEFAULT_SLO_MS
 from sim.cost import CostProfile, QuantileSampler
 from workloads.trace import TraceRequest
 
@@ -81,7 +82,7 @@ class SimConfig:
     prefetch_bytes_per_tick: int = 64 * 1024
     refill_mode: RefillMode = RefillMode.INCREMENTAL
     max_queue: int = 256
-    slo_ms: float = 50.0
+    slo_ms: float = DEFAULT_SLO_MS
     digest_ms: float = 500.0
     digest_delay_ms: float = 2.0
     window_ms: float = 1000.0

@@ -444,6 +444,8 @@ def test_every_dashboard_query_reads_documented_metrics() -> None:
         "onepool_cachestate_worker_refill_bytes_total",
         "onepool_gateway_attempts_total",
         "onepool_controller_decision_seconds_bucket",
+        "onepool_gateway_route_decisions_total",
+        "onepool_gateway_shed_total",
     ):
         assert wanted in queried, wanted
 

@@ -9,7 +9,11 @@ connection 503 `bus_unavailable`; a media type other than JSON 415; a body slowe
 408. Then, once the body is read and parsed, routing sheds with 503 `overloaded` when every worker is at its
 reported queue limit or the best estimate exceeds `max_queue_wait_ms`. Connections beyond
 `max_connections` get a canned 503 from the listening socket itself (`BoundedTCPSite`). Every refusal is
-counted in `onepool_gateway_shed_total{reason}`. The deadline of a request runs from the moment its
+counted in `onepool_gateway_shed_total{reason}`; every routing decision in
+`onepool_gateway_route_decisions_total{policy,reason}`, by why its first worker came first (`route_reason`
+in core/router.py, also the `onepool.route.reason` attribute of the `gateway.route` span); every answer's
+latency in `onepool_gateway_request_seconds{outcome}`, `ok` (2xx) apart from `error` (the rest), so that
+fast refusals do not pass for fast answers. The deadline of a request runs from the moment its
 handler starts (right after its headers), the body read included. When cachestate is silent the
 gateway keeps routing on its last view (and says so on /readyz); a worker that does not answer is demoted
 by the router at once (see core/router.py).
@@ -23,6 +27,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Literal, get_args
 
 import msgspec
 import structlog
@@ -45,6 +50,7 @@ from services.gateway.core.router import (
     Policy,
     RouteDecision,
     Router,
+    RouteReason,
     RouteRequest,
     Saturated,
     ScoreBreakdown,
@@ -69,7 +75,7 @@ from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.errors import BusDisconnected, BusError, BusTimeout, NoResponders, OnepoolError
 from shared.lifecycle import TaskOwner
-from shared.metrics import add_process_collectors
+from shared.metrics import LATENCY_SECONDS_BUCKETS, add_process_collectors
 from shared.residency import DEFAULT_MAX_ENTRIES, ResidencyIndex
 from shared.telemetry import in_unsampled_trace
 
@@ -78,11 +84,20 @@ log = structlog.get_logger("onepool.gateway")
 
 _json_encode = msgspec.json.Encoder().encode
 
+# The reasons of onepool_gateway_shed_total (docs/metrics.md).
+ShedReason = Literal["concurrency", "saturated", "bus", "connections"]
+SHED_REASONS: tuple[ShedReason, ...] = get_args(ShedReason)
+
 
 class GatewayMetrics:
-    """Prometheus metrics in the gateway's own registry (no process globals)."""
+    """Prometheus metrics in the gateway's own registry (no process globals).
 
-    def __init__(self) -> None:
+    The series of a labelled metric whose label values are known in advance (latency by outcome, shed
+    reasons, routing decisions of this gateway's policy by reason) exist from the start at 0, so that a
+    scrape lists them and a dashboard's rate() reads 0 rather than no data before the first one.
+    """
+
+    def __init__(self, policy: Policy) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         add_process_collectors(r)
@@ -91,10 +106,15 @@ class GatewayMetrics:
         )
         self.latency = Histogram(
             "onepool_gateway_request_seconds",
-            "recommend latency at the gateway",
-            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            "recommend latency at the gateway, receipt to answer, by outcome: ok (2xx) or error (any other "
+            "status)",
+            ["outcome"],
+            buckets=LATENCY_SECONDS_BUCKETS,
             registry=r,
         )
+        # a 2xx answer and any other: errors (fast sheds, 400s) must not count as fast successes
+        self._latency_ok = self.latency.labels("ok")
+        self._latency_error = self.latency.labels("error")
         self.attempts = Counter(
             "onepool_gateway_attempts", "worker attempts by outcome", ["outcome"], registry=r
         )
@@ -118,9 +138,21 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in SHED_REASONS:
+            self.shed.labels(reason)
+        self.route_decisions = Counter(
+            "onepool_gateway_route_decisions",
+            "routing decisions by policy and by why the first-ranked worker came first (core/router.py "
+            "route_reason): single, tie, kv, compute, emb, load, override",
+            ["policy", "reason"],
+            registry=r,
+        )
         # labelled children, looked up once per label value (labels() takes a lock and builds a tuple)
         self._by_status: dict[int, Counter] = {}
         self._by_outcome: dict[str, Counter] = {}
+        self._by_reason: dict[RouteReason, Counter] = {
+            reason: self.route_decisions.labels(str(policy), str(reason)) for reason in RouteReason
+        }
 
     def count_request(self, status: int) -> None:
         child = self._by_status.get(status)
@@ -128,8 +160,15 @@ class GatewayMetrics:
             child = self._by_status[status] = self.requests.labels(str(status))
         child.inc()
 
-    def count_shed(self, reason: str) -> None:
+    def observe_latency(self, status: int, seconds: float) -> None:
+        """One answered recommend request: `seconds` from receipt to answer, filed by its status."""
+        (self._latency_ok if 200 <= status < 300 else self._latency_error).observe(seconds)
+
+    def count_shed(self, reason: ShedReason) -> None:
         self.shed.labels(reason).inc()
+
+    def count_route(self, reason: RouteReason) -> None:
+        self._by_reason[reason].inc()
 
     def count_attempt(self, outcome: str) -> None:
         child = self._by_outcome.get(outcome)
@@ -155,11 +194,11 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, bus: Bus, *, tracer: Tracer | None = None) -> None:
         self.settings = settings
         self.bus = bus
-        self.metrics = GatewayMetrics()
+        self.router = Router(Policy(settings.routing), predict_ttl_s=settings.predict_ttl_s)
+        self.metrics = GatewayMetrics(self.router.policy)
         self.index = ResidencyIndex(max_entries=DEFAULT_MAX_ENTRIES)
         self.replica = ViewReplica(self.index)
         self.view = ReplicaView(self.replica, self.index)
-        self.router = Router(Policy(settings.routing), predict_ttl_s=settings.predict_ttl_s)
         self._tracer = tracer or trace.get_tracer("onepool.gateway")
         self._tasks = TaskOwner()
         self._subs: list[Subscription] = []
@@ -296,7 +335,7 @@ class Gateway:
             if admitted:
                 self._active -= 1
             self.metrics.count_request(status)
-            self.metrics.latency.observe(time.perf_counter() - started)
+            self.metrics.observe_latency(status, time.perf_counter() - started)
 
     async def _read_body(self, request: web.Request) -> RecommendBody:
         limit = self.settings.max_body_kib * 1024
@@ -389,8 +428,11 @@ class Gateway:
                 raise NoWorkerAvailable("no live worker in the routing view") from None
             finally:
                 self.metrics.route_seconds.observe(time.perf_counter() - t0)
+            reason = decision.reason
+            self.metrics.count_route(reason)
             if span.is_recording():  # the breakdown costs ~10 us to build: only when it is recorded
                 span.set_attribute("onepool.route.policy", str(decision.policy))
+                span.set_attribute("onepool.route.reason", str(reason))
                 span.set_attribute("onepool.route.workers", len(decision.ranked))
                 for role, choice in zip(("chosen", "runner_up"), decision.ranked[:2], strict=False):
                     _breakdown_attributes(span, role, choice)

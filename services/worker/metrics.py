@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 P = "onepool_worker_"
 
-# Bucket bounds of the worker's histograms; the worker's SLO is added to REQUEST_SECONDS_BUCKETS.
-REQUEST_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Bucket bounds of the worker's batch histograms; its request latency uses shared.metrics'
+# LATENCY_SECONDS_BUCKETS (the gateway's too) with the worker's SLO added.
 BATCH_SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 

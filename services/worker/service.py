@@ -18,14 +18,14 @@ from services.worker.core.pool import RefillMode
 from services.worker.engine import Engine, EngineConfig, EngineReport, Job, ServeResult, ewma
 from services.worker.errors import Draining, InvalidRequest, Overloaded, WorkerError
 from services.worker.hstu import PRESETS
-from services.worker.metrics import REQUEST_SECONDS_BUCKETS, build_registry
+from services.worker.metrics import build_registry
 from services.worker.settings import DEFAULT_NUM_ITEMS, WorkerSettings
 from services.worker.storage import LinkSpec
 from services.worker.validation import prepare
 from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.lifecycle import TaskOwner
-from shared.metrics import Buckets, MetricsServer, start_metrics_server
+from shared.metrics import LATENCY_SECONDS_BUCKETS, Buckets, MetricsServer, start_metrics_server
 from shared.residency import DEFAULT_PART_BYTES, digest_parts, part_numbers
 
 log = structlog.get_logger("onepool.worker")
@@ -144,8 +144,8 @@ class WorkerService:
         self.engine = engine
         self.bus = bus
         self.counters = WorkerCounters()
-        # Receipt to reply of the requests answered ok; the SLO is one of the bounds.
-        self.request_seconds = Buckets({*REQUEST_SECONDS_BUCKETS, settings.slo_ms / 1e3})
+        # Receipt to reply of the requests answered ok: the gateway's bounds, this worker's SLO among them.
+        self.request_seconds = Buckets({*LATENCY_SECONDS_BUCKETS, settings.slo_ms / 1e3})
         self.registry = build_registry(self)
         self.metrics_server: MetricsServer | None = None
         self._tracer = tracer or trace.get_tracer("onepool.worker")

@@ -8,12 +8,11 @@ from typing import Literal
 from services.worker.core.pool import RefillMode
 from shared.schemas import check_worker_id
 from shared.settings import DEFAULT_METRICS_HOST, check_port, doc, host_instance_id
+from shared.slo import DEFAULT_SLO_MS
 
 ENV_PREFIX = "ONEPOOL_WORKER_"
 # Requests the model serves together at most, by default: as NVIDIA's HSTU inference example batches.
 DEFAULT_MAX_BATCH = 8
-# The latency SLO the worker's digests count violations against (the simulator and the benches use it too).
-DEFAULT_SLO_MS = 50.0
 # The catalogue of the seeded synthetic host table when neither NUM_ITEMS nor a table file says otherwise.
 DEFAULT_NUM_ITEMS = 100_000
 

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from opentelemetry.trace import Tracer
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway.service import Gateway, build_app, serve_http
@@ -329,13 +330,15 @@ async def scripted_gateway(
     *,
     ignore_snapshot_requests: int = 0,
     wait_for_view: bool = True,
+    tracer: Tracer | None = None,
     **settings: Any,
 ) -> AsyncIterator[Harness]:
     """The real gateway serving HTTP on a free port, a scripted view and scripted workers on the bus.
 
     ``settings`` override ``HARNESS_SETTINGS`` (any ``GatewaySettings`` field; ``max_connections``,
     ``idle_timeout_ms`` and ``retry_after_s`` reach ``serve_http`` too). With ``wait_for_view`` the block
-    starts once the gateway has applied the first snapshot.
+    starts once the gateway has applied the first snapshot. ``tracer``, when given, is the gateway's (its
+    routing spans) and its HTTP middleware's.
     """
     port = free_port(HOST)
     config = GatewaySettings(
@@ -354,9 +357,9 @@ async def scripted_gateway(
         cachestate = ScriptedCachestate(cluster, workers, ignore_snapshot_requests=ignore_snapshot_requests)
         await cachestate.start()
         gateway_bus = await Bus.connect(nats.url, name=config.instance)
-        gateway = Gateway(config, gateway_bus)
+        gateway = Gateway(config, gateway_bus, tracer=tracer)
         async with (
-            serve_http(build_app(gateway), config),
+            serve_http(build_app(gateway, tracer), config),
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
         ):
             harness = Harness(

@@ -20,10 +20,12 @@ from services.gateway.core.router import (
     RankedScores,
     RouteDecision,
     Router,
+    RouteReason,
     RouteRequest,
     RoutingView,
     Saturated,
     ScoreBreakdown,
+    route_reason,
 )
 from shared.errors import ErrorKind
 from shared.schemas import CostCoefficients, LoadInfo, WorkerState
@@ -697,3 +699,140 @@ def test_each_answer_frees_exactly_one_slot_and_a_refilled_worker_saturates_agai
     router.on_dispatch("A", r, now=0.0)  # full again: the only worker is full, so saturation
     with pytest.raises(Saturated):
         router.route(view, r, now=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# why the first-ranked worker came first
+
+
+def sb(
+    wid: str,
+    *,
+    queue: float = 0.0,
+    compute: float = 0.0,
+    emb: float = 0.0,
+    cached: int = 0,
+    misses: int = 0,
+) -> ScoreBreakdown:
+    """A breakdown whose total is the sum of its terms, as the router makes them."""
+    return ScoreBreakdown(
+        worker_id=wid,
+        total_ms=queue + compute + emb,
+        queue_ms=queue,
+        compute_ms=compute,
+        emb_ms=emb,
+        cached_tokens=cached,
+        new_tokens=64 - cached,
+        emb_misses=misses,
+        in_flight=0,
+        predicted=False,
+    )
+
+
+def test_the_route_reasons_are_a_handful_of_fixed_labels() -> None:
+    assert [str(r) for r in RouteReason] == ["single", "tie", "kv", "compute", "emb", "load", "override"]
+
+
+def test_one_worker_is_a_single_choice() -> None:
+    assert route_reason(sb("A", queue=5.0), None) is RouteReason.SINGLE
+
+
+@pytest.mark.parametrize(
+    ("chosen", "runner_up"),
+    [
+        (sb("A"), sb("B")),  # both 0 ms
+        (sb("A", queue=10.0), sb("B", compute=10.0)),  # equal totals, different terms
+        (sb("A", queue=100.0), sb("B", queue=101.0)),  # 101 < 1.01 * 100 + 1e-9: within the band
+        (sb("A", queue=101.0), sb("B", queue=100.0)),  # the costlier first, within the band: a tie too
+        (sb("A"), sb("B", queue=0.5e-9)),  # below the absolute part of the band
+    ],
+    ids=["zero", "equal-totals", "within-1pct", "within-1pct-reversed", "within-1e-9-ms"],
+)
+def test_totals_within_the_tie_band_are_a_tie(chosen: ScoreBreakdown, runner_up: ScoreBreakdown) -> None:
+    assert route_reason(chosen, runner_up) is RouteReason.TIE
+
+
+def test_a_lead_just_past_the_tie_band_is_no_tie() -> None:
+    assert route_reason(sb("A"), sb("B", queue=1e-9)) is RouteReason.LOAD  # 1e-9 is not < 0 + 1e-9
+    assert route_reason(sb("A", queue=100.0), sb("B", queue=101.5)) is RouteReason.LOAD
+
+
+def test_a_chosen_worker_costlier_than_the_runner_up_was_an_override() -> None:
+    # round-robin's turn, or a cheaper runner-up that is full or demoted
+    assert route_reason(sb("A", queue=20.0), sb("B", queue=10.0)) is RouteReason.OVERRIDE
+    assert route_reason(sb("A", compute=20.0, cached=64), sb("B", compute=2.0)) is RouteReason.OVERRIDE
+
+
+def test_the_largest_term_of_the_lead_names_the_reason() -> None:
+    # A: 1 ms queued but 60 tokens cached (2 ms compute); B: idle, 8 ms compute: a 5 ms lead, +6 from compute
+    assert route_reason(sb("A", queue=1.0, compute=2.0, cached=60), sb("B", compute=8.0)) is RouteReason.KV
+    # the same lead with no more cached tokens on A: its cost model is just faster
+    assert route_reason(sb("A", queue=1.0, compute=2.0), sb("B", compute=8.0)) is RouteReason.COMPUTE
+    assert (
+        route_reason(sb("A", queue=1.0, compute=2.0, cached=10), sb("B", compute=8.0, cached=20))
+        is RouteReason.COMPUTE
+    )
+    # EMB: 4 ms of misses fewer, 1 ms more compute
+    assert route_reason(sb("A", compute=3.0, emb=1.0), sb("B", compute=2.0, emb=5.0)) is RouteReason.EMB
+    # load: 9 ms less queued, despite B's KV (3 ms less compute) and fewer misses (1 ms less)
+    assert (
+        route_reason(
+            sb("A", queue=1.0, compute=5.0, emb=2.0), sb("B", queue=10.0, compute=2.0, emb=1.0, cached=50)
+        )
+        is RouteReason.LOAD
+    )
+
+
+def test_the_emb_lookups_a_longer_cached_prefix_spares_count_for_kv() -> None:
+    # B holds 60 of the user's 64 tokens: 5.4 ms less compute, and 60 fewer of A's 66 misses (0.5 ms each)
+    a = sb("A", compute=7.4, emb=33.0, misses=66)
+    b = sb("B", compute=2.0, emb=3.0, cached=60, misses=6)
+    assert route_reason(b, a) is RouteReason.KV  # 5.4 + 30 spared by the prefix, 0 ms of EMB left
+    # one cached token more spares at most one of A's misses (0.5 ms): a warmer EMB is the rest
+    c = sb("C", compute=7.3, emb=3.0, cached=1, misses=6)
+    assert route_reason(c, a) is RouteReason.EMB  # compute 0.1 + 0.5 against EMB 30 - 0.5
+    # a runner-up without misses has none to spare: the compute advantage alone
+    assert route_reason(sb("D", compute=1.0, cached=8), sb("E", compute=2.0)) is RouteReason.KV
+
+
+def test_equal_advantages_go_to_compute_then_emb_then_load() -> None:
+    even = sb("B", queue=2.0, compute=2.0, emb=2.0)
+    assert route_reason(sb("A", cached=1), even) is RouteReason.KV
+    assert route_reason(sb("A"), even) is RouteReason.COMPUTE
+    assert route_reason(sb("A", compute=2.0), even) is RouteReason.EMB
+    assert route_reason(sb("A", compute=2.0, emb=2.0), even) is RouteReason.LOAD
+
+
+def test_the_decision_says_why_its_best_worker_came_first() -> None:
+    history = range(64)
+    router = Router(Policy.JOINT, rng_seed=0)
+    single = DictView([ws("A")])
+    assert router.route(single, req("u", history), now=0.0).reason is RouteReason.SINGLE
+    same = DictView([ws("A"), ws("B")])  # identical idle workers, nothing cached: the same cost
+    assert router.route(same, req("u", history), now=0.0).reason is RouteReason.TIE
+    kv = DictView([ws("A"), ws("B")], kv={"u": {"B": 60}})
+    d = router.route(kv, req("u", history), now=0.0)
+    assert (d.best.worker_id, d.reason) == ("B", RouteReason.KV)
+    faster = DictView([ws("A", new=0.2), ws("B")])  # B computes a new token in 0.1 ms, A in 0.2
+    d = router.route(faster, req("u", history), now=0.0)
+    assert (d.best.worker_id, d.reason) == ("B", RouteReason.COMPUTE)
+    emb = DictView([ws("A"), ws("B")], emb={i: {"A"} for i in range(64)})  # A holds every history item
+    d = router.route(emb, req("u", history), now=0.0)
+    assert (d.best.worker_id, d.reason) == ("A", RouteReason.EMB)
+    # A holds the whole history (38 ms less to compute and look up) but has 76 ms queued
+    busy = DictView([ws("A", in_flight=20, queue_depth=19, ewma=80.0), ws("B")], kv={"u": {"A": 64}})
+    d = router.route(busy, req("u", history), now=0.0)
+    assert (d.best.worker_id, d.reason) == ("B", RouteReason.LOAD)
+    router.on_failure("B", now=0.0)  # the cheaper B demoted: A comes first at a higher cost
+    d = router.route(busy, req("u", history), now=0.0)
+    assert (d.best.worker_id, d.reason) == ("A", RouteReason.OVERRIDE)
+
+
+def test_round_robins_turn_for_a_costlier_worker_is_an_override() -> None:
+    view = DictView([ws("A", queue_depth=2, ewma_service=5.0), ws("B")])
+    router = Router(Policy.ROUND_ROBIN, rng_seed=0)
+    turns = [router.route(view, req("u", range(4)), now=0.0) for _ in range(2)]
+    assert [(d.best.worker_id, d.reason) for d in turns] == [
+        ("A", RouteReason.OVERRIDE),
+        ("B", RouteReason.LOAD),
+    ]

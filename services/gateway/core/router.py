@@ -7,7 +7,9 @@ them in that order. The pieces, each a module of this package:
 - ``cost.py``: the cost model, estimated milliseconds per worker (queue + compute + EMB misses);
 - ``table.py``: ``WorkerTable``, each worker's figures as arrays, built once per view version;
 - ``emb_misses.py``: ``EmbMissCounter``, how many needed items each worker's EMB lacks;
-- here: the policies, the guards, the order and what the caller gets back (``RouteDecision``).
+- here: the policies, the guards, the order and what the caller gets back (``RouteDecision``), with why
+  the first-ranked worker came first (``route_reason``: ``single``, ``tie``, ``kv``, ``compute``, ``emb``,
+  ``load`` or ``override``).
 
 The names callers use (``RoutingView`` included) are importable from here.
 
@@ -75,11 +77,13 @@ __all__ = [
     "Policy",
     "RankedScores",
     "RouteDecision",
+    "RouteReason",
     "RouteRequest",
     "Router",
     "RoutingView",
     "Saturated",
     "ScoreBreakdown",
+    "route_reason",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -142,6 +146,67 @@ class ScoreBreakdown:
     emb_misses: int
     in_flight: int  # work ahead: max(view queue_depth, this gateway's own in-flight count)
     predicted: bool  # cached_tokens came from predict-on-route, not (yet) from the view
+
+
+class RouteReason(StrEnum):
+    """Why the first-ranked worker came first (``route_reason``): a label of a metric, kept to a handful."""
+
+    SINGLE = "single"
+    TIE = "tie"
+    KV = "kv"
+    COMPUTE = "compute"
+    EMB = "emb"
+    LOAD = "load"
+    OVERRIDE = "override"
+
+
+def route_reason(chosen: ScoreBreakdown, runner_up: ScoreBreakdown | None) -> RouteReason:
+    """Why ``chosen`` was ranked before ``runner_up`` (the second-ranked worker; None when it was the only
+    one), from their breakdowns alone.
+
+    The rule, in order:
+
+    - ``single``: no runner-up, nothing to choose between;
+    - ``tie``: their totals are within the router's tie band (the larger below ``1.01 x`` the smaller
+      ``+ 1e-9 ms``: ``TIE_REL``, ``TIE_ABS_MS``): the random tie-break ordered them, not their costs;
+    - ``override``: the chosen worker's total is the larger (beyond the band): it came first for another
+      reason than its estimate: round-robin's turn, or a runner-up that is full or demoted (ranked after
+      the others whatever it costs);
+    - otherwise the chosen worker is cheaper, and its lead, ``runner_up.total_ms - chosen.total_ms``, is
+      the sum of three advantages, ``runner_up.x - chosen.x`` for x in ``compute_ms``, ``emb_ms`` and
+      ``queue_ms``. The largest names the reason (equal ones: the first in that order):
+
+      - compute: ``kv`` when the chosen worker counts a longer prefix of the user's history as cached
+        (``cached_tokens``, a predict-on-route prefix included): its KV spares the recomputation. A
+        longer prefix also spares the EMB lookups of its items (misses are counted on the history past
+        the prefix): up to one of the runner-up's misses per extra cached token, at the runner-up's cost
+        per miss (``emb_ms / emb_misses``), of the EMB advantage is moved to the compute one. Without a
+        longer prefix: ``compute``, the chosen worker's cost model is just faster for this request;
+      - emb: ``emb``, fewer (or cheaper) EMB misses;
+      - queue: ``load``, less work queued ahead.
+
+    A term the policy does not score is 0 on both workers and names no reason: least-loaded and round-robin
+    give ``single``, ``tie``, ``override`` or ``load`` only, and the EMB policy (no KV credit) never ``kv``.
+    """
+    if runner_up is None:
+        return RouteReason.SINGLE
+    a = chosen.total_ms
+    b = runner_up.total_ms
+    if abs(b - a) < TIE_REL * min(a, b) + TIE_ABS_MS:
+        return RouteReason.TIE
+    if not b > a:
+        return RouteReason.OVERRIDE
+    compute = runner_up.compute_ms - chosen.compute_ms
+    emb = runner_up.emb_ms - chosen.emb_ms
+    queue = runner_up.queue_ms - chosen.queue_ms
+    extra = chosen.cached_tokens - runner_up.cached_tokens
+    if extra > 0 and emb > 0.0 and runner_up.emb_misses > 0:
+        spared = min(emb, extra * runner_up.emb_ms / runner_up.emb_misses)
+        compute += spared
+        emb -= spared
+    if compute >= emb and compute >= queue:
+        return RouteReason.KV if extra > 0 else RouteReason.COMPUTE
+    return RouteReason.EMB if emb >= queue else RouteReason.LOAD
 
 
 _new_object: Final = object.__new__
@@ -276,6 +341,11 @@ class RouteDecision:
     @property
     def runner_up(self) -> ScoreBreakdown | None:
         return self.ranked[1] if len(self.ranked) > 1 else None
+
+    @property
+    def reason(self) -> RouteReason:
+        """Why the best worker came first (``route_reason`` of it and the runner-up)."""
+        return route_reason(self.best, self.runner_up)
 
     @property
     def worker_ids(self) -> list[str]:
