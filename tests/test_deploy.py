@@ -2,10 +2,10 @@
 
 What is checked here: every compose file, and the stacks operators run (several files merged), against the
 compose spec; the generated per-worker files are what the generator makes now; every service runs a real
-`onepool` subcommand with real settings; passwords only travel as compose secrets; nothing internal is
-published; .env.example documents every variable. The NATS permissions are checked against a real
-nats-server in tests/deploy/test_nats_permissions.py, smoke.sh against fake servers in
-tests/deploy/test_smoke.py.
+`onepool` subcommand with real settings; passwords only travel as compose secrets, each mounted for the
+user its container runs as; nothing internal is published; .env.example documents every variable. The NATS
+permissions are checked against a real nats-server in tests/deploy/test_nats_permissions.py, smoke.sh against
+fake servers in tests/deploy/test_smoke.py.
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ PROJECT_IMAGES = {
     "onepool-worker-cpu:dev": "worker-cpu",
 }
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+# Who each image runs as (uid, gid): its secrets must be theirs. The onepool images' is the Dockerfile's USER
+# (checked below); the nats alpine image has no USER (root); Grafana's image runs as grafana, 472:0.
+IMAGE_USERS = {
+    **dict.fromkeys(PROJECT_IMAGES, ("10001", "10001")),
+    "nats": ("0", "0"),
+    "grafana/grafana": ("472", "0"),
+}
+SECRET_MODE = 0o400  # `mode: 0400` in YAML (1.1, as compose reads it), 256 in the generated JSON
 
 # Variables every service reads besides its settings dataclass: the NATS client credentials (BusAuth in
 # shared/bus_auth.py, prefix ONEPOOL_NATS_) and the log level (shared/telemetry.py).
@@ -104,6 +112,14 @@ def _conf_password_vars(path: Path) -> set[str]:
     return set(re.findall(r"password: \$(\w+)", path.read_text()))
 
 
+def _secret_sources(svc: dict[str, Any]) -> list[str]:
+    return [s["source"] if isinstance(s, dict) else s for s in svc.get("secrets", [])]
+
+
+def _image_user(image: str) -> tuple[str, str]:
+    return IMAGE_USERS.get(image) or IMAGE_USERS[image.split(":", 1)[0]]
+
+
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_file_matches_the_compose_spec(name: str) -> None:
@@ -146,14 +162,15 @@ def test_generator_gives_each_worker_its_own_gpu_id_and_credentials() -> None:
         (device,) = w["deploy"]["resources"]["reservations"]["devices"]
         assert device["device_ids"] == [str(i)] and "count" not in device
         secret = f"ONEPOOL_NATS_WORKER_{i}_PASSWORD"
-        assert w["secrets"] == [secret]
+        assert _secret_sources(w) == [secret]
         assert env["ONEPOOL_NATS_PASSWORD_FILE"] == f"/run/secrets/{secret}"
         assert spec["secrets"][secret] == {"environment": secret}
-    assert set(spec["services"]["nats"]["secrets"]) == {f"ONEPOOL_NATS_WORKER_{i}_PASSWORD" for i in range(3)}
+    nats_secrets = set(_secret_sources(spec["services"]["nats"]))
+    assert nats_secrets == {f"ONEPOOL_NATS_WORKER_{i}_PASSWORD" for i in range(3)}
     users = files[Path("nats/users.conf")]
     for user in ("gateway", "cachestate", "controller", "worker-0", "worker-1", "worker-2"):
         assert f'user: "{user}"' in users
-    targets = json.loads(files[Path("prometheus/workers.json")])
+    targets = json.loads(files[Path("prometheus/targets/workers.json")])
     assert targets[0]["targets"] == ["worker-0:9102", "worker-1:9102", "worker-2:9102"]
 
     # A worker host's workers: ids from --first, GPUs from 0 on that host.
@@ -176,8 +193,108 @@ def test_generator_refuses_overlapping_worker_hosts(capsys: pytest.CaptureFixtur
     assert "overlap" in capsys.readouterr().err
     main = gen.generate(["--count", "2", "--remote", "hostb:2:2"])
     spec = _generated(main[Path("compose.workers.yaml")])
-    assert "ONEPOOL_NATS_LEAF_HOSTB_PASSWORD" in spec["services"]["nats"]["secrets"]
+    assert "ONEPOOL_NATS_LEAF_HOSTB_PASSWORD" in _secret_sources(spec["services"]["nats"])
     assert 'user: "leaf-hostb"' in main[Path("nats/users.conf")]
+
+
+def test_generator_writes_scrape_targets_of_worker_hosts_with_an_address(tmp_path: Path) -> None:
+    """--remote NAME:FIRST:COUNT@ADDR: that host's workers as ADDR:9102+n (the ports --metrics-bind publishes
+    there); without @ADDR, no file (they are not scraped from here)."""
+    gen = gen_workers()
+    argv = ["--count", "2", "--remote", "hostb:2:3@10.0.0.2", "--remote", "hostc:5:1"]
+    files = gen.generate(argv)
+    targets = {
+        rel: json.loads(text) for rel, text in files.items() if rel.parts[:2] == ("prometheus", "targets")
+    }
+    assert targets == {
+        Path("prometheus/targets/workers.json"): [
+            {"targets": ["worker-0:9102", "worker-1:9102"], "labels": {"service": "worker"}}
+        ],
+        Path("prometheus/targets/remote-hostb.json"): [
+            {
+                "targets": ["10.0.0.2:9102", "10.0.0.2:9103", "10.0.0.2:9104"],
+                "labels": {"service": "worker", "host": "hostb"},
+            }
+        ],
+    }
+    header = files[Path("compose.workers.yaml")].splitlines()[0]  # how to remake it, @ADDR included
+    assert "gen_workers.py --count 2 --remote hostb:2:3@10.0.0.2 --remote hostc:5:1: " in header
+    # the worker host's side: its workers' metrics published on the ports the main host scrapes
+    host = _generated(
+        gen.generate(["--count", "3", "--first", "2", "--metrics-bind", "10.0.0.2"])[
+            Path("compose.workers.yaml")
+        ]
+    )
+    ports = [w["ports"] for w in worker_services(host).values()]
+    assert ports == [["10.0.0.2:9102:9102"], ["10.0.0.2:9103:9102"], ["10.0.0.2:9104:9102"]]
+    assert gen.parse_args(["--remote", "hostd:4:1@[fd00::2]"]).remote[0].addr == "[fd00::2]"
+    for bad in ("hostb:2:3@", "hostb:2:3@10.0.0.2:9102", "hostb:2:3@a b"):
+        with pytest.raises(SystemExit):
+            gen.parse_args(["--remote", bad])
+
+    # Writing: the files of hosts no longer given go; target files of other names stay.
+    folder = tmp_path / "prometheus" / "targets"
+    assert gen.main([*argv, "--dir", str(tmp_path)]) == 0
+    (folder / "manual.json").write_text("[]")
+    assert sorted(p.name for p in folder.iterdir()) == ["manual.json", "remote-hostb.json", "workers.json"]
+    assert gen.main(["--count", "2", "--dir", str(tmp_path)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["manual.json", "workers.json"]
+
+
+def test_generator_prints_only_the_passwords_env_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--print-passwords --env-file .env >> .env, after adding a worker or a host, adds its passwords and
+    changes none in use (a password printed anew would log its service out)."""
+    gen = gen_workers()
+    env = tmp_path / ".env"
+    env.write_text((COMPOSE_DIR / ".env.example").read_text())  # every password commented out
+    assert gen.main(["--count", "1", "--print-passwords", "--env-file", str(env)]) == 0
+    first = capsys.readouterr().out
+    assert [line.split("=", 1)[0] for line in first.splitlines()] == [
+        "ONEPOOL_NATS_GATEWAY_PASSWORD",
+        "ONEPOOL_NATS_CACHESTATE_PASSWORD",
+        "ONEPOOL_NATS_CONTROLLER_PASSWORD",
+        "ONEPOOL_NATS_WORKER_0_PASSWORD",
+        "ONEPOOL_GRAFANA_ADMIN_PASSWORD",
+    ]
+    with env.open("a") as f:
+        f.write(first)
+    # a worker and a worker host more: only theirs
+    argv = ["--count", "2", "--remote", "hostb:2:1", "--print-passwords", "--env-file", str(env)]
+    assert gen.main(argv) == 0
+    added = capsys.readouterr().out
+    assert [line.split("=", 1)[0] for line in added.splitlines()] == [
+        "ONEPOOL_NATS_WORKER_1_PASSWORD",
+        "ONEPOOL_NATS_LEAF_HOSTB_PASSWORD",
+    ]
+    with env.open("a") as f:
+        f.write(added)
+    assert gen.main(argv) == 0
+    assert capsys.readouterr().out == ""  # nothing lacking: nothing printed
+    # what counts as defined: a non-empty value, `export` and quotes allowed; an empty one is missing
+    env_text = "A=1\nexport B='x'\n C = \"y\" # c\nD=\nE=''\n# F=1\nG\nH= # empty\nI=a#b\n"
+    assert gen.defined_variables(env_text) == {"A", "B", "C", "I"}
+    # a worker host: its workers, and the reminder of its leaf password until .env has it
+    host_env = tmp_path / "host.env"
+    host_env.write_text("ONEPOOL_NATS_WORKER_2_PASSWORD=Aaaaaaaaaaaaaaaaaaaaaaa\n")
+    host = ["--count", "2", "--first", "2", "--worker-host", "--print-passwords", "--env-file", str(host_env)]
+    assert gen.main(host) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("=", 1)[0] for line in lines] == [
+        "ONEPOOL_NATS_WORKER_3_PASSWORD",
+        "# ONEPOOL_NATS_LEAF_PASSWORD",
+    ]
+    host_env.write_text("ONEPOOL_NATS_WORKER_2_PASSWORD=A\nONEPOOL_NATS_LEAF_PASSWORD=B\n")
+    assert gen.main(host) == 0
+    assert capsys.readouterr().out.startswith("ONEPOOL_NATS_WORKER_3_PASSWORD=")
+    assert "LEAF" not in capsys.readouterr().out
+    # only with --print-passwords, and only an existing file (a typo would print every password anew)
+    for bad in (["--env-file", str(env)], ["--print-passwords", "--env-file", str(tmp_path / "nope")]):
+        with pytest.raises(SystemExit) as exc:
+            gen.parse_args(bad)
+        assert exc.value.code == 2
+    assert "--env-file goes with --print-passwords" in capsys.readouterr().err
 
 
 def test_generated_passwords_suit_nats_and_urls() -> None:
@@ -214,7 +331,7 @@ def test_stack_is_consistent(stack_name: str) -> None:
     builds: dict[str, list[str]] = {}
     for name, svc in services.items():
         assert "image" in svc, f"{name}: every service names its image"
-        for secret in svc.get("secrets", []):
+        for secret in _secret_sources(svc):
             assert secret in declared_secrets, (name, secret)
         for dep in svc.get("depends_on", {}):
             assert dep in services, (name, dep)
@@ -232,7 +349,7 @@ def test_stack_is_consistent(stack_name: str) -> None:
 
     # nats can check every password its config names: it mounts each as a secret.
     conf = "leaf-users.conf" if stack_name == "worker-host" else "users.conf"
-    nats_secrets = set(services["nats"]["secrets"])
+    nats_secrets = set(_secret_sources(services["nats"]))
     assert _conf_password_vars(NATS_DIR / conf) <= nats_secrets
     workers = worker_services(spec)
     assert workers, "a stack without workers serves nothing"
@@ -250,14 +367,49 @@ def test_stack_is_consistent(stack_name: str) -> None:
         assert all(services[n]["image"] == "onepool:dev" for n in ONEPOOL_SERVICES)
 
 
+@pytest.mark.parametrize("stack_name", sorted(STACKS))
+def test_every_secret_is_mounted_for_the_user_its_container_runs_as(stack_name: str) -> None:
+    """The long syntax, mode 0400, owned by the image's user: whatever a Compose version's default mode and
+    owner for a secret from the environment (0400 root's before v2.20, 0440 in v2.34.0, 0444 otherwise), the
+    service reads its password and nobody else in the container does. Kept at /run/secrets/<name>, the path
+    the services' *_PASSWORD_FILE settings and nats/start.sh read."""
+    mounted = 0
+    for name, svc in stack(STACKS[stack_name])["services"].items():
+        for secret in svc.get("secrets", []):
+            uid, gid = _image_user(svc["image"])
+            assert isinstance(secret, dict), f"{name}: {secret!r} is the short syntax"
+            assert secret == {
+                "source": secret["source"],
+                "target": secret["source"],
+                "uid": uid,
+                "gid": gid,
+                "mode": SECRET_MODE,
+            }, name
+            mounted += 1
+    assert mounted >= (2 if stack_name == "worker-host" else 8)
+
+
+def test_the_onepool_images_run_as_the_user_their_secrets_belong_to() -> None:
+    users = re.findall(r"^USER (\S+)\s*$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert users and set(users) == {":".join(IMAGE_USERS["onepool:dev"])}
+    gen = gen_workers()
+    expected = (IMAGE_USERS["onepool:dev"], IMAGE_USERS["nats"], SECRET_MODE)
+    generator = (gen.ONEPOOL_USER, gen.NATS_USER, gen.SECRET_MODE)
+    assert generator == expected
+    # the octal YAML the compose files write is read as such (YAML 1.1, as compose's Go YAML reads it)
+    assert "mode: 0400" in (COMPOSE_DIR / "compose.yaml").read_text()
+    assert load("compose.yaml")["x-onepool-secret"]["mode"] == 0o400
+
+
 def test_prometheus_and_grafana_mount_their_files() -> None:
     services = load("compose.yaml")["services"]
     prometheus_mounts = services["prometheus"]["volumes"]
     assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus_mounts
-    assert "./prometheus/workers.json:/etc/prometheus/targets/workers.json:ro" in prometheus_mounts
+    # a folder: the files gen_workers.py adds and removes there are seen without a restart
+    assert "./prometheus/targets:/etc/prometheus/targets:ro" in prometheus_mounts
     assert {
         "./grafana/provisioning:/etc/grafana/provisioning:ro",
-        "./grafana/dashboards:/var/lib/grafana/dashboards:ro",
+        "./grafana/dashboards:/etc/grafana/dashboards:ro",
     } <= set(services["grafana"]["volumes"])
     assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"] == (
         "/run/secrets/ONEPOOL_GRAFANA_ADMIN_PASSWORD"
@@ -291,11 +443,11 @@ def test_onepool_variables_are_real_settings(stack_name: str) -> None:
         assert not any("PASSWORD" in str(v) and "/run/secrets/" not in str(v) for v in env.values()), name
         secret_file = env["ONEPOOL_NATS_PASSWORD_FILE"]
         assert secret_file.startswith("/run/secrets/")
-        assert secret_file.removeprefix("/run/secrets/") in svc["secrets"], name
+        assert secret_file.removeprefix("/run/secrets/") in _secret_sources(svc), name
         user = env["ONEPOOL_NATS_USER"]
         conf = "leaf-users.conf" if stack_name == "worker-host" else "users.conf"
         assert f'user: "{user}"' in (NATS_DIR / conf).read_text(), (name, user)
-        assert svc["secrets"] == [gen_workers().password_var(user)], name
+        assert _secret_sources(svc) == [gen_workers().password_var(user)], name
 
 
 def test_nothing_internal_is_published() -> None:
@@ -325,6 +477,32 @@ def test_nothing_internal_is_published() -> None:
     assert load("compose.yaml")["services"]["jaeger"]["ports"] == [
         "${ONEPOOL_UI_BIND:-127.0.0.1}:${ONEPOOL_JAEGER_UI_PORT:-16686}:16686"
     ]
+    # the host port of .env is not named as the gateway's own setting (ONEPOOL_GATEWAY_PORT, its listen port)
+    assert load("compose.yaml")["services"]["gateway"]["ports"] == [
+        "${ONEPOOL_GATEWAY_BIND:-127.0.0.1}:${ONEPOOL_GATEWAY_PUBLISH_PORT:-8080}:8080"
+    ]
+    assert "ONEPOOL_GATEWAY_PORT=" not in (COMPOSE_DIR / ".env.example").read_text()
+
+
+@pytest.mark.parametrize(
+    ("compose_file", "conf"), [("compose.yaml", "nats.conf"), ("compose.worker-host.yaml", "leaf.conf")]
+)
+def test_nats_monitoring_listens_on_the_containers_loopback_only(compose_file: str, conf: str) -> None:
+    """The healthcheck runs inside the container: 127.0.0.1:8222 reaches it, nothing else can."""
+    nats = load(compose_file)["services"]["nats"]
+    assert nats["command"] == ["-c", f"/etc/nats/{conf}"]  # no -m: it would listen on every address
+    settings = [
+        line.strip() for line in (NATS_DIR / conf).read_text().splitlines() if not line.startswith("#")
+    ]
+    assert "http: 127.0.0.1:8222" in settings
+    assert not any(line.startswith(("http_port", "https", "monitor")) for line in settings)
+    assert nats["healthcheck"]["test"] == ["CMD", "wget", "-qO-", "http://127.0.0.1:8222/healthz"]
+
+
+def test_dockerignore_keeps_the_operators_files_out_of_the_build_context() -> None:
+    """.env (the passwords), the model files and compose.local.yaml never reach the Docker daemon."""
+    lines = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {"deploy/compose/.env", "deploy/compose/models", "deploy/compose/compose.local.yaml"} <= lines
 
 
 def test_env_example_documents_every_variable() -> None:
@@ -374,7 +552,7 @@ def test_dockerfile_has_the_targets_compose_builds() -> None:
 
 PROMETHEUS = ROOT / "deploy" / "compose" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "compose" / "grafana"
-WORKER_TARGETS = ROOT / "deploy" / "compose" / "prometheus" / "workers.json"
+WORKER_TARGETS = ROOT / "deploy" / "compose" / "prometheus" / "targets" / "workers.json"
 
 
 def test_prometheus_scrapes_every_service_where_compose_serves_its_metrics() -> None:
@@ -388,10 +566,11 @@ def test_prometheus_scrapes_every_service_where_compose_serves_its_metrics() -> 
     assert targets["gateway"] == ["gateway:8080"]
     assert targets["cachestate"] == ["cachestate:9101"]
     assert targets["controller"] == ["controller:9103"]
-    # The workers come from the generated file (gen_workers.py), which compose mounts there.
-    assert jobs["worker"]["file_sd_configs"] == [{"files": ["/etc/prometheus/targets/workers.json"]}]
+    # The workers come from the generated files (gen_workers.py) of the folder compose mounts there.
+    assert jobs["worker"]["file_sd_configs"] == [{"files": ["/etc/prometheus/targets/*.json"]}]
     workers = [t for group in json.loads(WORKER_TARGETS.read_text()) for t in group["targets"]]
     assert workers and all(re.fullmatch(r"worker-\d+:9102", t) for t in workers)
+    assert sorted(p.name for p in WORKER_TARGETS.parent.iterdir()) == ["workers.json"]
     assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
 
 
@@ -405,7 +584,7 @@ def test_grafana_provisions_the_prometheus_datasource_and_the_dashboards() -> No
     )
     providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "onepool.yml").read_text())
     (provider,) = providers["providers"]
-    assert provider["type"] == "file" and provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert provider["type"] == "file" and provider["options"]["path"] == "/etc/grafana/dashboards"
     dashboard = json.loads((GRAFANA / "dashboards" / "onepool.json").read_text())
     assert dashboard["uid"] == "onepool"
     for panel in dashboard["panels"]:

@@ -5,9 +5,11 @@ per worker (docs/deploy.md, "Workers per GPU").
     python3 gen_workers.py --count 4                     # 4 GPU workers worker-0..worker-3 on this host
     python3 gen_workers.py --count 2 --cpu               # the CPU profile (compose.cpu.yaml)
     python3 gen_workers.py --count 2 --remote hostb:2:2  # ... and a worker host hostb: worker-2, worker-3
+    python3 gen_workers.py --count 2 --remote hostb:2:2@10.0.0.2   # ... scraped by Prometheus at 10.0.0.2
     python3 gen_workers.py --count 2 --first 2           # on hostb: its workers worker-2, worker-3
-    python3 gen_workers.py --count 4 --print-passwords   # .env lines with fresh passwords for every user
-    python3 gen_workers.py --count 2 --first 2 --worker-host --print-passwords   # ... on hostb
+    python3 gen_workers.py --count 2 --first 2 --metrics-bind 10.0.0.2   # ... with their metrics published
+    python3 gen_workers.py --count 4 --print-passwords --env-file .env >> .env   # the passwords .env lacks
+    python3 gen_workers.py --count 2 --first 2 --worker-host --print-passwords --env-file .env >> .env
 
 It writes, next to itself (or into --dir):
 
@@ -17,7 +19,15 @@ It writes, next to itself (or into --dir):
 - nats/users.conf: every NATS user of the main host (gateway, cachestate, controller, this host's workers,
   one leaf-node user per --remote worker host) with its subject permissions; nats/nats.conf includes it;
 - nats/leaf-users.conf: this host's workers only, for nats/leaf.conf on a worker host;
-- prometheus/workers.json: Prometheus file_sd targets, one per worker (worker-<i>:9102).
+- prometheus/targets/workers.json: Prometheus file_sd targets, one per worker of this host (worker-<i>:9102);
+- prometheus/targets/remote-<NAME>.json: for each --remote NAME:FIRST:COUNT@ADDR, that host's workers as
+  ADDR:9102+n (published there by --metrics-bind); stale remote-*.json files are removed.
+
+Each compose secret is mounted with the long syntax: mode 0400, owned by the user the container runs as
+(10001 in the onepool images, root in the nats image), whatever the Compose version's default mode.
+
+--print-passwords prints .env lines instead of writing files; with --env-file PATH, only those of the
+variables PATH does not define yet (so appending them to .env never changes a password already in use).
 
 Stdlib only, so that it runs on a bare GPU host. The files for the default (one GPU worker) are committed and
 tests/test_deploy.py checks that regenerating them changes nothing. The subject permissions below mirror
@@ -46,6 +56,7 @@ HEADER = (
 PREFIX = "onepool"
 INBOX = "_INBOX.>"
 WORKER_METRICS_PORT = 9102
+TARGETS_DIR = Path("prometheus/targets")  # mounted as a folder at /etc/prometheus/targets
 
 # Every onepool service gets these (compose.yaml's x-onepool-env; tests/test_deploy.py keeps them equal).
 COMMON_ENV: dict[str, str] = {
@@ -79,19 +90,31 @@ MODEL_ENV: dict[str, str] = {
     "ONEPOOL_WORKER_CHECKPOINT": "${ONEPOOL_WORKER_CHECKPOINT:-}",
     "ONEPOOL_WORKER_EMBEDDING_TABLE": "${ONEPOOL_WORKER_EMBEDDING_TABLE:-}",
 }
+# Who reads a mounted secret (/run/secrets/<name>, mode 0400): the user the container runs as. The onepool
+# images run as 10001:10001 (deploy/docker/Dockerfile), the nats alpine image as root.
+ONEPOOL_USER = ("10001", "10001")
+NATS_USER = ("0", "0")
+SECRET_MODE = 0o400
+
 GPU_IMAGE = ("onepool-worker:dev", "worker")
 CPU_IMAGE = ("onepool-worker-cpu:dev", "worker-cpu")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+# A host name or IPv4 address, or an IPv6 address in brackets: where Prometheus reaches a worker host.
+ADDR_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])$")
+# NAME=value lines of a .env file (docker compose's dotenv format; `export ` allowed).
+ENV_LINE_RE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
 
 @dataclass(frozen=True)
 class Remote:
-    """A worker host whose NATS joins this one as a leaf node, with workers worker-<first>.. (count)."""
+    """A worker host whose NATS joins this one as a leaf node, with workers worker-<first>.. (count); `addr`,
+    when known, is where this host's Prometheus reaches their metrics (published with --metrics-bind)."""
 
     name: str
     first: int
     count: int
+    addr: str | None = None
 
     @property
     def user(self) -> str:
@@ -114,6 +137,13 @@ def secret_name(user: str) -> str:
     """The compose secret of `user`'s password, named after its variable: mounted at /run/secrets/<name> in
     the nats container (nats/start.sh exports each as that variable for users.conf) and in the user's."""
     return password_var(user)
+
+
+def secret_mount(user: str, owner: tuple[str, str]) -> dict[str, Any]:
+    """A service's mount of `user`'s password secret at /run/secrets/<name>: the long syntax, so that the
+    file is readable by `owner` (uid, gid) only, whatever mode and owner the Compose version defaults to."""
+    name = secret_name(user)
+    return {"source": name, "target": name, "uid": owner[0], "gid": owner[1], "mode": SECRET_MODE}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,7 +264,7 @@ def worker_service(
         "command": ["worker"],
         "hostname": wid,
         "environment": env,
-        "secrets": [secret_name(wid)],
+        "secrets": [secret_mount(wid, ONEPOOL_USER)],
         "volumes": ["${ONEPOOL_MODELS_DIR:-./models}:/models:ro"],
         "depends_on": {"nats": {"condition": "service_healthy"}},
         "healthcheck": {
@@ -286,7 +316,7 @@ def workers_compose(args: argparse.Namespace, header: str) -> str:
     }
     users = [worker_id(i) for i in ids] + [r.user for r in args.remote]
     # The NATS server reads every password it checks (nats/start.sh exports them for users.conf).
-    services["nats"] = {"secrets": [secret_name(u) for u in users]}
+    services["nats"] = {"secrets": [secret_mount(u, NATS_USER) for u in users]}
     doc = {
         "services": services,
         "secrets": {secret_name(u): {"environment": password_var(u)} for u in users},
@@ -294,9 +324,21 @@ def workers_compose(args: argparse.Namespace, header: str) -> str:
     return header + json.dumps(doc, indent=2) + "\n"
 
 
-def prometheus_targets(args: argparse.Namespace) -> str:
-    targets = [f"{worker_id(i)}:{WORKER_METRICS_PORT}" for i in range(args.first, args.first + args.count)]
-    return json.dumps([{"targets": targets, "labels": {"service": "worker"}}], indent=2) + "\n"
+def prometheus_targets(args: argparse.Namespace) -> dict[Path, str]:
+    """File-discovery targets of the worker job (prometheus.yml reads targets/*.json): this host's workers by
+    name on the compose network; each remote host's with a known address at ADDR:9102+n, the ports its
+    workers are published on with --metrics-bind."""
+
+    def doc(targets: list[str], labels: dict[str, str]) -> str:
+        return json.dumps([{"targets": targets, "labels": labels}], indent=2) + "\n"
+
+    local = [f"{worker_id(i)}:{WORKER_METRICS_PORT}" for i in range(args.first, args.first + args.count)]
+    files = {TARGETS_DIR / "workers.json": doc(local, {"service": "worker"})}
+    for r in args.remote:
+        if r.addr:
+            remote = [f"{r.addr}:{WORKER_METRICS_PORT + n}" for n in range(r.count)]
+            files[TARGETS_DIR / f"remote-{r.name}.json"] = doc(remote, {"service": "worker", "host": r.name})
+    return files
 
 
 def new_password() -> str:
@@ -305,31 +347,54 @@ def new_password() -> str:
     return secrets.choice(string.ascii_letters) + "".join(secrets.choice(alphabet) for _ in range(31))
 
 
-def password_lines(args: argparse.Namespace) -> list[str]:
+def defined_variables(text: str) -> set[str]:
+    """The variables a .env file gives a non-empty value (an empty one counts as missing: a line printed for
+    it and appended after it wins, as in docker compose's dotenv reader, where the last line wins)."""
+    out = set()
+    for line in text.splitlines():
+        match = ENV_LINE_RE.match(line)
+        if not match:
+            continue
+        value = match.group(2)
+        if value[:1] in ("'", '"'):  # quoted: up to the closing quote
+            end = value.find(value[0], 1)
+            value = value[1:end] if end > 0 else value[1:]
+        else:  # unquoted: a ' #' starts a comment
+            value = re.split(r"(?:^|\s)#", value, maxsplit=1)[0].strip()
+        if value:
+            out.add(match.group(1))
+    return out
+
+
+def password_lines(args: argparse.Namespace, defined: frozenset[str] = frozenset()) -> list[str]:
+    """.env lines with a fresh password for each variable of these files that is not in `defined`."""
     users = [worker_id(i) for i in range(args.first, args.first + args.count)]
     if args.worker_host:
-        lines = [f"{password_var(u)}={new_password()}" for u in users]
+        variables = [password_var(u) for u in users]
+    else:
+        users = list(service_permissions()) + users + [r.user for r in args.remote]
+        variables = [password_var(u) for u in users] + ["ONEPOOL_GRAFANA_ADMIN_PASSWORD"]
+    lines = [f"{v}={new_password()}" for v in variables if v not in defined]
+    if args.worker_host and "ONEPOOL_NATS_LEAF_PASSWORD" not in defined:
         # the leaf connection's password is the one the main host generated for this host's leaf user
-        return [
-            *lines,
-            "# ONEPOOL_NATS_LEAF_PASSWORD=<the main host's ONEPOOL_NATS_LEAF_<THIS HOST>_PASSWORD>",
-        ]
-    users = list(service_permissions()) + users + [r.user for r in args.remote]
-    lines = [f"{password_var(u)}={new_password()}" for u in users]
-    return [*lines, f"ONEPOOL_GRAFANA_ADMIN_PASSWORD={new_password()}"]
+        lines.append("# ONEPOOL_NATS_LEAF_PASSWORD=<the main host's ONEPOOL_NATS_LEAF_<THIS HOST>_PASSWORD>")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
 def _remote(text: str) -> Remote:
+    spec, at, addr = text.partition("@")
     try:
-        name, first, count = text.split(":")
-        remote = Remote(name, int(first), int(count))
+        name, first, count = spec.split(":")
+        remote = Remote(name, int(first), int(count), addr if at else None)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME:FIRST:COUNT, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected NAME:FIRST:COUNT[@ADDR], got {text!r}") from None
     if not NAME_RE.match(name) or remote.first < 0 or remote.count < 1:
         raise argparse.ArgumentTypeError(
             f"{text!r}: NAME is lowercase letters, digits and '-'; FIRST >= 0; COUNT >= 1"
         )
+    if at and not ADDR_RE.match(addr):
+        raise argparse.ArgumentTypeError(f"{text!r}: ADDR is a host name, an IPv4 address or [IPv6]")
     return remote
 
 
@@ -346,7 +411,9 @@ def canonical_args(args: argparse.Namespace) -> str:
         parts.append(f"--first {args.first}")
     if args.cpu:
         parts.append("--cpu")
-    parts += [f"--remote {r.name}:{r.first}:{r.count}" for r in args.remote]
+    parts += [
+        f"--remote {r.name}:{r.first}:{r.count}" + (f"@{r.addr}" if r.addr else "") for r in args.remote
+    ]
     parts += [f"--env {pair}" for pair in args.env]
     if args.metrics_bind:
         parts.append(f"--metrics-bind {args.metrics_bind}")
@@ -363,8 +430,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=_remote,
         action="append",
         default=[],
-        metavar="NAME:FIRST:COUNT",
-        help="a worker host joining as a leaf node, with workers worker-FIRST.. (repeatable)",
+        metavar="NAME:FIRST:COUNT[@ADDR]",
+        help="a worker host joining as a leaf node, with workers worker-FIRST.. (repeatable); with @ADDR, "
+        "Prometheus here scrapes them at ADDR:9102+n (that host generated with --metrics-bind ADDR)",
     )
     p.add_argument(
         "--env",
@@ -391,7 +459,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="print .env lines with fresh passwords for every user of these files; write nothing",
     )
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --print-passwords: print only the variables PATH does not define yet (e.g. .env, to "
+        "append to it: passwords already in use stay as they are)",
+    )
     args = p.parse_args(argv)
+    if args.env_file is not None and not args.print_passwords:
+        p.error("--env-file goes with --print-passwords")
     if args.count < 1 or args.first < 0:
         p.error("--count must be >= 1 and --first >= 0")
     local = set(range(args.first, args.first + args.count))
@@ -400,6 +478,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             p.error(f"--remote {r.name}: its workers overlap this host's worker-{args.first}..")
     if len({r.name for r in args.remote}) != len(args.remote):
         p.error("--remote: a host name given twice")
+    if args.env_file is not None and not args.env_file.is_file():
+        p.error(f"--env-file {args.env_file}: no such file")
     return args
 
 
@@ -420,20 +500,29 @@ def generate(argv: Sequence[str]) -> dict[Path, str]:
             header,
             "This host's workers, for nats/leaf.conf on a worker host (its NATS is a leaf of the main one).",
         ),
-        Path("prometheus/workers.json"): prometheus_targets(args),
+        **prometheus_targets(args),
     }
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.print_passwords:
-        print("\n".join(password_lines(args)))
+        defined = frozenset(defined_variables(args.env_file.read_text())) if args.env_file else frozenset()
+        lines = password_lines(args, defined)
+        if lines:
+            print("\n".join(lines))
         return 0
-    for rel, text in generate(argv).items():
+    files = generate(argv)
+    for rel, text in files.items():
         path = args.dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path}")
+    # remote-<NAME>.json of hosts no longer given (the generator's own files; others are left alone)
+    for stale in sorted((args.dir / TARGETS_DIR).glob("remote-*.json")):
+        if stale.relative_to(args.dir) not in files:
+            stale.unlink()
+            print(f"removed {stale}")
     return 0
 
 

@@ -4,14 +4,17 @@
 # It waits for the gateway to be ready, sends one sampled request (a traceparent with the sampled flag, so the
 # parent-based sampler records it whatever OTEL_TRACES_SAMPLER_ARG says), finds its trace in Jaeger by the
 # x-trace-id answer header, prints the services the trace spans (the gateway's and a worker's at least), and
-# checks through Prometheus' API that every scrape target is up. Exit 0 when all of that holds; 1, with one
-# line saying what failed, otherwise; 2 when a tool it needs is missing.
+# checks through Prometheus' API that it scrapes every job (gateway, cachestate, controller, worker), the
+# worker job with as many targets as prometheus/targets/*.json list (gen_workers.py writes them), and that
+# every target is up. Exit 0 when all of that holds; 1, with one line saying what failed, otherwise; 2 when a
+# tool it needs is missing.
 #
-# Needs bash, curl and python3 (for JSON) on the host. Where it looks, from the environment, else .env next
-# to this script, else the defaults:
-#   SMOKE_GATEWAY_URL     http://127.0.0.1:${ONEPOOL_GATEWAY_PORT:-8080}
-#   SMOKE_JAEGER_URL      http://127.0.0.1:${ONEPOOL_JAEGER_UI_PORT:-16686}
-#   SMOKE_PROMETHEUS_URL  http://127.0.0.1:${ONEPOOL_PROMETHEUS_PORT:-9090}
+# Needs bash, curl and python3 (for JSON) on the host. Each setting comes from the environment, else .env
+# next to this script, else the default; the URLs, unless given, from the addresses and ports compose
+# publishes on (an address of all interfaces, 0.0.0.0 or ::, is reached on 127.0.0.1):
+#   SMOKE_GATEWAY_URL     http://${ONEPOOL_GATEWAY_BIND:-127.0.0.1}:${ONEPOOL_GATEWAY_PUBLISH_PORT:-8080}
+#   SMOKE_JAEGER_URL      http://${ONEPOOL_UI_BIND:-127.0.0.1}:${ONEPOOL_JAEGER_UI_PORT:-16686}
+#   SMOKE_PROMETHEUS_URL  http://${ONEPOOL_UI_BIND:-127.0.0.1}:${ONEPOOL_PROMETHEUS_PORT:-9090}
 #   SMOKE_READY_TIMEOUT_S (300) for the gateway's /readyz; SMOKE_TRACE_TIMEOUT_S (60) for the trace to reach
 #   Jaeger (spans are exported in batches every few seconds); SMOKE_TARGETS_TIMEOUT_S (60) for the targets;
 #   SMOKE_POLL_S (2) between tries.
@@ -30,7 +33,8 @@ for tool in curl python3; do
   command -v "$tool" >/dev/null || { echo "smoke: $tool is needed on this host" >&2; exit 2; }
 done
 
-# The value of a variable: the environment's, else .env's (a plain NAME=value line), else $2.
+# The value of a variable: the environment's, else .env's (a plain NAME=value line, the last one; quotes and
+# a trailing ' # comment' dropped), else $2.
 setting() {
   local name=$1 default=$2 line
   if [[ -n ${!name:-} ]]; then
@@ -39,6 +43,8 @@ setting() {
   fi
   if [[ -f $here/.env ]] && line=$(grep -E "^${name}=" "$here/.env" | tail -n 1); then
     line=${line#*=}
+    line=${line%%[[:space:]]#*}
+    line=${line%"${line##*[![:space:]]}"}
     line=${line%\"} line=${line#\"} line=${line%\'} line=${line#\'}
     if [[ -n $line ]]; then
       printf '%s' "$line"
@@ -48,18 +54,44 @@ setting() {
   printf '%s' "$default"
 }
 
-gateway=$(setting SMOKE_GATEWAY_URL "http://127.0.0.1:$(setting ONEPOOL_GATEWAY_PORT 8080)")
-jaeger=$(setting SMOKE_JAEGER_URL "http://127.0.0.1:$(setting ONEPOOL_JAEGER_UI_PORT 16686)")
-prometheus=$(setting SMOKE_PROMETHEUS_URL "http://127.0.0.1:$(setting ONEPOOL_PROMETHEUS_PORT 9090)")
+# The host of a URL to a port published on address $1: all interfaces are reached on 127.0.0.1; an IPv6
+# address goes in brackets.
+url_host() {
+  case $1 in
+    '' | 0.0.0.0 | :: | '[::]') printf '127.0.0.1' ;;
+    \[*) printf '%s' "$1" ;;
+    *:*) printf '[%s]' "$1" ;;
+    *) printf '%s' "$1" ;;
+  esac
+}
+
+gateway_host=$(url_host "$(setting ONEPOOL_GATEWAY_BIND 127.0.0.1)")
+ui_host=$(url_host "$(setting ONEPOOL_UI_BIND 127.0.0.1)")
+gateway=$(setting SMOKE_GATEWAY_URL "http://$gateway_host:$(setting ONEPOOL_GATEWAY_PUBLISH_PORT 8080)")
+jaeger=$(setting SMOKE_JAEGER_URL "http://$ui_host:$(setting ONEPOOL_JAEGER_UI_PORT 16686)")
+prometheus=$(setting SMOKE_PROMETHEUS_URL "http://$ui_host:$(setting ONEPOOL_PROMETHEUS_PORT 9090)")
 ready_timeout=$(setting SMOKE_READY_TIMEOUT_S 300)
 trace_timeout=$(setting SMOKE_TRACE_TIMEOUT_S 60)
 targets_timeout=$(setting SMOKE_TARGETS_TIMEOUT_S 60)
 poll=$(setting SMOKE_POLL_S 2)
 
-# JSON is read by small Python programs: $1 the program, $2 the file; they print the answer or exit non-zero.
+# JSON is read by small Python programs: $1 the program, then its arguments (the file first); they print the
+# answer or exit non-zero.
 json() {
-  python3 -c "$1" "$2"
+  python3 -c "$@"
 }
+
+# The worker targets Prometheus must have: those listed in the file-discovery files it reads.
+count_targets='
+import glob, json, os, sys
+files = sorted(glob.glob(os.path.join(sys.argv[1], "*.json")))
+if not files:
+    sys.exit("no *.json in " + sys.argv[1] + ": run gen_workers.py")
+print(sum(len(group.get("targets", [])) for path in files for group in json.load(open(path))))
+'
+targets_dir=$here/prometheus/targets
+workers_expected=$(json "$count_targets" "$targets_dir" 2>"$tmp/json.err") \
+  || fail "the worker targets: $(cat "$tmp/json.err")"
 
 # ---- 1. The gateway is ready (in sync with cachestate, a routable worker) ------------------------------------
 deadline=$((SECONDS + ready_timeout))
@@ -121,15 +153,25 @@ done
 echo "smoke: trace $trace_id spans: $services"
 echo "smoke: open $jaeger/trace/$trace_id"
 
-# ---- 4. Every Prometheus scrape target is up ------------------------------------------------------------------------
+# ---- 4. Prometheus scrapes every job, every worker, and every target is up ------------------------------------------
 targets_of='
 import json, sys
 answer = json.load(open(sys.argv[1]))
+workers_expected = int(sys.argv[2])
 if answer.get("status") != "success":
     sys.exit("status " + str(answer.get("status")))
 targets = answer["data"]["activeTargets"]
 if not targets:
     sys.exit("no active targets")
+jobs = {}
+for t in targets:
+    jobs.setdefault(t.get("labels", {}).get("job", "?"), []).append(t)
+missing = [job for job in ("gateway", "cachestate", "controller", "worker") if job not in jobs]
+if missing:
+    sys.exit("no targets of job " + ", ".join(missing) + " (prometheus/prometheus.yml)")
+workers = len(jobs["worker"])
+if workers != workers_expected:
+    sys.exit(f"{workers} worker targets, expected {workers_expected} (those of prometheus/targets/*.json)")
 for t in targets:
     labels = t.get("labels", {})
     print(t.get("health"), labels.get("job", "?"), labels.get("instance", t.get("scrapeUrl", "?")), t.get("lastError", ""))
@@ -141,7 +183,7 @@ while true; do
   problem=""
   if [[ $code != 200 ]]; then
     problem="Prometheus at $prometheus answered $code"
-  elif ! json "$targets_of" "$tmp/targets" >"$tmp/health" 2>"$tmp/json.err"; then
+  elif ! json "$targets_of" "$tmp/targets" "$workers_expected" >"$tmp/health" 2>"$tmp/json.err"; then
     problem="Prometheus' targets: $(cat "$tmp/json.err")"
   elif down=$(grep -v '^up ' "$tmp/health"); then
     problem="scrape targets not up: $(tr '\n' ';' <<<"$down")"

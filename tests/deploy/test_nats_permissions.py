@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import os
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +105,7 @@ class ShippedNats:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     leaf_port: int = 0
+    http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -125,6 +128,13 @@ class ShippedNats:
         text = conf.read_text()
         assert "listen: 0.0.0.0:7422" in text
         conf.write_text(text.replace("listen: 0.0.0.0:7422", f"listen: {HOST}:{self.leaf_port}"))
+        # So is the monitoring port (the container's loopback, 8222): a free one, still on the loopback.
+        self.http_port = free_port(HOST)
+        for name in ("nats.conf", "leaf.conf"):
+            conf = nats_dir / name
+            text = conf.read_text()
+            assert text.count("\nhttp: 127.0.0.1:8222\n") == 1, name
+            conf.write_text(text.replace("\nhttp: 127.0.0.1:8222\n", f"\nhttp: {HOST}:{self.http_port}\n"))
         secrets = self.workdir / "secrets"
         secrets.mkdir()
         for var, password in self.passwords.items():
@@ -154,6 +164,13 @@ class ShippedNats:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self.proc
+
+    def healthz(self) -> dict[str, object]:
+        """The monitoring endpoint the compose healthcheck reads (wget http://127.0.0.1:8222/healthz)."""
+        with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/healthz", timeout=5) as answer:
+            data = json.loads(answer.read())
+        assert isinstance(data, dict)
+        return data
 
     def start(self) -> None:
         self.prepare()
@@ -377,6 +394,10 @@ async def test_no_service_can_speak_for_another(clients: dict[str, Client]) -> N
     assert not await clients["cachestate"].can_subscribe(s.infer_subject(W0))
 
 
+async def test_the_healthcheck_finds_monitoring_on_the_loopback(main_nats: ShippedNats) -> None:
+    assert await asyncio.to_thread(main_nats.healthz) == {"status": "ok"}
+
+
 async def test_only_known_users_with_their_password_connect(main_nats: ShippedNats) -> None:
     gen = gen_workers()
     for user, password in (
@@ -429,6 +450,7 @@ async def test_a_worker_host_joins_as_a_leaf_node(main_nats: ShippedNats, tmp_pa
     )
     leaf.workdir.mkdir()
     leaf.start()
+    assert await asyncio.to_thread(leaf.healthz) == {"status": "ok"}
     main = {
         u: await connect(main_nats.url, u, main_nats.passwords[gen.password_var(u)])
         for u in ("gateway", "cachestate", "controller", W0)
