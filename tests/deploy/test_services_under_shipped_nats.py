@@ -12,13 +12,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.deploy.files import ROOT, gen_workers
-from tests.deploy.test_nats_permissions import MAIN_ARGS, MAIN_USERS, ShippedNats, _passwords
+from tests.deploy.test_nats_permissions import ShippedNats
 from tests.helpers import free_port
 
 HOST = "127.0.0.1"
@@ -49,22 +48,11 @@ def _metric(port: int, name: str) -> float:
     return -1.0
 
 
-@pytest.fixture
-def shipped_nats(tmp_path: Path) -> Iterator[ShippedNats]:
-    server = ShippedNats(tmp_path / "nats", "nats.conf", MAIN_ARGS, _passwords(MAIN_USERS))
-    server.workdir.mkdir()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.slow
-def test_the_services_serve_with_their_own_credentials(shipped_nats: ShippedNats, tmp_path: Path) -> None:
+def test_the_services_serve_with_their_own_credentials(main_nats: ShippedNats, tmp_path: Path) -> None:
     gen = gen_workers()
     port, cs_metrics, ctl_metrics, w_metrics = (free_port(HOST) for _ in range(4))
-    url = shipped_nats.url
+    url = main_nats.url
     commands = {
         "cachestate": {
             "ONEPOOL_CACHESTATE_NATS_URL": url,
@@ -92,7 +80,7 @@ def test_the_services_serve_with_their_own_credentials(shipped_nats: ShippedNats
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for user, settings in commands.items():
-            secret = shipped_nats.workdir / "secrets" / gen.password_var(user)
+            secret = main_nats.workdir / "secrets" / gen.password_var(user)
             assert secret.is_file(), secret
             env = {**base, **settings, "ONEPOOL_NATS_USER": user, "ONEPOOL_NATS_PASSWORD_FILE": str(secret)}
             with (logs / f"{user}.log").open("wb") as log:
@@ -145,6 +133,6 @@ def test_the_services_serve_with_their_own_credentials(shipped_nats: ShippedNats
                 p.wait(timeout=5)
         for log in sorted(logs.iterdir()):
             print(f"---- {log.name} ----\n{log.read_text(errors='replace')[-3000:]}")
-    server_log = shipped_nats.log.read_text()
+    server_log = main_nats.log.read_text()
     assert "Permissions Violation" not in server_log, server_log[-4000:]
     assert "Authorization Violation" not in server_log, server_log[-4000:]
