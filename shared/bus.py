@@ -20,9 +20,12 @@ at once with :class:`BusDisconnected` (and so do requests waiting for a reply wh
 ``publish()`` still queues (nats-py sends it after the reconnect).
 
 Security: ``connect(auth=...)`` takes a :class:`shared.bus_auth.BusAuth` (credentials, TLS files); with TLS
-asked for, a server that does not require it is refused before any credential is sent. URLs are logged and
-put in errors through ``redact_url``. Span names use the subject's template (``schemas.subject_template``:
-``send onepool.worker.{worker}.infer``); a reply inbox is left out of the name (``publish``).
+asked for, a server that does not require it is refused before any credential is sent. With a user name,
+replies come to ``_INBOX.<user>.<random>.<counter>`` (``schemas.inbox_prefix``), so that NATS permissions can
+let each user read its own replies only. URLs are logged and put in errors through ``redact_url``.
+
+Span names use the subject's template (``schemas.subject_template``: ``send onepool.worker.{worker}.infer``);
+a reply inbox is left out of the name (``publish``).
 """
 
 from __future__ import annotations
@@ -309,7 +312,8 @@ class Bus:
                 nc.connect(
                     servers=[url],
                     name=name,
-                    inbox_prefix=s.INBOX_PREFIX,
+                    # _INBOX.<user> with a user name: the one inbox its NATS permissions let it read
+                    inbox_prefix=s.inbox_prefix(auth.user),
                     # nats-py annotates these as int but uses them as float seconds.
                     connect_timeout=connect_timeout_s,  # type: ignore[arg-type]
                     reconnect_time_wait=reconnect_time_wait_s,  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from shared import schemas
 from shared.errors import SettingsError
 from shared.settings import doc, env_var_name, load_settings
 
@@ -39,9 +40,15 @@ class BusAuth:
 
     A ``*_FILE`` field names a file holding the secret (compose secrets; one trailing newline is dropped);
     giving both a secret and its file is an error. Any TLS file (or a ``tls://`` URL) makes the bus insist
-    on TLS (``shared.bus``)."""
+    on TLS (``shared.bus``). A user name must be one NATS subject token: the bus's replies come to
+    ``_INBOX.<user>`` (``schemas.inbox_prefix``)."""
 
-    user: str | None = field(default=None, metadata=doc("user name, with PASSWORD or PASSWORD_FILE"))
+    user: str | None = field(
+        default=None,
+        metadata=doc(
+            "user name, with PASSWORD or PASSWORD_FILE; one subject token: replies come to `_INBOX.<user>`"
+        ),
+    )
     password: str | None = field(default=None, repr=False, metadata=doc("the user's password"))
     password_file: Path | None = field(
         default=None, metadata=doc("a file holding the password (one trailing newline is dropped)")
@@ -77,6 +84,11 @@ class BusAuth:
         if self.user is not None and password is None:
             var, alone = _var("user"), _var("password")
             raise SettingsError(var, f"{var} is set but neither {alone} nor {alone}_FILE")
+        if self.user is not None:
+            try:
+                schemas.inbox_prefix(self.user)  # the bus's reply inbox is _INBOX.<user>
+            except ValueError as e:
+                raise SettingsError(_var("user"), f"{_var('user')}: {e}") from None
         ways = [
             name
             for name, given in (("user", self.user), ("token", token), ("creds_file", self.creds_file))

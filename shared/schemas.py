@@ -73,8 +73,29 @@ def echo_subject(token: str) -> str:
 # cachestate -> controller: per-worker windowed workload features (FeatureReport).
 FEATURES_SUBJECT: Final = f"{SUBJECT_PREFIX}.features"
 
-# Replies go to the requester's own inbox, `_INBOX.<random>.<counter>` (shared.bus): a temporary subject.
+# Replies go to the requester's own inbox (shared.bus): `_INBOX.<user>.<random>.<counter>` for a client that
+# authenticates with a user name (NATS permissions then let each user subscribe `_INBOX.<user>.>` only, so
+# that no client can read another's replies: deploy/compose/gen_workers.py), else `_INBOX.<random>.<counter>`.
+# A temporary subject either way.
 INBOX_PREFIX: Final = "_INBOX"
+# One subject token as NATS reads it: not empty, no separator (`.`), no wildcard (`*`, `>`), no whitespace
+# or control character (nats-server refuses whitespace in a subject; the rest would split or widen it).
+_SUBJECT_TOKEN_RE: Final = re.compile(r"[^.*>\s\x00-\x1f\x7f]+")
+
+
+def inbox_prefix(user: str | None) -> str:
+    """The reply inbox prefix of a client authenticated as `user` (None: no user name, e.g. a token):
+    `_INBOX.<user>`, or `_INBOX`. Its replies arrive under `<prefix>.>`, which is what the NATS permissions
+    let that user subscribe. ValueError if `user` is not one subject token."""
+    if user is None:
+        return INBOX_PREFIX
+    if not _SUBJECT_TOKEN_RE.fullmatch(user):
+        raise ValueError(
+            f"user name {user!r} must be one NATS subject token: not empty, without '.', '*', '>', "
+            f"whitespace or control characters (replies go to its inbox, {INBOX_PREFIX}.<user>.>)"
+        )
+    return f"{INBOX_PREFIX}.{user}"
+
 
 # The subjects above that carry a per-worker or per-process token, as templates (OTel's
 # `messaging.destination.template`), so that span names stay few however many workers there are.
@@ -105,8 +126,9 @@ def subject_template(subject: str) -> str | None:
 
 
 def is_reply_subject(subject: str) -> bool:
-    """True for a reply inbox (`_INBOX.…`), a temporary subject with a random token."""
-    return subject.startswith(INBOX_PREFIX + ".")
+    """True for a reply inbox, any user's or none's (`inbox_prefix`: `_INBOX.…`), a temporary subject with a
+    random token."""
+    return subject.startswith(inbox_prefix(None) + ".")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shared import schemas as s
 from tests.deploy.files import (
     COMPOSE_DIR,
     COMPOSE_FILES,
@@ -195,6 +196,41 @@ def test_generator_refuses_overlapping_worker_hosts(capsys: pytest.CaptureFixtur
     spec = _generated(main[Path("compose.workers.yaml")])
     assert "ONEPOOL_NATS_LEAF_HOSTB_PASSWORD" in _secret_sources(spec["services"]["nats"])
     assert 'user: "leaf-hostb"' in main[Path("nats/users.conf")]
+
+
+def test_each_user_may_read_its_own_reply_inbox_only() -> None:
+    """The generator keeps its own copy of shared/schemas.py's inbox rule (it is stdlib only, without the
+    package): each user subscribes to the inbox its bus's replies come to, schemas.inbox_prefix(user) + ".>",
+    and to no other. A leaf connection subscribes to no inbox (its workers make no requests) and publishes to
+    any (its workers' replies: the main server applies no allow_responses to a leaf connection)."""
+    gen = gen_workers()
+    args = gen.parse_args(["--count", "2", "--remote", "hostb:2:1"])
+    users = {
+        **gen.service_permissions(),
+        **{w: gen.worker_permissions(w) for w in ("worker-0", "worker-1", "worker-2")},
+    }
+    assert set(users) == {"gateway", "cachestate", "controller", "worker-0", "worker-1", "worker-2"}
+    for user, perms in users.items():
+        own = s.inbox_prefix(user) + ".>"
+        assert gen.inbox(user) == own
+        assert [x for x in perms.subscribe if x.startswith(s.INBOX_PREFIX)] == [own], user
+        assert not [x for x in perms.publish if x.startswith(s.INBOX_PREFIX)], user
+    (remote,) = args.remote
+    leaf = gen.leaf_permissions(remote)
+    assert gen.inbox(remote.user) == s.inbox_prefix(remote.user) + ".>"  # a valid token too
+    assert gen.inbox(None) == s.inbox_prefix(None) + ".>"
+    assert not [x for x in leaf.subscribe if x.startswith(s.INBOX_PREFIX)]
+    assert [x for x in leaf.publish if x.startswith(s.INBOX_PREFIX)] == [gen.inbox(None)]
+    # as written into the files the servers read
+    files = gen.generate(["--count", "2", "--remote", "hostb:2:1"])
+    for rel, names, any_inbox in (
+        (Path("nats/users.conf"), ("gateway", "cachestate", "controller", "worker-0", "worker-1"), 1),
+        (Path("nats/leaf-users.conf"), ("worker-0", "worker-1"), 0),
+    ):
+        text = files[rel]
+        assert text.count(json.dumps(s.inbox_prefix(None) + ".>")) == any_inbox, rel  # leaf-hostb's publish
+        for user in names:
+            assert text.count(json.dumps(s.inbox_prefix(user) + ".>")) == 1, (rel, user)
 
 
 def test_generator_writes_scrape_targets_of_worker_hosts_with_an_address(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ HEADER = (
 
 # NATS subjects (shared/schemas.py).
 PREFIX = "onepool"
-INBOX = "_INBOX.>"
+INBOX_PREFIX = "_INBOX"
 WORKER_METRICS_PORT = 9102
 TARGETS_DIR = Path("prometheus/targets")  # mounted as a folder at /etc/prometheus/targets
 
@@ -150,8 +150,16 @@ def secret_mount(user: str, owner: tuple[str, str]) -> dict[str, Any]:
 # NATS permissions: a service may publish and subscribe only what its code does (docs/deploy.md).
 # A responder answers requests through allow_responses (only the reply subject of a request it received,
 # once), never through a publish permission on _INBOX. Every client subscribes to its own reply inbox
-# (shared/bus.py does so at connect), hence _INBOX.> for all.
+# (shared/bus.py does so at connect), which is _INBOX.<user> for a client with a user name
+# (shared/schemas.py inbox_prefix): each user may subscribe its own inbox only, so no client can read
+# another's replies.
 # ---------------------------------------------------------------------------------------------------------
+def inbox(user: str | None) -> str:
+    """The reply inboxes of `user` (None: any client's), as a subscription: schemas.inbox_prefix(user) + ".>"
+    (tests/test_deploy.py keeps the two rules equal)."""
+    return f"{INBOX_PREFIX}.{user}.>" if user is not None else f"{INBOX_PREFIX}.>"
+
+
 @dataclass(frozen=True)
 class Permissions:
     publish: tuple[str, ...]
@@ -164,7 +172,7 @@ def service_permissions() -> dict[str, Permissions]:
         # requests to workers and to cachestate for a view snapshot; the view updates
         "gateway": Permissions(
             publish=(f"{PREFIX}.worker.*.infer", f"{PREFIX}.view.snapshot"),
-            subscribe=(f"{PREFIX}.view", INBOX),
+            subscribe=(f"{PREFIX}.view", inbox("gateway")),
         ),
         # the only publisher of the view and of features; asks workers for snapshots; its own echo
         "cachestate": Permissions(
@@ -174,13 +182,18 @@ def service_permissions() -> dict[str, Permissions]:
                 f"{PREFIX}.worker.*.snapshot",
                 f"{PREFIX}.echo.>",
             ),
-            subscribe=(f"{PREFIX}.digest.*", f"{PREFIX}.view.snapshot", f"{PREFIX}.echo.>", INBOX),
+            subscribe=(
+                f"{PREFIX}.digest.*",
+                f"{PREFIX}.view.snapshot",
+                f"{PREFIX}.echo.>",
+                inbox("cachestate"),
+            ),
             responds=True,
         ),
         # the only publisher of alpha decisions
         "controller": Permissions(
             publish=(f"{PREFIX}.worker.*.alpha",),
-            subscribe=(f"{PREFIX}.features", INBOX),
+            subscribe=(f"{PREFIX}.features", inbox("controller")),
         ),
     }
 
@@ -193,7 +206,7 @@ def worker_permissions(wid: str) -> Permissions:
             f"{PREFIX}.worker.{wid}.infer",
             f"{PREFIX}.worker.{wid}.alpha",
             f"{PREFIX}.worker.{wid}.snapshot",
-            INBOX,
+            inbox(wid),
         ),
         responds=True,
     )
@@ -202,10 +215,12 @@ def worker_permissions(wid: str) -> Permissions:
 def leaf_permissions(remote: Remote) -> Permissions:
     """A worker host's leaf connection, seen from the main host: what it may publish is what flows in (its
     workers' digests, and the replies of its workers: the hub does not apply allow_responses to a leaf
-    connection, so _INBOX.> it is); what it may subscribe is what flows out to it (its workers' subjects)."""
+    connection, so any client's inbox it is); what it may subscribe is what flows out to it (its workers'
+    subjects). No inbox among them: workers make no requests, so no reply flows out to the leaf (and a
+    main-host client's inbox never reaches it)."""
     ids = remote.worker_ids()
     return Permissions(
-        publish=(*(f"{PREFIX}.digest.{w}" for w in ids), INBOX),
+        publish=(*(f"{PREFIX}.digest.{w}" for w in ids), inbox(None)),
         subscribe=tuple(f"{PREFIX}.worker.{w}.{op}" for w in ids for op in ("infer", "alpha", "snapshot")),
     )
 

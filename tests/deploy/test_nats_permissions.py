@@ -222,7 +222,7 @@ class Client:
             await self.nc.flush(timeout=2)
 
     def refused(self, kind: str, subject: str) -> bool:
-        needle = f'permissions violation for {kind} to "{subject}"'
+        needle = f'permissions violation for {kind} to "{subject}"'.lower()  # subjects in capitals too
         return any(needle in e.lower() for e in self.errors)
 
     async def can_publish(self, subject: str) -> bool:
@@ -241,6 +241,7 @@ class Client:
 
 
 async def connect(url: str, user: str, password: str) -> Client:
+    """A raw nats-py client as `user`, its reply inbox where a Bus with that user has it (shared/bus.py)."""
     errors: list[str] = []
 
     async def on_error(e: Exception) -> None:
@@ -252,6 +253,7 @@ async def connect(url: str, user: str, password: str) -> Client:
             servers=[url],
             user=user or None,
             password=password or None,
+            inbox_prefix=s.inbox_prefix(user or None),
             error_cb=on_error,
             allow_reconnect=False,
             connect_timeout=2,
@@ -306,9 +308,42 @@ async def test_each_service_may_use_its_subjects(service: str, clients: dict[str
         for subject in subjects:
             allowed = await (c.can_subscribe(subject) if method == "subscribe" else c.can_publish(subject))
             assert allowed, (service, method, expr, subject, c.errors)
-    # Every Bus subscribes to its own reply inbox when it connects (shared/bus.py).
-    assert await c.can_subscribe(c.nc.new_inbox() + ".*"), c.errors
+    # Every Bus subscribes to its own reply inbox when it connects (shared/bus.py): _INBOX.<user>.<random>.*
+    inbox = c.nc.new_inbox()
+    assert inbox.startswith(s.inbox_prefix(c.user) + "."), inbox
+    assert await c.can_subscribe(inbox + ".*"), c.errors
     assert not c.errors
+
+
+async def test_no_one_reads_another_users_replies(clients: dict[str, Client]) -> None:
+    """Each user may subscribe to its own reply inbox only: not to all inboxes, nor to another user's, nor to
+    the inbox of a client without a user name; a leaf connection to none (its workers make no requests)."""
+    for user, c in clients.items():
+        others = [u for u in MAIN_USERS if u != user]
+        for subject in (
+            s.inbox_prefix(None) + ".>",
+            s.inbox_prefix(None) + ".*.>",
+            s.inbox_prefix(None) + ".*.*.*",
+            *(s.inbox_prefix(u) + ".>" for u in others),
+            clients[others[0]].nc.new_inbox() + ".*",
+            s.inbox_prefix(None) + ".Xy7abcdefghijklmnopqrs.*",  # a client's without a user name
+        ):
+            assert not await c.can_subscribe(subject), (user, subject)
+    leaf = clients["leaf-hostb"]
+    assert not await leaf.can_subscribe(leaf.nc.new_inbox() + ".*")
+
+    # And nothing reaches a refused subscription: worker-1 tries while the gateway asks worker-0.
+    gw, w0, w1 = clients["gateway"], clients[W0], clients[W1]
+    spied = Inbox()
+    await w0.nc.subscribe(s.infer_subject(W0), cb=answer)
+    for subject in (s.inbox_prefix(None) + ".>", s.inbox_prefix("gateway") + ".>"):
+        await w1.nc.subscribe(subject, cb=spied.cb)
+    await w0.settle()
+    await w1.settle()
+    reply = await gw.nc.request(s.infer_subject(W0), b"req", timeout=2)
+    assert reply.data == b"answer:" + s.infer_subject(W0).encode()
+    await w1.settle()
+    assert spied.msgs == [], "worker-1 read the gateway's reply"
 
 
 async def test_requests_and_messages_flow_between_services(clients: dict[str, Client]) -> None:
@@ -493,12 +528,15 @@ async def test_a_worker_host_joins_as_a_leaf_node(main_nats: ShippedNats, tmp_pa
         await w2.nc.close()
         leaf.stop()
 
-    # A compromised hostb: its NATS lets worker-2 publish anything; the main server still drops it.
+    # A compromised hostb: its NATS lets worker-2 publish and subscribe anything; the main server still drops
+    # what it publishes, and sends it only its workers' subjects (no reply of the main host's clients).
     users = leaf.workdir / "nats" / "leaf-users.conf"
     text = users.read_text()
     own = f'publish: {{allow: ["{s.digest_subject(REMOTE_WORKER)}"]}}'
-    assert own in text
-    users.write_text(text.replace(own, 'publish: {allow: [">"]}'))
+    own_inbox = f'"{s.inbox_prefix(REMOTE_WORKER)}.>"]}}'
+    assert own in text and own_inbox in text
+    text = text.replace(own, 'publish: {allow: [">"]}').replace(own_inbox, '">"]}')
+    users.write_text(text)
     proc = leaf.start_process()
     assert wait_for_port(HOST, leaf.port, timeout_s=10, alive=lambda: proc.poll() is None), (
         leaf.log.read_text()
@@ -519,6 +557,33 @@ async def test_a_worker_host_joins_as_a_leaf_node(main_nats: ShippedNats, tmp_pa
             raise AssertionError(f"the leaf did not reconnect:\n{leaf.log.read_text()[-3000:]}")
 
         await own_digest_arrives()
+        # worker-2 listens to every reply inbox; once an alpha it subscribes to afterwards arrives, the main
+        # server knows of that interest too (a leaf connection carries them in order).
+        spied, alphas.msgs = Inbox(), []
+        await w2.nc.subscribe(s.inbox_prefix(None) + ".>", cb=spied.cb)
+        await w2.nc.subscribe(s.alpha_subject(REMOTE_WORKER), cb=alphas.cb)
+        await w2.settle()
+
+        async def alpha_arrives() -> None:
+            for _ in range(50):
+                await main["controller"].nc.publish(s.alpha_subject(REMOTE_WORKER), b"alpha")
+                await main["controller"].settle()
+                await asyncio.sleep(0.1)
+                if alphas.msgs:
+                    return
+            raise AssertionError(
+                f"worker-2's subscription did not reach the main server:\n{leaf.log.read_text()[-3000:]}"
+            )
+
+        await alpha_arrives()
+        await main[W0].nc.subscribe(s.infer_subject(W0), cb=answer)
+        await main[W0].nc.subscribe(s.snapshot_request_subject(W0), cb=answer)
+        await main[W0].settle()
+        assert (await main["gateway"].nc.request(s.infer_subject(W0), b"r", timeout=2)).data.startswith(b"a")
+        assert (await main["cachestate"].nc.request(s.snapshot_request_subject(W0), b"r", timeout=2)).data
+        await main["controller"].nc.publish(s.alpha_subject(REMOTE_WORKER), b"marker")
+        await eventually(lambda: any(m.data == b"marker" for m in alphas.msgs))
+        assert spied.msgs == [], "a reply to a main-host client reached hostb"
         alphas_w0 = Inbox()
         await main[W0].nc.subscribe(s.alpha_subject(W0), cb=alphas_w0.cb)
         await main[W0].settle()

@@ -16,6 +16,7 @@ import pytest
 import structlog.testing
 from opentelemetry.sdk.trace import TracerProvider
 
+from shared import schemas as s
 from shared.bus import Bus, Message
 from shared.bus_auth import ENV_PREFIX, BusAuth, load_bus_auth, redact_url
 from shared.errors import BusError, SettingsError
@@ -30,6 +31,15 @@ PASSWORD = "s3cret-Passw0rd"
 TOKEN = "t0ken-0f-the-test"
 USERS_CONF = f'authorization {{ users = [ {{user: alice, password: "{PASSWORD}"}} ] }}\n'
 TOKEN_CONF = f'authorization {{ token: "{TOKEN}" }}\n'
+# Each user may read its own reply inbox only, as deploy/compose/nats/users.conf has it.
+INBOX_CONF = (
+    "authorization { users = [\n"
+    f'  {{user: alice, password: "{PASSWORD}", permissions: '
+    '{publish: ["auth.echo"], subscribe: ["_INBOX.alice.>"]}}\n'
+    f'  {{user: bob, password: "{PASSWORD}", permissions: '
+    '{publish: ["bob.own"], subscribe: ["auth.echo", "_INBOX.bob.>"], allow_responses: true}}\n'
+    "] }\n"
+)
 TLS_CONF = f'tls {{ cert_file: "{TLS / "server.pem"}", key_file: "{TLS / "server-key.pem"}" }}\n'
 MTLS_CONF = (
     f'tls {{ cert_file: "{TLS / "server.pem"}", key_file: "{TLS / "server-key.pem"}", '
@@ -116,6 +126,21 @@ def test_contradictory_settings_are_refused_by_name(env: dict[str, str], field: 
     assert refused.value.field == field
     assert field in refused.value.message and named in refused.value.message
     assert PASSWORD not in refused.value.message and TOKEN not in refused.value.message
+
+
+@pytest.mark.parametrize("user", ["alice.smith", "*", ">", "alice>", "al ice", "alice\t", "alice\n", ""])
+def test_a_user_name_must_be_one_subject_token(user: str) -> None:
+    """The bus's replies come to _INBOX.<user> (shared.schemas.inbox_prefix): a name that would split or
+    widen that subject is refused by name."""
+    with pytest.raises(SettingsError) as refused:
+        BusAuth(user=user, password=PASSWORD)
+    assert refused.value.field == "ONEPOOL_NATS_USER"
+    assert refused.value.message.startswith("ONEPOOL_NATS_USER: ")
+    assert "one NATS subject token" in refused.value.message and PASSWORD not in refused.value.message
+    with pytest.raises(SettingsError, match="ONEPOOL_NATS_USER"):
+        load_bus_auth(env=_env(user="alice.smith", password=PASSWORD))
+    for good in ("gateway", "cachestate", "controller", "worker-0", "leaf-hostb", "Alice_2"):
+        assert load_bus_auth(env=_env(user=good, password=PASSWORD)).user == good
 
 
 def test_secret_files_lose_one_trailing_newline(tmp_path: Path) -> None:
@@ -249,6 +274,38 @@ async def test_user_and_password_from_env_and_from_a_file(
     await _round_trip(await connect(server.url, auth))
     with pytest.raises(BusError, match="Authorization"):
         await connect(server.url, connect_timeout_s=FAIL_FAST)  # no credentials
+
+
+async def test_with_a_user_name_replies_come_to_that_users_own_inbox(
+    make_nats_server: MakeServer, connect: Connect
+) -> None:
+    """A Bus with a user name requests through _INBOX.<user>.<random>.<counter>, the one inbox a user may read
+    under per-user permissions (INBOX_CONF); without one (a token), through _INBOX.<random>.<counter>."""
+    replies: list[str] = []
+
+    async def echo(msg: Message) -> bytes:
+        assert msg.reply is not None
+        replies.append(msg.reply)
+        return b"re:" + msg.data
+
+    server = make_nats_server(INBOX_CONF)
+    alice = await connect(server.url, BusAuth(user="alice", password=PASSWORD))
+    bob = await connect(server.url, BusAuth(user="bob", password=PASSWORD))
+    await bob.subscribe("auth.echo", echo)
+    assert await alice.request("auth.echo", b"hi", timeout_s=2) == b"re:hi"
+    assert await alice.request("auth.echo", b"again", timeout_s=2) == b"re:again"
+    first, second = replies
+    assert first.startswith("_INBOX.alice.") and len(first.split(".")) == 4, first
+    assert first.rsplit(".", 1)[0] == second.rsplit(".", 1)[0] and first != second  # one inbox, a token each
+
+    replies.clear()
+    by_token = make_nats_server(TOKEN_CONF)
+    client = await connect(by_token.url, BusAuth(token=TOKEN))
+    responder = await connect(by_token.url, BusAuth(token=TOKEN))
+    await responder.subscribe("auth.echo", echo)
+    assert await client.request("auth.echo", b"hi", timeout_s=2) == b"re:hi"
+    [reply] = replies
+    assert reply.startswith(s.inbox_prefix(None) + ".") and len(reply.split(".")) == 3, reply
 
 
 async def test_a_wrong_password_fails_and_no_message_or_log_line_shows_a_secret(

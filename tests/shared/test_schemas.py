@@ -88,4 +88,39 @@ def test_subject_templates_name_per_worker_subjects(subject: str, template: str 
 
 def test_reply_subjects_are_inboxes() -> None:
     assert s.is_reply_subject("_INBOX.Xy7.1f")
+    # a user's inbox (the bus's with a user name): still a temporary subject, out of span names
+    assert s.is_reply_subject("_INBOX.gateway.Xy7.1f") and s.is_reply_subject("_INBOX.worker-0.Xy7.1f")
+    for user in (None, "gateway", "leaf-hostb"):
+        assert s.is_reply_subject(s.inbox_prefix(user) + ".Xy7.1f")
+        assert s.subject_template(s.inbox_prefix(user) + ".Xy7.1f") is None
     assert not s.is_reply_subject("_INBOXES.x") and not s.is_reply_subject(s.infer_subject("w0"))
+    assert not s.is_reply_subject("_INBOX") and not s.is_reply_subject("x._INBOX.gateway.1")
+
+
+@pytest.mark.parametrize(
+    ("user", "prefix"),
+    [
+        (None, "_INBOX"),
+        ("gateway", "_INBOX.gateway"),
+        ("cachestate", "_INBOX.cachestate"),
+        ("controller", "_INBOX.controller"),
+        ("worker-0", "_INBOX.worker-0"),
+        ("leaf-hostb", "_INBOX.leaf-hostb"),
+        ("Alice_2", "_INBOX.Alice_2"),
+        ("alice@example", "_INBOX.alice@example"),  # NATS allows any token without '.', '*', '>' or spaces
+        ("ünïcode", "_INBOX.ünïcode"),
+    ],
+)
+def test_a_users_replies_come_to_its_own_inbox(user: str | None, prefix: str) -> None:
+    assert s.inbox_prefix(user) == prefix
+    assert s.inbox_prefix(user).startswith(s.INBOX_PREFIX)
+
+
+@pytest.mark.parametrize(
+    "user",
+    ["", "a.b", ".", "*", ">", "a*", "a>", "a b", "a\tb", "a\nb", "a\rb", "a\x00b", "a\x7f", "a\u00a0b"],
+)
+def test_a_user_name_that_is_not_one_subject_token_has_no_inbox(user: str) -> None:
+    with pytest.raises(ValueError, match="one NATS subject token") as refused:
+        s.inbox_prefix(user)
+    assert repr(user) in str(refused.value)
