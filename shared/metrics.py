@@ -88,6 +88,11 @@ class Buckets:
         return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=total)
 
 
+def metrics_response(registry: CollectorRegistry) -> web.Response:
+    """A GET /metrics answer: the registry in Prometheus' text format (every service's, the gateway's too)."""
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 class MetricsServer:
     """GET /metrics and GET /healthz on host:port; `health()` makes the /healthz body (`status: ok` added)."""
 
@@ -116,9 +121,7 @@ class MetricsServer:
 
     def app(self) -> web.Application:
         async def metrics(_: web.Request) -> web.Response:
-            return web.Response(
-                body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-            )
+            return metrics_response(self.registry)
 
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok", **(self._health() if self._health else {})})

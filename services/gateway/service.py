@@ -37,12 +37,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
 
 from services.gateway.core.router import (
@@ -75,7 +73,7 @@ from shared import schemas as s
 from shared.bus import Bus, Message, Subscription
 from shared.errors import BusDisconnected, BusError, BusTimeout, NoResponders, OnepoolError
 from shared.lifecycle import TaskOwner
-from shared.metrics import LATENCY_SECONDS_BUCKETS, add_process_collectors
+from shared.metrics import LATENCY_SECONDS_BUCKETS, add_process_collectors, metrics_response
 from shared.residency import DEFAULT_MAX_ENTRIES, ResidencyIndex
 from shared.telemetry import in_unsampled_trace
 
@@ -510,9 +508,7 @@ class Gateway:
 
     async def metrics_handler(self, _: web.Request) -> web.Response:
         self.metrics.routable.set(len(self.view.routable_workers()))
-        return web.Response(
-            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return metrics_response(self.metrics.registry)
 
     async def openapi(self, _: web.Request) -> web.Response:
         return web.json_response(openapi_document(self.settings.max_history, self.settings.max_candidates))
